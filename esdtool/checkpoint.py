@@ -1,0 +1,200 @@
+"""Reading safetensors checkpoints one tensor at a time, never the whole model.
+
+A :class:`Checkpoint` looks like ``safetensors.safe_open`` stretched over every shard of a model:
+``keys()``, ``metadata()``, ``info(name)`` and ``get_tensor(name)``. Headers are parsed and
+checked here first (lengths, JSON, offsets against the file size), so a damaged file fails with
+a message naming it and the problem before any tensor is computed. Tensor data is then read with
+``safe_open``, which memory-maps the file; the map is opened per tensor and closed right after,
+so resident memory stays bounded by the largest tensor, not the shard.
+
+Nothing here executes code from a file: safetensors is a JSON header and raw bytes.
+Tensor names and metadata are untrusted strings; they are never used as paths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors import safe_open
+
+from esdtool.errors import CheckpointError
+
+# Bytes per element of every safetensors dtype; None marks formats without a byte size.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, from the header alone (no data read)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check one safetensors header: (tensors by name, ``__metadata__``).
+
+    Raises :class:`CheckpointError` naming ``path`` for anything malformed: too short, header
+    length past the end of the file, not JSON, not an object, bad entries, unknown dtypes with a
+    size mismatch, overlapping or out-of-file data offsets.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(
+                    f"{path}: {size} bytes is too short to be a safetensors file",
+                    hint="the file is empty or truncated; download it again",
+                )
+            n = int.from_bytes(prefix, "little")
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{path}: header length {n} is larger than the file ({size} bytes); "
+                    "not a safetensors file, or truncated"
+                )
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header of {n} bytes exceeds the 100 MB limit")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not a JSON object")
+    metadata = {str(k): str(v) for k, v in metadata.items()}
+
+    data_size = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_size)
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: data of tensors {name_a!r} and {name_b!r} overlap")
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{where}: missing dtype")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
+    begin, end = offsets
+    if end > data_size:
+        raise CheckpointError(
+            f"{where}: data ends at byte {end} but the file holds {data_size} bytes of data; "
+            "the file is truncated"
+        )
+    itemsize = DTYPE_SIZES.get(dtype)
+    if itemsize is not None and math.prod(shape) * itemsize != end - begin:
+        raise CheckpointError(
+            f"{where}: {dtype} x {shape} needs {math.prod(shape) * itemsize} bytes, "
+            f"data_offsets span {end - begin}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, begin, end)
+
+
+def natural_key(name: str) -> list[object]:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+class Checkpoint:
+    """All tensors of a (possibly sharded) safetensors checkpoint, read one at a time.
+
+    Use :func:`open_checkpoint`. Headers of every shard are checked on opening; a tensor
+    name found in two shards is an error.
+    """
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self.files = tuple(Path(f) for f in files)
+        self._tensors: dict[str, TensorInfo] = {}
+        self._metadata: dict[str, str] = {}
+        for path in self.files:
+            tensors, metadata = read_header(path)
+            for name, info in tensors.items():
+                if name in self._tensors:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} is also in {self._tensors[name].shard}"
+                    )
+                self._tensors[name] = info
+            for k, v in metadata.items():
+                self._metadata.setdefault(k, v)
+        self._order = sorted(self._tensors, key=natural_key)
+
+    def keys(self) -> list[str]:
+        """Tensor names in natural order (layer 2 before layer 10)."""
+        return list(self._order)
+
+    def metadata(self) -> dict[str, str]:
+        """The shards' ``__metadata__`` merged (first shard wins on a clash)."""
+        return dict(self._metadata)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._tensors[name]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor into CPU memory (as stored; no upcast)."""
+        info = self._tensors[name]
+        try:
+            with safe_open(os.fspath(info.shard), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own SafetensorError or OSError
+            raise CheckpointError(f"{info.shard}: cannot read tensor {name!r} ({exc})") from exc
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+def open_checkpoint(files: Iterable[Path]) -> Checkpoint:
+    """Open the shards of one checkpoint, checking every header first."""
+    return Checkpoint(files)

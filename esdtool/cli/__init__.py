@@ -1,0 +1,1 @@
+"""The esdtool command line: thin Typer commands over the library."""

@@ -1,0 +1,27 @@
+"""Terminal output helpers: one stdout console, one stderr console, untrusted text made safe.
+
+Tensor names and metadata come from checkpoints written by strangers: they are printed with
+markup off and control characters escaped, so they can neither style nor move the terminal.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rich.console import Console
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe(text: object) -> str:
+    """``text`` with control characters shown as \\xNN escapes (for terminal display)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """One line on stderr: what happened, then (if any) what to do about it."""
+    line = f"Error: {safe(message)}" + (f" (hint: {safe(hint)})" if hint else "")
+    err.print(line, markup=False, style="bold red", soft_wrap=True)

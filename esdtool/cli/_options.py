@@ -1,0 +1,31 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+OutputOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Where to write the result.", show_default=True)
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where to compute: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.",
+    ),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision", help="Hub branch, tag or commit (hub ids only).", show_default=False
+    ),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout only.")
+]

@@ -1,0 +1,137 @@
+"""`esdtool analyze`: stream a checkpoint's spectra into a parquet metrics table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from esdtool.analyze import AnalyzeResult
+from esdtool.analyze import analyze as run_analyze
+from esdtool.cli._console import err, out, print_error, safe
+from esdtool.cli._options import DeviceOpt, JsonOpt, QuietOpt, RevisionOpt
+from esdtool.settings import AnalyzeSettings
+
+HELP = """Compute every weight matrix's eigenvalue spectrum, power-law alphas and spike counts.
+
+SOURCE is a .safetensors file, a model directory (model.safetensors or a sharded model.safetensors.index.json), or a Hugging Face hub id such as org/name."""
+
+EXAMPLES = """[bold]Examples[/bold]
+
+  esdtool analyze ./my-model -o metrics.parquet
+
+  esdtool analyze meta-llama/Llama-3.2-1B --revision main -o llama.parquet --include 'layers\\.'
+
+  HF_HUB_OFFLINE=1 esdtool analyze org/name -o m.parquet --json"""
+
+
+class _RichProgress:
+    """ProgressHook drawing one bar over bytes, with tensors done and the bytes/s rate."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("[bold blue]analyze"),
+            BarColumn(),
+            TextColumn("{task.fields[done]}/{task.fields[tensors]} tensors"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[current]}", markup=False),
+            console=err,
+            transient=True,
+        )
+        self.task = self.bar.add_task("bytes", total=None, current="", done=0, tensors="?")
+        self.done = 0
+
+    def start(self, total_tensors: int, total_bytes: int) -> None:
+        self.bar.update(self.task, total=total_bytes, tensors=total_tensors)
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.done += 1
+        self.bar.update(self.task, advance=nbytes, done=self.done, current=safe(name)[-60:])
+
+
+def analyze(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A .safetensors file, a model directory or a hub id.", show_default=False
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The parquet metrics table to write.")
+    ] = Path("metrics.parquet"),
+    device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Eigensolver precision: float64, or float32 (about 2x faster, less exact for small eigenvalues).",
+        ),
+    ] = "float64",
+    include: Annotated[
+        str | None,
+        typer.Option(
+            "--include", help="Only tensors whose name matches this regex.", show_default=False
+        ),
+    ] = None,
+    exclude: Annotated[
+        str | None,
+        typer.Option(
+            "--exclude", help="Skip tensors whose name matches this regex.", show_default=False
+        ),
+    ] = None,
+    revision: RevisionOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    settings = AnalyzeSettings(device=device, dtype=dtype, include=include, exclude=exclude)
+    hook = None if (quiet or as_json) else _RichProgress()
+    if hook is None:
+        result = run_analyze(source, output, settings, revision=revision)
+    else:
+        with hook.bar:
+            result = run_analyze(source, output, settings, revision=revision, progress=hook)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    elif not quiet:
+        _print_summary(result)
+    for line in result.warnings:
+        if not as_json:
+            err.print(f"Warning: {safe(line)}", markup=False, style="yellow", soft_wrap=True)
+    for line in result.errors:
+        print_error(line)
+    if result.errors:
+        raise typer.Exit(2)
+
+
+def _print_summary(result: AnalyzeResult) -> None:
+    table = Table(title="esdtool analyze", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    source = safe(result.source) + (f" @ {safe(result.revision)}" if result.revision else "")
+    table.add_row("source", Text(source))
+    table.add_row("rows", str(result.rows))
+    table.add_row("analysed", str(result.analysed))
+    table.add_row("skipped", str(result.skipped))
+    if result.errors or result.warnings:
+        table.add_row("errors / non-finite", f"{len(result.errors)} / {len(result.warnings)}")
+    table.add_row("device", result.device)
+    table.add_row("time", f"{result.seconds:.2f} s")
+    if result.slowest:
+        name, seconds = result.slowest
+        table.add_row("slowest", Text(f"{safe(name)} ({seconds * 1000:.1f} ms)"))
+    table.add_row("written", Text(str(result.output)))
+    out.print(table)

@@ -1,0 +1,76 @@
+"""Wiring: the `esdtool` Typer app, its global options, and the error boundary `main()`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from esdtool import __version__
+from esdtool.cli import analyze as analyze_cmd
+from esdtool.cli._console import print_error
+from esdtool.errors import EsdtoolError
+
+app = typer.Typer(
+    name="esdtool",
+    help="Read the eigenvalue spectra of a model's weights and turn them into LoRA ranks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(
+    "analyze",
+    help=analyze_cmd.HELP,
+    epilog=analyze_cmd.EXAMPLES,
+    no_args_is_help=True,
+)(analyze_cmd.analyze)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"esdtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show full tracebacks on errors (also ESDTOOL_DEBUG=1)."),
+    ] = False,
+) -> None:
+    """Read the eigenvalue spectra of a model's weights and turn them into LoRA ranks."""
+    _state["debug"] = debug
+
+
+def main() -> None:
+    """Entry point: run the app, turning library errors into one-line messages."""
+    debug_env = os.environ.get("ESDTOOL_DEBUG", "") not in ("", "0")
+    try:
+        app()
+    except EsdtoolError as exc:
+        if _state["debug"] or debug_env:
+            raise
+        print_error(str(exc), exc.hint)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        if _state["debug"] or debug_env:
+            raise
+        print_error(
+            f"unexpected {type(exc).__name__}: {exc}",
+            "re-run with --debug for the traceback, and please report it",
+        )
+        sys.exit(1)

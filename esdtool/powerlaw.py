@@ -1,0 +1,170 @@
+"""Power-law exponent of an eigenvalue tail: the Hill (continuous MLE) estimator.
+
+For sorted eigenvalues x_0 <= ... <= x_{n-1} and a candidate xmin = x_i, with tail size
+k = n - i (method.md section 3):
+
+    alpha(i) = 1 + k / sum_{j>=i} ln(x_j / x_i)
+    D(i)     = max_{t<k} | 1 - (x_{i+t} / x_i)^(1 - alpha(i)) - t / k |
+
+Three rules pick i: ``median`` (i = n // 2), ``fix_finger`` (the peak of the log-histogram)
+and ``ks`` (the smallest KS distance over every candidate, as Clauset et al. and WeightWatcher).
+All functions are pure: torch tensors in, :class:`PowerLawFit` records out, on any device.
+Fits always run in float64 whatever precision the eigenvalues were computed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Elements of one block of the KS distance matrix (candidates x eigenvalues): 4M float64 = 32 MB.
+_KS_BLOCK_ELEMENTS = 1 << 22
+FIX_FINGER_BINS = 100
+FIX_FINGER_WINDOW = (0.95, 1.5)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """One power-law fit of an eigenvalue tail.
+
+    alpha:    the exponent of p(x) ~ x^-alpha above xmin (NaN when no fit).
+    xmin:     the smallest eigenvalue of the fitted tail (NaN when no fit).
+    D:        Kolmogorov-Smirnov distance between the tail and the fitted law (NaN when no fit).
+    num_tail: how many eigenvalues the tail holds (k = n - i; 0 when no fit).
+    status:   "ok", or why there is no fit ("too_few", "no_candidate").
+    """
+
+    alpha: float
+    xmin: float
+    D: float
+    num_tail: int
+    status: str
+
+    @classmethod
+    def failed(cls, status: str) -> PowerLawFit:
+        return cls(math.nan, math.nan, math.nan, 0, status)
+
+
+def hill_alphas(x: torch.Tensor) -> torch.Tensor:
+    """alpha(i) for every candidate i = 0..n-2 at once (cumulative sums, no loop).
+
+    ``x`` must be sorted ascending and strictly positive. Entries whose tail has no spread
+    (all equal) come out as +inf.
+    """
+    x = x.to(torch.float64)
+    n = x.numel()
+    logs = torch.log(x)
+    suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])  # sum_{j>=i} ln x_j
+    k = torch.arange(n, 0, -1, dtype=torch.float64, device=x.device)  # n - i
+    denom = suffix - k * logs
+    alphas = 1.0 + k / denom
+    alphas = torch.where(denom > 0, alphas, torch.full_like(alphas, math.inf))
+    return alphas[: n - 1]
+
+
+def ks_distances(x: torch.Tensor, alphas: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """D(i) for the given candidate indices, computed in blocks of candidates.
+
+    ``candidates`` must ascend. Each block is one dense (block x tail) tensor expression, so the
+    number of kernel launches grows with n / block size, never with n.
+    """
+    x = x.to(torch.float64)
+    n = x.numel()
+    logs = torch.log(x)
+    out = torch.empty(candidates.numel(), dtype=torch.float64, device=x.device)
+    if candidates.numel() == 0:
+        return out
+    block = max(1, _KS_BLOCK_ELEMENTS // max(n, 1))
+    j = torch.arange(n, device=x.device)
+    for start in range(0, candidates.numel(), block):
+        idx = candidates[start : start + block]
+        cols = j[int(idx[0]) :]  # candidates ascend: no column left of the first one matters
+        i = idx.unsqueeze(1)  # (B, 1)
+        a = alphas[idx].unsqueeze(1)
+        kk = (n - i).to(torch.float64)
+        t = (cols.unsqueeze(0) - i).to(torch.float64)  # (B, n - lo)
+        theory = 1.0 - torch.exp((1.0 - a) * (logs[cols].unsqueeze(0) - logs[idx].unsqueeze(1)))
+        diff = torch.abs(theory - t / kk)
+        diff = torch.where(t >= 0, diff, torch.zeros_like(diff))
+        out[start : start + block] = diff.amax(dim=1)
+    return out
+
+
+def _fit_at(x: torch.Tensor, alphas: torch.Tensor, i: int) -> PowerLawFit:
+    n = x.numel()
+    alpha = float(alphas[i])
+    if not math.isfinite(alpha) or alpha <= 1.0:
+        return PowerLawFit.failed("no_candidate")
+    D = float(ks_distances(x, alphas, torch.tensor([i], device=x.device))[0])
+    return PowerLawFit(alpha, float(x[i]), D, n - i, "ok")
+
+
+def _best_of(x: torch.Tensor, alphas: torch.Tensor, candidates: torch.Tensor) -> PowerLawFit:
+    """Among candidate indices (ascending), those with finite alpha > 1, the smallest D."""
+    a = alphas[candidates]
+    candidates = candidates[torch.isfinite(a) & (a > 1.0)]
+    if candidates.numel() == 0:
+        return PowerLawFit.failed("no_candidate")
+    D = ks_distances(x, alphas, candidates)
+    best = int(torch.argmin(D))  # first minimum: the smallest xmin among ties
+    i = int(candidates[best])
+    return PowerLawFit(float(alphas[i]), float(x[i]), float(D[best]), x.numel() - i, "ok")
+
+
+def fit_median(x: torch.Tensor) -> PowerLawFit:
+    """Hill estimator with xmin at the median eigenvalue: i = floor(n / 2)."""
+    n = x.numel()
+    if n < 2:
+        return PowerLawFit.failed("too_few")
+    x = x.to(torch.float64)
+    return _fit_at(x, hill_alphas(x), n // 2)
+
+
+def fix_finger_peak(x: torch.Tensor) -> float:
+    """10^(left edge of the fullest of 100 equal bins of log10(x)), numpy.histogram's rule.
+
+    Bin b holds edges[b] <= v < edges[b+1]; the maximum falls in the last bin. Edges are built
+    the way numpy.linspace builds them so that both agree bit for bit.
+    """
+    lx = torch.log10(x.to(torch.float64))
+    lo, hi = lx.min(), lx.max()
+    if hi == lo:
+        return float(10.0**lo)
+    bins = FIX_FINGER_BINS
+    edges = torch.arange(bins + 1, dtype=torch.float64, device=x.device) * ((hi - lo) / bins) + lo
+    edges[-1] = hi
+    idx = torch.searchsorted(edges, lx, right=True) - 1
+    idx = idx.clamp(0, bins - 1)
+    counts = torch.bincount(idx, minlength=bins)
+    return float(10.0 ** edges[int(torch.argmax(counts))])
+
+
+def fit_fix_finger(x: torch.Tensor) -> PowerLawFit:
+    """xmin among the eigenvalues in [0.95 * peak, 1.5 * peak] (linear units), smallest D.
+
+    The peak is where the log-histogram is fullest (the bulk's mode). WeightWatcher's code
+    compares log10(0.95 * peak) with linear eigenvalues, which widens the window; esdtool uses
+    the intended linear window (docs/method.md).
+    """
+    n = x.numel()
+    if n < 2:
+        return PowerLawFit.failed("too_few")
+    x = x.to(torch.float64)
+    peak = fix_finger_peak(x)
+    lo, hi = FIX_FINGER_WINDOW
+    inside = (x >= lo * peak) & (x <= hi * peak)
+    inside[n - 1] = False  # a tail of one eigenvalue has no spread
+    candidates = torch.nonzero(inside).flatten()
+    return _best_of(x, hill_alphas(x), candidates)
+
+
+def fit_ks(x: torch.Tensor) -> PowerLawFit:
+    """xmin with the smallest KS distance over every candidate i = 0..n-2 (Clauset et al.)."""
+    n = x.numel()
+    if n < 2:
+        return PowerLawFit.failed("too_few")
+    x = x.to(torch.float64)
+    candidates = torch.arange(n - 1, device=x.device)
+    return _best_of(x, hill_alphas(x), candidates)

@@ -1,0 +1,44 @@
+"""What a tensor is for, from its name: the ``role`` and ``layer`` columns (method.md section 1).
+
+Roles: ``linear`` (a projection inside a transformer block: the default allocation
+targets), ``embedding``, ``lm_head``, ``expert`` (3-D fused experts or names under
+``.experts.``), ``conv`` (4-D kernels) and ``other`` (everything else, e.g. a pooler).
+"""
+
+from __future__ import annotations
+
+import re
+
+# A block index: "layers.3.", "layer.3.", "h.3.", "blocks.3.", "block.3." (HF naming families).
+_BLOCK = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|decoder\.layers?|encoder\.layers?)\.(\d+)\.")
+_EMBED = re.compile(
+    r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|position_embeddings|"
+    r"token_type_embeddings|embeddings?|embed_positions|tok_embeddings)(?:\.|$)"
+)
+_LM_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.weight$")
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a tensor belongs to, or None outside the blocks."""
+    m = _BLOCK.search(name)
+    return int(m.group(1)) if m else None
+
+
+def infer_role(name: str, ndim: int) -> str:
+    """The role of tensor ``name`` with ``ndim`` dimensions (see the module docstring)."""
+    if ndim == 4:
+        return "conv"
+    if ndim == 3 or ".experts." in name:
+        return "expert"
+    if _LM_HEAD.search(name) and block_index(name) is None:
+        return "lm_head"
+    if _EMBED.search(name):
+        return "embedding"
+    if block_index(name) is not None and ndim == 2:
+        return "linear"
+    return "other"
+
+
+def module_name(name: str) -> str:
+    """The PEFT module name of a weight tensor: its name without the trailing ``.weight``."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name

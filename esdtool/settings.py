@@ -1,0 +1,76 @@
+"""The analysis settings: every knob of method.md sections 1-5, with its default.
+
+They are stored in each metrics table's metadata, so a table always says how it was made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from esdtool.errors import SettingsError
+
+ALPHA_METHODS = ("median", "fix_finger", "ks")
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """How ``analyze`` reads and measures a checkpoint.
+
+    device:         "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+    dtype:          precision of the Gram matrix and eigensolver, "float64" (default) or
+                    "float32" (about 2x faster; small eigenvalues resolved only to
+                    ~1e-7 * lambda_max, which can move alpha_fix_finger). Fits always use float64.
+    include/exclude: regexes searched in tensor names; a tensor is analysed when it matches
+                    ``include`` (if given) and not ``exclude`` (if given).
+    eig_threshold:  eigenvalues at or below it are left out of the fits ("nonzero" set).
+    min_evals:      matrices with fewer eigenvalues (M) are skipped with a reason.
+    sigma_fit:      MP sigma^2 estimator, "median" (robust) or "mean" (the seed's).
+    tw_quantile:    Tracy-Widom level q of the spike threshold.
+    conv_norm:      4-D conv kernels are scaled by sqrt(conv_norm) before pooling their spectra.
+    weighted_alpha: which alpha feeds alpha_weighted and log_alpha_norm ("ks" as WeightWatcher).
+    """
+
+    device: str = "auto"
+    dtype: str = "float64"
+    include: str | None = None
+    exclude: str | None = None
+    eig_threshold: float = 1e-5
+    min_evals: int = 10
+    sigma_fit: str = "median"
+    tw_quantile: float = 0.99
+    conv_norm: float = 0.5
+    weighted_alpha: str = "ks"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dtype not in ("float32", "float64"):
+            problems.append(f"--dtype must be float32 or float64, not {self.dtype!r}")
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    problems.append(f"{flag} {pattern!r} is not a valid regex ({exc})")
+        if self.sigma_fit not in ("median", "mean"):
+            problems.append(f"sigma_fit must be median or mean, not {self.sigma_fit!r}")
+        if not 0 < self.tw_quantile < 1:
+            problems.append(f"tw_quantile must lie in (0, 1), not {self.tw_quantile}")
+        if self.weighted_alpha not in ALPHA_METHODS:
+            problems.append(f"weighted_alpha must be one of {ALPHA_METHODS}")
+        if self.min_evals < 2:
+            problems.append(f"min_evals must be at least 2, not {self.min_evals}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            problems.append(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    def selects(self, name: str) -> bool:
+        """Whether the include/exclude regexes let tensor ``name`` through."""
+        if self.include is not None and not re.search(self.include, name):
+            return False
+        return not (self.exclude is not None and re.search(self.exclude, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,94 @@
+"""Eigenvalue spectra of weight tensors (method.md sections 1-2).
+
+lambda_i = sigma_i(W)^2, the eigenvalues of the Gram matrix on W's smaller side, ascending,
+with no 1/N normalisation. Pure functions on tensors; the device is the tensors' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+DEFAULT_CONV_NORM = 0.5
+
+
+@contextlib.contextmanager
+def _exact_matmul(device: torch.device) -> Iterator[None]:
+    """Disable TF32 for the Gram product on CUDA: TF32 keeps 10 mantissa bits, which moves
+    small eigenvalues by far more than float32 rounding would."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# Elements of W upcast at a time while forming the Gram matrix (128 MB in float64), so that a
+# bf16 embedding of 128k x 4k never exists whole in float64.
+_GRAM_BLOCK_ELEMENTS = 1 << 24
+
+
+def gram(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """W W^T or W^T W in ``dtype``, whichever is M x M (M = the smaller side).
+
+    Batched over leading dimensions. The long side is summed in blocks, each upcast on its
+    own, so memory stays at the stored tensor plus one block plus the M x M result.
+    """
+    if W.shape[-2] > W.shape[-1]:
+        W = W.transpose(-2, -1)  # now M x L with M <= L: G = W W^T sums over L
+    M, L = W.shape[-2], W.shape[-1]
+    step = max(1, _GRAM_BLOCK_ELEMENTS // max(1, M * math.prod(W.shape[:-2])))
+    G = torch.zeros(*W.shape[:-2], M, M, dtype=dtype, device=W.device)
+    for start in range(0, L, step):
+        block = W[..., start : start + step].to(dtype)
+        G += block @ block.transpose(-2, -1)
+    return G
+
+
+def eigenvalues(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Squared singular values of W (or of each matrix in a batch), ascending, in ``dtype``.
+
+    Computed as the eigenvalues of the Gram matrix on the smaller side. Its rounding error is
+    about eps(dtype) * lambda_max, so float32 resolves small eigenvalues poorly; float64 is
+    the default (docs/method.md). Tiny negative values from rounding are set to 0.
+    """
+    with _exact_matmul(W.device), torch.no_grad():
+        evals = torch.linalg.eigvalsh(gram(W, dtype))
+    return evals.clamp_min_(0)
+
+
+def matrices_of(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The matrices whose spectra describe ``tensor`` (views, no copies): the weights' own for
+    2-D, one per expert (leading index) for 3-D, and for 4-D conv kernels [out, in, kh, kw] one
+    batch of the kh*kw matrices W[:, :, i, j], whose spectra :func:`spectrum` pools.
+    """
+    if tensor.ndim == 2:
+        return [tensor]
+    if tensor.ndim == 3:
+        return list(tensor.unbind(0))
+    if tensor.ndim == 4:
+        return [tensor.flatten(2).permute(2, 0, 1)]
+    raise ValueError(f"no matrix view for a {tensor.ndim}-D tensor")
+
+
+def spectrum(
+    matrix: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    conv_norm: float = DEFAULT_CONV_NORM,
+) -> torch.Tensor:
+    """Sorted eigenvalues of one entry of :func:`matrices_of`.
+
+    A 3-D entry (conv kernel positions) is pooled into one spectrum and scaled by conv_norm,
+    the same as scaling every W[:, :, i, j] by sqrt(conv_norm) (TempBalance's convention).
+    """
+    evals = eigenvalues(matrix, dtype)
+    if evals.ndim > 1:
+        evals = torch.sort(evals.flatten()).values * conv_norm
+    return evals
