@@ -192,7 +192,7 @@ def analyze(
     device = resolve_device(settings.device)
     resolved = resolve_source(source, revision=revision, token=token)
     with open_checkpoint(resolved.files) as ckpt:
-        names = [n for n in ckpt.keys() if settings.selects(n)]
+        names = list(filter(settings.selects, ckpt.keys()))
         if not names:
             raise SettingsError(
                 f"{resolved.source}: no tensor names pass --include/--exclude "

@@ -13,6 +13,7 @@ Tensor names and metadata are untrusted strings; they are never used as paths.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -98,7 +99,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         tensors[name] = _tensor_info(path, name, entry, data_size)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
+    for (_, end_a, name_a), (begin_b, _, name_b) in itertools.pairwise(spans):
         if begin_b < end_a:
             raise CheckpointError(f"{path}: data of tensors {name_a!r} and {name_b!r} overlap")
     return tensors, metadata

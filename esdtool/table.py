@@ -73,7 +73,7 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     (
         "entropy",
         _f64,
-        "spectral entropy of lambda / sum lambda over nonzero eigenvalues, in [0, 1]",
+        "entropy of lambda / sum lambda over nonzero eigenvalues, in [0, 1]",
     ),
     ("matrix_rank", _i64, "numerical rank: lambda > lambda_max * N * eps(dtype)"),
     ("seconds", _f64, "wall time spent on this row"),

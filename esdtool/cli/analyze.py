@@ -24,9 +24,11 @@ from esdtool.cli._console import err, out, print_error, safe
 from esdtool.cli._options import DeviceOpt, JsonOpt, QuietOpt, RevisionOpt
 from esdtool.settings import AnalyzeSettings
 
-HELP = """Compute every weight matrix's eigenvalue spectrum, power-law alphas and spike counts.
-
-SOURCE is a .safetensors file, a model directory (model.safetensors or a sharded model.safetensors.index.json), or a Hugging Face hub id such as org/name."""
+HELP = (
+    "Compute every weight matrix's eigenvalue spectrum, power-law alphas and spike counts.\n\n"
+    "SOURCE is a .safetensors file, a model directory (model.safetensors or a sharded "
+    "model.safetensors.index.json), or a Hugging Face hub id such as org/name."
+)
 
 EXAMPLES = """[bold]Examples[/bold]
 
@@ -63,36 +65,40 @@ class _RichProgress:
         self.bar.update(self.task, advance=nbytes, done=self.done, current=safe(name)[-60:])
 
 
+SourceArg = Annotated[
+    str,
+    typer.Argument(help="A .safetensors file, a model directory or a hub id.", show_default=False),
+]
+MetricsOut = Annotated[Path, typer.Option("--output", "-o", help="The parquet table to write.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Eigensolver precision: float64, or float32 (about 2x faster, coarser small "
+        "eigenvalues).",
+    ),
+]
+IncludeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--include", help="Only tensors whose name matches this regex.", show_default=False
+    ),
+]
+ExcludeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--exclude", help="Skip tensors whose name matches this regex.", show_default=False
+    ),
+]
+
+
 def analyze(
-    source: Annotated[
-        str,
-        typer.Argument(
-            help="A .safetensors file, a model directory or a hub id.", show_default=False
-        ),
-    ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="The parquet metrics table to write.")
-    ] = Path("metrics.parquet"),
+    source: SourceArg,
+    output: MetricsOut = Path("metrics.parquet"),
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype",
-            help="Eigensolver precision: float64, or float32 (about 2x faster, less exact for small eigenvalues).",
-        ),
-    ] = "float64",
-    include: Annotated[
-        str | None,
-        typer.Option(
-            "--include", help="Only tensors whose name matches this regex.", show_default=False
-        ),
-    ] = None,
-    exclude: Annotated[
-        str | None,
-        typer.Option(
-            "--exclude", help="Skip tensors whose name matches this regex.", show_default=False
-        ),
-    ] = None,
+    dtype: DtypeOpt = "float64",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
     revision: RevisionOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
