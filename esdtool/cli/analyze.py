@@ -53,12 +53,17 @@ class _RichProgress:
             TextColumn("{task.fields[current]}", markup=False),
             console=err,
             transient=True,
+            disable=not err.is_terminal,
         )
         self.task = self.bar.add_task("bytes", total=None, current="", done=0, tensors="?")
         self.done = 0
 
     def start(self, total_tensors: int, total_bytes: int) -> None:
         self.bar.update(self.task, total=total_bytes, tensors=total_tensors)
+        self.bar.start()
+
+    def close(self) -> None:
+        self.bar.stop()
 
     def advance(self, name: str, nbytes: int) -> None:
         self.done += 1
@@ -105,11 +110,11 @@ def analyze(
 ) -> None:
     settings = AnalyzeSettings(device=device, dtype=dtype, include=include, exclude=exclude)
     hook = None if (quiet or as_json) else _RichProgress()
-    if hook is None:
-        result = run_analyze(source, output, settings, revision=revision)
-    else:
-        with hook.bar:
-            result = run_analyze(source, output, settings, revision=revision, progress=hook)
+    try:
+        result = run_analyze(source, output, settings, revision=revision, progress=hook)
+    finally:
+        if hook is not None:
+            hook.close()
     if as_json:
         print(json.dumps(result.to_dict()))
     elif not quiet:

@@ -53,11 +53,12 @@ def _global(
     _state["debug"] = debug
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning library errors into one-line messages."""
     debug_env = os.environ.get("ESDTOOL_DEBUG", "") not in ("", "0")
+    _state["debug"] = False
     try:
-        app()
+        app(args=argv, prog_name="esdtool")
     except EsdtoolError as exc:
         if _state["debug"] or debug_env:
             raise

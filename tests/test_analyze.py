@@ -1,0 +1,136 @@
+"""analyze() on files the tests write: ground truth, sharding, statuses, hub cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file as save_torch
+
+from conftest import run_subprocess, write_tensors
+from esdtool import AnalyzeSettings, analyze, load_metrics
+
+
+def power_law_matrix(M: int, N: int, alpha: float, seed: int) -> np.ndarray:
+    """W = U diag(s) V^T with Haar-random U, V and s_i^2 the Pareto(alpha) quantiles
+    (1 - u_i)^(-1/(alpha-1)), u_i = (i + 1/2) / M: by construction the eigenvalues of W^T W are
+    exactly a power law with exponent alpha above xmin = 1."""
+    rng = np.random.default_rng(seed)
+    u = (np.arange(M) + 0.5) / M
+    s = np.sqrt((1 - u) ** (-1 / (alpha - 1)))
+    U, _ = np.linalg.qr(rng.standard_normal((M, M)))
+    V, _ = np.linalg.qr(rng.standard_normal((N, M)))
+    return (U * s) @ V.T
+
+
+def test_power_law_spectrum_gives_its_exponent(tmp_path):
+    path = write_tensors(tmp_path / "pl.safetensors", {
+        f"layers.{i}.w.weight": power_law_matrix(800, 1200, a, i).astype(np.float32)
+        for i, a in enumerate((2.5, 3.5, 5.0))
+    })
+    df = load_metrics(analyze(path, tmp_path / "m.parquet").output)
+    for a, (_, row) in zip((2.5, 3.5, 5.0), df.iterrows(), strict=True):
+        assert row["alpha_ks"] == pytest.approx(a, rel=0.05)
+        assert row["alpha_median"] == pytest.approx(a, rel=0.05)
+
+
+def test_statuses_for_zero_nonfinite_small_integer_and_experts(tmp_path):
+    nan = np.random.default_rng(0).standard_normal((32, 48)).astype(np.float32)
+    nan[3, 4] = np.nan
+    path = write_tensors(tmp_path / "odd.safetensors", {
+        "layers.0.zero.weight": np.zeros((32, 48), np.float32),
+        "layers.0.nan.weight": nan,
+        "layers.0.small.weight": np.ones((4, 48), np.float32),
+        "layers.0.int.weight": np.ones((32, 48), np.int8),
+        "layers.0.norm.weight": np.ones(48, np.float32),
+        "layers.0.experts.weight": np.random.default_rng(1).standard_normal((3, 24, 40)),
+    })
+    result = analyze(path, tmp_path / "m.parquet")
+    df = load_metrics(result.output)
+    by_name = df.groupby("name").status.apply(list).to_dict()
+    assert by_name["layers.0.zero.weight"] == ["zero"]
+    assert by_name["layers.0.nan.weight"] == ["nonfinite"]
+    assert by_name["layers.0.small.weight"] == ["skipped"]
+    assert by_name["layers.0.int.weight"] == ["skipped"]
+    assert by_name["layers.0.norm.weight"] == ["skipped"]
+    assert by_name["layers.0.experts.weight"] == ["ok"] * 3
+    experts = df[df.name == "layers.0.experts.weight"]
+    assert list(experts.slice) == [0, 1, 2] and set(experts.role) == {"expert"}
+    assert result.warnings and "layers.0.nan.weight" in result.warnings[0]
+    assert not result.errors
+    assert all(math.isnan(a) for a in df[df.status != "ok"].alpha_ks)
+
+
+def test_bf16_checkpoint_matches_its_float32_upcast(tmp_path):
+    W = torch.randn(48, 80).to(torch.bfloat16)
+    save_torch({"layers.0.a.weight": W}, str(tmp_path / "bf.safetensors"))
+    save_torch({"layers.0.a.weight": W.float()}, str(tmp_path / "f32.safetensors"))
+    a = load_metrics(analyze(tmp_path / "bf.safetensors", tmp_path / "a.parquet").output)
+    b = load_metrics(analyze(tmp_path / "f32.safetensors", tmp_path / "b.parquet").output)
+    cols = ["alpha_median", "alpha_ks", "num_spikes", "stable_rank"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert a.dtype.item() == "BF16"
+
+
+def test_include_exclude_select_tensors(minilm_dir, tmp_path):
+    settings = AnalyzeSettings(include=r"layer\.0\.", exclude=r"attention")
+    df = load_metrics(analyze(minilm_dir, tmp_path / "m.parquet", settings).output)
+    assert sorted(df[df.status == "ok"].name) == [
+        "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.output.dense.weight"
+    ]
+
+
+COMPARED = ["name", "status", "alpha_median", "alpha_fix_finger", "alpha_ks", "num_spikes",
+            "stable_rank", "rows", "cols", "role", "layer"]
+
+
+def test_sharded_checkpoint_equals_unsharded_twin(tiny_llama, tiny_llama_sharded, tmp_path):
+    assert (tiny_llama_sharded / "model.safetensors.index.json").is_file()
+    shards = list(tiny_llama_sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    one = load_metrics(analyze(tiny_llama, tmp_path / "one.parquet").output)
+    many = load_metrics(analyze(tiny_llama_sharded, tmp_path / "many.parquet").output)
+    pd.testing.assert_frame_equal(one[COMPARED], many[COMPARED])
+    assert many.shard.nunique() > 1
+    roles = one.set_index("name").role
+    assert roles["model.embed_tokens.weight"] == "embedding"
+    assert roles["lm_head.weight"] == "lm_head"
+    assert roles["model.layers.1.self_attn.q_proj.weight"] == "linear"
+    assert (one.role == "linear").sum() == 2 * 7
+
+
+def make_hf_cache(home, repo_id: str, model_dir, commit: str = "a" * 40):
+    """The layout huggingface_hub keeps under HF_HOME/hub (refs -> snapshot folder)."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_id_resolves_from_local_cache_offline(tiny_llama_sharded, tmp_path):
+    make_hf_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_llama_sharded)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = run_subprocess(
+        ["analyze", "tiny-org/tiny-llama", "-o", tmp_path / "hub.parquet", "--json"], env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["revision"] == "a" * 40
+    hub = load_metrics(tmp_path / "hub.parquet")
+    local = load_metrics(analyze(tiny_llama_sharded, tmp_path / "local.parquet").output)
+    pd.testing.assert_frame_equal(hub[COMPARED], local[COMPARED])
+    assert hub.attrs["esdtool"]["source_kind"] == "hub"
+
+    missing = run_subprocess(["analyze", "tiny-org/absent", "-o", tmp_path / "x.parquet"], env=env)
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+    assert "tiny-org/absent" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr

@@ -1,0 +1,42 @@
+"""Eigenvalues: the Gram route vs numpy's SVD, blocking, orientation, experts and convs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+from esdtool import spectra
+from esdtool.spectra import eigenvalues, matrices_of, spectrum
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40), (64, 64)])
+def test_eigenvalues_are_squared_singular_values(shape):
+    W = np.random.default_rng(0).standard_normal(shape)
+    np.testing.assert_allclose(eigenvalues(torch.from_numpy(W)).numpy(), ref.evals(W), rtol=1e-10)
+
+
+def test_blocked_gram_equals_one_product(monkeypatch):
+    W = torch.randn(300, 50, dtype=torch.float64)
+    whole = eigenvalues(W)
+    monkeypatch.setattr(spectra, "_GRAM_BLOCK_ELEMENTS", 50 * 7)
+    np.testing.assert_allclose(eigenvalues(W).numpy(), whole.numpy(), rtol=1e-12)
+
+
+def test_bfloat16_is_upcast_not_computed_in_bfloat16():
+    W = torch.randn(64, 96).to(torch.bfloat16)
+    expected = ref.evals(W.double().numpy())
+    np.testing.assert_allclose(eigenvalues(W).numpy(), expected, rtol=1e-10)
+
+
+def test_experts_give_one_matrix_each_and_conv_pools_kernel_positions():
+    experts = torch.randn(3, 20, 30)
+    assert [m.shape for m in matrices_of(experts)] == [(20, 30)] * 3
+    conv = torch.randn(16, 12, 3, 3, dtype=torch.float64)
+    (batch,) = matrices_of(conv)
+    pooled = spectrum(batch, conv_norm=0.5).numpy()
+    expected = np.sort(np.concatenate(
+        [ref.evals(conv[:, :, i, j].numpy()) for i in range(3) for j in range(3)]
+    )) * 0.5
+    np.testing.assert_allclose(pooled, expected, rtol=1e-10)
