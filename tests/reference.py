@@ -40,7 +40,7 @@ def best(x: np.ndarray, candidates) -> tuple[float, float, float]:
     found = None
     for i in candidates:
         alpha, D = hill(x, i)
-        if np.isfinite(alpha) and alpha > 1 and (found is None or D < found[2]):
+        if np.isfinite(alpha) and alpha > 1 and (found is None or found[2] > D):
             found = (alpha, x[i], D)
     return found if found else (math.nan, math.nan, math.nan)
 

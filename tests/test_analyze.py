@@ -29,10 +29,13 @@ def power_law_matrix(M: int, N: int, alpha: float, seed: int) -> np.ndarray:
 
 
 def test_power_law_spectrum_gives_its_exponent(tmp_path):
-    path = write_tensors(tmp_path / "pl.safetensors", {
-        f"layers.{i}.w.weight": power_law_matrix(800, 1200, a, i).astype(np.float32)
-        for i, a in enumerate((2.5, 3.5, 5.0))
-    })
+    path = write_tensors(
+        tmp_path / "pl.safetensors",
+        {
+            f"layers.{i}.w.weight": power_law_matrix(800, 1200, a, i).astype(np.float32)
+            for i, a in enumerate((2.5, 3.5, 5.0))
+        },
+    )
     df = load_metrics(analyze(path, tmp_path / "m.parquet").output)
     for a, (_, row) in zip((2.5, 3.5, 5.0), df.iterrows(), strict=True):
         assert row["alpha_ks"] == pytest.approx(a, rel=0.05)
@@ -42,14 +45,17 @@ def test_power_law_spectrum_gives_its_exponent(tmp_path):
 def test_statuses_for_zero_nonfinite_small_integer_and_experts(tmp_path):
     nan = np.random.default_rng(0).standard_normal((32, 48)).astype(np.float32)
     nan[3, 4] = np.nan
-    path = write_tensors(tmp_path / "odd.safetensors", {
-        "layers.0.zero.weight": np.zeros((32, 48), np.float32),
-        "layers.0.nan.weight": nan,
-        "layers.0.small.weight": np.ones((4, 48), np.float32),
-        "layers.0.int.weight": np.ones((32, 48), np.int8),
-        "layers.0.norm.weight": np.ones(48, np.float32),
-        "layers.0.experts.weight": np.random.default_rng(1).standard_normal((3, 24, 40)),
-    })
+    path = write_tensors(
+        tmp_path / "odd.safetensors",
+        {
+            "layers.0.zero.weight": np.zeros((32, 48), np.float32),
+            "layers.0.nan.weight": nan,
+            "layers.0.small.weight": np.ones((4, 48), np.float32),
+            "layers.0.int.weight": np.ones((32, 48), np.int8),
+            "layers.0.norm.weight": np.ones(48, np.float32),
+            "layers.0.experts.weight": np.random.default_rng(1).standard_normal((3, 24, 40)),
+        },
+    )
     result = analyze(path, tmp_path / "m.parquet")
     df = load_metrics(result.output)
     by_name = df.groupby("name").status.apply(list).to_dict()
@@ -81,12 +87,24 @@ def test_include_exclude_select_tensors(minilm_dir, tmp_path):
     settings = AnalyzeSettings(include=r"layer\.0\.", exclude=r"attention")
     df = load_metrics(analyze(minilm_dir, tmp_path / "m.parquet", settings).output)
     assert sorted(df[df.status == "ok"].name) == [
-        "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.output.dense.weight"
+        "encoder.layer.0.intermediate.dense.weight",
+        "encoder.layer.0.output.dense.weight",
     ]
 
 
-COMPARED = ["name", "status", "alpha_median", "alpha_fix_finger", "alpha_ks", "num_spikes",
-            "stable_rank", "rows", "cols", "role", "layer"]
+COMPARED = [
+    "name",
+    "status",
+    "alpha_median",
+    "alpha_fix_finger",
+    "alpha_ks",
+    "num_spikes",
+    "stable_rank",
+    "rows",
+    "cols",
+    "role",
+    "layer",
+]
 
 
 def test_sharded_checkpoint_equals_unsharded_twin(tiny_llama, tiny_llama_sharded, tmp_path):

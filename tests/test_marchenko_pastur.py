@@ -54,7 +54,10 @@ def test_planted_spikes_are_counted_exactly(k):
 
 def test_spike_count_matches_reference_on_tall_matrix():
     rng = np.random.default_rng(5)
-    W = rng.standard_normal((700, 150)) + 8 * np.outer(rng.standard_normal(700), rng.standard_normal(150)) / 10
+    W = (
+        rng.standard_normal((700, 150))
+        + 8 * np.outer(rng.standard_normal(700), rng.standard_normal(150)) / 10
+    )
     ours = count_spikes(eigenvalues(torch.from_numpy(W)), 150, 700)
     theirs = ref.spikes(ref.evals(W), 150, 700)
     assert ours.num_spikes == theirs["num_spikes"]

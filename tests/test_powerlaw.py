@@ -31,9 +31,7 @@ def test_fits_equal_reference_loop(seed):
         (fit_fix_finger(t), ref.alpha_fix_finger(x)),
     ):
         assert ours.status == "ok"
-        np.testing.assert_allclose(
-            [ours.alpha, ours.xmin, ours.D], theirs, rtol=1e-10, atol=1e-12
-        )
+        np.testing.assert_allclose([ours.alpha, ours.xmin, ours.D], theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_hill_alphas_match_per_candidate_formula():

@@ -36,7 +36,12 @@ def test_experts_give_one_matrix_each_and_conv_pools_kernel_positions():
     conv = torch.randn(16, 12, 3, 3, dtype=torch.float64)
     (batch,) = matrices_of(conv)
     pooled = spectrum(batch, conv_norm=0.5).numpy()
-    expected = np.sort(np.concatenate(
-        [ref.evals(conv[:, :, i, j].numpy()) for i in range(3) for j in range(3)]
-    )) * 0.5
+    expected = (
+        np.sort(
+            np.concatenate(
+                [ref.evals(conv[:, :, i, j].numpy()) for i in range(3) for j in range(3)]
+            )
+        )
+        * 0.5
+    )
     np.testing.assert_allclose(pooled, expected, rtol=1e-10)

