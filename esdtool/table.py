@@ -32,9 +32,9 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("name", _str, "tensor name as stored in the checkpoint (untrusted text)"),
     ("module", _str, "module name: the tensor name without '.weight' (PEFT's key)"),
     ("slice", _i64, "expert index of a 3-D tensor's matrix; null for other tensors"),
-    ("role", _str, "linear | embedding | lm_head | expert | conv | other"),
+    ("role", _str, "linear, embedding, lm_head, expert, conv or other"),
     ("layer", _i64, "transformer block index parsed from the name; null outside blocks"),
-    ("status", _str, "ok | skipped | zero | nonfinite | error"),
+    ("status", _str, "ok, skipped, zero, nonfinite or error"),
     ("reason", _str, "why a row has no metrics (skipped / error); null when ok"),
     ("shard", _str, "file name of the shard holding the tensor"),
     ("dtype", _str, "stored dtype (safetensors name: F32, BF16, ...)"),
@@ -150,8 +150,11 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
     """
     path = Path(path)
     meta = read_metadata(path)
+    import pandas as pd
+
     try:
-        df = pq.read_table(path).to_pandas()
+        # Nullable integers, so that counts stay integers where skipped rows have none.
+        df = pq.read_table(path).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     except (pa.ArrowException, OSError) as exc:
         raise MetricsSchemaError(f"{path}: unreadable parquet data ({exc})") from exc
     df.attrs["esdtool"] = meta

@@ -55,3 +55,15 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         write_metrics([{"name": "new", "num_spikes": "not a number"}], path, {})
     assert load_metrics(path).name.item() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_docs_describe_every_column():
+    """docs/metrics.md lists each column with the type and meaning the schema holds."""
+    from pathlib import Path
+
+    from esdtool.table import COLUMNS, SCHEMA_VERSION
+
+    doc = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    assert f"schema version {SCHEMA_VERSION}" in doc
+    for name, dtype, meaning in COLUMNS:
+        assert f"| `{name}` | {dtype} | {meaning} |" in doc, name
