@@ -145,3 +145,27 @@ def test_bad_options_are_refused_before_work(tmp_path, capsys, tiny_llama):
     assert code == 2 and "--dtype" in stderr
     code, _, stderr = run_cli(["analyze", tiny_llama, "--device", "cuda:7"], capsys)
     assert code == 2 and "cuda" in stderr.lower()
+
+
+def test_a_failing_tensor_keeps_the_rest_and_exits_2(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A tensor that cannot be read gets an `error` row; every other row is still computed and
+    written, and the command names the tensor and exits 2."""
+    from esdtool.checkpoint import Checkpoint
+    from esdtool.errors import CheckpointError
+
+    real = Checkpoint.get_tensor
+
+    def flaky(self, name):
+        if name == "model.layers.1.mlp.up_proj.weight":
+            raise CheckpointError(f"{self.info(name).shard}: cannot read tensor {name!r} (boom)")
+        return real(self, name)
+
+    monkeypatch.setattr(Checkpoint, "get_tensor", flaky)
+    out = tmp_path / "m.parquet"
+    code, _, stderr = run_cli(["analyze", tiny_llama, "-o", out, "--quiet"], capsys)
+    assert code == 2
+    assert "model.layers.1.mlp.up_proj.weight" in stderr and "boom" in stderr
+    df = load_metrics(out).set_index("name")
+    assert df.loc["model.layers.1.mlp.up_proj.weight", "status"] == "error"
+    # the other 13 block linears, the embedding and lm_head
+    assert (df.status == "ok").sum() == 2 * 7 - 1 + 2
