@@ -25,7 +25,7 @@ from esdtool.metrics import empty_metrics, spectrum_metrics
 from esdtool.roles import block_index, infer_role, module_name
 from esdtool.settings import AnalyzeSettings
 from esdtool.source import ResolvedSource, resolve_source
-from esdtool.spectra import matrices_of, spectrum
+from esdtool.spectra import all_finite, matrices_of, spectrum
 from esdtool.table import write_metrics
 
 __all__ = ["AnalyzeResult", "AnalyzeSettings", "ProgressHook", "analyze", "analyze_tensor"]
@@ -158,7 +158,7 @@ def analyze_tensor(
         if len(shape) == 3:
             row["slice"] = index
         M, N = row["M"], row["N"]
-        if not bool(torch.isfinite(matrix).all()):
+        if not all_finite(matrix):
             row.update(status="nonfinite", reason="NaN or Inf entries")
         else:
             evals = spectrum(matrix, dtype, settings.conv_norm)

@@ -64,6 +64,13 @@ def eigenvalues(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Te
     return evals.clamp_min_(0)
 
 
+def all_finite(W: torch.Tensor) -> bool:
+    """Whether W has no NaN or Inf (float8 has no isfinite kernel: checked after upcasting)."""
+    if W.dtype.itemsize == 1:
+        W = W.to(torch.float16)
+    return bool(torch.isfinite(W).all())
+
+
 def matrices_of(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The matrices whose spectra describe ``tensor`` (views, no copies): the weights' own for
     2-D, one per expert (leading index) for 3-D, and for 4-D conv kernels [out, in, kh, kw] one

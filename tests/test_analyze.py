@@ -83,6 +83,20 @@ def test_bf16_checkpoint_matches_its_float32_upcast(tmp_path):
     assert a.dtype.item() == "BF16"
 
 
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_is_upcast_and_analysed(tmp_path, fp8):
+    if not hasattr(torch, fp8):
+        pytest.skip(f"this torch has no {fp8}")
+    W = (torch.randn(40, 64) * 4).to(getattr(torch, fp8))
+    save_torch({"layers.0.a.weight": W}, str(tmp_path / "f8.safetensors"))
+    result = analyze(tmp_path / "f8.safetensors", tmp_path / "m.parquet")
+    assert not result.errors
+    row = load_metrics(result.output).iloc[0]
+    assert row.status == "ok"
+    expected = np.sort(np.linalg.svd(W.double().numpy(), compute_uv=False) ** 2)
+    np.testing.assert_allclose(row.eigenvalues, expected, rtol=1e-5)
+
+
 def test_include_exclude_select_tensors(minilm_dir, tmp_path):
     settings = AnalyzeSettings(include=r"layer\.0\.", exclude=r"attention")
     df = load_metrics(analyze(minilm_dir, tmp_path / "m.parquet", settings).output)
