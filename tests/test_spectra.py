@@ -17,8 +17,9 @@ def test_eigenvalues_are_squared_singular_values(shape):
     np.testing.assert_allclose(eigenvalues(torch.from_numpy(W)).numpy(), ref.evals(W), rtol=1e-10)
 
 
-def test_blocked_gram_equals_one_product(monkeypatch):
-    W = torch.randn(300, 50, dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(300, 50), (50, 300)])
+def test_blocked_gram_equals_one_product(monkeypatch, shape):
+    W = torch.randn(*shape, dtype=torch.float64)
     whole = eigenvalues(W)
     monkeypatch.setattr(spectra, "_GRAM_BLOCK_ELEMENTS", 50 * 7)
     np.testing.assert_allclose(eigenvalues(W).numpy(), whole.numpy(), rtol=1e-12)
