@@ -24,13 +24,18 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm_table(minilm_dir, tmp_path_factory):
-    """MiniLM analysed once per session with default settings (float64)."""
-    from esdtool import analyze, load_metrics
+def minilm_metrics(minilm_dir, tmp_path_factory) -> Path:
+    """MiniLM analysed once per session with default settings (float64): the parquet path."""
+    from esdtool import analyze
 
-    out = tmp_path_factory.mktemp("minilm") / "metrics.parquet"
-    analyze(minilm_dir, out)
-    return load_metrics(out)
+    return analyze(minilm_dir, tmp_path_factory.mktemp("minilm") / "metrics.parquet").output
+
+
+@pytest.fixture(scope="session")
+def minilm_table(minilm_metrics):
+    from esdtool import load_metrics
+
+    return load_metrics(minilm_metrics)
 
 
 def _tiny_llama(directory: Path, shard_size: str | None) -> Path:

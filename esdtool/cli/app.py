@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from esdtool import __version__
+from esdtool.cli import allocate as allocate_cmd
 from esdtool.cli import analyze as analyze_cmd
 from esdtool.cli._console import print_error
 from esdtool.errors import EsdtoolError
@@ -28,6 +29,13 @@ app.command(
     epilog=analyze_cmd.EXAMPLES,
     no_args_is_help=True,
 )(analyze_cmd.analyze)
+
+app.command(
+    "allocate",
+    help=allocate_cmd.HELP,
+    epilog=allocate_cmd.EXAMPLES,
+    no_args_is_help=True,
+)(allocate_cmd.allocate)
 
 _state = {"debug": False}
 

@@ -1,0 +1,66 @@
+"""``allocate``: a metrics table in, a PEFT LoRA config directory out (the CLI's twin)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from esdtool.allocation import AllocateSettings, Allocation, allocate_ranks
+from esdtool.peft_config import write_peft_dir
+from esdtool.table import load_metrics
+
+
+@dataclass(frozen=True)
+class AllocateResult:
+    """The plan and where it was written."""
+
+    allocation: Allocation
+    config: Path
+    csv: Path
+
+    def summary(self) -> dict[str, object]:
+        """Modules adapted, rank histogram, trainable parameters vs uniform LoRA."""
+        kept = self.allocation.kept
+        median = int(kept["rank"].median()) if len(kept) else 0
+        return {
+            "config": str(self.config),
+            "csv": str(self.csv),
+            "candidates": len(self.allocation.table),
+            "adapted": len(kept),
+            "rank_min": int(kept["rank"].min()),
+            "rank_max": int(kept["rank"].max()),
+            "rank_histogram": {
+                int(r): int(n) for r, n in kept["rank"].value_counts().sort_index().items()
+            },
+            "trainable_params": self.allocation.total_params,
+            "uniform_median_rank": median,
+            "uniform_params": self.allocation.uniform_params(median),
+            "budget_params": self.allocation.budget,
+        }
+
+
+def allocate(
+    metrics: str | os.PathLike[str],
+    outdir: str | os.PathLike[str],
+    settings: AllocateSettings | None = None,
+    *,
+    task_type: str | None = "CAUSAL_LM",
+    lora_dropout: float = 0.05,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+) -> AllocateResult:
+    """Read ``metrics`` (an esdtool table), plan ranks, write adapter_config.json and
+    allocation.csv into ``outdir``."""
+    table = load_metrics(metrics)
+    allocation = allocate_ranks(table, settings)
+    files = write_peft_dir(
+        allocation,
+        Path(outdir),
+        task_type=task_type,
+        lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        base_model=table.attrs["esdtool"].get("source"),
+    )
+    return AllocateResult(allocation, files["config"], files["csv"])

@@ -1,0 +1,193 @@
+"""Rank allocation: a metrics table in, one LoRA rank per module out (method.md section 6).
+
+Pure functions on a pandas DataFrame (the table :func:`esdtool.load_metrics` returns). Writing
+the PEFT files is :mod:`esdtool.peft_config`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from esdtool.errors import SettingsError
+
+EPS = 1e-8
+SCALINGS = {"linear": lambda s: s, "log": np.log1p, "sqrt": np.sqrt}
+
+
+@dataclass(frozen=True)
+class AllocateSettings:
+    """How scores become ranks (defaults are the seed method's).
+
+    targets:           regex searched in module names that picks the candidates; default:
+                       rows whose role is ``linear`` (projections inside transformer blocks).
+    alpha_column:      which alpha feeds the score (alpha_median, alpha_fix_finger, alpha_ks).
+    spikes_column:     which spike count feeds the score (num_spikes, num_spikes_bulk).
+    w_hill, w_mp_spikes: weights of the normalised alpha and of the inverted spike count.
+    top_n_percentile:  fraction p of candidates kept, k = max(1, floor(p n)).
+    select:            "highest" keeps the top scores (the method as written); "lowest" keeps
+                       the bottom ones (what the seed's published code does).
+    min_rank, max_rank, rank_scaling, alpha_factor: rank range, interpolation, lora_alpha = f r.
+    budget_params / match_rank: rescale the kept ranks so sum r (rows + cols) ~ the budget.
+    """
+
+    targets: str | None = None
+    alpha_column: str = "alpha_median"
+    spikes_column: str = "num_spikes"
+    w_hill: float = 0.7
+    w_mp_spikes: float = 0.3
+    top_n_percentile: float = 0.5
+    select: str = "highest"
+    min_rank: int = 4
+    max_rank: int = 64
+    rank_scaling: str = "linear"
+    alpha_factor: float = 2.0
+    budget_params: int | None = None
+    match_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.top_n_percentile <= 1:
+            problems.append(f"--top-n-percentile must lie in (0, 1], not {self.top_n_percentile}")
+        if self.min_rank < 1:
+            problems.append(f"--min-rank must be at least 1, not {self.min_rank}")
+        if self.min_rank > self.max_rank:
+            problems.append(f"--min-rank {self.min_rank} is larger than --max-rank {self.max_rank}")
+        if self.rank_scaling not in SCALINGS:
+            problems.append(f"--rank-scaling must be one of {', '.join(SCALINGS)}")
+        if self.select not in ("highest", "lowest"):
+            problems.append(f"--select must be highest or lowest, not {self.select!r}")
+        if self.budget_params is not None and self.match_rank is not None:
+            problems.append("--budget-params and --match-rank are exclusive: give one")
+        if self.targets is not None:
+            try:
+                re.compile(self.targets)
+            except re.error as exc:
+                problems.append(f"--targets {self.targets!r} is not a valid regex ({exc})")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The plan: one row per candidate module (``table``) and its totals.
+
+    table columns: module, rows, cols, alpha, spikes, score, selected, rank, lora_alpha,
+    params (trainable parameters r (rows + cols), 0 when not selected).
+    """
+
+    table: pd.DataFrame
+    settings: AllocateSettings
+    budget: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> pd.DataFrame:
+        return self.table[self.table.selected]
+
+    @property
+    def total_params(self) -> int:
+        return int(self.table.params.sum())
+
+    def uniform_params(self, rank: int) -> int:
+        """Trainable parameters of uniform LoRA at ``rank`` on every candidate."""
+        return int(rank * (self.table.rows + self.table.cols).sum())
+
+
+def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> pd.DataFrame:
+    """Rows eligible for an adapter: analysed 2-D matrices picked by role or --targets."""
+    df = metrics[(metrics.status == "ok") & metrics["slice"].isna()]
+    if settings.targets is not None:
+        df = df[df.module.str.contains(settings.targets, regex=True)]
+    else:
+        df = df[df.role == "linear"]
+    for column in (settings.alpha_column, settings.spikes_column):
+        if column not in df.columns:
+            raise SettingsError(f"no column {column!r} in the metrics table")
+    usable = (
+        np.isfinite(df[settings.alpha_column].astype(float)) & df[settings.spikes_column].notna()
+    )
+    return df[usable]
+
+
+def scores(alpha: np.ndarray, spikes: np.ndarray, w_hill: float, w_spikes: float) -> np.ndarray:
+    """w_hill * normalised alpha + w_spikes * (1 - normalised spike count)."""
+    a = (alpha - alpha.min()) / (alpha.max() - alpha.min() + EPS)
+    s = 1 - (spikes - spikes.min()) / (spikes.max() - spikes.min() + EPS)
+    return w_hill * a + w_spikes * s
+
+
+def interpolate_ranks(score: np.ndarray, settings: AllocateSettings) -> np.ndarray:
+    """Ranks from kept scores: rmin + (rmax - rmin) (f(s) - f(smin)) / (f(smax) - f(smin) + eps),
+    f the scaling, rounded half to even and clipped to [rmin, rmax]."""
+    f = SCALINGS[settings.rank_scaling](score)
+    lo, hi = settings.min_rank, settings.max_rank
+    raw = lo + (hi - lo) * (f - f.min()) / (f.max() - f.min() + EPS)
+    return np.clip(np.rint(raw), lo, hi).astype(int)
+
+
+def fit_budget(ranks: np.ndarray, sizes: np.ndarray, budget: int, lo: int, hi: int) -> np.ndarray:
+    """Scale ``ranks`` by one factor c (then round and clip) so that sum ranks * sizes comes
+    closest to ``budget``; one factor for all keeps the ranks' order."""
+
+    def total(c: float) -> tuple[int, np.ndarray]:
+        r = np.clip(np.rint(ranks * c), lo, hi).astype(int)
+        return int((r * sizes).sum()), r
+
+    c_lo, c_hi = 0.0, float(hi) / max(1, ranks.min()) + 1.0
+    best = total(1.0)
+    for _ in range(100):  # the total is monotone in c: bisect, remembering the closest
+        mid = (c_lo + c_hi) / 2
+        t, r = total(mid)
+        if abs(t - budget) < abs(best[0] - budget):
+            best = (t, r)
+        if t < budget:
+            c_lo = mid
+        else:
+            c_hi = mid
+    return best[1]
+
+
+def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = None) -> Allocation:
+    """Score every candidate, keep the top (or bottom) fraction and give each kept one a rank."""
+    settings = settings or AllocateSettings()
+    df = candidates(metrics, settings)
+    if df.empty:
+        what = f"--targets {settings.targets!r}" if settings.targets else "role 'linear'"
+        raise SettingsError(f"no candidate modules: no analysed matrix matches {what}")
+    alpha = df[settings.alpha_column].to_numpy(float)
+    spikes = df[settings.spikes_column].to_numpy(float)
+    score = scores(alpha, spikes, settings.w_hill, settings.w_mp_spikes)
+    n = len(df)
+    k = max(1, math.floor(settings.top_n_percentile * n))
+    order = np.argsort(-score if settings.select == "highest" else score, kind="stable")
+    selected = np.zeros(n, dtype=bool)
+    selected[order[:k]] = True
+
+    rank = np.zeros(n, dtype=int)
+    rank[selected] = interpolate_ranks(score[selected], settings)
+    sizes = (df.rows + df.cols).to_numpy(int)
+    budget = settings.budget_params
+    if settings.match_rank is not None:
+        budget = settings.match_rank * int(sizes.sum())
+    if budget is not None:
+        rank[selected] = fit_budget(
+            rank[selected], sizes[selected], budget, settings.min_rank, settings.max_rank
+        )
+    table = pd.DataFrame({
+        "module": df.module.to_numpy(),
+        "rows": df.rows.to_numpy(int),
+        "cols": df.cols.to_numpy(int),
+        "alpha": alpha,
+        "spikes": spikes.astype(int),
+        "score": score,
+        "selected": selected,
+        "rank": rank,
+        "lora_alpha": rank * settings.alpha_factor,
+        "params": rank * sizes,
+    })  # fmt: skip
+    return Allocation(table=table, settings=settings, budget=budget)

@@ -1,0 +1,131 @@
+"""`esdtool allocate`: a metrics table in, a PEFT LoRA config with per-module ranks out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from esdtool.allocate import AllocateResult
+from esdtool.allocate import allocate as run_allocate
+from esdtool.allocation import AllocateSettings
+from esdtool.cli._console import out
+from esdtool.cli._options import JsonOpt, QuietOpt
+
+HELP = (
+    "Turn a metrics table into a PEFT LoRA config: which modules get an adapter, and which "
+    "rank and lora_alpha each gets (rank_pattern / alpha_pattern).\n\n"
+    "Writes OUTDIR/adapter_config.json (peft.LoraConfig.from_pretrained loads it) and "
+    "OUTDIR/allocation.csv (one row per candidate module)."
+)
+
+EXAMPLES = """[bold]Examples[/bold]
+
+  esdtool allocate metrics.parquet -o lora-plan
+
+  esdtool allocate metrics.parquet -o lora-plan --match-rank 8 --rank-scaling sqrt"""
+
+
+def _opt(*names: str, help: str) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help)
+
+
+def allocate(
+    metrics: Annotated[
+        Path, typer.Argument(help="A metrics table written by esdtool analyze.", show_default=False)
+    ],
+    output: Annotated[
+        Path, _opt("--output", "-o", help="Directory to write the config to.")
+    ] = Path("lora-plan"),
+    targets: Annotated[
+        str | None,
+        _opt(
+            "--targets",
+            help="Regex on module names picking the candidates (default: block linears).",
+        ),
+    ] = None,
+    alpha_column: Annotated[
+        str, _opt("--alpha-column", help="Alpha column feeding the score.")
+    ] = "alpha_median",
+    spikes_column: Annotated[
+        str, _opt("--spikes-column", help="Spike-count column feeding the score.")
+    ] = "num_spikes",
+    w_hill: Annotated[float, _opt("--w-hill", help="Weight of the normalised alpha.")] = 0.7,
+    w_mp_spikes: Annotated[
+        float, _opt("--w-mp-spikes", help="Weight of the inverted spike count.")
+    ] = 0.3,
+    top_n_percentile: Annotated[
+        float,
+        _opt("--top-n-percentile", help="Fraction of candidates that get an adapter, in (0, 1]."),
+    ] = 0.5,
+    select: Annotated[
+        str,
+        _opt(
+            "--select", help="Keep the highest scores, or the lowest (the seed's published code)."
+        ),
+    ] = "highest",
+    min_rank: Annotated[int, _opt("--min-rank", help="Smallest rank given.")] = 4,
+    max_rank: Annotated[int, _opt("--max-rank", help="Largest rank given.")] = 64,
+    rank_scaling: Annotated[
+        str, _opt("--rank-scaling", help="Score-to-rank curve: linear, log or sqrt.")
+    ] = "linear",
+    alpha_factor: Annotated[
+        float, _opt("--alpha-factor", help="lora_alpha = factor x rank.")
+    ] = 2.0,
+    budget_params: Annotated[
+        int | None,
+        _opt("--budget-params", help="Rescale ranks to about this many trainable parameters."),
+    ] = None,
+    match_rank: Annotated[
+        int | None,
+        _opt("--match-rank", help="Budget = uniform LoRA at this rank on the same candidates."),
+    ] = None,
+    task_type: Annotated[
+        str,
+        _opt("--task-type", help="PEFT task type (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION, ...)."),
+    ] = "CAUSAL_LM",
+    lora_dropout: Annotated[float, _opt("--lora-dropout", help="LoRA dropout.")] = 0.05,
+    use_rslora: Annotated[
+        bool, _opt("--use-rslora", help="Rank-stabilised scaling (alpha / sqrt r).")
+    ] = False,
+    use_dora: Annotated[bool, _opt("--use-dora", help="Weight-decomposed LoRA (DoRA).")] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    settings = AllocateSettings(
+        targets=targets, alpha_column=alpha_column, spikes_column=spikes_column, w_hill=w_hill,
+        w_mp_spikes=w_mp_spikes, top_n_percentile=top_n_percentile, select=select,
+        min_rank=min_rank, max_rank=max_rank, rank_scaling=rank_scaling,
+        alpha_factor=alpha_factor, budget_params=budget_params, match_rank=match_rank,
+    )  # fmt: skip
+    result = run_allocate(
+        metrics, output, settings, task_type=task_type, lora_dropout=lora_dropout,
+        use_rslora=use_rslora, use_dora=use_dora,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(result.summary()))
+    elif not quiet:
+        _print_summary(result)
+
+
+def _print_summary(result: AllocateResult) -> None:
+    s = result.summary()
+    table = Table(title="esdtool allocate", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("modules adapted", f"{s['adapted']} of {s['candidates']} candidates")
+    table.add_row("ranks", f"{s['rank_min']}..{s['rank_max']}")
+    hist = "  ".join(f"r{r}: {n}" for r, n in s["rank_histogram"].items())
+    table.add_row("rank histogram", Text(hist))
+    table.add_row("trainable params", f"{s['trainable_params']:,}")
+    table.add_row(
+        f"uniform r={s['uniform_median_rank']} (all candidates)", f"{s['uniform_params']:,}"
+    )
+    if s["budget_params"] is not None:
+        table.add_row("budget", f"{s['budget_params']:,}")
+    table.add_row("written", Text(f"{s['config']}, {s['csv']}"))
+    out.print(table)

@@ -1,0 +1,65 @@
+"""Writing an :class:`~esdtool.allocation.Allocation` as files PEFT and people read.
+
+``adapter_config.json`` loads with ``peft.LoraConfig.from_pretrained(outdir)``: target_modules is
+one regex that fullmatches exactly the kept module names, and rank_pattern / alpha_pattern keys
+are ``"^" + re.escape(module)`` so that PEFT's suffix matching cannot reach another module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from esdtool.allocation import Allocation
+from esdtool.table import atomic_write
+
+CONFIG_NAME = "adapter_config.json"
+CSV_NAME = "allocation.csv"
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def lora_config_dict(
+    allocation: Allocation,
+    *,
+    task_type: str | None = "CAUSAL_LM",
+    lora_dropout: float = 0.05,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    base_model: str | None = None,
+) -> dict[str, Any]:
+    """The adapter_config.json content: PEFT's LoraConfig fields, ranks per module."""
+    kept = allocation.kept
+    modules = list(kept.module)
+    ranks = [int(r) for r in kept["rank"]]
+    alphas = [_number(a) for a in kept.lora_alpha]
+    default_r = int(sorted(ranks)[len(ranks) // 2])  # the median kept rank, for any stray match
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "target_modules": "^(?:" + "|".join(re.escape(m) for m in modules) + ")$",
+        "r": default_r,
+        "lora_alpha": _number(allocation.settings.alpha_factor * default_r),
+        "rank_pattern": {"^" + re.escape(m): r for m, r in zip(modules, ranks, strict=True)},
+        "alpha_pattern": {"^" + re.escape(m): a for m, a in zip(modules, alphas, strict=True)},
+        "lora_dropout": lora_dropout,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "inference_mode": False,
+    }
+
+
+def write_peft_dir(allocation: Allocation, outdir: Path, **config: Any) -> dict[str, Path]:
+    """Write adapter_config.json and allocation.csv into ``outdir`` (each atomically)."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    content = json.dumps(lora_config_dict(allocation, **config), indent=2) + "\n"
+    atomic_write(outdir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(content))
+    atomic_write(outdir / CSV_NAME, lambda tmp: allocation.table.to_csv(tmp, index=False))
+    return {"config": outdir / CONFIG_NAME, "csv": outdir / CSV_NAME}

@@ -1,0 +1,116 @@
+"""allocate: ranks against an independent computation of method.md section 6, PEFT loading
+the written config, budget mode, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from esdtool.allocate import allocate
+from esdtool.allocation import AllocateSettings
+
+
+def expected_plan(metrics, p=0.5, rmin=4, rmax=64, scaling="linear", select="highest"):
+    """Section 6 straight from the text, with plain Python lists (independent of the package)."""
+    rows = metrics[(metrics.status == "ok") & (metrics.role == "linear")]
+    names, alpha, spikes = list(rows.module), list(rows.alpha_median), list(rows.num_spikes)
+    a = [(x - min(alpha)) / (max(alpha) - min(alpha) + 1e-8) for x in alpha]
+    s = [1 - (x - min(spikes)) / (max(spikes) - min(spikes) + 1e-8) for x in spikes]
+    score = [0.7 * x + 0.3 * y for x, y in zip(a, s, strict=True)]
+    k = max(1, math.floor(p * len(names)))
+    ranked = sorted(range(len(names)), key=lambda i: score[i], reverse=select == "highest")
+    kept = ranked[:k]
+    f = {"linear": lambda v: v, "log": math.log1p, "sqrt": math.sqrt}[scaling]
+    fs = [f(score[i]) for i in kept]
+    plan = {}
+    for i, fv in zip(kept, fs, strict=True):
+        raw = rmin + (rmax - rmin) * (fv - min(fs)) / (max(fs) - min(fs) + 1e-8)
+        plan[names[i]] = int(min(rmax, max(rmin, round(raw))))  # round() is half-to-even
+    return plan
+
+
+@pytest.mark.parametrize(
+    ("scaling", "select"), [("linear", "highest"), ("log", "highest"), ("sqrt", "highest"),
+                            ("linear", "lowest")]
+)  # fmt: skip
+def test_minilm_plan_matches_the_spec(minilm_table, minilm_metrics, tmp_path, scaling, select):
+    path = minilm_metrics
+    settings = AllocateSettings(rank_scaling=scaling, select=select)
+    result = allocate(path, tmp_path / "plan", settings)
+    table = result.allocation.table
+    assert len(table) == 36 and table.selected.sum() == 18
+    expected = expected_plan(minilm_table, scaling=scaling, select=select)
+    config = json.loads(result.config.read_text())
+    got = {k[1:].replace("\\", ""): v for k, v in config["rank_pattern"].items()}
+    assert got == expected
+    assert min(got.values()) == 4 and max(got.values()) == 64
+    alphas = {k[1:].replace("\\", ""): v for k, v in config["alpha_pattern"].items()}
+    assert alphas == {m: 2 * r for m, r in expected.items()}
+
+
+def test_peft_applies_exactly_the_planned_ranks_to_minilm(minilm_dir, minilm_metrics, tmp_path):
+    """get_peft_model on the real model: each kept module gets its r and lora_alpha, no other
+    module an adapter, and the trainable count equals allocation.csv's."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import pandas as pd
+
+    path = minilm_metrics
+    result = allocate(path, tmp_path / "plan", task_type="FEATURE_EXTRACTION")
+    config = peft.LoraConfig.from_pretrained(str(tmp_path / "plan"))
+    model = peft.get_peft_model(transformers.AutoModel.from_pretrained(minilm_dir), config)
+    adapted = {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+    plan = pd.read_csv(result.csv)
+    kept = plan[plan.selected]
+    assert set(adapted) == set(kept.module)
+    for row in kept.itertuples():
+        module = adapted[row.module]
+        assert module.r["default"] == row.rank
+        assert module.lora_alpha["default"] == row.lora_alpha
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == plan.params.sum()
+
+
+def test_match_rank_budget(minilm_metrics, tmp_path):
+    path = minilm_metrics
+    unscaled = allocate(path, tmp_path / "a").allocation.kept
+    result = allocate(path, tmp_path / "b", AllocateSettings(match_rank=8)).allocation
+    uniform = result.uniform_params(8)
+    assert result.total_params == pytest.approx(uniform, rel=0.01)
+    kept = result.kept
+    # order by score preserved: a higher score never gets a lower rank
+    by_score = kept.sort_values("score")["rank"].to_numpy()
+    assert (np.diff(by_score) >= 0).all()
+    assert list(kept.module) == list(unscaled.module)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-n-percentile", "0"], "--top-n-percentile"),
+        (["--top-n-percentile", "1.5"], "--top-n-percentile"),
+        (["--min-rank", "70"], "--min-rank 70 is larger than --max-rank 64"),
+        (["--targets", "no_such_module"], "no candidate modules"),
+    ],
+)
+def test_bad_allocate_input_is_one_line(minilm_metrics, tmp_path, capsys, args, message):
+    path = minilm_metrics
+    code, _, stderr = run_cli(["allocate", path, "-o", tmp_path / "plan", *args], capsys)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1
+
+
+def test_allocate_refuses_a_parquet_that_is_not_an_esdtool_table(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "x.parquet")
+    code, _, stderr = run_cli(["allocate", tmp_path / "x.parquet", "-o", tmp_path / "p"], capsys)
+    assert code == 2 and "x.parquet" in stderr and "not an esdtool metrics table" in stderr
