@@ -8,6 +8,7 @@ from pathlib import Path
 
 from esdtool.allocation import AllocateSettings, Allocation, allocate_ranks
 from esdtool.peft_config import write_peft_dir
+from esdtool.source import resolve_source
 from esdtool.table import load_metrics
 
 
@@ -49,9 +50,14 @@ def allocate(
     lora_dropout: float = 0.05,
     use_rslora: bool = False,
     use_dora: bool = False,
+    verify: bool = False,
 ) -> AllocateResult:
     """Read ``metrics`` (an esdtool table), plan ranks, write adapter_config.json and
-    allocation.csv into ``outdir``."""
+    allocation.csv into ``outdir``.
+
+    ``verify``: build the analysed model from its config.json on the meta device, apply the
+    config with PEFT, and raise if any module would get another rank or alpha than planned.
+    """
     table = load_metrics(metrics)
     allocation = allocate_ranks(table, settings)
     files = write_peft_dir(
@@ -63,4 +69,16 @@ def allocate(
         use_dora=use_dora,
         base_model=table.attrs["esdtool"].get("source"),
     )
+    if verify:
+        from esdtool.verify import check_plan
+
+        check_plan(Path(outdir), model_directory(table.attrs["esdtool"]))
     return AllocateResult(allocation, files["config"], files["csv"])
+
+
+def model_directory(meta: dict[str, object]) -> Path:
+    """The directory holding the analysed model's config.json (hub ids from the cache)."""
+    source = str(meta.get("source"))
+    revision = meta.get("revision") if meta.get("source_kind") == "hub" else None
+    resolved = resolve_source(source, revision=revision if isinstance(revision, str) else None)
+    return resolved.files[0].parent

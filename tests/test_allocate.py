@@ -114,3 +114,41 @@ def test_allocate_refuses_a_parquet_that_is_not_an_esdtool_table(tmp_path, capsy
     pq.write_table(pa.table({"a": [1]}), tmp_path / "x.parquet")
     code, _, stderr = run_cli(["allocate", tmp_path / "x.parquet", "-o", tmp_path / "p"], capsys)
     assert code == 2 and "x.parquet" in stderr and "not an esdtool metrics table" in stderr
+
+
+def test_verify_passes_for_minilm_and_tiny_llama(minilm_metrics, tiny_llama, tmp_path, capsys):
+    pytest.importorskip("peft")
+    from esdtool import analyze
+
+    code, stdout, stderr = run_cli(
+        ["allocate", minilm_metrics, "-o", tmp_path / "bert", "--verify", "--json"], capsys
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["adapted"] == 18
+    llama = analyze(tiny_llama, tmp_path / "llama.parquet").output
+    code, stdout, stderr = run_cli(
+        ["allocate", llama, "-o", tmp_path / "llama", "--verify", "--json"], capsys
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["adapted"] == 7  # half of 2 layers x 7 projections
+
+
+def test_verify_reports_every_mismatch(minilm_metrics, minilm_dir, tmp_path):
+    """A tampered plan: one rank edited, one module renamed to one the model lacks."""
+    pytest.importorskip("peft")
+    from esdtool.verify import verify_plan
+
+    plan = tmp_path / "plan"
+    allocate(minilm_metrics, plan)
+    csv = plan / "allocation.csv"
+    import pandas as pd
+
+    table = pd.read_csv(csv)
+    kept = table.index[table.selected]
+    table.loc[kept[0], "rank"] += 1
+    table.loc[kept[1], "module"] = "encoder.layer.9.attention.self.query"
+    table.to_csv(csv, index=False)
+    problems = verify_plan(plan, minilm_dir)
+    assert any("planned" in p and str(table.loc[kept[0], "module"]) in p for p in problems)
+    assert any(p.startswith("encoder.layer.9.attention.self.query: planned") for p in problems)
+    assert any("not in the plan" in p for p in problems)  # the renamed one's real module

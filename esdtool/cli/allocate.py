@@ -93,6 +93,13 @@ def allocate(
         bool, _opt("--use-rslora", help="Rank-stabilised scaling (alpha / sqrt r).")
     ] = False,
     use_dora: Annotated[bool, _opt("--use-dora", help="Weight-decomposed LoRA (DoRA).")] = False,
+    verify: Annotated[
+        bool,
+        _opt(
+            "--verify",
+            help="Check with PEFT on the model (meta device) that the plan applies exactly.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -104,7 +111,7 @@ def allocate(
     )  # fmt: skip
     result = run_allocate(
         metrics, output, settings, task_type=task_type, lora_dropout=lora_dropout,
-        use_rslora=use_rslora, use_dora=use_dora,
+        use_rslora=use_rslora, use_dora=use_dora, verify=verify,
     )  # fmt: skip
     if as_json:
         print(json.dumps(result.summary()))
