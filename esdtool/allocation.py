@@ -61,6 +61,14 @@ class AllocateSettings:
             problems.append(f"--rank-scaling must be one of {', '.join(SCALINGS)}")
         if self.select not in ("highest", "lowest"):
             problems.append(f"--select must be highest or lowest, not {self.select!r}")
+        for flag, value in (
+            ("--budget-params", self.budget_params),
+            ("--match-rank", self.match_rank),
+        ):
+            if value is not None and value < 1:
+                problems.append(f"{flag} must be at least 1, not {value}")
+        if self.alpha_factor <= 0:
+            problems.append(f"--alpha-factor must be positive, not {self.alpha_factor}")
         if self.budget_params is not None and self.match_rank is not None:
             problems.append("--budget-params and --match-rank are exclusive: give one")
         if self.targets is not None:
@@ -98,8 +106,9 @@ class Allocation:
         return int(rank * (self.table.rows + self.table.cols).sum())
 
 
-def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> pd.DataFrame:
-    """Rows eligible for an adapter: analysed 2-D matrices picked by role or --targets."""
+def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> tuple[pd.DataFrame, list[str]]:
+    """Rows eligible for an adapter (analysed 2-D matrices picked by role or --targets), and
+    the modules left out of them because their alpha or spike count is missing."""
     df = metrics[(metrics.status == "ok") & metrics["slice"].isna()]
     if settings.targets is not None:
         df = df[df.module.str.contains(settings.targets, regex=True)]
@@ -111,7 +120,7 @@ def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> pd.DataFram
     usable = (
         np.isfinite(df[settings.alpha_column].astype(float)) & df[settings.spikes_column].notna()
     )
-    return df[usable]
+    return df[usable], list(df.module[~usable])
 
 
 def scores(alpha: np.ndarray, spikes: np.ndarray, w_hill: float, w_spikes: float) -> np.ndarray:
@@ -155,7 +164,7 @@ def fit_budget(ranks: np.ndarray, sizes: np.ndarray, budget: int, lo: int, hi: i
 def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = None) -> Allocation:
     """Score every candidate, keep the top (or bottom) fraction and give each kept one a rank."""
     settings = settings or AllocateSettings()
-    df = candidates(metrics, settings)
+    df, dropped = candidates(metrics, settings)
     if df.empty:
         what = f"--targets {settings.targets!r}" if settings.targets else "role 'linear'"
         raise SettingsError(f"no candidate modules: no analysed matrix matches {what}")
@@ -190,4 +199,6 @@ def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = No
         "lora_alpha": rank * settings.alpha_factor,
         "params": rank * sizes,
     })  # fmt: skip
-    return Allocation(table=table, settings=settings, budget=budget)
+    notes = [f"{m}: no {settings.alpha_column} or {settings.spikes_column}; not a candidate"
+             for m in dropped]  # fmt: skip
+    return Allocation(table=table, settings=settings, budget=budget, notes=notes)

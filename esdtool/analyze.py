@@ -20,7 +20,7 @@ import torch
 
 from esdtool import __version__
 from esdtool.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, open_checkpoint
-from esdtool.errors import CheckpointError, SettingsError
+from esdtool.errors import SettingsError
 from esdtool.metrics import empty_metrics, spectrum_metrics
 from esdtool.roles import block_index, infer_role, module_name
 from esdtool.settings import AnalyzeSettings
@@ -222,8 +222,8 @@ def _analyze_names(
         else:
             try:
                 rows.extend(analyze_tensor(info, ckpt.get_tensor(info.name), settings, device))
-            except (CheckpointError, RuntimeError, ValueError) as exc:
-                rows.append(_row_without_spectrum(info, "error", str(exc)))
+            except Exception as exc:  # one bad tensor must not lose the others' rows
+                rows.append(_row_without_spectrum(info, "error", f"{type(exc).__name__}: {exc}"))
         if progress:
             progress.advance(info.name, info.nbytes)
     return rows

@@ -40,5 +40,9 @@ class SettingsError(EsdtoolError):
     """An option has an invalid value (bad regex, unknown device, ...)."""
 
 
+class OutputError(EsdtoolError):
+    """An output file or directory cannot be written."""
+
+
 class AnalysisError(EsdtoolError):
     """Some tensors could not be analysed; the table was still written with the rest."""

@@ -64,8 +64,8 @@ def spectrum_metrics(
         return row
 
     nonzero = evals64[evals64 > settings.eig_threshold]
-    if nonzero.numel() == 0:
-        nonzero = evals64
+    if nonzero.numel() == 0:  # all below the threshold: use every positive one (log 0 is no data)
+        nonzero = evals64[evals64 > 0]
     fits: dict[str, PowerLawFit] = {m: fit(nonzero) for m, fit in ALPHA_FITS.items()}
     for m, fit in fits.items():
         row[f"alpha_{m}"], row[f"xmin_{m}"], row[f"D_{m}"] = fit.alpha, fit.xmin, fit.D

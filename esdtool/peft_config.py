@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from esdtool.allocation import Allocation
+from esdtool.errors import OutputError
 from esdtool.table import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
@@ -58,7 +59,12 @@ def lora_config_dict(
 def write_peft_dir(allocation: Allocation, outdir: Path, **config: Any) -> dict[str, Path]:
     """Write adapter_config.json and allocation.csv into ``outdir`` (each atomically)."""
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"{outdir}: cannot create the output directory ({exc.strerror or exc})"
+        ) from exc
     content = json.dumps(lora_config_dict(allocation, **config), indent=2) + "\n"
     atomic_write(outdir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(content))
     atomic_write(outdir / CSV_NAME, lambda tmp: allocation.table.to_csv(tmp, index=False))

@@ -116,7 +116,7 @@ def _best_of(x: torch.Tensor, alphas: torch.Tensor, candidates: torch.Tensor) ->
 def fit_median(x: torch.Tensor) -> PowerLawFit:
     """Hill estimator with xmin at the median eigenvalue: i = floor(n / 2)."""
     n = x.numel()
-    if n < 2:
+    if n < 3:  # i = n // 2 must leave a tail of at least 2 (i <= n - 2)
         return PowerLawFit.failed("too_few")
     x = x.to(torch.float64)
     return _fit_at(x, hill_alphas(x), n // 2)

@@ -51,7 +51,11 @@ def resolve_source(
         if revision is not None:
             raise SourceError(f"{text}: --revision applies to hub ids, not local paths")
         if path.is_dir():
-            return ResolvedSource(text, "directory", _files_in_dir(path), _config(path), None)
+            try:
+                files = _files_in_dir(path)
+            except PermissionError as exc:
+                raise SourceError(f"{text}: cannot list the directory ({exc.strerror})") from exc
+            return ResolvedSource(text, "directory", files, _config(path), None)
         if path.is_file():
             _refuse_pickle(path)
             return ResolvedSource(text, "file", (path,), _config(path.parent), None)
@@ -145,7 +149,10 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> tuple[Pa
         index = snapshot / INDEX_NAME
         if index.is_file():
             data = json.loads(index.read_text(encoding="utf-8"))
-            shards = sorted({s for s in data.get("weight_map", {}).values() if isinstance(s, str)})
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: has no weight_map")
+            shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
             snapshot = fetch([INDEX_NAME, "config.json", *shards])
         else:
             snapshot = fetch(["config.json", "*.safetensors"])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esdtool.errors import MetricsSchemaError
+from esdtool.errors import MetricsSchemaError, OutputError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,15 +100,19 @@ def atomic_write(path: Path, write: Any) -> None:
     writers racing leave one complete file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # nothing left to clean, or nowhere to clean it
             tmp.unlink()
 
 

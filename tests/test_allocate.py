@@ -99,6 +99,7 @@ def test_match_rank_budget(minilm_metrics, tmp_path):
         (["--top-n-percentile", "1.5"], "--top-n-percentile"),
         (["--min-rank", "70"], "--min-rank 70 is larger than --max-rank 64"),
         (["--targets", "no_such_module"], "no candidate modules"),
+        (["--match-rank", "0"], "--match-rank must be at least 1"),
     ],
 )
 def test_bad_allocate_input_is_one_line(minilm_metrics, tmp_path, capsys, args, message):

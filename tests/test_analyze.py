@@ -166,3 +166,16 @@ def test_hub_id_resolves_from_local_cache_offline(tiny_llama_sharded, tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
     assert "tiny-org/absent" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+
+
+def test_rank_two_matrix_gets_nan_alphas_not_a_crash(tmp_path):
+    """Only 2 eigenvalues above eig_threshold: the median rule needs a tail of 2 past
+    floor(n/2) and reports too_few; KS still fits the one candidate it has."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((32, 2)) @ rng.standard_normal((2, 48))
+    path = write_tensors(tmp_path / "r2.safetensors", {"layers.0.a.weight": W})
+    result = analyze(path, tmp_path / "m.parquet")
+    row = load_metrics(result.output).iloc[0]
+    assert row.status == "ok" and row.num_nonzero == 2
+    assert math.isnan(row.alpha_median) and "median:too_few" in row.fit_status
+    assert 0 <= row.entropy <= 1

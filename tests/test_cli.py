@@ -169,3 +169,13 @@ def test_a_failing_tensor_keeps_the_rest_and_exits_2(tiny_llama, tmp_path, capsy
     assert df.loc["model.layers.1.mlp.up_proj.weight", "status"] == "error"
     # the other 13 block linears, the embedding and lm_head
     assert (df.status == "ok").sum() == 2 * 7 - 1 + 2
+
+
+def test_unwritable_outputs_are_one_line_errors(tiny_llama, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    code, _, stderr = run_cli(["analyze", tiny_llama, "-o", tmp_path / "adir"], capsys)
+    assert code == 2 and "is a directory" in stderr and stderr.count("\n") == 1
+    (tmp_path / "afile").write_text("x")
+    code, _, stderr = run_cli(["analyze", tiny_llama, "-o", tmp_path / "afile" / "m.parquet"],
+                              capsys)  # fmt: skip
+    assert code == 2 and "cannot write" in stderr and stderr.count("\n") == 1

@@ -13,7 +13,7 @@ from rich.text import Text
 from esdtool.allocate import AllocateResult
 from esdtool.allocate import allocate as run_allocate
 from esdtool.allocation import AllocateSettings
-from esdtool.cli._console import out
+from esdtool.cli._console import err, out, safe
 from esdtool.cli._options import JsonOpt, QuietOpt
 
 HELP = (
@@ -117,6 +117,8 @@ def allocate(
         print(json.dumps(result.summary()))
     elif not quiet:
         _print_summary(result)
+        for note in result.allocation.notes:
+            err.print(f"Note: {safe(note)}", markup=False, style="yellow", soft_wrap=True)
 
 
 def _print_summary(result: AllocateResult) -> None:
