@@ -107,8 +107,8 @@ def resolve_device(device: str) -> torch.device:
 def skip_reason(info: TensorInfo, min_evals: int) -> str | None:
     """Why a tensor gets no spectrum, decided from its header alone; None to analyse it."""
     if info.dtype not in FLOAT_DTYPES:
-        kind = "integer/packed (quantized?)" if info.dtype not in ("BOOL",) else "boolean"
-        return f"{kind} dtype {info.dtype}"
+        kinds = {"BOOL": "boolean", "F8_E8M0": "scale-only (exponent) float"}
+        return f"{kinds.get(info.dtype, 'integer/packed (quantized?)')} dtype {info.dtype}"
     if len(info.shape) < 2:
         return f"{len(info.shape)}-D tensor, not a matrix"
     if len(info.shape) > 4:

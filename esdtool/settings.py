@@ -59,6 +59,10 @@ class AnalyzeSettings:
             problems.append(f"tw_quantile must lie in (0, 1), not {self.tw_quantile}")
         if self.weighted_alpha not in ALPHA_METHODS:
             problems.append(f"weighted_alpha must be one of {ALPHA_METHODS}")
+        if not self.eig_threshold >= 0:
+            problems.append(f"eig_threshold must be >= 0, not {self.eig_threshold}")
+        if not self.conv_norm > 0:
+            problems.append(f"conv_norm must be positive, not {self.conv_norm}")
         if self.min_evals < 2:
             problems.append(f"min_evals must be at least 2, not {self.min_evals}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
