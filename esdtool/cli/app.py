@@ -23,19 +23,10 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command(
-    "analyze",
-    help=analyze_cmd.HELP,
-    epilog=analyze_cmd.EXAMPLES,
-    no_args_is_help=True,
-)(analyze_cmd.analyze)
-
-app.command(
-    "allocate",
-    help=allocate_cmd.HELP,
-    epilog=allocate_cmd.EXAMPLES,
-    no_args_is_help=True,
-)(allocate_cmd.allocate)
+for _name, _module in (("analyze", analyze_cmd), ("allocate", allocate_cmd)):
+    app.command(_name, help=_module.HELP, epilog=_module.EXAMPLES, no_args_is_help=True)(
+        getattr(_module, _name)
+    )
 
 _state = {"debug": False}
 
