@@ -83,12 +83,18 @@ def spectrum_metrics(
         tw_threshold=spikes.tw_threshold,
         mp_softrank=spikes.mp_softrank,
     )
+    eps = torch.finfo(evals.dtype).eps
+    zero_tol = lambda_max * N * eps  # below it an eigenvalue is numerically 0 (matrix_rank)
+    if float(evals64[evals64.numel() // 2]) <= zero_tol:
+        # Over half the spectrum is numerically 0 (rank < M/2): the median fit has no bulk to
+        # measure and every nonzero eigenvalue would count as a spike. Say so, count none.
+        row.update(num_spikes=None, num_spikes_bulk=None)
+        row["fit_status"] = ";".join([*failed, "mp:median_zero"])
 
     alpha = fits[settings.weighted_alpha].alpha
     p = nonzero / float(nonzero.sum())
     R = nonzero.numel()
     entropy = float(-(p * torch.log(p)).sum()) / math.log(R) if R > 1 else 0.0
-    eps = torch.finfo(evals.dtype).eps
     row.update(
         lambda_max=lambda_max,
         spectral_norm=math.sqrt(lambda_max),
@@ -101,7 +107,7 @@ def spectrum_metrics(
         entropy=entropy,
         # Numerical rank of the Gram matrix the eigenvalues came from (numpy's matrix_rank rule
         # applied to lambda, the resolution a Gram eigensolver in this precision has).
-        matrix_rank=int((evals64 > lambda_max * N * eps).sum()),
+        matrix_rank=int((evals64 > zero_tol).sum()),
         num_nonzero=int(nonzero.numel()),
     )
     return row

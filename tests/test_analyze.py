@@ -179,3 +179,14 @@ def test_rank_two_matrix_gets_nan_alphas_not_a_crash(tmp_path):
     assert row.status == "ok" and row.num_nonzero == 2
     assert math.isnan(row.alpha_median) and "median:too_few" in row.fit_status
     assert 0 <= row.entropy <= 1
+
+
+def test_mostly_zero_spectrum_reports_no_mp_fit(tmp_path):
+    """Rank 3 of M = 32: the median eigenvalue is numerically 0, so there is no MP bulk to
+    fit; the row says so (fit_status) and has no spike count rather than 3 'spikes'."""
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((32, 3)) @ rng.standard_normal((3, 48))
+    path = write_tensors(tmp_path / "r3.safetensors", {"layers.0.a.weight": W})
+    row = load_metrics(analyze(path, tmp_path / "m.parquet").output).iloc[0]
+    assert row.matrix_rank == 3 and pd.isna(row.num_spikes)
+    assert "mp:median_zero" in row.fit_status
