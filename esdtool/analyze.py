@@ -104,6 +104,16 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int | None]:
+    """(rows, cols) of the matrices a tensor is read as: the last two dimensions, the first two
+    for a 4-D conv kernel [out, in, kh, kw], and (length, None) for a vector."""
+    if len(shape) == 4:
+        return shape[0], shape[1]
+    if len(shape) >= 2:
+        return shape[-2], shape[-1]
+    return (shape[0] if shape else 1), None
+
+
 def skip_reason(info: TensorInfo, min_evals: int) -> str | None:
     """Why a tensor gets no spectrum, decided from its header alone; None to analyse it."""
     if info.dtype not in FLOAT_DTYPES:
@@ -113,13 +123,14 @@ def skip_reason(info: TensorInfo, min_evals: int) -> str | None:
         return f"{len(info.shape)}-D tensor, not a matrix"
     if len(info.shape) > 4:
         return f"{len(info.shape)}-D tensor, no matrix view"
-    M = min(info.shape[-2:]) if len(info.shape) < 4 else min(info.shape[:2])
+    M = min(matrix_shape(info.shape))
     if min_evals > M:
         return f"M = {M} < min_evals = {min_evals}"
     return None
 
 
 def _base_row(info: TensorInfo, rows: int | None, cols: int | None) -> dict[str, Any]:
+    """The columns every row has, from the header alone; metrics empty until computed."""
     M = N = None
     if rows is not None and cols is not None:
         M, N = min(rows, cols), max(rows, cols)
@@ -139,6 +150,7 @@ def _base_row(info: TensorInfo, rows: int | None, cols: int | None) -> dict[str,
         "num_evals": 0,
         "eigenvalues": [],
         "reason": None,
+        **empty_metrics(),
     }
 
 
@@ -150,11 +162,10 @@ def analyze_tensor(
     tensor = tensor.to(device, non_blocking=True)
     rows_out = []
     shape = info.shape
-    rows, cols = (shape[0], shape[1]) if len(shape) == 4 else (shape[-2], shape[-1])
+    rows, cols = matrix_shape(shape)
     for index, matrix in enumerate(matrices_of(tensor)):
         started = time.perf_counter()
         row = _base_row(info, rows, cols)
-        row.update(empty_metrics())
         if len(shape) == 3:
             row["slice"] = index
         M, N = row["M"], row["N"]
@@ -230,12 +241,7 @@ def _analyze_names(
 
 
 def _row_without_spectrum(info: TensorInfo, status: str, reason: str) -> dict[str, Any]:
-    shape = info.shape
-    rows, cols = (shape[-2], shape[-1]) if len(shape) >= 2 else (shape[0] if shape else 1, None)
-    if len(shape) == 4:
-        rows, cols = shape[0], shape[1]
-    row = _base_row(info, rows, cols)
-    row.update(empty_metrics())
+    row = _base_row(info, *matrix_shape(info.shape))
     row.update(status=status, reason=reason, seconds=0.0, device=None)
     return row
 

@@ -42,7 +42,3 @@ class SettingsError(EsdtoolError):
 
 class OutputError(EsdtoolError):
     """An output file or directory cannot be written."""
-
-
-class AnalysisError(EsdtoolError):
-    """Some tensors could not be analysed; the table was still written with the rest."""

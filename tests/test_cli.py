@@ -17,6 +17,7 @@ def test_analyze_json_summary(minilm_dir, tmp_path, capsys):
     code, stdout, _ = run_cli(["analyze", minilm_dir, "-o", out, "--json"], capsys)
     assert code == 0
     summary = json.loads(stdout)
+    # MiniLM's 104 tensors: 39 weight matrices, 65 vectors / int / too-small (test_minilm.py)
     assert summary["rows"] == 104 and summary["analysed"] == 39 and summary["skipped"] == 65
     assert summary["slowest"]["name"] in set(load_metrics(out).name)
     assert summary["output"] == str(out)

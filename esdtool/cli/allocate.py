@@ -30,72 +30,80 @@ EXAMPLES = """[bold]Examples[/bold]
   esdtool allocate metrics.parquet -o lora-plan --match-rank 8 --rank-scaling sqrt"""
 
 
-def _opt(*names: str, help: str) -> typer.models.OptionInfo:
-    return typer.Option(*names, help=help)
-
-
 def allocate(
     metrics: Annotated[
         Path, typer.Argument(help="A metrics table written by esdtool analyze.", show_default=False)
     ],
     output: Annotated[
-        Path, _opt("--output", "-o", help="Directory to write the config to.")
+        Path, typer.Option("--output", "-o", help="Directory to write the config to.")
     ] = Path("lora-plan"),
     targets: Annotated[
         str | None,
-        _opt(
+        typer.Option(
             "--targets",
             help="Regex on module names picking the candidates (default: block linears).",
         ),
     ] = None,
     alpha_column: Annotated[
-        str, _opt("--alpha-column", help="Alpha column feeding the score.")
+        str, typer.Option("--alpha-column", help="Alpha column feeding the score.")
     ] = "alpha_median",
     spikes_column: Annotated[
-        str, _opt("--spikes-column", help="Spike-count column feeding the score.")
+        str, typer.Option("--spikes-column", help="Spike-count column feeding the score.")
     ] = "num_spikes",
-    w_hill: Annotated[float, _opt("--w-hill", help="Weight of the normalised alpha.")] = 0.7,
+    w_hill: Annotated[
+        float, typer.Option("--w-hill", help="Weight of the normalised alpha.")
+    ] = 0.7,
     w_mp_spikes: Annotated[
-        float, _opt("--w-mp-spikes", help="Weight of the inverted spike count.")
+        float, typer.Option("--w-mp-spikes", help="Weight of the inverted spike count.")
     ] = 0.3,
     top_n_percentile: Annotated[
         float,
-        _opt("--top-n-percentile", help="Fraction of candidates that get an adapter, in (0, 1]."),
+        typer.Option(
+            "--top-n-percentile", help="Fraction of candidates that get an adapter, in (0, 1]."
+        ),
     ] = 0.5,
     select: Annotated[
         str,
-        _opt(
+        typer.Option(
             "--select", help="Keep the highest scores, or the lowest (the seed's published code)."
         ),
     ] = "highest",
-    min_rank: Annotated[int, _opt("--min-rank", help="Smallest rank given.")] = 4,
-    max_rank: Annotated[int, _opt("--max-rank", help="Largest rank given.")] = 64,
+    min_rank: Annotated[int, typer.Option("--min-rank", help="Smallest rank given.")] = 4,
+    max_rank: Annotated[int, typer.Option("--max-rank", help="Largest rank given.")] = 64,
     rank_scaling: Annotated[
-        str, _opt("--rank-scaling", help="Score-to-rank curve: linear, log or sqrt.")
+        str, typer.Option("--rank-scaling", help="Score-to-rank curve: linear, log or sqrt.")
     ] = "linear",
     alpha_factor: Annotated[
-        float, _opt("--alpha-factor", help="lora_alpha = factor x rank.")
+        float, typer.Option("--alpha-factor", help="lora_alpha = factor x rank.")
     ] = 2.0,
     budget_params: Annotated[
         int | None,
-        _opt("--budget-params", help="Rescale ranks to about this many trainable parameters."),
+        typer.Option(
+            "--budget-params", help="Rescale ranks to about this many trainable parameters."
+        ),
     ] = None,
     match_rank: Annotated[
         int | None,
-        _opt("--match-rank", help="Budget = uniform LoRA at this rank on the same candidates."),
+        typer.Option(
+            "--match-rank", help="Budget = uniform LoRA at this rank on the same candidates."
+        ),
     ] = None,
     task_type: Annotated[
         str,
-        _opt("--task-type", help="PEFT task type (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION, ...)."),
+        typer.Option(
+            "--task-type", help="PEFT task type (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION, ...)."
+        ),
     ] = "CAUSAL_LM",
-    lora_dropout: Annotated[float, _opt("--lora-dropout", help="LoRA dropout.")] = 0.05,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")] = 0.05,
     use_rslora: Annotated[
-        bool, _opt("--use-rslora", help="Rank-stabilised scaling (alpha / sqrt r).")
+        bool, typer.Option("--use-rslora", help="Rank-stabilised scaling (alpha / sqrt r).")
     ] = False,
-    use_dora: Annotated[bool, _opt("--use-dora", help="Weight-decomposed LoRA (DoRA).")] = False,
+    use_dora: Annotated[
+        bool, typer.Option("--use-dora", help="Weight-decomposed LoRA (DoRA).")
+    ] = False,
     verify: Annotated[
         bool,
-        _opt(
+        typer.Option(
             "--verify",
             help="Check with PEFT on the model (meta device) that the plan applies exactly.",
         ),
