@@ -1,5 +1,6 @@
 # esdtool developer commands. Everything runs in ./.venv, which `make install` creates.
-#   make demo    install, then analyze the embedded all-MiniLM-L6-v2 checkpoint and plan LoRA ranks
+#   make demo    install, then analyze the embedded all-MiniLM-L6-v2 checkpoint, plan LoRA ranks
+#                and write the HTML report
 #   make test    install, then lint and run the test suite
 #   make bench   install the benchmark peers, then run every benchmark
 PYTHON ?= python3
@@ -27,7 +28,7 @@ demo: install
 	  -o $(DEMO_OUT)/metrics.parquet
 	$(BIN)/esdtool allocate $(DEMO_OUT)/metrics.parquet -o $(DEMO_OUT)/lora-plan \
 	  --task-type FEATURE_EXTRACTION
-	@echo "metrics table: $(DEMO_OUT)/metrics.parquet; LoRA plan: $(DEMO_OUT)/lora-plan/"
+	@echo "metrics table: $(DEMO_OUT)/metrics.parquet; LoRA plan and report: $(DEMO_OUT)/lora-plan/ (open report.html)"
 
 lint: install
 	$(BIN)/ruff check esdtool tests benchmarks

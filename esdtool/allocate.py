@@ -8,8 +8,12 @@ from pathlib import Path
 
 from esdtool.allocation import AllocateSettings, Allocation, allocate_ranks
 from esdtool.peft_config import write_peft_dir
+from esdtool.report import MAX_PLOTS
+from esdtool.report import report as write_report
 from esdtool.source import resolve_source
 from esdtool.table import load_metrics
+
+REPORT_NAME = "report.html"
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class AllocateResult:
     allocation: Allocation
     config: Path
     csv: Path
+    report: Path | None = None
 
     def summary(self) -> dict[str, object]:
         """Modules adapted, rank histogram, trainable parameters vs uniform LoRA."""
@@ -27,6 +32,7 @@ class AllocateResult:
         return {
             "config": str(self.config),
             "csv": str(self.csv),
+            "report": str(self.report) if self.report else None,
             "candidates": len(self.allocation.table),
             "adapted": len(kept),
             "rank_min": int(kept["rank"].min()),
@@ -51,9 +57,11 @@ def allocate(
     use_rslora: bool = False,
     use_dora: bool = False,
     verify: bool = False,
+    report: bool = True,
+    max_plots: int = MAX_PLOTS,
 ) -> AllocateResult:
-    """Read ``metrics`` (an esdtool table), plan ranks, write adapter_config.json and
-    allocation.csv into ``outdir``.
+    """Read ``metrics`` (an esdtool table), plan ranks, write adapter_config.json,
+    allocation.csv and (``report``) report.html into ``outdir``.
 
     ``verify``: build the analysed model from its config.json on the meta device, apply the
     config with PEFT, and raise if any module would get another rank or alpha than planned.
@@ -73,7 +81,12 @@ def allocate(
         from esdtool.verify import check_plan
 
         check_plan(Path(outdir), model_directory(table.attrs["esdtool"]))
-    return AllocateResult(allocation, files["config"], files["csv"])
+    html = None
+    if report:
+        html = write_report(
+            table, Path(outdir) / REPORT_NAME, allocation=allocation, max_plots=max_plots
+        ).output
+    return AllocateResult(allocation, files["config"], files["csv"], html)
 
 
 def model_directory(meta: dict[str, object]) -> Path:

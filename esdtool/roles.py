@@ -39,6 +39,13 @@ def infer_role(name: str, ndim: int) -> str:
     return "other"
 
 
+def module_kind(name: str) -> str | None:
+    """What a block module does, shared across depth: the module name after its block index
+    ("model.layers.3.self_attn.q_proj" -> "self_attn.q_proj"); None outside the blocks."""
+    m = _BLOCK.search(name)
+    return module_name(name[m.end() :]) if m else None
+
+
 def module_name(name: str) -> str:
     """The PEFT module name of a weight tensor: its name without the trailing ``.weight``."""
     return name[: -len(".weight")] if name.endswith(".weight") else name

@@ -40,7 +40,7 @@ def expected_plan(metrics, p=0.5, rmin=4, rmax=64, scaling="linear", select="hig
 def test_minilm_plan_matches_the_spec(minilm_table, minilm_metrics, tmp_path, scaling, select):
     path = minilm_metrics
     settings = AllocateSettings(rank_scaling=scaling, select=select)
-    result = allocate(path, tmp_path / "plan", settings)
+    result = allocate(path, tmp_path / "plan", settings, report=False)
     table = result.allocation.table
     assert len(table) == 36 and table.selected.sum() == 18
     expected = expected_plan(minilm_table, scaling=scaling, select=select)
@@ -60,7 +60,7 @@ def test_peft_applies_exactly_the_planned_ranks_to_minilm(minilm_dir, minilm_met
     import pandas as pd
 
     path = minilm_metrics
-    result = allocate(path, tmp_path / "plan", task_type="FEATURE_EXTRACTION")
+    result = allocate(path, tmp_path / "plan", task_type="FEATURE_EXTRACTION", report=False)
     config = peft.LoraConfig.from_pretrained(str(tmp_path / "plan"))
     model = peft.get_peft_model(transformers.AutoModel.from_pretrained(minilm_dir), config)
     adapted = {
@@ -81,8 +81,9 @@ def test_peft_applies_exactly_the_planned_ranks_to_minilm(minilm_dir, minilm_met
 
 def test_match_rank_budget(minilm_metrics, tmp_path):
     path = minilm_metrics
-    unscaled = allocate(path, tmp_path / "a").allocation.kept
-    result = allocate(path, tmp_path / "b", AllocateSettings(match_rank=8)).allocation
+    unscaled = allocate(path, tmp_path / "a", report=False).allocation.kept
+    result = allocate(path, tmp_path / "b", AllocateSettings(match_rank=8), report=False)
+    result = result.allocation
     uniform = result.uniform_params(8)
     assert result.total_params == pytest.approx(uniform, rel=0.01)
     kept = result.kept
@@ -122,7 +123,8 @@ def test_verify_passes_for_minilm_and_tiny_llama(minilm_metrics, tiny_llama, tmp
     from esdtool import analyze
 
     code, stdout, stderr = run_cli(
-        ["allocate", minilm_metrics, "-o", tmp_path / "bert", "--verify", "--json"], capsys
+        ["allocate", minilm_metrics, "-o", tmp_path / "bert", "--verify", "--json", "--no-report"],
+        capsys,
     )
     assert code == 0, stderr
     assert json.loads(stdout)["adapted"] == 18
@@ -140,7 +142,7 @@ def test_verify_reports_every_mismatch(minilm_metrics, minilm_dir, tmp_path):
     from esdtool.verify import verify_plan
 
     plan = tmp_path / "plan"
-    allocate(minilm_metrics, plan)
+    allocate(minilm_metrics, plan, report=False)
     csv = plan / "allocation.csv"
     import pandas as pd
 

@@ -6,19 +6,14 @@ markup off and control characters escaped, so they can neither style nor move th
 
 from __future__ import annotations
 
-import re
-
 from rich.console import Console
+
+from esdtool.untrusted import printable as safe
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def safe(text: object) -> str:
-    """``text`` with control characters shown as \\xNN escapes (for terminal display)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+__all__ = ["err", "out", "print_error", "safe"]
 
 
 def print_error(message: str, hint: str | None = None) -> None:

@@ -29,3 +29,9 @@ QuietOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout only.")
 ]
+MaxPlotsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-plots", help="Draw at most this many spectra in the report; the rest are counted."
+    ),
+]

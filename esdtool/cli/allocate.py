@@ -14,13 +14,15 @@ from esdtool.allocate import AllocateResult
 from esdtool.allocate import allocate as run_allocate
 from esdtool.allocation import AllocateSettings
 from esdtool.cli._console import err, out, safe
-from esdtool.cli._options import JsonOpt, QuietOpt
+from esdtool.cli._options import JsonOpt, MaxPlotsOpt, QuietOpt
+from esdtool.report import MAX_PLOTS
 
 HELP = (
     "Turn a metrics table into a PEFT LoRA config: which modules get an adapter, and which "
     "rank and lora_alpha each gets (rank_pattern / alpha_pattern).\n\n"
     "Writes OUTDIR/adapter_config.json (peft.LoraConfig.from_pretrained loads it) and "
-    "OUTDIR/allocation.csv (one row per candidate module)."
+    "OUTDIR/allocation.csv (one row per candidate module) and OUTDIR/report.html (the spectra, "
+    "the plan and every metric in one self-contained page)."
 )
 
 EXAMPLES = """[bold]Examples[/bold]
@@ -108,6 +110,10 @@ def allocate(
             help="Check with PEFT on the model (meta device) that the plan applies exactly.",
         ),
     ] = False,
+    write_report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write OUTDIR/report.html.")
+    ] = True,
+    max_plots: MaxPlotsOpt = MAX_PLOTS,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -119,7 +125,8 @@ def allocate(
     )  # fmt: skip
     result = run_allocate(
         metrics, output, settings, task_type=task_type, lora_dropout=lora_dropout,
-        use_rslora=use_rslora, use_dora=use_dora, verify=verify,
+        use_rslora=use_rslora, use_dora=use_dora, verify=verify, report=write_report,
+        max_plots=max_plots,
     )  # fmt: skip
     if as_json:
         print(json.dumps(result.summary()))
@@ -144,5 +151,6 @@ def _print_summary(result: AllocateResult) -> None:
     )
     if s["budget_params"] is not None:
         table.add_row("budget", f"{s['budget_params']:,}")
-    table.add_row("written", Text(f"{s['config']}, {s['csv']}"))
+    written = [s["config"], s["csv"]] + ([s["report"]] if s["report"] else [])
+    table.add_row("written", Text(", ".join(written)))
     out.print(table)

@@ -1,0 +1,166 @@
+"""The report's figures: matplotlib (Agg, no pyplot state) rendered to PNG bytes.
+
+Each function takes plain data (a DataFrame of table rows, an array of eigenvalues) and returns
+the PNG. Text that comes from a checkpoint (module kinds in legends and heatmap rows) goes through
+``_label``: shortened, printable, and with ``$`` escaped so it is never parsed as mathtext.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+DPI = 80
+# HTSR's reading of alpha: below 2 over-fitted / very heavy-tailed, above 6 barely trained.
+WELL_TRAINED = (2.0, 6.0)
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _label(text: str, limit: int = 40) -> str:
+    """Untrusted text as a plot label: middle-ellipsised (a 10 kB name cannot blow up a figure),
+    control characters dropped, and ``$`` escaped so matplotlib never parses it as mathtext."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    if len(text) > limit:
+        text = text[: limit // 2 - 1] + "…" + text[-(limit // 2) :]
+    return text.replace("$", r"\$")
+
+
+def by_depth(
+    table: pd.DataFrame, column: str, title: str, ylabel: str, band: tuple[float, float] | None
+) -> bytes:
+    """``column`` against layer index, one line per module kind (median over experts)."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    data = table.dropna(subset=["layer", "kind", column])
+    if band is not None:
+        ax.axhspan(*band, color="#2a9d8f", alpha=0.08, lw=0)
+    for kind, group in data.groupby("kind", sort=True):
+        series = group.groupby("layer")[column].median()
+        ax.plot(series.index, series.values, marker="o", ms=3, lw=1.2, label=_label(kind))
+    ax.set(title=title, xlabel="layer", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if data["kind"].nunique():
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def heatmap(
+    table: pd.DataFrame, column: str, title: str, cmap: str, integer: bool = False
+) -> bytes:
+    """Median ``column`` over (module kind x layer); blank where a cell has no value."""
+    data = table.dropna(subset=["layer", "kind", column])
+    grid = data.pivot_table(index="kind", columns="layer", values=column, aggfunc="median")
+    n_kinds, n_layers = grid.shape if grid.size else (1, 1)
+    fig = Figure(figsize=(min(3 + 0.45 * n_layers, 16), 1.2 + 0.32 * n_kinds), layout="constrained")
+    ax = fig.add_subplot()
+    if grid.size:
+        image = ax.imshow(
+            np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap
+        )
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+        ax.set_yticks(range(n_kinds), [_label(str(k)) for k in grid.index], fontsize=8)
+        step = max(1, n_layers // 24)
+        ax.set_xticks(range(0, n_layers, step), [str(int(v)) for v in grid.columns[::step]])
+        if grid.size <= 600:
+            for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+                if not math.isnan(value):
+                    label = f"{value:.0f}" if integer else f"{value:.1f}"
+                    shade = image.cmap(image.norm(value))
+                    dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.55
+                    ax.text(j, i, label, ha="center", va="center", fontsize=6,
+                            color="white" if dark else "black")  # fmt: skip
+    ax.set(title=title, xlabel="layer")
+    return _png(fig)
+
+
+def mp_density(lam: np.ndarray, sigma: float, M: int, N: int) -> np.ndarray:
+    """Marchenko-Pastur density on the lambda scale (lambda = N * sigma^2 * x)."""
+    y = M / N
+    scale = N * sigma**2
+    x = lam / scale
+    a, b = (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
+    inside = (x > a) & (x < b)
+    dens = np.zeros_like(x)
+    xi = x[inside]
+    dens[inside] = np.sqrt((b - xi) * (xi - a)) / (2 * math.pi * y * xi)
+    return dens / scale
+
+
+def esd(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0) -> bytes:
+    """Log-log eigenvalue histogram with the power-law tail fitted from xmin, the MP bulk
+    density and edge, and the Tracy-Widom spike threshold.
+
+    The matrix's name is left to the page's caption: no untrusted text is drawn here.
+    Only eigenvalues above ``threshold`` (the fits' nonzero set) are drawn: numerically zero
+    ones would stretch the axis over many empty decades. Fixed margins and no minor ticks:
+    constrained layout and log minor ticks cost 10x the drawing itself.
+    """
+    fig = Figure(figsize=(5.4, 3.4))
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.16)
+    ax = fig.add_subplot()
+    lam = np.asarray(evals, dtype=float)
+    lam = lam[lam > max(threshold, 0.0)]
+    method = alpha_column.removeprefix("alpha_")
+    alpha, xmin = row.get(alpha_column), row.get(f"xmin_{method}")
+    spikes = row.get("num_spikes")
+    head = f"α = {alpha:.2f} ({method})" if _finite(alpha) else f"α: no fit ({method})"
+    head += f" · spikes {int(spikes)}" if spikes is not None and not pd.isna(spikes) else ""
+    ax.set_title(head, fontsize=11, loc="left")
+    ax.set_xlabel("eigenvalue λ", fontsize=9)
+    if lam.size >= 2 and lam[-1] > lam[0]:
+        edges = np.geomspace(lam[0], lam[-1], int(np.clip(2 * math.sqrt(lam.size), 20, 80)) + 1)
+        counts, _ = np.histogram(lam, edges)
+        density = counts / (lam.size * np.diff(edges))
+        ax.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color="#8ab6d6")
+        floor = density[density > 0].min() / 3
+        sigma = row.get("sigma_mp")
+        if _finite(sigma) and sigma > 0:
+            grid = np.geomspace(lam[0], lam[-1], 400)
+            mp = mp_density(grid, sigma, int(row["M"]), int(row["N"]))
+            ax.plot(grid, np.where(mp > floor, mp, np.nan), color="#555", lw=1, label="MP bulk")
+        if _finite(alpha) and _finite(xmin) and xmin > 0:
+            tail = lam[lam >= xmin]
+            x = np.geomspace(xmin, lam[-1], 50)
+            y = tail.size / lam.size * (alpha - 1) / xmin * (x / xmin) ** -alpha
+            ax.plot(x, y, color="#e76f51", lw=1.8, label=f"power law from xmin={xmin:.3g}")
+        for value, style, label in (
+            (row.get("bulk_max"), ":", "MP edge"),  # dotted grey vs dashed dark
+            (row.get("tw_threshold"), "--", "TW threshold"),
+        ):
+            if _finite(value):
+                ax.axvline(value, color="#264653", ls=style, lw=1, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.minorticks_off()
+        ax.xaxis.set_major_formatter(FuncFormatter(_decade))
+        ax.yaxis.set_major_formatter(FuncFormatter(_decade))
+        ax.set_ylim(bottom=floor)
+        ax.legend(fontsize=8, frameon=False, loc="lower left")
+    ax.set_ylabel("density", fontsize=9)
+    ax.tick_params(labelsize=9)
+    return _png(fig)
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _decade(value: float, _pos: object = None) -> str:
+    """Log tick label as plain text (10⁻³): mathtext labels cost most of a figure's time."""
+    exponent = round(math.log10(value)) if value > 0 else 0
+    return "10" + str(exponent).translate(_SUPERSCRIPT)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float | np.floating) and math.isfinite(float(value))

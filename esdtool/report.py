@@ -1,0 +1,340 @@
+"""The HTML report: one self-contained file a person can open and read (the CLI's twin).
+
+The page is rendered with Jinja2 from ``templates/report.html.j2`` with autoescape on, so every
+string from a checkpoint or a table (tensor names, metadata) is escaped text. Plots are PNGs
+inlined as data URIs, the style sheet and script are inlined too, and a Content-Security-Policy
+allows nothing to be fetched and only that script (by its hash) to run. Nothing read from the
+table ever becomes a file path: the only file written is ``output``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import markupsafe
+import numpy as np
+import pandas as pd
+
+from esdtool import __version__, plots
+from esdtool.allocation import Allocation
+from esdtool.errors import SettingsError
+from esdtool.roles import module_kind
+from esdtool.table import atomic_write, load_metrics
+from esdtool.untrusted import printable
+
+MAX_PLOTS = 1000
+
+# Table columns shown in the report: (column, label, kind, format).
+_TABLE = (
+    ("name", "name", "text", None),
+    ("role", "role", "text", None),
+    ("layer", "layer", "number", "d"),
+    ("shape", "shape", "text", None),
+    ("status", "status", "text", None),
+    ("alpha_median", "α median", "number", ".3f"),
+    ("alpha_fix_finger", "α fix-finger", "number", ".3f"),
+    ("alpha_ks", "α KS", "number", ".3f"),
+    ("D_ks", "KS D", "number", ".3f"),
+    ("num_spikes", "spikes", "number", "d"),
+    ("mp_softrank", "MP soft rank", "number", ".3f"),
+    ("stable_rank", "stable rank", "number", ".1f"),
+    ("lambda_max", "λ max", "number", ".4g"),
+    ("alpha_weighted", "α weighted", "number", ".3f"),
+    ("entropy", "entropy", "number", ".3f"),
+    ("score", "score", "number", ".3f"),
+    ("rank", "rank", "number", "d"),
+    ("lora_alpha", "lora_alpha", "number", "g"),
+    ("reason", "note", "text", None),
+)
+_DOCS = {
+    "shape": "rows x cols of the matrix (out x in features)",
+    "score": "allocation score (higher: a larger rank)",
+    "rank": "LoRA rank planned for the module (blank: no adapter)",
+    "lora_alpha": "lora_alpha planned for the module",
+}
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where the report went and what it holds."""
+
+    output: Path
+    plotted: int
+    omitted: int
+    size_bytes: int
+
+
+def report(
+    metrics: str | os.PathLike[str] | pd.DataFrame,
+    output: str | os.PathLike[str],
+    *,
+    allocation: Allocation | None = None,
+    alpha_column: str | None = None,
+    max_plots: int = MAX_PLOTS,
+) -> ReportResult:
+    """Write the HTML report of a metrics table (a path or a loaded table) to ``output``.
+
+    With ``allocation`` the report also shows the LoRA plan: ranks by depth, each module's
+    score, rank and lora_alpha. ``alpha_column`` picks the fit drawn on each spectrum (default:
+    the plan's, else alpha_median). At most ``max_plots`` spectra are drawn, the rest are
+    counted, so a model with thousands of experts still gives a file a browser can open.
+    """
+    if max_plots < 0:
+        raise SettingsError(f"max plots must be >= 0, got {max_plots}")
+    table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
+    if alpha_column is None:
+        alpha_column = allocation.settings.alpha_column if allocation else "alpha_median"
+    if alpha_column not in ("alpha_median", "alpha_fix_finger", "alpha_ks"):
+        raise SettingsError(f"alpha column must be one of the fitted alphas, got {alpha_column!r}")
+    html, plotted, omitted = render(table, allocation, alpha_column, max_plots)
+    data = html.encode("utf-8")
+    path = Path(output)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return ReportResult(path, plotted, omitted, len(data))
+
+
+def render(
+    table: pd.DataFrame, allocation: Allocation | None, alpha_column: str, max_plots: int
+) -> tuple[str, int, int]:
+    """The report's HTML, with how many spectra were drawn and how many left out."""
+    meta = table.attrs.get("esdtool", {})
+    meta = meta if isinstance(meta, dict) else {}
+    settings_meta = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
+    threshold = _float(settings_meta.get("eig_threshold"), 0.0)
+
+    table = _with_plan(table.reset_index(drop=True), allocation)
+    ok = table[table.status == "ok"]
+
+    gallery, plotted = _gallery(table, ok, alpha_column, threshold, max_plots)
+    style, script = _asset("report.css"), _asset("report.js")
+    context = {
+        "meta": {key: _text(meta.get(key)) for key in _META_KEYS},
+        "version": __version__,
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "totals": _totals(table),
+        "settings": _settings(settings_meta, allocation),
+        "plan": _plan(allocation),
+        "overview": _overview(ok, allocation, alpha_column),
+        "gallery": gallery,
+        "gallery_count": plotted,
+        "omitted": len(ok) - plotted,
+        "threshold": f"{threshold:g}",
+        "columns": [
+            {"label": label, "type": kind, "doc": _DOCS.get(col, _COLUMN_DOCS.get(col, ""))}
+            for col, label, kind, _ in _TABLE
+        ],
+        "rows": _rows(table, {m["index"] for g in gallery for m in g["matrices"]}),
+        "wbr": markupsafe.Markup(".<wbr>"),  # line breaks allowed after the dots of long names
+        "style": style,
+        "script": script,
+        "style_hash": _csp_hash(style),
+        "script_hash": _csp_hash(script),
+    }
+    return _template().render(context), plotted, len(ok) - plotted
+
+
+_META_KEYS = ("source", "source_kind", "revision", "created", "device", "esdtool_version")
+
+
+def _column_docs() -> dict[str, str]:
+    from esdtool.table import COLUMNS
+
+    return {name: doc for name, _, doc in COLUMNS}
+
+
+_COLUMN_DOCS = _column_docs()
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
+    return env.from_string(_asset("report.html.j2"))
+
+
+def _asset(name: str) -> str:
+    return resources.files("esdtool.templates").joinpath(name).read_text(encoding="utf-8")
+
+
+def _csp_hash(text: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+
+
+def _with_plan(table: pd.DataFrame, allocation: Allocation | None) -> pd.DataFrame:
+    """The table with score / rank / lora_alpha / selected joined on module (blank when no
+    plan or not a candidate) and the module kind used to group by depth."""
+    table = table.copy()
+    table["kind"] = [module_kind(str(n)) for n in table["name"]]
+    for col in ("score", "rank", "lora_alpha"):
+        table[col] = np.nan
+    table["selected"] = False
+    if allocation is not None:
+        plan = allocation.table.set_index("module")
+        whole = table["slice"].isna()  # experts of a 3-D tensor are never PEFT modules
+        modules = table.loc[whole, "module"]
+        selected = modules.map(plan["selected"]).fillna(False).astype(bool)
+        table.loc[whole, "selected"] = selected
+        table.loc[whole, "score"] = modules.map(plan["score"])
+        for col in ("rank", "lora_alpha"):
+            table.loc[whole, col] = modules.map(plan[col]).where(selected)
+    return table
+
+
+def _gallery(
+    table: pd.DataFrame, ok: pd.DataFrame, alpha_column: str, threshold: float, max_plots: int
+) -> tuple[list[dict[str, Any]], int]:
+    """ESD plots grouped by block (one collapsible group per layer, one for the rest)."""
+    groups: list[dict[str, Any]] = []
+    drawn = 0
+    order = ok.assign(_layer=ok["layer"].fillna(-1)).sort_values("_layer", kind="stable")
+    for layer, rows in order.groupby("_layer", sort=True):
+        matrices = []
+        for index, row in rows.iterrows():
+            if drawn >= max_plots:
+                break
+            record = row.to_dict()
+            png = plots.esd(np.asarray(record["eigenvalues"]), record, alpha_column, threshold)
+            rank = record.get("rank")
+            matrices.append(
+                {
+                    "index": index,
+                    "name": printable(record["name"]),
+                    "png": base64.b64encode(png).decode("ascii"),
+                    "rank": int(rank) if _present(rank) else None,
+                }
+            )
+            drawn += 1
+        if not matrices:
+            continue
+        alphas = rows[alpha_column].dropna()
+        method = alpha_column.removeprefix("alpha_").replace("_", "-")
+        summary = f"median α ({method}) {alphas.median():.2f}" if len(alphas) else ""
+        title = f"layer {int(layer)}" if layer >= 0 else "outside the blocks"
+        groups.append({"title": title, "summary": summary, "matrices": matrices})
+    return groups, drawn
+
+
+def _overview(
+    ok: pd.DataFrame, allocation: Allocation | None, alpha_column: str
+) -> list[dict[str, str]]:
+    blocks = ok.dropna(subset=["layer", "kind"])
+    if blocks.empty:
+        return []
+    band = plots.WELL_TRAINED
+    figures = [
+        (
+            plots.by_depth(blocks, alpha_column, f"{alpha_column} by depth", "alpha", band),
+            f"{alpha_column} by layer",
+            "Power-law exponent per module kind; the shaded band (2-6) is where HTSR puts "
+            "well-trained layers.",
+        ),
+        (
+            plots.by_depth(blocks, "num_spikes", "spikes by depth", "spikes", None),
+            "spikes by layer",
+            "Eigenvalues beyond the Tracy-Widom-corrected Marchenko-Pastur edge.",
+        ),
+        (
+            plots.heatmap(blocks, alpha_column, f"{alpha_column}: layer x module kind", "viridis"),
+            "alpha heatmap",
+            "Median alpha for each module kind (rows) at each depth (columns).",
+        ),
+    ]
+    if allocation is not None and blocks["rank"].notna().any():
+        title = "LoRA rank: layer x module kind"
+        figures.append(
+            (
+                plots.heatmap(blocks, "rank", title, "magma_r", integer=True),
+                "rank allocation",
+                "Planned rank of each adapted module; blank cells get no adapter.",
+            )
+        )
+    return [
+        {"png": base64.b64encode(png).decode("ascii"), "title": title, "caption": caption}
+        for png, title, caption in figures
+    ]
+
+
+def _rows(table: pd.DataFrame, plotted: set[int]) -> list[dict[str, Any]]:
+    rows = []
+    for index, record in zip(table.index, table.to_dict("records"), strict=True):
+        record["shape"] = f"{record['rows']} x {record['cols']}" if _present(record["rows"]) else ""
+        if _present(record.get("slice")):
+            record["name"] = f"{record['name']} [expert {int(record['slice'])}]"
+        cells = []
+        for col, _, kind, fmt in _TABLE:
+            value = record.get(col)
+            if not _present(value):
+                cells.append({"text": "", "sort": None})
+            elif kind == "number":
+                number = float(value)
+                text = format(int(number), "d") if fmt == "d" else format(number, fmt)
+                cells.append({"text": text, "sort": repr(number)})
+            else:
+                cells.append({"text": _text(value), "sort": None})
+        css = f"status-{record['status']}" + (" selected" if record.get("selected") else "")
+        rows.append({"index": index, "cells": cells, "css": css, "plotted": index in plotted})
+    return rows
+
+
+def _totals(table: pd.DataFrame) -> dict[str, Any]:
+    counts = table["status"].value_counts()
+    other = [(str(s), int(n)) for s, n in counts.items() if s != "ok"]
+    return {"rows": len(table), "ok": int(counts.get("ok", 0)), "other": other}
+
+
+def _settings(analysis: dict[str, Any], allocation: Allocation | None) -> list[tuple]:
+    sections = [("analyze", [(str(k), _text(v)) for k, v in analysis.items()])]
+    if allocation is not None:
+        from dataclasses import asdict
+
+        sections.append(
+            ("allocate", [(k, _text(v)) for k, v in asdict(allocation.settings).items()])
+        )
+    return sections
+
+
+def _plan(allocation: Allocation | None) -> dict[str, Any] | None:
+    if allocation is None:
+        return None
+    kept = allocation.kept
+    median = int(kept["rank"].median())
+    s = allocation.settings
+    return {
+        "candidates": len(allocation.table),
+        "adapted": len(kept),
+        "rank_min": int(kept["rank"].min()),
+        "rank_max": int(kept["rank"].max()),
+        "trainable_params": allocation.total_params,
+        "uniform_median_rank": median,
+        "uniform_params": allocation.uniform_params(median),
+        "alpha_column": s.alpha_column,
+        "spikes_column": s.spikes_column,
+        "select": s.select,
+    }
+
+
+def _present(value: object) -> bool:
+    if value is None or value is pd.NA:
+        return False
+    return not (isinstance(value, float) and math.isnan(value))
+
+
+def _float(value: object, default: float) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+
+
+def _text(value: object) -> str:
+    """Any table or metadata value as printable text (the template HTML-escapes it)."""
+    return "" if value is None else printable(value)

@@ -1,0 +1,326 @@
+"""The HTML report: self-contained, faithful to the table and the plan, safe with hostile names,
+within its size limits, and working in a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_cli, write_tensors
+from esdtool import analyze, load_metrics
+from esdtool.allocate import allocate
+
+
+class Page(HTMLParser):
+    """Every element with its attributes, the text of each <script>, and the page's text."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.scripts: list[str] = []
+        self.text: list[str] = []
+        self.rows: list[tuple[str, list[str]]] = []  # (class, cell texts) of the metrics table
+        self._in_script = False
+        self._cells: list[str] | None = None
+        self._row_class = ""
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.elements.append((tag, attributes))
+        if tag == "script":
+            self._in_script = True
+            self.scripts.append("")
+        elif tag == "tr" and (attributes.get("id") or "").startswith("row-"):
+            self._row_class, self._cells = attributes.get("class") or "", []
+        elif tag == "td" and self._cells is not None:
+            self._cells.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_script = False
+        elif tag == "tr" and self._cells is not None:
+            self.rows.append((self._row_class, self._cells))
+            self._cells = None
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts[-1] += data
+        else:
+            self.text.append(data)
+            if self._cells:
+                self._cells[-1] += data
+
+    def csp(self) -> str:
+        for tag, attrs in self.elements:
+            if tag == "meta" and attrs.get("http-equiv") == "Content-Security-Policy":
+                return attrs["content"] or ""
+        return ""
+
+
+def assert_self_contained_and_inert(page: Page) -> None:
+    """One script (ours, allowed by hash), no fetches, no event-handler attributes."""
+    assert len(page.scripts) == 1
+    digest = base64.b64encode(hashlib.sha256(page.scripts[0].encode()).digest()).decode()
+    csp = page.csp()
+    assert "default-src 'none'" in csp and f"script-src 'sha256-{digest}'" in csp
+    for tag, attrs in page.elements:
+        assert tag not in ("link", "iframe", "object", "embed", "base", "form")
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)
+        if tag == "img":
+            assert (attrs["src"] or "").startswith("data:image/png;base64,")
+        if tag == "a":
+            assert (attrs["href"] or "").startswith("#")
+
+
+@pytest.fixture(scope="module")
+def minilm_plan(minilm_metrics, tmp_path_factory) -> Path:
+    """MiniLM planned with defaults; the directory holds report.html."""
+    outdir = tmp_path_factory.mktemp("report") / "plan"
+    allocate(minilm_metrics, outdir, task_type="FEATURE_EXTRACTION")
+    return outdir
+
+
+def test_minilm_report_shows_every_row_spectrum_and_planned_rank(minilm_plan, minilm_table):
+    html = (minilm_plan / "report.html").read_text()
+    assert len(html.encode()) < 5_000_000
+    page = Page(html)
+    assert_self_contained_and_inert(page)
+
+    ok = minilm_table[minilm_table.status == "ok"]
+    ids = [a.get("id") or "" for t, a in page.elements if t == "figure"]
+    assert len([i for i in ids if i.startswith("esd-")]) == len(ok) == 39
+    assert len(page.rows) == len(minilm_table) == 104
+    # 4 overview figures: alpha and spikes by depth, the alpha heatmap, the rank heatmap.
+    overview = html[html.index('id="overview"') : html.index('id="spectra"')]
+    assert overview.count("<img") == 4
+
+    # The rows marked selected carry exactly the ranks allocation.csv planned.
+    plan = pd.read_csv(minilm_plan / "allocation.csv")
+    kept = plan[plan.selected]
+    titles = [a.get("title") or "" for t, a in page.elements if t == "th" and "data-type" in a]
+    rank_col = next(i for i, title in enumerate(titles) if "LoRA rank planned" in title)
+    shown = {cells[0]: int(cells[rank_col]) for css, cells in page.rows if "selected" in css}
+    assert shown == {f"{m}.weight": int(r) for m, r in zip(kept.module, kept["rank"], strict=True)}
+
+    # Header facts come from the table's metadata.
+    text = " ".join(page.text)
+    assert "18 of 36 candidate modules adapted" in text
+    assert "39 analysed" in text and "65 skipped" in text
+
+
+def test_report_plots_each_spectrum_against_its_own_fit(minilm_table):
+    """The red power-law line starts at the row's xmin with the row's alpha: checked on the
+    figure's data, not on pixels."""
+    from esdtool import plots
+
+    row = minilm_table[minilm_table.status == "ok"].iloc[7].to_dict()
+    png = plots.esd(np.asarray(row["eigenvalues"]), row, "alpha_median", 1e-5)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # Same density the figure draws, recomputed here: slope -alpha in log-log from xmin.
+    lam = np.asarray(row["eigenvalues"], float)
+    lam = lam[lam > 1e-5]
+    x = np.array([row["xmin_median"], lam[-1]])
+    tail = (lam >= row["xmin_median"]).sum() / lam.size
+    y = tail * (row["alpha_median"] - 1) / x[0] * (x / x[0]) ** -row["alpha_median"]
+    slope = np.diff(np.log(y)) / np.diff(np.log(x))
+    assert slope[0] == pytest.approx(-row["alpha_median"])
+
+
+def test_mp_density_integrates_to_one():
+    from scipy.integrate import quad
+
+    from esdtool.plots import mp_density
+
+    for M, N, sigma in ((100, 400, 0.3), (64, 64, 1.0), (300, 1000, 2.0)):
+        y = M / N
+        lo = N * sigma**2 * (1 - y**0.5) ** 2
+        hi = N * sigma**2 * (1 + y**0.5) ** 2
+        density = lambda v, s=sigma, m=M, n=N: mp_density(np.array([v]), s, m, n)[0]  # noqa: E731
+        total, _ = quad(density, lo, hi, limit=200)
+        assert total == pytest.approx(1.0, abs=2e-3)
+
+
+HOSTILE = [
+    "model.layers.0.<script>alert(1)</script>.weight",
+    "model.layers.0.../../../../tmp/esdtool-pwned.weight",
+    'model.layers.1."quoted\' onload=alert(2) x=".weight',
+    "model.layers.1.$\\frac{a}{$.weight",  # broken mathtext
+    "model.layers.0.<img src=x onerror=alert(3)>.weight",
+    "model.layers.1.\x1b[31mred\x07.weight",
+    "model.layers.0." + "long" * 1500 + ".weight",
+    "<b>outside</b>/../x.weight",
+]
+
+
+def test_hostile_names_come_out_as_text_and_never_as_paths(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.standard_t(3, size=(40, 96)).astype(np.float32) for name in HOSTILE}
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tensors(src / "model.safetensors", tensors, {"note": "<script>alert('meta')</script>"})
+    metrics = analyze(src / "model.safetensors", tmp_path / "m.parquet").output
+    before = {p for p in tmp_path.parent.rglob("*")}
+
+    code, _, stderr = run_cli(
+        ["allocate", metrics, "-o", tmp_path / "plan", "--targets", ".*", "--json"], capsys
+    )
+    assert code == 0, stderr
+    created = {p for p in tmp_path.parent.rglob("*")} - before
+    written = ("adapter_config.json", "allocation.csv", "report.html")
+    assert created == {tmp_path / "plan"} | {tmp_path / "plan" / n for n in written}
+    assert not Path("/tmp/esdtool-pwned.weight").exists()
+
+    html = (tmp_path / "plan" / "report.html").read_text()
+    page = Page(html)
+    assert_self_contained_and_inert(page)
+    text = "".join(page.text)
+    for name in HOSTILE[:5]:
+        assert name in text  # shown, as text
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "\x1b" not in html and "\x07" not in html
+    assert "model.layers.1.\\x1b[31mred\\x07.weight" in text
+    assert len(page.rows) == len(HOSTILE)
+
+
+def test_report_cli_and_its_limits(minilm_metrics, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    code, stdout, stderr = run_cli(
+        ["report", minilm_metrics, "-o", out, "--max-plots", "5", "--json"], capsys
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary == {"report": str(out), "spectra_plotted": 5, "spectra_omitted": 34,
+                       "bytes": out.stat().st_size}  # fmt: skip
+    html = out.read_text()
+    assert html.count('<figure id="esd-') == 5 and "34 more not drawn" in html
+    assert "LoRA plan" not in html  # an analysis-only report
+
+    code, _, stderr = run_cli(
+        ["report", minilm_metrics, "-o", out, "--alpha-column", "num_spikes"], capsys
+    )
+    assert code == 2 and "alpha column" in stderr and stderr.count("\n") == 1
+    code, _, stderr = run_cli(["report", tmp_path / "missing.parquet", "-o", out], capsys)
+    assert code == 2 and "missing.parquet" in stderr and stderr.count("\n") == 1
+
+
+def test_allocate_no_report_writes_none(minilm_metrics, tmp_path, capsys):
+    code, _, stderr = run_cli(
+        ["allocate", minilm_metrics, "-o", tmp_path / "p", "--no-report", "-q"], capsys
+    )
+    assert code == 0, stderr
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "adapter_config.json",
+        "allocation.csv",
+    ]
+
+
+def test_report_for_224_matrices_stays_under_25_mb(tmp_path):
+    """A 7B-shaped model has 32 blocks x 7 projections = 224 matrices: the whole gallery is
+    drawn and the file stays small enough to open and mail."""
+    rng = np.random.default_rng(1)
+    kinds = {
+        "self_attn.q_proj": (64, 64),
+        "self_attn.k_proj": (16, 64),
+        "self_attn.v_proj": (16, 64),
+        "self_attn.o_proj": (64, 64),
+        "mlp.gate_proj": (172, 64),
+        "mlp.up_proj": (172, 64),
+        "mlp.down_proj": (64, 172),
+    }
+    tensors = {
+        f"model.layers.{i}.{kind}.weight": rng.standard_t(4, size=shape).astype(np.float32)
+        for i in range(32)
+        for kind, shape in kinds.items()
+    }
+    path = write_tensors(tmp_path / "model.safetensors", tensors)
+    metrics = analyze(path, tmp_path / "m.parquet").output
+    from esdtool.report import report
+
+    result = report(metrics, tmp_path / "report.html")
+    assert result.plotted == 224 and result.omitted == 0
+    assert result.size_bytes < 25_000_000
+    assert result.size_bytes == (tmp_path / "report.html").stat().st_size
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("ESDTOOL_REQUIRE_BROWSER"):
+            pytest.fail("ESDTOOL_REQUIRE_BROWSER is set but Chromium is not installed")
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    return path
+
+
+def test_report_works_in_headless_chromium(minilm_plan, tmp_path):
+    """Open the real file: no console errors (a CSP violation would be one), sorting and the
+    gallery buttons work; the screenshot is kept for a person to look at."""
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    messages: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=executable,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
+        page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else
+                messages.append(f"request: {r.url}"))  # fmt: skip
+        page.goto((minilm_plan / "report.html").as_uri())
+        page.wait_for_load_state("load")
+
+        # Sort by alpha median, descending after two clicks: numeric order, blanks last.
+        header = page.locator("#table th", has_text="α median")
+        header.click()
+        header.click()
+        headers = page.evaluate("[...document.querySelectorAll('#table th')].map(t => t.innerText)")
+        column = next(i for i, h in enumerate(headers) if "α median" in h)
+        rows = "[...document.querySelectorAll('#table tbody tr')]"
+        values = page.evaluate(f"{rows}.map(r => r.cells[{column}].textContent)")
+        numbers = [float(v) for v in values if v]
+        assert numbers == sorted(numbers, reverse=True) and len(numbers) == 39
+        assert all(v == "" for v in values[39:])
+
+        assert page.evaluate("document.querySelectorAll('details.group[open]').length") == 0
+        page.click("#expand")
+        groups = page.evaluate("document.querySelectorAll('details.group').length")
+        assert page.evaluate("document.querySelectorAll('details.group[open]').length") == groups
+        assert page.evaluate(
+            "[...document.querySelectorAll('#spectra img')].every(i => i.naturalWidth > 0)"
+        )
+        page.evaluate("document.querySelector('#spectra').scrollIntoView()")
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot))
+        browser.close()
+    assert messages == []
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("ESDTOOL_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "report.png")
+
+
+def test_report_reads_only_what_it_needs(minilm_metrics, tmp_path):
+    """A table from an older analysis without some metadata still renders (no KeyError)."""
+    table = load_metrics(minilm_metrics)
+    table.attrs["esdtool"] = {"source": "<unknown>"}
+    from esdtool.report import report
+
+    result = report(table, tmp_path / "r.html", max_plots=2)
+    html = result.output.read_text()
+    assert re.search(r"esdtool report <span class=\"source\">&lt;unknown&gt;</span>", html)
