@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from esdtool import __version__
 from esdtool.allocation import AllocateSettings, Allocation, allocate_ranks
 from esdtool.peft_config import write_peft_dir
 from esdtool.report import MAX_PLOTS
@@ -68,9 +69,20 @@ def allocate(
     """
     table = load_metrics(metrics)
     allocation = allocate_ranks(table, settings)
+    meta = table.attrs["esdtool"]
+    record = {
+        "metrics": str(Path(metrics).resolve()),
+        "source": meta.get("source"),
+        "revision": meta.get("revision"),
+        "allocate_settings": asdict(allocation.settings),
+        "budget_params": allocation.budget,
+        "trainable_params": allocation.total_params,
+        "esdtool_version": __version__,
+    }
     files = write_peft_dir(
         allocation,
         Path(outdir),
+        record,
         task_type=task_type,
         lora_dropout=lora_dropout,
         use_rslora=use_rslora,

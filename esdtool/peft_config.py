@@ -18,6 +18,7 @@ from esdtool.table import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 CSV_NAME = "allocation.csv"
+PLAN_RECORD = "esdtool_plan.json"  # which table and settings made the plan (finetune copies it)
 
 
 def _number(x: float) -> int | float:
@@ -56,8 +57,11 @@ def lora_config_dict(
     }
 
 
-def write_peft_dir(allocation: Allocation, outdir: Path, **config: Any) -> dict[str, Path]:
-    """Write adapter_config.json and allocation.csv into ``outdir`` (each atomically)."""
+def write_peft_dir(
+    allocation: Allocation, outdir: Path, record: dict[str, Any] | None = None, **config: Any
+) -> dict[str, Path]:
+    """Write adapter_config.json, allocation.csv and (given ``record``) esdtool_plan.json into
+    ``outdir``, each atomically."""
     outdir = Path(outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -68,4 +72,7 @@ def write_peft_dir(allocation: Allocation, outdir: Path, **config: Any) -> dict[
     content = json.dumps(lora_config_dict(allocation, **config), indent=2) + "\n"
     atomic_write(outdir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(content))
     atomic_write(outdir / CSV_NAME, lambda tmp: allocation.table.to_csv(tmp, index=False))
+    if record is not None:
+        text = json.dumps(record, indent=2, default=str) + "\n"
+        atomic_write(outdir / PLAN_RECORD, lambda tmp: Path(tmp).write_text(text))
     return {"config": outdir / CONFIG_NAME, "csv": outdir / CSV_NAME}

@@ -41,10 +41,28 @@ class ResolvedSource:
     revision: str | None
 
 
+# What training needs beside the weights (tokenizer, chat template, generation defaults).
+TOKENIZER_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template*",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+)
+
+
 def resolve_source(
-    source: str | os.PathLike[str], revision: str | None = None, token: str | None = None
+    source: str | os.PathLike[str],
+    revision: str | None = None,
+    token: str | None = None,
+    *,
+    also: tuple[str, ...] = (),
 ) -> ResolvedSource:
-    """Find the safetensors files behind ``source``; see the module docstring."""
+    """Find the safetensors files behind ``source``; see the module docstring. ``also``: more
+    file patterns to fetch with a hub id (e.g. :data:`TOKENIZER_PATTERNS`)."""
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.exists():
@@ -61,7 +79,7 @@ def resolve_source(
             return ResolvedSource(text, "file", (path,), _config(path.parent), None)
         raise SourceError(f"{text}: not a regular file or directory")
     if _HUB_ID.fullmatch(text) and "/" in text and not text.startswith((".", "/")):
-        snapshot, commit = _download(text, revision, token)
+        snapshot, commit = _download(text, revision, token, also)
         return ResolvedSource(text, "hub", _files_in_dir(snapshot), _config(snapshot), commit)
     raise SourceError(
         f"{text}: no such file or directory",
@@ -128,7 +146,9 @@ def _config(directory: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _download(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, str | None]:
+def _download(
+    repo_id: str, revision: str | None, token: str | None, also: tuple[str, ...] = ()
+) -> tuple[Path, str | None]:
     """Fetch the index and config first, then only the shards the index names."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -153,9 +173,9 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> tuple[Pa
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: has no weight_map")
             shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
-            snapshot = fetch([INDEX_NAME, "config.json", *shards])
+            snapshot = fetch([INDEX_NAME, "config.json", *shards, *also])
         else:
-            snapshot = fetch(["config.json", "*.safetensors"])
+            snapshot = fetch(["config.json", "*.safetensors", *also])
     except LocalEntryNotFoundError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         where = os.environ.get("HF_HOME", "~/.cache/huggingface")

@@ -177,7 +177,7 @@ def test_hostile_names_come_out_as_text_and_never_as_paths(tmp_path, capsys):
     )
     assert code == 0, stderr
     created = {p for p in tmp_path.parent.rglob("*")} - before
-    written = ("adapter_config.json", "allocation.csv", "report.html")
+    written = ("adapter_config.json", "allocation.csv", "esdtool_plan.json", "report.html")
     assert created == {tmp_path / "plan"} | {tmp_path / "plan" / n for n in written}
     assert not Path("/tmp/esdtool-pwned.weight").exists()
 
@@ -222,6 +222,7 @@ def test_allocate_no_report_writes_none(minilm_metrics, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
         "adapter_config.json",
         "allocation.csv",
+        "esdtool_plan.json",
     ]
 
 

@@ -18,5 +18,6 @@ __all__ = ["err", "out", "print_error", "safe"]
 
 def print_error(message: str, hint: str | None = None) -> None:
     """One line on stderr: what happened, then (if any) what to do about it."""
+    message, hint = " ".join(str(message).split()), hint and " ".join(hint.split())
     line = f"Error: {safe(message)}" + (f" (hint: {safe(hint)})" if hint else "")
     err.print(line, markup=False, style="bold red", soft_wrap=True)

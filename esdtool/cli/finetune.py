@@ -1,0 +1,177 @@
+"""`esdtool finetune`: train LoRA adapters with a plan from esdtool allocate."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from esdtool.cli._console import out, safe
+from esdtool.cli._options import JsonOpt, QuietOpt, RevisionOpt
+from esdtool.finetune import FinetuneResult, FinetuneSettings
+from esdtool.finetune import finetune as run_finetune
+
+HELP = (
+    "Train LoRA adapters on a causal LM with the ranks esdtool allocate planned "
+    "(transformers + PEFT + TRL; needs the extra: pip install 'esdtool[finetune]').\n\n"
+    "DATA is a .jsonl / .json / .parquet / .csv file or a hub dataset id, with records in one "
+    "of these formats: messages (chat), prompt/completion, instruction/input/output (Alpaca, "
+    "as the LLM-Adapters math and commonsense sets), or text. With a prompt the loss is on the "
+    "completion only.\n\n"
+    "Several GPUs: run the same command under accelerate launch -m esdtool finetune ... or "
+    "torchrun --nproc-per-node K -m esdtool finetune ... (DDP through the Trainer)."
+)
+
+EXAMPLES = """[bold]Examples[/bold]
+
+  esdtool finetune meta-llama/Llama-3.2-1B --adapter-config lora-plan --data train.jsonl -o run
+
+  esdtool finetune ./my-model --adapter-config lora-plan --data train.jsonl --dry-run
+
+  torchrun --nproc-per-node 4 -m esdtool finetune ./my-model --adapter-config lora-plan \\
+    --data train.jsonl -o run --batch-size 8"""
+
+
+def finetune(
+    model: Annotated[
+        str,
+        typer.Argument(help="Hub id or local model directory (safetensors).", show_default=False),
+    ],
+    adapter_config: Annotated[
+        Path,
+        typer.Option(
+            "--adapter-config", help="Directory written by esdtool allocate.", show_default=False
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="Training data: a file or a hub dataset id.", show_default=False
+        ),
+    ],
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Where the adapter and checkpoints go.")
+    ] = Path("esdtool-finetune"),
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval-data", help="Evaluation data, same formats.", show_default=False),
+    ] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 1.0,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs).")
+    ] = -1,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-4,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Sequences per device per step.")
+    ] = 4,
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", help="Gradient accumulation steps.")
+    ] = 1,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Truncate sequences to this many tokens.")
+    ] = 1024,
+    bf16: Annotated[
+        bool | None,
+        typer.Option(
+            "--bf16/--no-bf16",
+            help="bfloat16 training (default: on where the GPU supports it).",
+            show_default=False,
+        ),
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option("--gradient-checkpointing", help="Trade compute for activation memory."),
+    ] = False,
+    qlora: Annotated[
+        bool,
+        typer.Option("--qlora", help="Load the base model in 4-bit NF4 (bitsandbytes, CUDA)."),
+    ] = False,
+    dora: Annotated[
+        bool | None,
+        typer.Option(
+            "--dora/--no-dora", help="DoRA (default: as the config says).", show_default=False
+        ),
+    ] = None,
+    rslora: Annotated[
+        bool | None,
+        typer.Option(
+            "--rslora/--no-rslora",
+            help="Rank-stabilised scaling (default: as the config says).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 42,
+    logging_steps: Annotated[
+        int, typer.Option("--logging-steps", help="Log the loss every N steps.")
+    ] = 10,
+    save_steps: Annotated[
+        int, typer.Option("--save-steps", help="Save a resumable checkpoint every N steps.")
+    ] = 500,
+    resume_from_checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--resume-from-checkpoint",
+            help="A checkpoint directory, or 'last' for the latest in --output-dir.",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Load, apply the plan, print ranks and parameters; train nothing."
+        ),
+    ] = False,
+    revision: RevisionOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    settings = FinetuneSettings(
+        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+        max_length=max_length, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
+        qlora=qlora, use_dora=dora, use_rslora=rslora, seed=seed, logging_steps=logging_steps,
+        save_steps=save_steps,
+    )  # fmt: skip
+    resume: str | bool | None = resume_from_checkpoint
+    if resume == "last":
+        resume = True
+    result = run_finetune(
+        model, adapter_config, data, output_dir, settings, eval_data=eval_data,
+        revision=revision, token=os.environ.get("HF_TOKEN"), resume_from_checkpoint=resume,
+        dry_run=dry_run, progress=not (quiet or as_json),
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one summary per job, from the main process
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    elif not quiet:
+        _print_summary(result)
+
+
+def _print_summary(result: FinetuneResult) -> None:
+    if result.dry_run:
+        ranks = Table(title="planned adapters (dry run: nothing trained)", title_justify="left")
+        ranks.add_column("module")
+        ranks.add_column("r", justify="right")
+        for module, r in result.ranks.items():
+            ranks.add_row(Text(safe(module)), str(r))
+        out.print(ranks)
+    table = Table(title="esdtool finetune", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    share = result.trainable_params / result.total_params if result.total_params else 0.0
+    table.add_row("data format", result.data_format)
+    table.add_row("adapted modules", str(len(result.ranks)))
+    table.add_row(
+        "trainable params", f"{result.trainable_params:,} of {result.total_params:,} ({share:.2%})"
+    )
+    if not result.dry_run:
+        table.add_row("steps", str(result.steps))
+        if result.first_loss is not None and result.final_loss is not None:
+            table.add_row("loss", f"{result.first_loss:.4f} (first) -> {result.final_loss:.4f}")
+        table.add_row("adapter saved to", Text(safe(str(result.output_dir))))
+    out.print(table)

@@ -1,0 +1,134 @@
+"""Training data for ``finetune``: load a file or a hub dataset, recognise its format, and turn
+it into the two shapes TRL's SFTTrainer knows (``text``; ``prompt`` + ``completion``).
+
+Formats, recognised from the columns (first match wins):
+
+- ``messages``: chat turns ``[{"role", "content"}, ...]``; the last turn, the assistant's, is
+  the completion and everything before it the prompt (the tokenizer's chat template applies);
+- ``prompt/completion``: two strings;
+- ``instruction/input/output``: the Alpaca-style records of the LLM-Adapters math and commonsense
+  sets, put into the Alpaca template they were trained with; the output is the completion;
+- ``text``: plain text, loss on every token.
+
+With a prompt, the loss is on the completion only (TRL's completion_only_loss).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from esdtool.errors import SettingsError
+
+FORMATS = ("messages", "prompt/completion", "instruction/input/output", "text")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# The Alpaca template, as LLM-Adapters' finetune.py writes it (with and without an input).
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataFormatError(SettingsError):
+    """A data set whose columns fit none of the known formats, or that cannot be read."""
+
+
+def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
+    """A ``datasets.Dataset`` from a local .jsonl/.json/.parquet/.csv file or a hub dataset id."""
+    import datasets
+
+    text = os.fspath(data)
+    path = Path(text).expanduser()
+    try:
+        if path.is_file():
+            builder = _BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataFormatError(
+                    f"{text}: unknown data file type {path.suffix!r}",
+                    hint="use .jsonl, .json, .parquet or .csv, or a hub dataset id",
+                )
+            # A local file parses in moments: no progress bars to clutter the terminal.
+            was_enabled = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()
+            try:
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
+            finally:
+                if was_enabled:
+                    datasets.enable_progress_bars()
+        if path.exists():
+            raise DataFormatError(f"{text}: not a regular file")
+        if text.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS:
+            raise DataFormatError(f"{text}: no such file")
+        return datasets.load_dataset(text, split=split)
+    except DataFormatError:
+        raise
+    except Exception as exc:  # datasets raises many types (DatasetNotFoundError, ArrowInvalid...)
+        raise DataFormatError(
+            f"{text}: cannot read the data ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def detect_format(columns: list[str], where: str) -> str:
+    """The format a data set's columns fit (see the module docstring)."""
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if {"prompt", "completion"} <= cols:
+        return "prompt/completion"
+    if {"instruction", "output"} <= cols:
+        return "instruction/input/output"
+    if "text" in cols:
+        return "text"
+    shown = ", ".join(sorted(cols)[:8]) or "none"
+    raise DataFormatError(
+        f"{where}: columns ({shown}) fit no known format",
+        hint="expected one of: " + "; ".join(FORMATS),
+    )
+
+
+def alpaca_prompt(instruction: str, input_text: str | None) -> str:
+    """The Alpaca prompt of one instruction record (LLM-Adapters' template)."""
+    if input_text:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def to_training_records(dataset: Any, fmt: str, where: str) -> Any:
+    """``dataset`` rewritten to TRL's shapes: ``text`` or ``prompt`` + ``completion``."""
+    if fmt == "text":
+        return dataset.select_columns(["text"])
+    if fmt == "prompt/completion":
+        return dataset.select_columns(["prompt", "completion"])
+    if fmt == "instruction/input/output":
+        has_input = "input" in dataset.column_names
+
+        def alpaca(record: dict[str, Any]) -> dict[str, str]:
+            prompt = alpaca_prompt(record["instruction"], record["input"] if has_input else None)
+            return {"prompt": prompt, "completion": str(record["output"])}
+
+        return dataset.map(alpaca, remove_columns=dataset.column_names)
+
+    def split_turns(record: dict[str, Any]) -> dict[str, Any]:
+        turns = record["messages"]
+        if not turns or turns[-1].get("role") != "assistant":
+            raise DataFormatError(f"{where}: every messages record must end with an assistant turn")
+        return {"prompt": turns[:-1], "completion": turns[-1:]}
+
+    return dataset.map(split_turns, remove_columns=dataset.column_names)
+
+
+def load_training_data(data: str | os.PathLike[str], split: str = "train") -> tuple[Any, str]:
+    """Load ``data``, recognise its format, return (records for TRL, format name)."""
+    where = os.fspath(data)
+    dataset = load_records(data, split)
+    if len(dataset) == 0:
+        raise DataFormatError(f"{where}: no records")
+    fmt = detect_format(dataset.column_names, where)
+    return to_training_records(dataset, fmt, where), fmt

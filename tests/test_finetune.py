@@ -1,0 +1,237 @@
+"""esdtool finetune: the whole CLI loop analyze -> allocate -> finetune on a tiny causal LM, each
+data format, one-line errors before any training, and two processes under torchrun (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_cli, run_subprocess
+
+pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
+pytest.importorskip("datasets", reason="pip install 'esdtool[finetune]'")
+
+RECORDS = [
+    {"prompt": f"Q: what is {a} plus {b}? A:", "completion": f" {a + b}."}
+    for a in range(4)
+    for b in range(4)
+]
+
+
+def write_jsonl(path: Path, records: list[dict], repeat: int = 1) -> Path:
+    with path.open("w") as f:
+        for _ in range(repeat):
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_causal_lm, tmp_path_factory) -> Path:
+    """The tiny LM analysed and planned through the real CLI (the first two steps of the loop)."""
+    work = tmp_path_factory.mktemp("loop")
+    for args in (
+        ["analyze", tiny_causal_lm, "-o", work / "m.parquet", "-q"],
+        ["allocate", work / "m.parquet", "-o", work / "plan", "--no-report", "-q"],
+    ):
+        proc = run_subprocess(args)
+        assert proc.returncode == 0, proc.stderr
+    return work / "plan"
+
+
+def test_cli_loop_trains_and_saves_the_planned_adapter(tiny_causal_lm, plan, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS, repeat=8)
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(
+        ["finetune", tiny_causal_lm, "--adapter-config", plan, "--data", data, "-o", out,
+         "--max-steps", "30", "--lr", "5e-3", "--logging-steps", "1", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads(stdout)  # stdout holds only the JSON summary
+    assert result["steps"] == 30 and result["data_format"] == "prompt/completion"
+    assert len(result["losses"]) == 30
+    first = result["losses"][0][1]
+    last5 = sum(loss for _, loss in result["losses"][-5:]) / 5
+    assert last5 < 0.5 * first, result["losses"]
+
+    # A standard PEFT adapter directory: reloads, and each lora_A/lora_B has the planned rank.
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    model = peft.PeftModel.from_pretrained(base, out)
+    planned = pd.read_csv(plan / "allocation.csv")
+    planned = dict(zip(planned.module[planned.selected], planned["rank"][planned.selected],
+                       strict=True))  # fmt: skip
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            assert a.shape[0] == b.shape[1]
+            found[name.removeprefix("base_model.model.")] = a.shape[0]
+    assert found == planned == result["ranks"]
+    assert (out / "tokenizer.json").is_file()
+    run = json.loads((out / "esdtool_run.json").read_text())
+    assert run["plan"]["metrics"] == str((plan.parent / "m.parquet").resolve())
+    assert run["settings"]["max_steps"] == 30 and run["data_format"] == "prompt/completion"
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert trainable == result["trainable_params"]
+    assert trainable == int(pd.read_csv(plan / "allocation.csv").params.sum())
+
+
+@pytest.mark.parametrize("kind", ["messages", "alpaca", "text"])
+def test_each_data_format_trains(tiny_causal_lm, plan, tmp_path, kind):
+    from esdtool.finetune import FinetuneSettings, finetune
+
+    if kind == "messages":
+        records = [{"messages": [{"role": "user", "content": r["prompt"]},
+                                 {"role": "assistant", "content": r["completion"]}]}
+                   for r in RECORDS]  # fmt: skip
+    elif kind == "alpaca":
+        records = [
+            {"instruction": "Add.", "input": r["prompt"], "output": r["completion"]}
+            for r in RECORDS
+        ]
+    else:
+        records = [{"text": r["prompt"] + r["completion"]} for r in RECORDS]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    settings = FinetuneSettings(max_steps=2, logging_steps=1, batch_size=2)
+    result = finetune(tiny_causal_lm, plan, data, tmp_path / "run", settings, progress=False)
+    expected = {"messages": "messages", "alpaca": "instruction/input/output", "text": "text"}
+    assert result.data_format == expected[kind] and result.steps == 2
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_data_files_of_each_type_and_the_alpaca_template(tmp_path):
+    from esdtool.data import ALPACA_NO_INPUT, alpaca_prompt, load_training_data
+
+    frame = pd.DataFrame(
+        {"instruction": ["Add.", "Sub."], "input": ["2 3", ""], "output": ["5", "-1"]}
+    )
+    paths = {
+        "jsonl": tmp_path / "d.jsonl",
+        "json": tmp_path / "d.json",
+        "parquet": tmp_path / "d.parquet",
+        "csv": tmp_path / "d.csv",
+    }
+    frame.to_json(paths["jsonl"], orient="records", lines=True)
+    frame.to_json(paths["json"], orient="records")
+    frame.to_parquet(paths["parquet"])
+    frame.to_csv(paths["csv"], index=False)
+    for path in paths.values():
+        records, fmt = load_training_data(path)
+        assert fmt == "instruction/input/output" and records.column_names == [
+            "prompt",
+            "completion",
+        ]
+        assert records[0]["prompt"].endswith("### Input:\n2 3\n\n### Response:\n")
+        assert records[0]["completion"] == "5"
+        # An empty input uses the shorter template (CSV reads it as missing, JSON as "").
+        assert records[1]["prompt"] == ALPACA_NO_INPUT.format(instruction="Sub.")
+    assert alpaca_prompt("Do it.", None).startswith(
+        "Below is an instruction that describes a task."
+    )
+
+
+def test_dry_run_prints_ranks_and_trains_nothing(tiny_causal_lm, plan, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(
+        ["finetune", tiny_causal_lm, "--adapter-config", plan, "--data", data, "-o", out,
+         "--dry-run"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "dry run" in stdout and "model.layers.1.mlp.up_proj" in stdout
+    assert "trainable params" in stdout
+    assert not out.exists()
+
+
+def test_bad_finetune_input_is_one_line_before_training(
+    tiny_causal_lm, plan, minilm_metrics, tmp_path, capsys
+):
+    good = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    # A plan made for another model (MiniLM's modules are not in the Llama).
+    code, _, stderr = run_cli(
+        ["allocate", minilm_metrics, "-o", tmp_path / "bert-plan", "--no-report", "-q"], capsys
+    )
+    assert code == 0, stderr
+    cases = [
+        (["--adapter-config", tmp_path / "bert-plan", "--data", good], "does not fit"),
+        (["--adapter-config", plan, "--data", odd], "fit no known format"),
+        (["--adapter-config", plan, "--data", tmp_path / "none.jsonl"], "no such file"),
+        (["--adapter-config", tmp_path, "--data", good], "no adapter_config.json"),
+        (["--adapter-config", plan, "--data", good, "--lr", "0"], "--lr must be in (0, 1)"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--adapter-config", plan, "--data", good, "--qlora"], "needs a CUDA GPU"))
+    for args, message in cases:
+        out = tmp_path / "run"
+        code, _, stderr = run_cli(["finetune", tiny_causal_lm, *args, "-o", out], capsys)
+        # Progress bars (loading weights) may come first; the error is one line, the last.
+        last = stderr.rstrip("\n").split("\n")[-1]
+        assert code == 2 and last.startswith("Error:") and message in last, (args, stderr)
+        assert stderr.count("Error:") == 1 and "Traceback" not in stderr
+        assert not out.exists()  # nothing trained, nothing written
+    _, _, stderr = run_cli(
+        ["finetune", tiny_causal_lm, "--adapter-config", plan, "--data", odd], capsys
+    )
+    assert "messages; prompt/completion; instruction/input/output; text" in stderr
+
+
+def test_two_processes_under_torchrun_train_one_adapter(tiny_causal_lm, plan, tmp_path):
+    """DDP through the Trainer on CPU (gloo): same command, two ranks, one adapter saved."""
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS, repeat=8)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", "29531",
+        "-m", "esdtool", "finetune", str(tiny_causal_lm), "--adapter-config", str(plan),
+        "--data", str(data), "-o", str(out), "--max-steps", "30", "--lr", "5e-3",
+        "--logging-steps", "1", "--batch-size", "2", "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and "EADDRINUSE" in proc.stderr + proc.stdout:
+        pytest.skip("torchrun could not bind its rendezvous port")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # one summary, from rank 0
+    result = json.loads(lines[0])
+    assert result["steps"] == 30
+    first = result["losses"][0][1]
+    last5 = sum(loss for _, loss in result["losses"][-5:]) / 5
+    assert last5 < 0.5 * first, result["losses"]
+    run = json.loads((out / "esdtool_run.json").read_text())
+    assert run["world_size"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_finetune_needs_its_extra_named(monkeypatch, tmp_path):
+    """Without trl the error names the extra to install."""
+    import builtins
+
+    from esdtool.errors import SettingsError
+    from esdtool.finetune import finetune
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "trl":
+            raise ImportError("No module named 'trl'", name="trl")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(SettingsError) as info:
+        finetune("x", tmp_path, "d.jsonl", tmp_path / "out")
+    assert "trl is missing" in str(info.value) and "esdtool[finetune]" in info.value.hint
