@@ -164,7 +164,15 @@ def test_bad_finetune_input_is_one_line_before_training(
         ["allocate", minilm_metrics, "-o", tmp_path / "bert-plan", "--no-report", "-q"], capsys
     )
     assert code == 0, stderr
+    encoder_plan = tmp_path / "encoder-plan"
+    code, _, stderr = run_cli(
+        ["allocate", minilm_metrics, "-o", encoder_plan, "--no-report", "-q",
+         "--task-type", "FEATURE_EXTRACTION"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
     cases = [
+        (["--adapter-config", encoder_plan, "--data", good], "finetune trains causal LMs"),
         (["--adapter-config", tmp_path / "bert-plan", "--data", good], "does not fit"),
         (["--adapter-config", plan, "--data", odd], "fit no known format"),
         (["--adapter-config", plan, "--data", tmp_path / "none.jsonl"], "no such file"),
