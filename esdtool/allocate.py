@@ -9,8 +9,7 @@ from pathlib import Path
 from esdtool import __version__
 from esdtool.allocation import AllocateSettings, Allocation, allocate_ranks
 from esdtool.peft_config import write_peft_dir
-from esdtool.report import MAX_PLOTS
-from esdtool.report import report as write_report
+from esdtool.settings import MAX_PLOTS
 from esdtool.source import resolve_source
 from esdtool.table import load_metrics
 
@@ -95,6 +94,8 @@ def allocate(
         check_plan(Path(outdir), model_directory(table.attrs["esdtool"]))
     html = None
     if report:
+        from esdtool.report import report as write_report
+
         html = write_report(
             table, Path(outdir) / REPORT_NAME, allocation=allocation, max_plots=max_plots
         ).output

@@ -28,10 +28,9 @@ from esdtool import __version__, plots
 from esdtool.allocation import Allocation
 from esdtool.errors import SettingsError
 from esdtool.roles import module_kind
+from esdtool.settings import MAX_PLOTS
 from esdtool.table import atomic_write, load_metrics
 from esdtool.untrusted import printable
-
-MAX_PLOTS = 1000
 
 # Table columns shown in the report: (column, label, kind, format).
 _TABLE = (

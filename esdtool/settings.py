@@ -11,6 +11,9 @@ from typing import Any
 
 from esdtool.errors import SettingsError
 
+# Most ESD plots one report draws (the rest are counted): enough for a 70B dense model.
+MAX_PLOTS = 1000
+
 ALPHA_METHODS = ("median", "fix_finger", "ks")
 
 

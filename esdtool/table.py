@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -85,12 +86,47 @@ COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
 def write_metrics(rows: list[dict[str, Any]], path: Path, metadata: dict[str, Any]) -> Path:
     """Write ``rows`` (dicts keyed by column name) and ``metadata`` to ``path`` atomically."""
-    arrays = [pa.array([row.get(f.name) for row in rows], type=f.type) for f in SCHEMA]
+    arrays = [_column([row.get(f.name) for row in rows], f.type) for f in SCHEMA]
     table = pa.Table.from_arrays(arrays, schema=SCHEMA)
     meta = {"schema_version": SCHEMA_VERSION, **metadata}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
+
+
+_NUMPY = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64}
+
+
+def _column(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """One column from Python values (None = null, NaN stays NaN), built from raw buffers.
+
+    ``pa.array`` would import pandas (half a second of every ``esdtool analyze``) to look for
+    pandas types; the tables are simple enough to lay out directly.
+    """
+    n = len(values)
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+    nulls = n - int(valid.sum())
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    if type_ in _NUMPY:
+        data = np.array([0 if v is None else v for v in values], dtype=_NUMPY[type_])
+        return pa.Array.from_buffers(type_, n, [bitmap, pa.py_buffer(data)], nulls)
+    if pa.types.is_string(type_):
+        encoded = [b"" if v is None else str(v).encode("utf-8") for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+        return pa.Array.from_buffers(type_, n, buffers, nulls)
+    if pa.types.is_list(type_) and type_.value_type in _NUMPY:
+        dtype = _NUMPY[type_.value_type]
+        parts = [np.asarray([] if v is None else v, dtype=dtype).ravel() for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum([p.size for p in parts], out=offsets[1:])
+        flat = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+        child = pa.Array.from_buffers(type_.value_type, flat.size, [None, pa.py_buffer(flat)])
+        return pa.Array.from_buffers(
+            type_, n, [bitmap, pa.py_buffer(offsets)], nulls, children=[child]
+        )
+    raise TypeError(f"no column builder for {type_}")
 
 
 def atomic_write(path: Path, write: Any) -> None:

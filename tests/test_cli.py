@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -180,3 +182,22 @@ def test_unwritable_outputs_are_one_line_errors(tiny_llama, tmp_path, capsys):
     code, _, stderr = run_cli(["analyze", tiny_llama, "-o", tmp_path / "afile" / "m.parquet"],
                               capsys)  # fmt: skip
     assert code == 2 and "cannot write" in stderr and stderr.count("\n") == 1
+
+
+def test_analyze_imports_neither_pandas_nor_matplotlib(minilm_dir, tmp_path):
+    """Start-up is part of every run: analyze must not pay for what only allocate and report
+    use (pandas, matplotlib, jinja2, transformers)."""
+    code = (
+        "import sys\n"
+        "from esdtool.cli.app import main\n"
+        "try:\n"
+        f"    main(['analyze', {str(minilm_dir)!r}, '-o', {str(tmp_path / 'm.parquet')!r}, '-q'])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('pandas', 'matplotlib', 'jinja2', 'transformers', 'peft')"
+        " if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert (tmp_path / "m.parquet").is_file()

@@ -51,7 +51,7 @@ def test_rejects_files_that_are_not_esdtool_tables(tmp_path):
 
 def test_failed_write_keeps_the_previous_file(tmp_path):
     path = write_metrics([{"name": "old"}], tmp_path / "t.parquet", {})
-    with pytest.raises(pa.ArrowInvalid):
+    with pytest.raises(ValueError):  # pyarrow.ArrowInvalid is a ValueError too
         write_metrics([{"name": "new", "num_spikes": "not a number"}], path, {})
     assert load_metrics(path).name.item() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]

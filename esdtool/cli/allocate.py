@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from esdtool.allocate import AllocateResult
-from esdtool.allocate import allocate as run_allocate
-from esdtool.allocation import AllocateSettings
 from esdtool.cli._console import err, out, safe
 from esdtool.cli._options import JsonOpt, MaxPlotsOpt, QuietOpt
-from esdtool.report import MAX_PLOTS
+from esdtool.settings import MAX_PLOTS
+
+if TYPE_CHECKING:
+    from esdtool.allocate import AllocateResult
 
 HELP = (
     "Turn a metrics table into a PEFT LoRA config: which modules get an adapter, and which "
@@ -117,6 +117,9 @@ def allocate(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
+    from esdtool.allocate import allocate as run_allocate
+    from esdtool.allocation import AllocateSettings
+
     settings = AllocateSettings(
         targets=targets, alpha_column=alpha_column, spikes_column=spikes_column, w_hill=w_hill,
         w_mp_spikes=w_mp_spikes, top_n_percentile=top_n_percentile, select=select,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import (
@@ -18,11 +18,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from esdtool.analyze import AnalyzeResult
-from esdtool.analyze import analyze as run_analyze
 from esdtool.cli._console import err, out, print_error, safe
 from esdtool.cli._options import DeviceOpt, JsonOpt, QuietOpt, RevisionOpt
 from esdtool.settings import AnalyzeSettings
+
+if TYPE_CHECKING:
+    from esdtool.analyze import AnalyzeResult
 
 HELP = (
     "Compute every weight matrix's eigenvalue spectrum, power-law alphas and spike counts.\n\n"
@@ -108,6 +109,8 @@ def analyze(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
+    from esdtool.analyze import analyze as run_analyze
+
     settings = AnalyzeSettings(device=device, dtype=dtype, include=include, exclude=exclude)
     hook = None if (quiet or as_json) else _RichProgress()
     try:

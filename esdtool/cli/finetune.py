@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -13,8 +13,9 @@ from rich.text import Text
 
 from esdtool.cli._console import out, safe
 from esdtool.cli._options import JsonOpt, QuietOpt, RevisionOpt
-from esdtool.finetune import FinetuneResult, FinetuneSettings
-from esdtool.finetune import finetune as run_finetune
+
+if TYPE_CHECKING:
+    from esdtool.finetune import FinetuneResult
 
 HELP = (
     "Train LoRA adapters on a causal LM with the ranks esdtool allocate planned "
@@ -130,6 +131,9 @@ def finetune(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
+    from esdtool.finetune import FinetuneSettings
+    from esdtool.finetune import finetune as run_finetune
+
     settings = FinetuneSettings(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         max_length=max_length, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
