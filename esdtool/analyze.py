@@ -12,7 +12,7 @@ import datetime as _dt
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +25,7 @@ from esdtool.metrics import empty_metrics, spectrum_metrics
 from esdtool.roles import block_index, infer_role, module_name
 from esdtool.settings import AnalyzeSettings
 from esdtool.source import ResolvedSource, resolve_source
-from esdtool.spectra import all_finite, matrices_of, spectrum
+from esdtool.spectra import all_finite, auto_dtype, matrices_of, spectrum
 from esdtool.table import write_metrics
 
 __all__ = ["AnalyzeResult", "AnalyzeSettings", "ProgressHook", "analyze", "analyze_tensor"]
@@ -158,7 +158,7 @@ def analyze_tensor(
     info: TensorInfo, tensor: torch.Tensor, settings: AnalyzeSettings, device: torch.device
 ) -> list[dict[str, Any]]:
     """The table rows of one tensor already in memory: one per matrix (one per expert)."""
-    dtype = getattr(torch, settings.dtype)
+    dtype = auto_dtype(device) if settings.dtype == "auto" else getattr(torch, settings.dtype)
     tensor = tensor.to(device, non_blocking=True)
     rows_out = []
     shape = info.shape
@@ -201,6 +201,8 @@ def analyze(
     settings = settings or AnalyzeSettings()
     started = time.perf_counter()
     device = resolve_device(settings.device)
+    if settings.dtype == "auto":  # the table records the precision actually used
+        settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
     resolved = resolve_source(source, revision=revision, token=token)
     with open_checkpoint(resolved.files) as ckpt:
         names = list(filter(settings.selects, ckpt.keys()))

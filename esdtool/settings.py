@@ -22,9 +22,11 @@ class AnalyzeSettings:
     """How ``analyze`` reads and measures a checkpoint.
 
     device:         "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
-    dtype:          precision of the Gram matrix and eigensolver, "float64" (default) or
-                    "float32" (about 2x faster; small eigenvalues resolved only to
-                    ~1e-7 * lambda_max, which can move alpha_fix_finger). Fits always use float64.
+    dtype:          eigenvalue precision. "float64": eigenvalues of the float64 Gram matrix
+                    (exact to ~1e-15; the fastest path on CPUs and on GPUs with full-rate
+                    FP64). "float32": float32 singular values squared (alphas within 1e-3 of
+                    float64; for GPUs with slow FP64). "auto" (default) picks float64 on CPUs
+                    and A100/H100-class GPUs, float32 on other GPUs. Fits always use float64.
     include/exclude: regexes searched in tensor names; a tensor is analysed when it matches
                     ``include`` (if given) and not ``exclude`` (if given).
     eig_threshold:  eigenvalues at or below it are left out of the fits ("nonzero" set).
@@ -36,7 +38,7 @@ class AnalyzeSettings:
     """
 
     device: str = "auto"
-    dtype: str = "float64"
+    dtype: str = "auto"
     include: str | None = None
     exclude: str | None = None
     eig_threshold: float = 1e-5
@@ -48,8 +50,8 @@ class AnalyzeSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.dtype not in ("float32", "float64"):
-            problems.append(f"--dtype must be float32 or float64, not {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "float64"):
+            problems.append(f"--dtype must be auto, float32 or float64, not {self.dtype!r}")
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
             if pattern is not None:
                 try:

@@ -50,24 +50,26 @@ def test_metrics_equal_float64_reference(minilm_table, minilm_weights):
         np.testing.assert_allclose(row["eigenvalues"], expected["evals"], rtol=1e-5, atol=1e-6)
 
 
-def test_float32_path_keeps_median_and_ks_alphas(minilm_dir, minilm_table, tmp_path):
-    """float32 Gram eigenvalues move alpha_median / alpha_ks by < 1e-4 relative and leave the
-    spike counts alone (alpha_fix_finger is allowed to move: its histogram spans the smallest
-    eigenvalues, which float32 resolves only to ~1e-7 lambda_max; see docs/method.md)."""
+def test_float32_path_keeps_every_alpha_within_1e_3(minilm_dir, minilm_table, tmp_path):
+    """The float32 path (squared float32 singular values) against the float64 table: all three
+    alphas within 1e-3 relative (measured: 2.4e-5 at worst), spike counts within one. A
+    float32 Gram matrix would fail this: its fix-finger alpha moved by 23% on layer 4's query."""
     out = analyze(minilm_dir, tmp_path / "m32.parquet", AnalyzeSettings(dtype="float32")).output
     f32 = load_metrics(out).set_index("name")
     f64 = minilm_table.set_index("name")
+    assert f32.attrs["esdtool"]["settings"]["dtype"] == "float32"
     ok = f64.index[f64.status == "ok"]
-    for col in ("alpha_median", "alpha_ks"):
-        np.testing.assert_allclose(f32.loc[ok, col], f64.loc[ok, col], rtol=1e-4)
-    assert (f32.loc[ok, "num_spikes"] == f64.loc[ok, "num_spikes"]).all()
+    assert len(ok) == 39
+    for col in ("alpha_median", "alpha_fix_finger", "alpha_ks"):
+        np.testing.assert_allclose(f32.loc[ok, col], f64.loc[ok, col], rtol=1e-3, err_msg=col)
+    assert (f32.loc[ok, "num_spikes"] - f64.loc[ok, "num_spikes"]).abs().max() <= 1
 
 
 def test_table_metadata_records_how_it_was_made(minilm_table, minilm_dir):
     meta = minilm_table.attrs["esdtool"]
     assert meta["schema_version"] == 1
     assert meta["source"] == str(minilm_dir)
-    assert meta["settings"]["dtype"] == "float64"
+    assert meta["settings"]["dtype"] == "float64"  # "auto" resolved: float64 on a CPU
     assert meta["model_type"] == "bert"
     assert meta["esdtool_version"]
     assert meta["created"].endswith("+00:00")

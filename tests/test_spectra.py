@@ -46,3 +46,21 @@ def test_experts_give_one_matrix_each_and_conv_pools_kernel_positions():
         * 0.5
     )
     np.testing.assert_allclose(pooled, expected, rtol=1e-10)
+
+
+def test_auto_dtype_uses_float64_unless_the_gpu_has_slow_fp64(monkeypatch):
+    from esdtool.spectra import auto_dtype
+
+    assert auto_dtype(torch.device("cpu")) == torch.float64
+    for capability, expected in (((9, 0), torch.float64), ((8, 0), torch.float64),
+                                 ((8, 6), torch.float32), ((8, 9), torch.float32)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert auto_dtype(torch.device("cuda:0")) == expected, capability
+
+
+def test_float32_spectrum_is_squared_singular_values():
+    W = torch.randn(30, 70, dtype=torch.float64) * torch.logspace(0, -3, 70, dtype=torch.float64)
+    exact = np.linalg.svd(W.numpy(), compute_uv=False)[::-1] ** 2
+    got = eigenvalues(W, torch.float32)
+    assert got.dtype == torch.float32 and bool((got[1:] >= got[:-1]).all())
+    np.testing.assert_allclose(got.double().numpy(), exact, rtol=2e-4, atol=1e-9)

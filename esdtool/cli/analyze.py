@@ -80,8 +80,8 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Eigensolver precision: float64, or float32 (about 2x faster, coarser small "
-        "eigenvalues).",
+        help="Eigenvalue precision: auto (float64 on CPUs and FP64-capable GPUs, else "
+        "float32), float64 (Gram + eigvalsh) or float32 (singular values; alphas within 1e-3).",
     ),
 ]
 IncludeOpt = Annotated[
@@ -102,7 +102,7 @@ def analyze(
     source: SourceArg,
     output: MetricsOut = Path("metrics.parquet"),
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float64",
+    dtype: DtypeOpt = "auto",
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     revision: RevisionOpt = None,
