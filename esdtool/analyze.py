@@ -8,24 +8,28 @@ progress through an optional hook and never prints.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from esdtool import __version__
+from esdtool import __version__, distributed
 from esdtool.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, open_checkpoint
 from esdtool.errors import SettingsError
 from esdtool.metrics import empty_metrics, spectrum_metrics
 from esdtool.roles import block_index, infer_role, module_name
 from esdtool.settings import AnalyzeSettings
 from esdtool.source import ResolvedSource, resolve_source
-from esdtool.spectra import all_finite, auto_dtype, matrices_of, spectrum
+from esdtool.spectra import all_finite, auto_dtype, eigenvalues, matrices_of, spectrum
 from esdtool.table import write_metrics
 
 __all__ = ["AnalyzeResult", "AnalyzeSettings", "ProgressHook", "analyze", "analyze_tensor"]
@@ -154,33 +158,73 @@ def _base_row(info: TensorInfo, rows: int | None, cols: int | None) -> dict[str,
     }
 
 
+# Elements of one batch of expert Gram matrices (E x M x M): 32M float64 = 256 MB.
+_EXPERT_BATCH_ELEMENTS = 1 << 25
+
+
 def analyze_tensor(
     info: TensorInfo, tensor: torch.Tensor, settings: AnalyzeSettings, device: torch.device
 ) -> list[dict[str, Any]]:
-    """The table rows of one tensor already in memory: one per matrix (one per expert)."""
+    """The table rows of one tensor already in memory: one per matrix (one per expert).
+
+    The experts of a 3-D tensor go through the eigensolver in batches (one batched Gram
+    product and one batched eigvalsh per batch), the rows still one per expert.
+    """
     dtype = auto_dtype(device) if settings.dtype == "auto" else getattr(torch, settings.dtype)
     tensor = tensor.to(device, non_blocking=True)
-    rows_out = []
-    shape = info.shape
-    rows, cols = matrix_shape(shape)
-    for index, matrix in enumerate(matrices_of(tensor)):
+    rows, cols = matrix_shape(info.shape)
+    if tensor.ndim == 3:
+        return _analyze_experts(info, tensor, settings, device, dtype)
+    started = time.perf_counter()
+    (matrix,) = matrices_of(tensor)
+    row = _base_row(info, rows, cols)
+    if all_finite(matrix):
+        _fill(row, spectrum(matrix, dtype, settings.conv_norm), settings)
+    else:
+        row.update(status="nonfinite", reason="NaN or Inf entries")
+    row["device"] = str(device)
+    row["seconds"] = time.perf_counter() - started
+    return [row]
+
+
+def _analyze_experts(
+    info: TensorInfo,
+    tensor: torch.Tensor,
+    settings: AnalyzeSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[dict[str, Any]]:
+    rows, cols = matrix_shape(info.shape)
+    M = min(rows, cols)
+    step = max(1, _EXPERT_BATCH_ELEMENTS // (M * M))
+    out = []
+    for start in range(0, tensor.shape[0], step):
         started = time.perf_counter()
-        row = _base_row(info, rows, cols)
-        if len(shape) == 3:
-            row["slice"] = index
-        M, N = row["M"], row["N"]
-        if not all_finite(matrix):
-            row.update(status="nonfinite", reason="NaN or Inf entries")
-        else:
-            evals = spectrum(matrix, dtype, settings.conv_norm)
-            row["num_evals"] = evals.numel()
-            row["eigenvalues"] = evals.float().cpu().numpy()
-            row.update(spectrum_metrics(evals, M, N, settings))
-            row["status"] = "zero" if row["lambda_max"] == 0 else "ok"
-        row["device"] = str(device)
-        row["seconds"] = time.perf_counter() - started
-        rows_out.append(row)
-    return rows_out
+        batch = tensor[start : start + step]
+        finite = torch.isfinite(batch.to(torch.float16) if batch.dtype.itemsize == 1 else batch)
+        finite = finite.flatten(1).all(1).tolist()
+        evals = iter(eigenvalues(batch[torch.tensor(finite)], dtype)) if any(finite) else iter(())
+        chunk = []
+        for offset, ok in enumerate(finite):
+            row = _base_row(info, rows, cols)
+            row["slice"] = start + offset
+            if ok:
+                _fill(row, next(evals), settings)
+            else:
+                row.update(status="nonfinite", reason="NaN or Inf entries")
+            row["device"] = str(device)
+            chunk.append(row)
+        for row in chunk:  # the batch's time, shared out
+            row["seconds"] = (time.perf_counter() - started) / len(chunk)
+        out.extend(chunk)
+    return out
+
+
+def _fill(row: dict[str, Any], evals: torch.Tensor, settings: AnalyzeSettings) -> None:
+    row["num_evals"] = evals.numel()
+    row["eigenvalues"] = evals.float().cpu().numpy()
+    row.update(spectrum_metrics(evals, row["M"], row["N"], settings))
+    row["status"] = "zero" if row["lambda_max"] == 0 else "ok"
 
 
 def analyze(
@@ -197,24 +241,45 @@ def analyze(
     ``source`` is a .safetensors file, a model directory (single file or sharded with an
     index), or a hub id. All headers are checked before any computing starts, so a damaged
     checkpoint fails fast; a tensor that fails later gets an ``error`` row and the rest go on.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) each process computes a cost-balanced share of the
+    tensors on its own device and rank 0 writes the whole table, the same rows as one process
+    would write. Every rank returns its own share's summary.
     """
     settings = settings or AnalyzeSettings()
     started = time.perf_counter()
-    device = resolve_device(settings.device)
-    if settings.dtype == "auto":  # the table records the precision actually used
-        settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
-    resolved = resolve_source(source, revision=revision, token=token)
-    with open_checkpoint(resolved.files) as ckpt:
-        names = list(filter(settings.selects, ckpt.keys()))
-        if not names:
-            raise SettingsError(
-                f"{resolved.source}: no tensor names pass --include/--exclude "
-                f"({len(ckpt.keys())} tensors in the checkpoint)"
-            )
-        rows = _analyze_names(ckpt, names, settings, device, progress)
-        metadata = _metadata(resolved, ckpt, settings, device)
-    write_metrics(rows, Path(output), metadata)
-    return _summarise(rows, Path(output), time.perf_counter() - started, device, resolved)
+    world = distributed.join(settings.device)
+    try:
+        device = resolve_device(distributed.rank_device(settings.device, world))
+        if settings.dtype == "auto":  # the table records the precision actually used
+            settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
+        if world is not None and not world.main:
+            distributed.barrier(world)  # rank 0 fetches a hub snapshot first; we reuse it
+        resolved = resolve_source(source, revision=revision, token=token)
+        if world is not None and world.main:
+            distributed.barrier(world)
+        with open_checkpoint(resolved.files) as ckpt:
+            names = list(filter(settings.selects, ckpt.keys()))
+            if not names:
+                raise SettingsError(
+                    f"{resolved.source}: no tensor names pass --include/--exclude "
+                    f"({len(ckpt.keys())} tensors in the checkpoint)"
+                )
+            rows = _analyze_names(ckpt, names, settings, device, progress, world)
+            metadata = _metadata(resolved, ckpt, settings, device, world)
+        mine = rows
+        if world is not None:
+            rows = distributed.gather_rows(world, rows) or []
+        if world is None or world.main:
+            rows.sort(key=lambda r: (r["_order"], -1 if r["slice"] is None else r["slice"]))
+            write_metrics(rows, Path(output), metadata)
+        if world is not None:
+            distributed.barrier(world)  # the table exists before any rank returns
+        shown = rows if world is None or world.main else mine
+        return _summarise(shown, Path(output), time.perf_counter() - started, device, resolved)
+    finally:
+        if world is not None:
+            distributed.leave(world)
 
 
 def _analyze_names(
@@ -223,23 +288,86 @@ def _analyze_names(
     settings: AnalyzeSettings,
     device: torch.device,
     progress: ProgressHook | None,
+    world: distributed.World | None = None,
 ) -> list[dict[str, Any]]:
+    """Rows of this process's share of ``names``, each tagged ``_order`` (its place in
+    ``names``). Tensors are read one ahead by a reader thread while the current one computes."""
     infos = [ckpt.info(n) for n in names]
+    reasons = [skip_reason(info, settings.min_evals) for info in infos]
+    work = [i for i, r in enumerate(reasons) if r is None]
+    if world is not None:
+        shares = distributed.partition([distributed.matrix_cost(infos[i].shape) for i in work],
+                                       world.size)  # fmt: skip
+        work = [work[j] for j in shares[world.rank]]
+    header_only = [i for i, r in enumerate(reasons) if r is not None]
+    if world is not None and not world.main:
+        header_only = []  # rank 0 writes the skipped rows
+    mine = sorted(work + header_only)
     if progress:
-        progress.start(len(infos), sum(i.nbytes for i in infos))
+        progress.start(len(mine), sum(infos[i].nbytes for i in mine))
     rows: list[dict[str, Any]] = []
-    for info in infos:
-        reason = skip_reason(info, settings.min_evals)
-        if reason is not None:
-            rows.append(_row_without_spectrum(info, "skipped", reason))
-        else:
-            try:
-                rows.extend(analyze_tensor(info, ckpt.get_tensor(info.name), settings, device))
-            except Exception as exc:  # one bad tensor must not lose the others' rows
-                rows.append(_row_without_spectrum(info, "error", f"{type(exc).__name__}: {exc}"))
+    for i in header_only:
+        rows.append({**_row_without_spectrum(infos[i], "skipped", reasons[i]), "_order": i})
+    if progress:
+        for i in header_only:
+            progress.advance(infos[i].name, infos[i].nbytes)
+    order = {info.name: i for i, info in enumerate(infos)}
+    pin = device.type == "cuda"
+    for info, tensor in prefetched(ckpt, [infos[i] for i in work], pin=pin):
+        try:
+            if isinstance(tensor, Exception):
+                raise tensor
+            new = analyze_tensor(info, tensor, settings, device)
+        except Exception as exc:  # one bad tensor must not lose the others' rows
+            new = [_row_without_spectrum(info, "error", f"{type(exc).__name__}: {exc}")]
+        del tensor
+        rows.extend({**row, "_order": order[info.name]} for row in new)
         if progress:
             progress.advance(info.name, info.nbytes)
     return rows
+
+
+def prefetched(
+    ckpt: Checkpoint, infos: list[TensorInfo], *, depth: int = 1, pin: bool = False
+) -> Iterator[tuple[TensorInfo, torch.Tensor | Exception]]:
+    """(info, tensor) for each of ``infos`` in order, read by a background thread that stays
+    at most ``depth`` tensors ahead (memory: the current tensor plus ``depth`` + 1 more).
+
+    Reading (page faults, decompression of the mmap, pinning for a fast host-to-GPU copy)
+    overlaps with the current tensor's eigensolver, which releases the GIL. A read error is
+    handed over in place of the tensor, so the caller can record it and go on.
+    """
+    items: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def read() -> None:
+        for info in infos:
+            if stop.is_set():
+                break
+            try:
+                tensor = ckpt.get_tensor(info.name)
+                item: Any = (info, tensor.pin_memory() if pin else tensor)
+            except Exception as exc:
+                item = (info, exc)
+            while not stop.is_set():
+                try:
+                    items.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        items.put(None)
+
+    reader = threading.Thread(target=read, name="esdtool-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := items.get()) is not None:
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.get_nowait()
+        reader.join(timeout=5)
 
 
 def _row_without_spectrum(info: TensorInfo, status: str, reason: str) -> dict[str, Any]:
@@ -249,7 +377,11 @@ def _row_without_spectrum(info: TensorInfo, status: str, reason: str) -> dict[st
 
 
 def _metadata(
-    resolved: ResolvedSource, ckpt: Checkpoint, settings: AnalyzeSettings, device: torch.device
+    resolved: ResolvedSource,
+    ckpt: Checkpoint,
+    settings: AnalyzeSettings,
+    device: torch.device,
+    world: distributed.World | None = None,
 ) -> dict[str, Any]:
     config = resolved.config or {}
     return {
@@ -264,6 +396,7 @@ def _metadata(
         "torch_version": torch.__version__,
         "settings": settings.to_dict(),
         "device": str(device),
+        "world_size": world.size if world is not None else 1,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -112,12 +113,15 @@ def analyze(
     from esdtool.analyze import analyze as run_analyze
 
     settings = AnalyzeSettings(device=device, dtype=dtype, include=include, exclude=exclude)
-    hook = None if (quiet or as_json) else _RichProgress()
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+    hook = None if (quiet or as_json or not main_rank) else _RichProgress()
     try:
         result = run_analyze(source, output, settings, revision=revision, progress=hook)
     finally:
         if hook is not None:
             hook.close()
+    if not main_rank:
+        raise typer.Exit(2 if result.errors else 0)
     if as_json:
         print(json.dumps(result.to_dict()))
     elif not quiet:
