@@ -29,7 +29,7 @@ from esdtool.metrics import empty_metrics, spectrum_metrics
 from esdtool.roles import block_index, infer_role, module_name
 from esdtool.settings import AnalyzeSettings
 from esdtool.source import ResolvedSource, resolve_source
-from esdtool.spectra import all_finite, auto_dtype, eigenvalues, matrices_of, spectrum
+from esdtool.spectra import auto_dtype, checked_eigenvalues, checked_spectrum, matrices_of
 from esdtool.table import write_metrics
 
 __all__ = ["AnalyzeResult", "AnalyzeSettings", "ProgressHook", "analyze", "analyze_tensor"]
@@ -178,8 +178,9 @@ def analyze_tensor(
     started = time.perf_counter()
     (matrix,) = matrices_of(tensor)
     row = _base_row(info, rows, cols)
-    if all_finite(matrix):
-        _fill(row, spectrum(matrix, dtype, settings.conv_norm), settings)
+    evals, finite = checked_spectrum(matrix, dtype, settings.conv_norm)
+    if finite:
+        _fill(row, evals, settings)
     else:
         row.update(status="nonfinite", reason="NaN or Inf entries")
     row["device"] = str(device)
@@ -200,16 +201,13 @@ def _analyze_experts(
     out = []
     for start in range(0, tensor.shape[0], step):
         started = time.perf_counter()
-        batch = tensor[start : start + step]
-        finite = torch.isfinite(batch.to(torch.float16) if batch.dtype.itemsize == 1 else batch)
-        finite = finite.flatten(1).all(1).tolist()
-        evals = iter(eigenvalues(batch[torch.tensor(finite)], dtype)) if any(finite) else iter(())
+        evals, finite = checked_eigenvalues(tensor[start : start + step], dtype)
         chunk = []
-        for offset, ok in enumerate(finite):
+        for offset, ok in enumerate(finite.tolist()):
             row = _base_row(info, rows, cols)
             row["slice"] = start + offset
             if ok:
-                _fill(row, next(evals), settings)
+                _fill(row, evals[offset], settings)
             else:
                 row.update(status="nonfinite", reason="NaN or Inf entries")
             row["device"] = str(device)

@@ -66,13 +66,34 @@ def eigenvalues(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Te
     1e-7 * sigma_max, so lambda = sigma^2 keeps ~1e-5 relative accuracy where it matters.
     Tiny negative values from rounding are set to 0.
     """
+    return checked_eigenvalues(W, dtype)[0]
+
+
+def checked_eigenvalues(
+    W: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`eigenvalues` and, per matrix, whether W is finite (no NaN or Inf).
+
+    On the float64 path the check is free: each entry of W lands in exactly one diagonal
+    entry of the Gram matrix as its square, and a finite bf16/fp16/fp32 value squared and
+    summed cannot overflow float64, so W is finite exactly when diag(G) is. A matrix that is
+    not finite gets zeros for eigenvalues (the caller reports it; nothing is fitted).
+    """
     with torch.no_grad():
         if dtype == torch.float64:
             with _exact_matmul(W.device):
-                evals = torch.linalg.eigvalsh(gram(W, dtype))
+                G = gram(W, dtype)
+            finite = torch.isfinite(G.diagonal(dim1=-2, dim2=-1)).all(-1)
+            if not bool(finite.all()):
+                G[~finite] = 0
+            evals = torch.linalg.eigvalsh(G)
         else:
-            evals = torch.linalg.svdvals(W.to(dtype)).square().flip(-1)
-    return evals.clamp_min_(0)
+            upcast = W.to(dtype)
+            finite = torch.isfinite(upcast).flatten(-2).all(-1)
+            if not bool(finite.all()):
+                upcast[~finite] = 0
+            evals = torch.linalg.svdvals(upcast).square().flip(-1)
+    return evals.clamp_min_(0), finite
 
 
 # CUDA compute capabilities with full- or half-rate FP64 (P100, V100, A100, H100/H200, B200).
@@ -84,13 +105,6 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) not in _FP64_GPUS:
         return torch.float32
     return torch.float64
-
-
-def all_finite(W: torch.Tensor) -> bool:
-    """Whether W has no NaN or Inf (float8 has no isfinite kernel: checked after upcasting)."""
-    if W.dtype.itemsize == 1:
-        W = W.to(torch.float16)
-    return bool(torch.isfinite(W).all())
 
 
 def matrices_of(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -117,7 +131,16 @@ def spectrum(
     A 3-D entry (conv kernel positions) is pooled into one spectrum and scaled by conv_norm,
     the same as scaling every W[:, :, i, j] by sqrt(conv_norm) (TempBalance's convention).
     """
-    evals = eigenvalues(matrix, dtype)
+    return checked_spectrum(matrix, dtype, conv_norm)[0]
+
+
+def checked_spectrum(
+    matrix: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    conv_norm: float = DEFAULT_CONV_NORM,
+) -> tuple[torch.Tensor, bool]:
+    """:func:`spectrum` and whether the matrix (every kernel position) is finite."""
+    evals, finite = checked_eigenvalues(matrix, dtype)
     if evals.ndim > 1:
         evals = torch.sort(evals.flatten()).values * conv_norm
-    return evals
+    return evals, bool(finite.all())

@@ -64,3 +64,22 @@ def test_float32_spectrum_is_squared_singular_values():
     got = eigenvalues(W, torch.float32)
     assert got.dtype == torch.float32 and bool((got[1:] >= got[:-1]).all())
     np.testing.assert_allclose(got.double().numpy(), exact, rtol=2e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(20, 50), (50, 20)])
+def test_nonfinite_entries_are_flagged_per_matrix(dtype, shape):
+    """Any NaN or Inf, wherever it sits, flags its own matrix only (the float64 path reads it
+    off the Gram diagonal); finite matrices in the same batch keep their exact spectra."""
+    from esdtool.spectra import checked_eigenvalues
+
+    rng = np.random.default_rng(7)
+    batch = torch.from_numpy(rng.standard_normal((4, *shape))).to(torch.bfloat16)
+    clean = checked_eigenvalues(batch.clone(), dtype)[0]
+    batch[1, rng.integers(shape[0]), rng.integers(shape[1])] = float("nan")
+    batch[3, rng.integers(shape[0]), rng.integers(shape[1])] = float("-inf")
+    evals, finite = checked_eigenvalues(batch, dtype)
+    assert finite.tolist() == [True, False, True, False]
+    assert bool(torch.isfinite(evals).all())
+    torch.testing.assert_close(evals[[0, 2]], clean[[0, 2]])
+    assert not bool(checked_eigenvalues(batch[3], dtype)[1])
