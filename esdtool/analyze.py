@@ -24,8 +24,9 @@ import torch
 
 from esdtool import __version__, distributed
 from esdtool.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, open_checkpoint
-from esdtool.errors import SettingsError
+from esdtool.errors import EsdtoolError, OutputError, SettingsError
 from esdtool.metrics import empty_metrics, spectrum_metrics
+from esdtool.resume import Sidecar, fingerprint, sidecar_path
 from esdtool.roles import block_index, infer_role, module_name
 from esdtool.settings import AnalyzeSettings
 from esdtool.source import ResolvedSource, resolve_source
@@ -41,6 +42,9 @@ class ProgressHook(Protocol):
     def start(self, total_tensors: int, total_bytes: int) -> None: ...
 
     def advance(self, name: str, nbytes: int) -> None: ...
+
+    def note(self, message: str) -> None:
+        """Something the user should know now (e.g. that a run resumes)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class AnalyzeResult:
     device: str = "cpu"
     source: str = ""
     revision: str | None = None
+    resumed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the CLI's ``--json`` output)."""
@@ -88,6 +93,7 @@ class AnalyzeResult:
                 else None
             ),
             "device": self.device,
+            "resumed_rows": self.resumed,
         }
 
 
@@ -233,12 +239,18 @@ def analyze(
     revision: str | None = None,
     token: str | None = None,
     progress: ProgressHook | None = None,
+    resume: bool = True,
 ) -> AnalyzeResult:
     """Analyse every selected tensor of ``source`` and write the metrics table to ``output``.
 
     ``source`` is a .safetensors file, a model directory (single file or sharded with an
     index), or a hub id. All headers are checked before any computing starts, so a damaged
     checkpoint fails fast; a tensor that fails later gets an ``error`` row and the rest go on.
+
+    Each finished tensor's rows are appended to a sidecar next to ``output``; a run that was
+    killed or interrupted resumes from it when started again with the same output, checkpoint
+    and settings (``resume=False`` starts afresh). Ctrl-C raises :class:`AnalysisInterrupted`,
+    which says how many rows are kept.
 
     Under ``torchrun`` (WORLD_SIZE > 1) each process computes a cost-balanced share of the
     tensors on its own device and rank 0 writes the whole table, the same rows as one process
@@ -263,7 +275,13 @@ def analyze(
                     f"{resolved.source}: no tensor names pass --include/--exclude "
                     f"({len(ckpt.keys())} tensors in the checkpoint)"
                 )
-            rows = _analyze_names(ckpt, names, settings, device, progress, world)
+            _check_something_analysable(ckpt, names, settings, resolved.source)
+            side = _open_sidecar(Path(output), resolved, settings, world, resume, progress)
+            try:
+                rows = _analyze_names(ckpt, names, settings, device, progress, world, side)
+            except KeyboardInterrupt:
+                side.close()
+                raise AnalysisInterrupted(side) from None
             metadata = _metadata(resolved, ckpt, settings, device, world)
         mine = rows
         if world is not None:
@@ -273,8 +291,11 @@ def analyze(
             write_metrics(rows, Path(output), metadata)
         if world is not None:
             distributed.barrier(world)  # the table exists before any rank returns
+        side.remove()
         shown = rows if world is None or world.main else mine
-        return _summarise(shown, Path(output), time.perf_counter() - started, device, resolved)
+        seconds = time.perf_counter() - started
+        result = _summarise(shown, Path(output), seconds, device, resolved)
+        return replace(result, resumed=side.kept_rows)
     finally:
         if world is not None:
             distributed.leave(world)
@@ -287,9 +308,11 @@ def _analyze_names(
     device: torch.device,
     progress: ProgressHook | None,
     world: distributed.World | None = None,
+    side: Sidecar | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of this process's share of ``names``, each tagged ``_order`` (its place in
-    ``names``). Tensors are read one ahead by a reader thread while the current one computes."""
+    ``names``). Tensors are read one ahead by a reader thread while the current one computes.
+    Tensors the sidecar already holds are not computed again; new ones are appended to it."""
     infos = [ckpt.info(n) for n in names]
     reasons = [skip_reason(info, settings.min_evals) for info in infos]
     work = [i for i, r in enumerate(reasons) if r is None]
@@ -310,8 +333,15 @@ def _analyze_names(
         for i in header_only:
             progress.advance(infos[i].name, infos[i].nbytes)
     order = {info.name: i for i, info in enumerate(infos)}
+    kept = side.kept if side is not None else {}
+    for i in work:
+        if infos[i].name in kept:
+            rows.extend({**row, "_order": i} for row in kept[infos[i].name])
+            if progress:
+                progress.advance(infos[i].name, infos[i].nbytes)
+    todo = [infos[i] for i in work if infos[i].name not in kept]
     pin = device.type == "cuda"
-    for info, tensor in prefetched(ckpt, [infos[i] for i in work], pin=pin):
+    for info, tensor in prefetched(ckpt, todo, pin=pin):
         try:
             if isinstance(tensor, Exception):
                 raise tensor
@@ -319,6 +349,8 @@ def _analyze_names(
         except Exception as exc:  # one bad tensor must not lose the others' rows
             new = [_row_without_spectrum(info, "error", f"{type(exc).__name__}: {exc}")]
         del tensor
+        if side is not None:
+            side.append(new)
         rows.extend({**row, "_order": order[info.name]} for row in new)
         if progress:
             progress.advance(info.name, info.nbytes)
@@ -366,6 +398,62 @@ def prefetched(
             while True:
                 items.get_nowait()
         reader.join(timeout=5)
+
+
+class AnalysisInterrupted(EsdtoolError):
+    """Ctrl-C during an analysis: the finished rows are safe in the sidecar."""
+
+    exit_code = 130
+
+    def __init__(self, side: Sidecar) -> None:
+        done = sum(1 for _ in _lines(side.path)) - 1
+        super().__init__(
+            f"interrupted; {max(done, 0)} finished tensor(s) kept in {side.path}",
+            hint="run the same command again to resume (--no-resume starts over)",
+        )
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
+        yield from f
+
+
+def _check_something_analysable(
+    ckpt: Checkpoint, names: list[str], settings: AnalyzeSettings, source: str
+) -> None:
+    """Fail before any work when no selected tensor can have a spectrum, saying why."""
+    reasons = {n: skip_reason(ckpt.info(n), settings.min_evals) for n in names}
+    if all(r is not None for r in reasons.values()):
+        sample = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
+        raise SettingsError(
+            f"{source}: nothing to analyse: none of its {len(names)} selected tensors is a "
+            f"floating-point matrix with at least {settings.min_evals} rows and columns "
+            f"({sample})"
+        )
+
+
+def _open_sidecar(
+    output: Path,
+    resolved: ResolvedSource,
+    settings: AnalyzeSettings,
+    world: distributed.World | None,
+    resume: bool,
+    progress: ProgressHook | None,
+) -> Sidecar:
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    path = sidecar_path(output, rank, size)
+    digest = fingerprint(list(resolved.files), settings.to_dict(), {"world": size})
+    try:
+        side = Sidecar.open(path, digest, resume=resume)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the resume file ({exc.strerror or exc})") from exc
+    note = getattr(progress, "note", None)
+    if note is not None and rank == 0:
+        if side.kept:
+            note(f"resuming: keeping {side.kept_rows} finished row(s) from {path}")
+        elif side.discarded:
+            note(f"{path} is from another checkpoint or other settings; starting afresh")
+    return side
 
 
 def _row_without_spectrum(info: TensorInfo, status: str, reason: str) -> dict[str, Any]:

@@ -71,6 +71,9 @@ class _RichProgress:
         self.done += 1
         self.bar.update(self.task, advance=nbytes, done=self.done, current=safe(name)[-60:])
 
+    def note(self, message: str) -> None:
+        err.print(f"Note: {safe(message)}", markup=False, style="yellow", soft_wrap=True)
+
 
 SourceArg = Annotated[
     str,
@@ -107,6 +110,13 @@ def analyze(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     revision: RevisionOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Reuse the rows a killed or interrupted run with the same output left.",
+        ),
+    ] = True,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -116,7 +126,9 @@ def analyze(
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     hook = None if (quiet or as_json or not main_rank) else _RichProgress()
     try:
-        result = run_analyze(source, output, settings, revision=revision, progress=hook)
+        result = run_analyze(
+            source, output, settings, revision=revision, progress=hook, resume=resume
+        )
     finally:
         if hook is not None:
             hook.close()
@@ -148,6 +160,8 @@ def _print_summary(result: AnalyzeResult) -> None:
         table.add_row("errors / non-finite", f"{len(result.errors)} / {len(result.warnings)}")
     table.add_row("device", result.device)
     table.add_row("time", f"{result.seconds:.2f} s")
+    if result.resumed:
+        table.add_row("resumed", f"{result.resumed} rows from an earlier run")
     if result.slowest:
         name, seconds = result.slowest
         table.add_row("slowest", Text(f"{safe(name)} ({seconds * 1000:.1f} ms)"))

@@ -1,0 +1,137 @@
+"""Resumable analysis: every finished tensor's rows are appended to a sidecar next to the
+output, so a run killed after hours loses at most the tensor it was computing.
+
+The sidecar (``.NAME.partial`` beside ``NAME``) is JSON lines: a header line with a fingerprint
+of the checkpoint (each file's name, size and header digest) and of the settings, then one line
+per finished tensor holding its rows; each line is flushed and fsynced before the next tensor
+starts. A torn last line (a kill mid-write) is ignored. On the next run with the same output,
+the rows are reused when the fingerprint matches and discarded (with a notice) when it does not.
+The sidecar is deleted once the table is written. It holds only numbers and strings: JSON, never
+pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "esdtool-partial/1"
+
+
+def sidecar_path(output: Path, rank: int = 0, world_size: int = 1) -> Path:
+    """Where the rows of a run writing ``output`` are kept (one file per rank under torchrun)."""
+    suffix = f".rank{rank}of{world_size}" if world_size > 1 else ""
+    return output.with_name(f".{output.name}{suffix}.partial")
+
+
+def fingerprint(files: list[Path], settings: dict[str, Any], extra: dict[str, Any]) -> str:
+    """A digest that changes when the checkpoint, the settings or the job layout change.
+
+    Each file contributes its name, size and the SHA-256 of its header (tensor names, dtypes,
+    shapes, offsets), which is cheap to read and changes with any re-save of the weights.
+    """
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            header = f.read(min(length, 100_000_000))
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        digest.update(hashlib.sha256(header).digest())
+    digest.update(json.dumps([settings, extra], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return {"f32": base64.b64encode(value.astype("<f4").tobytes()).decode("ascii")}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"f32"}:
+        return np.frombuffer(base64.b64decode(value["f32"]), dtype="<f4").copy()
+    return value
+
+
+class Sidecar:
+    """The append-only file of finished rows of one run (see the module docstring)."""
+
+    def __init__(self, path: Path, digest: str) -> None:
+        self.path = path
+        self.digest = digest
+        self.kept: dict[str, list[dict[str, Any]]] = {}
+        self.discarded = False  # a sidecar was there but for another checkpoint or settings
+        self._file: Any = None
+
+    @classmethod
+    def open(cls, path: Path, digest: str, resume: bool = True) -> Sidecar:
+        """Read back what a previous run finished (when ``resume`` and it matches), then start
+        appending. The file is rewritten with only the valid lines, so a torn tail is gone."""
+        side = cls(path, digest)
+        if path.exists() and resume:
+            side.kept, side.discarded = _read(path, digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        side._file = open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8")  # noqa: SIM115
+        side._write_line({"format": FORMAT, "fingerprint": digest})
+        for rows in side.kept.values():
+            side._write_line({"rows": [{k: _encode(v) for k, v in r.items()} for r in rows]})
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        return side
+
+    @property
+    def kept_rows(self) -> int:
+        return sum(len(rows) for rows in self.kept.values())
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Record one finished tensor's rows durably (flush + fsync)."""
+        self._write_line({"rows": [{k: _encode(v) for k, v in r.items()} for r in rows]})
+
+    def _write_line(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+    def remove(self) -> None:
+        """The table is written: the sidecar has served its purpose."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _read(path: Path, digest: str) -> tuple[dict[str, list[dict[str, Any]]], bool]:
+    """(rows by tensor name, whether the file was discarded as not matching)."""
+    kept: dict[str, list[dict[str, Any]]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return {}, True
+    try:
+        head = json.loads(lines[0])
+    except ValueError:
+        return {}, True
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        return {}, True
+    if head.get("fingerprint") != digest:
+        return {}, True
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+            rows = [{k: _decode(v) for k, v in r.items()} for r in record["rows"]]
+            name = rows[0]["name"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            break  # a torn last line: everything before it is good
+        kept[name] = rows
+    return kept, False
