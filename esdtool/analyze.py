@@ -124,7 +124,40 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int | None]:
     return (shape[0] if shape else 1), None
 
 
-def skip_reason(info: TensorInfo, min_evals: int) -> str | None:
+def memory_needed(info: TensorInfo, dtype: str) -> int:
+    """Bytes analysing ``info`` may hold at once: the stored tensor twice (read + the one read
+    ahead), and per batch of matrices either the float64 Gram matrix, a 32 MB upcast block and
+    the eigensolver's workspace, or (float32) the upcast matrix and the SVD's workspace."""
+    rows, cols = matrix_shape(info.shape)
+    if cols is None:
+        return 2 * info.nbytes
+    M, N = min(rows, cols), max(rows, cols)
+    count = math.prod(info.shape) // (rows * cols)
+    if dtype == "float32":
+        work = count * (3 * M * N + 2 * M * M) * 4
+    else:
+        work = count * 3 * M * M * 8 + (1 << 25)
+    return 2 * info.nbytes + work
+
+
+def memory_budget(settings: AnalyzeSettings, device: torch.device) -> int:
+    """--max-tensor-gb in bytes, or the default: 80% of the GPU's free memory, half the RAM
+    that is available (Linux's MemAvailable, else free pages)."""
+    if settings.max_tensor_gb is not None:
+        return int(settings.max_tensor_gb * 1e9)
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def skip_reason(
+    info: TensorInfo, min_evals: int, budget: int | None = None, dtype: str = "float64"
+) -> str | None:
     """Why a tensor gets no spectrum, decided from its header alone; None to analyse it."""
     if info.dtype not in FLOAT_DTYPES:
         kinds = {"BOOL": "boolean", "F8_E8M0": "scale-only (exponent) float"}
@@ -136,6 +169,11 @@ def skip_reason(info: TensorInfo, min_evals: int) -> str | None:
     M = min(matrix_shape(info.shape))
     if min_evals > M:
         return f"M = {M} < min_evals = {min_evals}"
+    if budget is not None and (need := memory_needed(info, dtype)) > budget:
+        return (
+            f"needs about {need / 1e9:.1f} GB to analyse, more than the "
+            f"{budget / 1e9:.1f} GB budget (--max-tensor-gb)"
+        )
     return None
 
 
@@ -314,7 +352,8 @@ def _analyze_names(
     ``names``). Tensors are read one ahead by a reader thread while the current one computes.
     Tensors the sidecar already holds are not computed again; new ones are appended to it."""
     infos = [ckpt.info(n) for n in names]
-    reasons = [skip_reason(info, settings.min_evals) for info in infos]
+    budget = memory_budget(settings, device)
+    reasons = [skip_reason(info, settings.min_evals, budget, settings.dtype) for info in infos]
     work = [i for i, r in enumerate(reasons) if r is None]
     if world is not None:
         shares = distributed.partition([distributed.matrix_cost(infos[i].shape) for i in work],

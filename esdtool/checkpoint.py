@@ -60,7 +60,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
     Raises :class:`CheckpointError` naming ``path`` for anything malformed: too short, header
     length past the end of the file, not JSON, not an object, bad entries, unknown dtypes with a
-    size mismatch, overlapping or out-of-file data offsets.
+    size mismatch, overlapping or out-of-file data offsets, data bytes no tensor covers.
     """
     try:
         size = path.stat().st_size
@@ -102,6 +102,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (_, end_a, name_a), (begin_b, _, name_b) in itertools.pairwise(spans):
         if begin_b < end_a:
             raise CheckpointError(f"{path}: data of tensors {name_a!r} and {name_b!r} overlap")
+    # The format indexes every data byte (safetensors itself refuses holes and trailing bytes).
+    covered = 0
+    for begin, end, _ in spans:
+        if begin != covered:
+            break
+        covered = end
+    if covered != data_size:
+        raise CheckpointError(
+            f"{path}: data bytes {covered}..{data_size} belong to no tensor "
+            "(a damaged or non-standard file; safetensors refuses it too)"
+        )
     return tensors, metadata
 
 

@@ -35,6 +35,9 @@ class AnalyzeSettings:
     tw_quantile:    Tracy-Widom level q of the spike threshold.
     conv_norm:      4-D conv kernels are scaled by sqrt(conv_norm) before pooling their spectra.
     weighted_alpha: which alpha feeds alpha_weighted and log_alpha_norm ("ks" as WeightWatcher).
+    max_tensor_gb:  a tensor whose analysis would need more memory than this (GB) is skipped
+                    with the reason instead of exhausting the machine; None: half the free RAM
+                    on a CPU, 80% of the free memory of the GPU.
     """
 
     device: str = "auto"
@@ -47,6 +50,7 @@ class AnalyzeSettings:
     tw_quantile: float = 0.99
     conv_norm: float = 0.5
     weighted_alpha: str = "ks"
+    max_tensor_gb: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +72,8 @@ class AnalyzeSettings:
             problems.append(f"eig_threshold must be >= 0, not {self.eig_threshold}")
         if not self.conv_norm > 0:
             problems.append(f"conv_norm must be positive, not {self.conv_norm}")
+        if self.max_tensor_gb is not None and not self.max_tensor_gb > 0:
+            problems.append(f"--max-tensor-gb must be positive, not {self.max_tensor_gb}")
         if self.min_evals < 2:
             problems.append(f"min_evals must be at least 2, not {self.min_evals}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

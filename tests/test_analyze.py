@@ -190,3 +190,33 @@ def test_mostly_zero_spectrum_reports_no_mp_fit(tmp_path):
     row = load_metrics(analyze(path, tmp_path / "m.parquet").output).iloc[0]
     assert row.matrix_rank == 3 and pd.isna(row.num_spikes)
     assert "mp:median_zero" in row.fit_status
+
+
+def test_tensors_over_the_memory_budget_are_skipped_with_the_reason(tmp_path, capsys):
+    from conftest import run_cli
+    from esdtool.analyze import memory_needed
+    from esdtool.checkpoint import open_checkpoint
+
+    rng = np.random.default_rng(5)
+    path = write_tensors(
+        tmp_path / "m.safetensors",
+        {
+            "layers.0.big.weight": rng.standard_normal((400, 800)).astype(np.float32),
+            "layers.0.small.weight": rng.standard_normal((40, 80)).astype(np.float32),
+        },
+    )
+    with open_checkpoint([path]) as ckpt:
+        big = memory_needed(ckpt.info("layers.0.big.weight"), "float64")
+        small = memory_needed(ckpt.info("layers.0.small.weight"), "float64")
+    assert big > 3 * 400 * 400 * 8 and small < big
+    budget_gb = (small + big) / 2 / 1e9
+    out = tmp_path / "m.parquet"
+    args = ["analyze", path, "-o", out, "--max-tensor-gb", str(budget_gb)]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    df = load_metrics(out).set_index("name")
+    assert df.loc["layers.0.small.weight", "status"] == "ok"
+    assert df.loc["layers.0.big.weight", "status"] == "skipped"
+    assert "--max-tensor-gb" in df.loc["layers.0.big.weight", "reason"]
+    code, _, stderr = run_cli(["analyze", path, "-o", out, "--max-tensor-gb", "0"], capsys)
+    assert code == 2 and "--max-tensor-gb must be positive" in stderr

@@ -6,6 +6,7 @@ import json
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,9 +107,66 @@ def _empty_file(tmp_path):
     return path, "too short"
 
 
+def _raw(tmp_path, name: str, header: object, data: bytes = b"") -> Path:
+    """A file with a hand-written header (json) and data section."""
+    body = json.dumps(header).encode()
+    path = tmp_path / name
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return path
+
+
+def _header_not_object(tmp_path):
+    return _raw(tmp_path, "list.safetensors", [1, 2, 3]), "not a JSON object"
+
+
+def _overlapping(tmp_path):
+    header = {
+        "a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+        "b": {"dtype": "F32", "shape": [4, 4], "data_offsets": [32, 96]},
+    }
+    return _raw(tmp_path, "overlap.safetensors", header, bytes(96)), "overlap"
+
+
+def _shape_mismatch(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}
+    return _raw(tmp_path, "shape.safetensors", header, bytes(60)), "needs 64 bytes"
+
+
+def _unknown_dtype(tmp_path):
+    header = {"a": {"dtype": "Q3_K", "shape": [16, 16], "data_offsets": [0, 110]}}
+    return _raw(tmp_path, "quant.safetensors", header, bytes(110)), "nothing to analyse"
+
+
+def _hole_in_data(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}
+    return _raw(tmp_path, "hole.safetensors", header, bytes(80)), "belong to no tensor"
+
+
+def _no_safetensors_in_dir(tmp_path):
+    model = tmp_path / "emptymodel"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return model, "no .safetensors files"
+
+
+def _not_a_file(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    return fifo, "not a regular file"
+
+
 @pytest.mark.parametrize(
     "case",
     [
+        _header_not_object,
+        _overlapping,
+        _shape_mismatch,
+        _unknown_dtype,
+        _hole_in_data,
+        _no_safetensors_in_dir,
+        _not_a_file,
         _truncated,
         _garbage_header,
         _not_safetensors,

@@ -110,6 +110,15 @@ def analyze(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     revision: RevisionOpt = None,
+    max_tensor_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--max-tensor-gb",
+            help="Skip (with the reason) any tensor whose analysis needs more memory than this; "
+            "default: half the available RAM, or 80% of the GPU's free memory.",
+            show_default=False,
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -122,7 +131,9 @@ def analyze(
 ) -> None:
     from esdtool.analyze import analyze as run_analyze
 
-    settings = AnalyzeSettings(device=device, dtype=dtype, include=include, exclude=exclude)
+    settings = AnalyzeSettings(
+        device=device, dtype=dtype, include=include, exclude=exclude, max_tensor_gb=max_tensor_gb
+    )
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     hook = None if (quiet or as_json or not main_rank) else _RichProgress()
     try:
