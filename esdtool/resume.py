@@ -81,11 +81,12 @@ class Sidecar:
         if path.exists() and resume:
             side.kept, side.discarded = _read(path, digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        side._file = open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8")  # noqa: SIM115
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # two runs never share a temp
+        side._file = open(tmp, "w", encoding="utf-8")  # noqa: SIM115
         side._write_line({"format": FORMAT, "fingerprint": digest})
         for rows in side.kept.values():
             side._write_line({"rows": [{k: _encode(v) for k, v in r.items()} for r in rows]})
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        os.replace(tmp, path)
         return side
 
     @property

@@ -72,15 +72,16 @@ def test_statuses_for_zero_nonfinite_small_integer_and_experts(tmp_path):
     assert all(math.isnan(a) for a in df[df.status != "ok"].alpha_ks)
 
 
-def test_bf16_checkpoint_matches_its_float32_upcast(tmp_path):
-    W = torch.randn(48, 80).to(torch.bfloat16)
+@pytest.mark.parametrize(("dtype", "name"), [(torch.bfloat16, "BF16"), (torch.float16, "F16")])
+def test_half_checkpoints_match_their_float32_upcast(tmp_path, dtype, name):
+    W = torch.randn(48, 80).to(dtype)
     save_torch({"layers.0.a.weight": W}, str(tmp_path / "bf.safetensors"))
     save_torch({"layers.0.a.weight": W.float()}, str(tmp_path / "f32.safetensors"))
     a = load_metrics(analyze(tmp_path / "bf.safetensors", tmp_path / "a.parquet").output)
     b = load_metrics(analyze(tmp_path / "f32.safetensors", tmp_path / "b.parquet").output)
     cols = ["alpha_median", "alpha_ks", "num_spikes", "stable_rank"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
-    assert a.dtype.item() == "BF16"
+    assert a.dtype.item() == name
 
 
 @pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])

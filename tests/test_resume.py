@@ -185,3 +185,19 @@ def test_nothing_analysable_is_one_clear_error(tmp_path, capsys):
     assert "nothing to analyse" in stderr and "vectors.safetensors" in stderr
     assert "1-D tensor" in stderr
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_two_runs_writing_one_output_leave_a_complete_table(reference, tmp_path):
+    """Concurrent runs race on the output and its sidecar; whichever renames last wins, and
+    the file is always a whole table."""
+    path, expected = reference
+    out = tmp_path / "m.parquet"
+    first, second = (
+        start(["analyze", path, "-o", out, "-q"]),
+        start(["analyze", path, "-o", out, "-q"]),
+    )
+    for proc in (first, second):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    same_table(load_metrics(out), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet"]
