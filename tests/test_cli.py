@@ -259,3 +259,16 @@ def test_analyze_imports_neither_pandas_nor_matplotlib(minilm_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert (tmp_path / "m.parquet").is_file()
+
+
+def test_hostile_names_reach_the_terminal_escaped(tmp_path, capsys):
+    """A name carrying terminal escapes and rich markup is printed inert: escapes shown as
+    \\xNN, markup as text, never interpreted."""
+    name = "layers.0.\x1b[2J\x1b[31m[bold red]x[/bold red]\x07.weight"
+    bad = np.ones((32, 48), np.float32)
+    bad[0, 0] = np.nan
+    path = write_tensors(tmp_path / "h.safetensors", {name: bad, "layers.0.ok.weight": bad * 0})
+    code, _, stderr = run_cli(["analyze", path, "-o", tmp_path / "m.parquet"], capsys)
+    assert code == 0
+    assert "\x1b" not in stderr and "\x07" not in stderr
+    assert "\\x1b[2J\\x1b[31m[bold red]x[/bold red]\\x07" in stderr
