@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+docs: install
+	$(BIN)/python -m esdtool.cli.reference > docs/cli.md
 
 bench: install
 	$(BIN)/python -m pip install -q weightwatcher

@@ -272,3 +272,26 @@ def test_hostile_names_reach_the_terminal_escaped(tmp_path, capsys):
     assert code == 0
     assert "\x1b" not in stderr and "\x07" not in stderr
     assert "\\x1b[2J\\x1b[31m[bold red]x[/bold red]\\x07" in stderr
+
+
+def test_docs_cli_md_is_current():
+    """docs/cli.md is generated from the commands; regenerate with `make docs`."""
+    from pathlib import Path
+
+    from esdtool.cli.reference import reference
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert path.read_text() == reference(), "docs/cli.md is stale: run `make docs`"
+
+
+def test_every_command_and_option_has_help():
+    import typer
+
+    from esdtool.cli.reference import missing_help
+
+    assert missing_help() == []
+    # ... and the check does catch an option without help:
+    demo = typer.Typer()
+    demo.callback()(lambda: None)
+    demo.command("x", help="Does x.")(lambda n: None)
+    assert missing_help(demo) == ["esdtool x N"]
