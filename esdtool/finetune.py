@@ -79,6 +79,7 @@ class FinetuneResult:
     steps: int = 0
     first_loss: float | None = None
     final_loss: float | None = None
+    eval_loss: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     dry_run: bool = False
 
@@ -164,6 +165,9 @@ def finetune(
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(outdir))  # adapter_config.json + adapter_model.safetensors + tokenizer
+    eval_loss = None
+    if evaluation is not None:  # the number to compare plans by, at the end of training
+        eval_loss = float(trainer.evaluate()["eval_loss"])
     losses = [
         (int(entry["step"]), float(entry["loss"]))
         for entry in trainer.state.log_history
@@ -178,6 +182,7 @@ def finetune(
         steps=int(trainer.state.global_step),
         first_loss=losses[0][1] if losses else None,
         final_loss=losses[-1][1] if losses else None,
+        eval_loss=eval_loss,
         losses=losses,
     )
     if trainer.is_world_process_zero():

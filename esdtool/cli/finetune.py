@@ -177,5 +177,7 @@ def _print_summary(result: FinetuneResult) -> None:
         table.add_row("steps", str(result.steps))
         if result.first_loss is not None and result.final_loss is not None:
             table.add_row("loss", f"{result.first_loss:.4f} (first) -> {result.final_loss:.4f}")
+        if result.eval_loss is not None:
+            table.add_row("eval loss", f"{result.eval_loss:.4f}")
         table.add_row("adapter saved to", Text(safe(str(result.output_dir))))
     out.print(table)
