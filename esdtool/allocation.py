@@ -120,6 +120,13 @@ def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> tuple[pd.Da
     usable = (
         np.isfinite(df[settings.alpha_column].astype(float)) & df[settings.spikes_column].notna()
     )
+    twice = df.module[df.module.duplicated()].unique()
+    if len(twice):  # e.g. tensors "x.weight" and "x": one PEFT module, two plans
+        raise SettingsError(
+            f"module {twice[0]!r} comes from two tensors ("
+            + ", ".join(repr(n) for n in df.name[df.module == twice[0]])
+            + "); pick one with --targets"
+        )
     return df[usable], list(df.module[~usable])
 
 

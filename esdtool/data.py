@@ -41,7 +41,8 @@ class DataFormatError(SettingsError):
 
 
 def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
-    """A ``datasets.Dataset`` from a local .jsonl/.json/.parquet/.csv file or a hub dataset id."""
+    """A ``datasets.Dataset`` from a local .jsonl/.json/.parquet/.csv file or a hub dataset id
+    (``org/name`` takes ``split``; ``org/name:validation`` names the split)."""
     import datasets
 
     text = os.fspath(data)
@@ -57,8 +58,10 @@ def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
             # A local file parses in moments: no progress bars to clutter the terminal.
             was_enabled = datasets.is_progress_bar_enabled()
             datasets.disable_progress_bars()
+            # CSV: every cell as text (no "5" -> 5.0, no empty -> NaN -> "None").
+            extra = {"dtype": str, "keep_default_na": False} if builder == "csv" else {}
             try:
-                return datasets.load_dataset(builder, data_files=str(path), split="train")
+                return datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
             finally:
                 if was_enabled:
                     datasets.enable_progress_bars()
@@ -66,7 +69,8 @@ def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
             raise DataFormatError(f"{text}: not a regular file")
         if text.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS:
             raise DataFormatError(f"{text}: no such file")
-        return datasets.load_dataset(text, split=split)
+        name, _, chosen = text.partition(":")  # "org/name:validation" picks a split
+        return datasets.load_dataset(name, split=chosen or split)
     except DataFormatError:
         raise
     except Exception as exc:  # datasets raises many types (DatasetNotFoundError, ArrowInvalid...)
@@ -100,8 +104,25 @@ def alpaca_prompt(instruction: str, input_text: str | None) -> str:
     return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
+def _require_text(dataset: Any, columns: list[str], where: str) -> None:
+    """Each of ``columns`` must hold a string in every record: a number or a missing value
+    would otherwise train on "5.0" or "None"."""
+    for column in columns:
+        for index, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                raise DataFormatError(
+                    f"{where}: record {index}: {column} is {type(value).__name__}, not text"
+                )
+
+
 def to_training_records(dataset: Any, fmt: str, where: str) -> Any:
     """``dataset`` rewritten to TRL's shapes: ``text`` or ``prompt`` + ``completion``."""
+    text_columns = {
+        "text": ["text"],
+        "prompt/completion": ["prompt", "completion"],
+        "instruction/input/output": ["instruction", "output"],
+    }
+    _require_text(dataset, text_columns.get(fmt, []), where)
     if fmt == "text":
         return dataset.select_columns(["text"])
     if fmt == "prompt/completion":
@@ -111,7 +132,7 @@ def to_training_records(dataset: Any, fmt: str, where: str) -> Any:
 
         def alpaca(record: dict[str, Any]) -> dict[str, str]:
             prompt = alpaca_prompt(record["instruction"], record["input"] if has_input else None)
-            return {"prompt": prompt, "completion": str(record["output"])}
+            return {"prompt": prompt, "completion": record["output"]}
 
         return dataset.map(alpaca, remove_columns=dataset.column_names)
 

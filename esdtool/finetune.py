@@ -136,7 +136,13 @@ def finetune(
             hint="use prompt/completion records, or a model with a chat template",
         )
 
+    if resume_from_checkpoint is True and _last_checkpoint(Path(output_dir)) is None:
+        raise SettingsError(
+            f"{output_dir}: no checkpoint-* directory to resume from",
+            hint="drop --resume-from-checkpoint, or pass the output dir of an earlier run",
+        )
     base = _load_model(stack["transformers"], model_dir, settings)
+    stack["transformers"].set_seed(settings.seed)  # the adapters' initial weights too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
@@ -149,6 +155,7 @@ def finetune(
                 hint="re-run esdtool allocate on a metrics table of this model",
             ) from exc  # fmt: skip
     ranks = _check_applied(peft_model, config, Path(adapter_config), model)
+    _check_shapes(peft_model, Path(adapter_config), model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     outdir = Path(output_dir)
     result = FinetuneResult(outdir, fmt, ranks, int(trainable), int(total), dry_run=dry_run)
@@ -277,8 +284,10 @@ def _load_model(transformers: Any, model_dir: Path, settings: FinetuneSettings) 
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if _use_bf16(settings) else torch.float16,
         )
+        # One GPU per process under torchrun / accelerate (else every rank loads on cuda:0).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     elif _use_bf16(settings):
         kwargs["dtype"] = torch.bfloat16
     try:
@@ -325,6 +334,42 @@ def _check_applied(peft_model: Any, config: Any, plan_dir: Path, model: object) 
             hint="re-run esdtool allocate on a metrics table of this model",
         )
     return adapted
+
+
+def _last_checkpoint(outdir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(outdir)) if outdir.is_dir() else None
+    return Path(found) if found else None
+
+
+def _check_shapes(peft_model: Any, plan_dir: Path, model: object) -> None:
+    """The plan must be for this model, not just for one with the same module names: each
+    planned module's weight must have the shape allocation.csv recorded (rows x cols)."""
+    import pandas as pd
+
+    csv = plan_dir / "allocation.csv"
+    if not csv.is_file():
+        return  # a hand-written config: names were checked, shapes cannot be
+    plan = pd.read_csv(csv)
+    plan = plan[plan.selected]
+    modules = dict(peft_model.base_model.model.named_modules())
+    wrong = []
+    for row in plan.itertuples():
+        layer = modules.get(row.module)
+        layer = getattr(layer, "base_layer", layer)
+        if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+            shape = (layer.out_features, layer.in_features)  # also right for 4-bit packed weights
+        else:
+            shape = tuple(getattr(getattr(layer, "weight", None), "shape", ()))  # e.g. Conv1D
+        if len(shape) == 2 and sorted(shape) != sorted((row.rows, row.cols)):
+            wrong.append(f"{row.module} is {shape[0]}x{shape[1]}, planned {row.rows}x{row.cols}")
+    if wrong:
+        raise PlanNotApplicableError(
+            f"{csv}: planned for another model than {model}: {wrong[0]}"
+            + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""),
+            hint="re-run esdtool analyze and allocate on this model",
+        )
 
 
 def _trainer(

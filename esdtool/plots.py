@@ -63,14 +63,17 @@ def heatmap(
     data = table.dropna(subset=["layer", "kind", column])
     grid = data.pivot_table(index="kind", columns="layer", values=column, aggfunc="median")
     n_kinds, n_layers = grid.shape if grid.size else (1, 1)
-    fig = Figure(figsize=(min(3 + 0.45 * n_layers, 16), 1.2 + 0.32 * n_kinds), layout="constrained")
+    height = min(1.2 + 0.32 * n_kinds, 30)  # hundreds of kinds must not make a 5 MB image
+    fig = Figure(figsize=(min(3 + 0.45 * n_layers, 16), height), layout="constrained")
     ax = fig.add_subplot()
     if grid.size:
         image = ax.imshow(
             np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap
         )
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
-        ax.set_yticks(range(n_kinds), [_label(str(k)) for k in grid.index], fontsize=8)
+        step_y = max(1, n_kinds // 80)
+        ax.set_yticks(range(0, n_kinds, step_y), [_label(str(k)) for k in grid.index[::step_y]],
+                      fontsize=8)  # fmt: skip
         step = max(1, n_layers // 24)
         ax.set_xticks(range(0, n_layers, step), [str(int(v)) for v in grid.columns[::step]])
         if grid.size <= 600:
@@ -99,6 +102,11 @@ def mp_density(lam: np.ndarray, sigma: float, M: int, N: int) -> np.ndarray:
 
 
 def esd(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0) -> bytes:
+    """:func:`esd_figure` as PNG bytes."""
+    return _png(esd_figure(evals, row, alpha_column, threshold))
+
+
+def esd_figure(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0) -> Figure:
     """Log-log eigenvalue histogram with the power-law tail fitted from xmin, the MP bulk
     density and edge, and the Tracy-Widom spike threshold.
 
@@ -111,7 +119,7 @@ def esd(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0)
     fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.16)
     ax = fig.add_subplot()
     lam = np.asarray(evals, dtype=float)
-    lam = lam[lam > max(threshold, 0.0)]
+    lam = lam[np.isfinite(lam) & (lam > max(threshold, 0.0))]  # a crafted table may hold inf
     method = alpha_column.removeprefix("alpha_")
     alpha, xmin = row.get(alpha_column), row.get(f"xmin_{method}")
     spikes = row.get("num_spikes")
@@ -126,7 +134,7 @@ def esd(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0)
         ax.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color="#8ab6d6")
         floor = density[density > 0].min() / 3
         sigma = row.get("sigma_mp")
-        if _finite(sigma) and sigma > 0:
+        if _finite(sigma) and sigma > 0 and _finite(row.get("M")) and _finite(row.get("N")):
             grid = np.geomspace(lam[0], lam[-1], 400)
             mp = mp_density(grid, sigma, int(row["M"]), int(row["N"]))
             ax.plot(grid, np.where(mp > floor, mp, np.nan), color="#555", lw=1, label="MP bulk")
@@ -150,7 +158,7 @@ def esd(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0)
         ax.legend(fontsize=8, frameon=False, loc="lower left")
     ax.set_ylabel("density", fontsize=9)
     ax.tick_params(labelsize=9)
-    return _png(fig)
+    return fig
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")

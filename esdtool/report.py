@@ -206,7 +206,7 @@ def _gallery(
             matrices.append(
                 {
                     "index": index,
-                    "name": printable(record["name"]),
+                    "name": printable(record["name"]) + _expert(record),
                     "png": base64.b64encode(png).decode("ascii"),
                     "rank": int(rank) if _present(rank) else None,
                 }
@@ -217,7 +217,7 @@ def _gallery(
         alphas = rows[alpha_column].dropna()
         method = alpha_column.removeprefix("alpha_").replace("_", "-")
         summary = f"median α ({method}) {alphas.median():.2f}" if len(alphas) else ""
-        title = f"layer {int(layer)}" if layer >= 0 else "outside the blocks"
+        title = "outside the blocks" if layer < 0 else f"layer {layer:g}"
         groups.append({"title": title, "summary": summary, "matrices": matrices})
     return groups, drawn
 
@@ -266,8 +266,7 @@ def _rows(table: pd.DataFrame, plotted: set[int]) -> list[dict[str, Any]]:
     rows = []
     for index, record in zip(table.index, table.to_dict("records"), strict=True):
         record["shape"] = f"{record['rows']} x {record['cols']}" if _present(record["rows"]) else ""
-        if _present(record.get("slice")):
-            record["name"] = f"{record['name']} [expert {int(record['slice'])}]"
+        record["name"] = f"{record['name']}{_expert(record)}"
         cells = []
         for col, _, kind, fmt in _TABLE:
             value = record.get(col)
@@ -319,6 +318,11 @@ def _plan(allocation: Allocation | None) -> dict[str, Any] | None:
         "spikes_column": s.spikes_column,
         "select": s.select,
     }
+
+
+def _expert(record: dict[str, Any]) -> str:
+    """ " [expert N]" for a matrix of a 3-D tensor, else ""."""
+    return f" [expert {int(record['slice'])}]" if _present(record.get("slice")) else ""
 
 
 def _present(value: object) -> bool:

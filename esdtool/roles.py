@@ -43,7 +43,10 @@ def module_kind(name: str) -> str | None:
     """What a block module does, shared across depth: the module name after its block index
     ("model.layers.3.self_attn.q_proj" -> "self_attn.q_proj"); None outside the blocks."""
     m = _BLOCK.search(name)
-    return module_name(name[m.end() :]) if m else None
+    # Experts stored one tensor each ("mlp.experts.17.down_proj") share one kind across experts.
+    if m is None:
+        return None
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", module_name(name[m.end() :]))
 
 
 def module_name(name: str) -> str:

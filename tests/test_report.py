@@ -33,6 +33,7 @@ class Page(HTMLParser):
         self._in_script = False
         self._cells: list[str] | None = None
         self._row_class = ""
+        self.html = html
         self.feed(html)
 
     def handle_starttag(self, tag, attrs):
@@ -74,6 +75,10 @@ def assert_self_contained_and_inert(page: Page) -> None:
     digest = base64.b64encode(hashlib.sha256(page.scripts[0].encode()).digest()).decode()
     csp = page.csp()
     assert "default-src 'none'" in csp and f"script-src 'sha256-{digest}'" in csp
+    styles = re.findall(r"<style>(.*?)</style>", page.html, re.S)
+    assert len(styles) == 1
+    style_digest = base64.b64encode(hashlib.sha256(styles[0].encode()).digest()).decode()
+    assert f"style-src 'sha256-{style_digest}'" in csp
     for tag, attrs in page.elements:
         assert tag not in ("link", "iframe", "object", "embed", "base", "form")
         assert not any(name.startswith("on") for name in attrs), (tag, attrs)
@@ -119,22 +124,36 @@ def test_minilm_report_shows_every_row_spectrum_and_planned_rank(minilm_plan, mi
     assert "39 analysed" in text and "65 skipped" in text
 
 
-def test_report_plots_each_spectrum_against_its_own_fit(minilm_table):
-    """The red power-law line starts at the row's xmin with the row's alpha: checked on the
-    figure's data, not on pixels."""
+def test_each_spectrum_plot_draws_its_rows_fit_and_thresholds(minilm_table):
+    """Read back what the figure draws: the red tail starts at the row's xmin with slope
+    -alpha in log-log, and the vertical lines sit at the row's MP edge and TW threshold."""
     from esdtool import plots
 
     row = minilm_table[minilm_table.status == "ok"].iloc[7].to_dict()
-    png = plots.esd(np.asarray(row["eigenvalues"]), row, "alpha_median", 1e-5)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    # Same density the figure draws, recomputed here: slope -alpha in log-log from xmin.
-    lam = np.asarray(row["eigenvalues"], float)
-    lam = lam[lam > 1e-5]
-    x = np.array([row["xmin_median"], lam[-1]])
-    tail = (lam >= row["xmin_median"]).sum() / lam.size
-    y = tail * (row["alpha_median"] - 1) / x[0] * (x / x[0]) ** -row["alpha_median"]
+    fig = plots.esd_figure(np.asarray(row["eigenvalues"]), row, "alpha_median", 1e-5)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    tail = next(v for k, v in lines.items() if k.startswith("power law"))
+    x, y = np.asarray(tail.get_xdata()), np.asarray(tail.get_ydata())
+    assert x[0] == pytest.approx(row["xmin_median"]) and x[-1] == pytest.approx(row["lambda_max"])
     slope = np.diff(np.log(y)) / np.diff(np.log(x))
-    assert slope[0] == pytest.approx(-row["alpha_median"])
+    np.testing.assert_allclose(slope, -row["alpha_median"], rtol=1e-9)
+    assert lines["MP edge"].get_xdata()[0] == pytest.approx(row["bulk_max"])
+    assert lines["TW threshold"].get_xdata()[0] == pytest.approx(row["tw_threshold"])
+    assert ax.get_title(loc="left").startswith(f"α = {row['alpha_median']:.2f} (median)")
+    assert f"spikes {row['num_spikes']}" in ax.get_title(loc="left")
+    assert plots.esd(np.asarray(row["eigenvalues"]), row, "alpha_median")[:4] == b"\x89PNG"
+
+
+def test_a_crafted_table_cannot_crash_a_plot():
+    from esdtool import plots
+
+    row = {"M": None, "N": None, "sigma_mp": 0.1, "alpha_median": 2.0, "xmin_median": 1.0,
+           "num_spikes": None, "bulk_max": float("inf"), "tw_threshold": float("nan")}  # fmt: skip
+    evals = np.array([0.0, 0.5, 1.0, 2.0, float("inf"), float("nan"), 3.0])
+    fig = plots.esd_figure(evals, row, "alpha_median")
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert labels and labels[0].startswith("power law")
 
 
 def test_mp_density_integrates_to_one():
