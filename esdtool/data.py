@@ -59,9 +59,13 @@ def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
             was_enabled = datasets.is_progress_bar_enabled()
             datasets.disable_progress_bars()
             # CSV: every cell as text (no "5" -> 5.0, no empty -> NaN -> "None").
-            extra = {"dtype": str, "keep_default_na": False} if builder == "csv" else {}
             try:
-                return datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+                if builder == "csv":
+                    import pandas as pd
+
+                    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+                    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
             finally:
                 if was_enabled:
                     datasets.enable_progress_bars()

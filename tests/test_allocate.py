@@ -155,3 +155,23 @@ def test_verify_reports_every_mismatch(minilm_metrics, minilm_dir, tmp_path):
     assert any("planned" in p and str(table.loc[kept[0], "module"]) in p for p in problems)
     assert any(p.startswith("encoder.layer.9.attention.self.query: planned") for p in problems)
     assert any("not in the plan" in p for p in problems)  # the renamed one's real module
+
+
+def test_two_tensors_of_one_module_are_refused(tmp_path, capsys):
+    import numpy as np
+
+    from conftest import write_tensors
+    from esdtool import analyze
+
+    rng = np.random.default_rng(0)
+    path = write_tensors(
+        tmp_path / "dup.safetensors",
+        {
+            "model.layers.0.mlp.up_proj.weight": rng.standard_normal((32, 48)).astype("f4"),
+            "model.layers.0.mlp.up_proj": rng.standard_normal((32, 48)).astype("f4"),
+        },
+    )
+    metrics = analyze(path, tmp_path / "m.parquet").output
+    code, _, stderr = run_cli(["allocate", metrics, "-o", tmp_path / "plan"], capsys)
+    assert code == 2 and "comes from two tensors" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "plan" / "adapter_config.json").exists()

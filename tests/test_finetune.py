@@ -243,3 +243,61 @@ def test_finetune_needs_its_extra_named(monkeypatch, tmp_path):
     with pytest.raises(SettingsError) as info:
         finetune("x", tmp_path, "d.jsonl", tmp_path / "out")
     assert "trl is missing" in str(info.value) and "esdtool[finetune]" in info.value.hint
+
+
+def test_same_seed_same_adapter(tiny_causal_lm, plan, tmp_path):
+    """--seed fixes the adapters' initial weights too, not only the data order."""
+    from esdtool.finetune import FinetuneSettings, finetune
+
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    settings = FinetuneSettings(max_steps=1, batch_size=2, seed=7)
+    outputs = []
+    for name in ("a", "b"):
+        finetune(tiny_causal_lm, plan, data, tmp_path / name, settings, progress=False)
+        outputs.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_training_targets_must_be_text(tmp_path):
+    from esdtool.data import DataFormatError, load_training_data
+
+    (tmp_path / "a.csv").write_text("instruction,input,output\nAdd.,2 3,5\nSay.,x,\n")
+    records, _ = load_training_data(tmp_path / "a.csv")
+    assert [r["completion"] for r in records] == ["5", ""]  # not 5.0, not "None"
+    write_jsonl(tmp_path / "n.jsonl", [{"prompt": "2+3=", "completion": 5}])
+    with pytest.raises(DataFormatError, match="record 0: completion is int, not text"):
+        load_training_data(tmp_path / "n.jsonl")
+
+
+def test_plans_that_do_not_fit_are_refused_before_training(tiny_causal_lm, plan, tmp_path):
+    import shutil
+
+    from esdtool.finetune import FinetuneSettings, PlanNotApplicableError, finetune
+
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    settings = FinetuneSettings(max_steps=1)
+
+    # Same module names, other shapes: a plan made for a bigger sibling model.
+    other = tmp_path / "other-plan"
+    shutil.copytree(plan, other)
+    table = pd.read_csv(other / "allocation.csv")
+    table.loc[table.selected, "cols"] *= 2
+    table.to_csv(other / "allocation.csv", index=False)
+    with pytest.raises(PlanNotApplicableError, match="planned for another model"):
+        finetune(tiny_causal_lm, other, data, tmp_path / "run", settings, dry_run=True)
+
+    # One planned module the model lacks, among ones it has.
+    extra = tmp_path / "extra-plan"
+    shutil.copytree(plan, extra)
+    config = json.loads((extra / "adapter_config.json").read_text())
+    config["rank_pattern"]["^model\\.layers\\.9\\.mlp\\.up_proj"] = 8
+    (extra / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(PlanNotApplicableError, match=r"1 planned module\(s\) not in"):
+        finetune(tiny_causal_lm, extra, data, tmp_path / "run", settings, dry_run=True)
+
+    from esdtool.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="no checkpoint-\\* directory to resume from"):
+        finetune(tiny_causal_lm, plan, data, tmp_path / "run", settings,
+                 resume_from_checkpoint=True)  # fmt: skip
+    assert not (tmp_path / "run").exists()
