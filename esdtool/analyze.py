@@ -445,16 +445,11 @@ class AnalysisInterrupted(EsdtoolError):
     exit_code = 130
 
     def __init__(self, side: Sidecar) -> None:
-        done = sum(1 for _ in _lines(side.path)) - 1
+        done = len(side.kept) + side.appended
         super().__init__(
-            f"interrupted; {max(done, 0)} finished tensor(s) kept in {side.path}",
+            f"interrupted; {done} finished tensor(s) kept in {side.path}",
             hint="run the same command again to resume (--no-resume starts over)",
         )
-
-
-def _lines(path: Path) -> Iterator[str]:
-    with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
-        yield from f
 
 
 def _check_something_analysable(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -313,14 +312,12 @@ def _use_bf16(settings: FinetuneSettings) -> bool:
 
 def _check_applied(peft_model: Any, config: Any, plan_dir: Path, model: object) -> dict[str, int]:
     """Each rank_pattern key must match exactly one adapted module, with its rank."""
-    adapted = {
-        name.removeprefix("base_model.model."): module.r["default"]
-        for name, module in peft_model.named_modules()
-        if hasattr(module, "lora_A") and "default" in getattr(module, "r", {})
-    }
+    from esdtool.verify import adapted_modules, matches_key
+
+    adapted = {name: module.r["default"] for name, module in adapted_modules(peft_model).items()}
     missing = []
     for key, rank in (config.rank_pattern or {}).items():
-        hits = [n for n in adapted if re.match(rf"(.*\.)?({key})$", n)]
+        hits = [n for n in adapted if matches_key(key, n)]
         if not hits:
             missing.append(key.removeprefix("^").replace("\\", ""))
         elif any(adapted[n] != rank for n in hits):

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -29,7 +29,7 @@ from esdtool.allocation import Allocation
 from esdtool.errors import SettingsError
 from esdtool.roles import module_kind
 from esdtool.settings import MAX_PLOTS
-from esdtool.table import atomic_write, load_metrics
+from esdtool.table import COLUMNS, atomic_write, load_metrics
 from esdtool.untrusted import printable
 
 # Table columns shown in the report: (column, label, kind, format).
@@ -60,6 +60,7 @@ _DOCS = {
     "rank": "LoRA rank planned for the module (blank: no adapter)",
     "lora_alpha": "lora_alpha planned for the module",
 }
+_COLUMN_DOCS = {name: doc for name, _, doc in COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -142,15 +143,6 @@ def render(
 
 
 _META_KEYS = ("source", "source_kind", "revision", "created", "device", "esdtool_version")
-
-
-def _column_docs() -> dict[str, str]:
-    from esdtool.table import COLUMNS
-
-    return {name: doc for name, _, doc in COLUMNS}
-
-
-_COLUMN_DOCS = _column_docs()
 
 
 def _template() -> jinja2.Template:
@@ -292,8 +284,6 @@ def _totals(table: pd.DataFrame) -> dict[str, Any]:
 def _settings(analysis: dict[str, Any], allocation: Allocation | None) -> list[tuple]:
     sections = [("analyze", [(str(k), _text(v)) for k, v in analysis.items()])]
     if allocation is not None:
-        from dataclasses import asdict
-
         sections.append(
             ("allocate", [(k, _text(v)) for k, v in asdict(allocation.settings).items()])
         )

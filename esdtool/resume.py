@@ -71,6 +71,7 @@ class Sidecar:
         self.digest = digest
         self.kept: dict[str, list[dict[str, Any]]] = {}
         self.discarded = False  # a sidecar was there but for another checkpoint or settings
+        self.appended = 0  # tensors recorded by this run
         self._file: Any = None
 
     @classmethod
@@ -95,6 +96,7 @@ class Sidecar:
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         """Record one finished tensor's rows durably (flush + fsync)."""
+        self.appended += 1
         self._write_line({"rows": [{k: _encode(v) for k, v in r.items()} for r in rows]})
 
     def _write_line(self, record: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -49,6 +50,21 @@ def build_meta_model(model_dir: Path):
         return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
 
 
+def adapted_modules(peft_model: Any) -> dict[str, Any]:
+    """The modules that got the default LoRA adapter, by their name in the base model."""
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+
+
+def matches_key(key: str, name: str) -> bool:
+    """PEFT's rule for a rank_pattern / alpha_pattern key: it matches the end of the module
+    name at a dot boundary (our keys start with ^, so only the whole name)."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def verify_plan(plan_dir: Path, model_dir: Path) -> list[str]:
     """Problems found applying ``plan_dir``'s adapter_config.json to the model in ``model_dir``
     (empty when the plan applies exactly). Every problem is listed, not just the first."""
@@ -63,11 +79,7 @@ def verify_plan(plan_dir: Path, model_dir: Path) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = peft.get_peft_model(build_meta_model(Path(model_dir)), config)
-    adapted = {
-        name.removeprefix("base_model.model."): module
-        for name, module in model.named_modules()
-        if hasattr(module, "lora_A") and "default" in module.lora_A
-    }
+    adapted = adapted_modules(model)
     raw = json.loads((plan_dir / CONFIG_NAME).read_text())
     problems = []
     for row in kept.itertuples():
@@ -75,7 +87,7 @@ def verify_plan(plan_dir: Path, model_dir: Path) -> list[str]:
             problems.append(f"{row.module}: planned, but no such module gets an adapter")
             continue
         module = adapted[row.module]
-        keys = [k for k in raw["rank_pattern"] if re.match(rf"(.*\.)?({k})$", row.module)]
+        keys = [k for k in raw["rank_pattern"] if matches_key(k, row.module)]
         if len(keys) != 1:
             problems.append(f"{row.module}: matched by {len(keys)} rank_pattern keys")
         if module.r["default"] != row.rank:
