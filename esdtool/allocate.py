@@ -28,7 +28,6 @@ class AllocateResult:
     def summary(self) -> dict[str, object]:
         """Modules adapted, rank histogram, trainable parameters vs uniform LoRA."""
         kept = self.allocation.kept
-        median = int(kept["rank"].median()) if len(kept) else 0
         return {
             "config": str(self.config),
             "csv": str(self.csv),
@@ -41,9 +40,9 @@ class AllocateResult:
                 int(r): int(n) for r, n in kept["rank"].value_counts().sort_index().items()
             },
             "trainable_params": self.allocation.total_params,
-            "uniform_median_rank": median,
-            "uniform_params": self.allocation.uniform_params(median),
+            "equal_cost_rank": round(self.allocation.equal_cost_rank, 2),
             "budget_params": self.allocation.budget,
+            "notes": list(self.allocation.notes),
         }
 
 

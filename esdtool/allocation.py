@@ -105,6 +105,12 @@ class Allocation:
         """Trainable parameters of uniform LoRA at ``rank`` on every candidate."""
         return int(rank * (self.table.rows + self.table.cols).sum())
 
+    @property
+    def equal_cost_rank(self) -> float:
+        """The rank at which uniform LoRA on every candidate costs what this plan costs: the
+        like-for-like way to say how big the plan is."""
+        return self.total_params / max(int((self.table.rows + self.table.cols).sum()), 1)
+
 
 def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> tuple[pd.DataFrame, list[str]]:
     """Rows eligible for an adapter (analysed 2-D matrices picked by role or --targets), and
@@ -208,4 +214,11 @@ def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = No
     })  # fmt: skip
     notes = [f"{m}: no {settings.alpha_column} or {settings.spikes_column}; not a candidate"
              for m in dropped]  # fmt: skip
+    total = int(table.params.sum())
+    if budget and abs(total / budget - 1) > 0.01:
+        notes.append(
+            f"budget {budget:,} missed: the plan has {total:,} ({total / budget - 1:+.0%}) "
+            f"because ranks stay within {settings.min_rank}..{settings.max_rank}; widen "
+            "--min-rank / --max-rank or keep more modules (--top-n-percentile)"
+        )
     return Allocation(table=table, settings=settings, budget=budget, notes=notes)

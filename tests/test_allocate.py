@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import run_cli
@@ -57,7 +58,6 @@ def test_peft_applies_exactly_the_planned_ranks_to_minilm(minilm_dir, minilm_met
     module an adapter, and the trainable count equals allocation.csv's."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    import pandas as pd
 
     path = minilm_metrics
     result = allocate(path, tmp_path / "plan", task_type="FEATURE_EXTRACTION", report=False)
@@ -91,6 +91,31 @@ def test_match_rank_budget(minilm_metrics, tmp_path):
     by_score = kept.sort_values("score")["rank"].to_numpy()
     assert (np.diff(by_score) >= 0).all()
     assert list(kept.module) == list(unscaled.module)
+    assert not result.notes
+    # the plan's size as a uniform rank on all candidates: r * sum(rows + cols) = its cost
+    sizes = result.table.rows + result.table.cols
+    assert result.equal_cost_rank == pytest.approx((kept["rank"] * (kept.rows + kept.cols)).sum()
+                                                   / sizes.sum())  # fmt: skip
+    assert result.equal_cost_rank == pytest.approx(8, rel=0.01)
+
+
+def test_a_budget_the_rank_range_cannot_reach_is_said_not_hidden(minilm_metrics, tmp_path, capsys):
+    """Half the candidates at rank <= 64 cannot cost what uniform r=64 on all of them costs."""
+    code, _, stderr = run_cli(
+        ["allocate", minilm_metrics, "-o", tmp_path / "p", "--match-rank", "64",
+         "--task-type", "FEATURE_EXTRACTION", "--no-report"], capsys,
+    )  # fmt: skip
+    assert code == 0
+    plan = pd.read_csv(tmp_path / "p" / "allocation.csv")
+    budget = 64 * (plan.rows + plan.cols).sum()
+    assert plan.params.sum() < 0.99 * budget and plan[plan.selected]["rank"].eq(64).all()
+    text = " ".join(stderr.split())
+    assert f"budget {budget:,} missed" in text and "--max-rank" in text
+    code, stdout, _ = run_cli(
+        ["allocate", minilm_metrics, "-o", tmp_path / "q", "--match-rank", "64",
+         "--task-type", "FEATURE_EXTRACTION", "--no-report", "--json"], capsys,
+    )  # fmt: skip
+    assert any(f"budget {budget:,} missed" in n for n in json.loads(stdout)["notes"])
 
 
 @pytest.mark.parametrize(
@@ -144,7 +169,6 @@ def test_verify_reports_every_mismatch(minilm_metrics, minilm_dir, tmp_path):
     plan = tmp_path / "plan"
     allocate(minilm_metrics, plan, report=False)
     csv = plan / "allocation.csv"
-    import pandas as pd
 
     table = pd.read_csv(csv)
     kept = table.index[table.selected]

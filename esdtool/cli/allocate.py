@@ -149,9 +149,7 @@ def _print_summary(result: AllocateResult) -> None:
     hist = "  ".join(f"r{r}: {n}" for r, n in s["rank_histogram"].items())
     table.add_row("rank histogram", Text(hist))
     table.add_row("trainable params", f"{s['trainable_params']:,}")
-    table.add_row(
-        f"uniform r={s['uniform_median_rank']} (all candidates)", f"{s['uniform_params']:,}"
-    )
+    table.add_row("same cost as", f"uniform r={s['equal_cost_rank']:.1f} on all candidates")
     if s["budget_params"] is not None:
         table.add_row("budget", f"{s['budget_params']:,}")
     written = [s["config"], s["csv"]] + ([s["report"]] if s["report"] else [])
