@@ -220,14 +220,26 @@ def _overview(
     blocks = ok.dropna(subset=["layer", "kind"])
     if blocks.empty:
         return []
-    band = plots.WELL_TRAINED
+    # HTSR's 2-6 band was read off WeightWatcher's alpha, which is alpha_ks: the band goes on
+    # that plot only. The plan's own alpha (default alpha_median) sits on another scale.
     figures = [
         (
-            plots.by_depth(blocks, alpha_column, f"{alpha_column} by depth", "alpha", band),
-            f"{alpha_column} by layer",
-            "Power-law exponent per module kind; the shaded band (2-6) is where HTSR puts "
-            "well-trained layers.",
-        ),
+            plots.by_depth(blocks, "alpha_ks", "alpha_ks by depth", "alpha", plots.WELL_TRAINED),
+            "alpha_ks by layer",
+            "Power-law exponent (KS xmin, WeightWatcher's alpha) per module kind. The shaded "
+            "band (2-6) is where HTSR puts well-trained layers; above 6 is close to random.",
+        )
+    ]
+    if alpha_column != "alpha_ks":
+        figures.append(
+            (
+                plots.by_depth(blocks, alpha_column, f"{alpha_column} by depth", "alpha", None),
+                f"{alpha_column} by layer",
+                f"The exponent the plan scores ({alpha_column}). It is not on HTSR's 2-6 scale and "
+                "depends on the matrix shape: compare module kinds along the depth, not to a band.",
+            )
+        )
+    figures += [
         (
             plots.by_depth(blocks, "num_spikes", "spikes by depth", "spikes", None),
             "spikes by layer",
@@ -236,7 +248,7 @@ def _overview(
         (
             plots.heatmap(blocks, alpha_column, f"{alpha_column}: layer x module kind", "viridis"),
             "alpha heatmap",
-            "Median alpha for each module kind (rows) at each depth (columns).",
+            f"{alpha_column} for each module kind (rows) at each depth (columns).",
         ),
     ]
     if allocation is not None and blocks["rank"].notna().any():
@@ -294,7 +306,6 @@ def _plan(allocation: Allocation | None) -> dict[str, Any] | None:
     if allocation is None:
         return None
     kept = allocation.kept
-    median = int(kept["rank"].median())
     s = allocation.settings
     return {
         "candidates": len(allocation.table),
@@ -302,8 +313,7 @@ def _plan(allocation: Allocation | None) -> dict[str, Any] | None:
         "rank_min": int(kept["rank"].min()),
         "rank_max": int(kept["rank"].max()),
         "trainable_params": allocation.total_params,
-        "uniform_median_rank": median,
-        "uniform_params": allocation.uniform_params(median),
+        "equal_cost_rank": f"{allocation.equal_cost_rank:.1f}",
         "alpha_column": s.alpha_column,
         "spikes_column": s.spikes_column,
         "select": s.select,

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -106,9 +107,16 @@ def test_minilm_report_shows_every_row_spectrum_and_planned_rank(minilm_plan, mi
     ids = [a.get("id") or "" for t, a in page.elements if t == "figure"]
     assert len([i for i in ids if i.startswith("esd-")]) == len(ok) == 39
     assert len(page.rows) == len(minilm_table) == 104
-    # 4 overview figures: alpha and spikes by depth, the alpha heatmap, the rank heatmap.
+    # 5 overview figures: alpha_ks by depth on HTSR's band, the plan's alpha_median by depth
+    # (no band: another scale), spikes by depth, the alpha heatmap, the rank heatmap.
     overview = html[html.index('id="overview"') : html.index('id="spectra"')]
-    assert overview.count("<img") == 4
+    assert overview.count("<img") == 5
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", unescape(overview), re.S)
+    titles = re.findall(r'<img src="data:image/png;base64,[^"]*" alt="([^"]*)"', overview)
+    assert titles[:2] == ["alpha_ks by layer", "alpha_median by layer"]
+    assert "band (2-6)" in captions[0]
+    assert "alpha_median" in captions[1] and "not on HTSR's 2-6 scale" in captions[1]
+    assert sum("2-6" in c for c in captions) == 2
 
     # The rows marked selected carry exactly the ranks allocation.csv planned.
     plan = pd.read_csv(minilm_plan / "allocation.csv")
@@ -121,6 +129,8 @@ def test_minilm_report_shows_every_row_spectrum_and_planned_rank(minilm_plan, mi
     # Header facts come from the table's metadata.
     text = " ".join(page.text)
     assert "18 of 36 candidate modules adapted" in text
+    cost = (plan.params.sum() / (plan.rows + plan.cols).sum()).round(1)
+    assert f"the cost of uniform rank {cost} on all 36 candidates" in text
     assert "39 analysed" in text and "65 skipped" in text
 
 
