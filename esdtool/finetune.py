@@ -220,7 +220,7 @@ def _import_stack() -> dict[str, Any]:
         raise SettingsError(
             f"finetune needs transformers, peft, trl, accelerate and datasets "
             f"({exc.name} is missing)",
-            hint="pip install 'esdtool[finetune]'",
+            hint="pip install 'esdtool[finetune]', or pip install -e '.[finetune]' in a clone",
         ) from exc
     return {"peft": peft, "transformers": transformers, "trl": trl}
 

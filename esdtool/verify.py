@@ -30,7 +30,7 @@ def _import_peft_stack():
     except ImportError as exc:
         raise SettingsError(
             f"--verify needs transformers and peft ({exc.name} is missing)",
-            hint="pip install 'esdtool[finetune]'",
+            hint="pip install 'esdtool[finetune]', or pip install -e '.[finetune]' in a clone",
         ) from exc
     return peft, transformers
 

@@ -295,3 +295,20 @@ def test_every_command_and_option_has_help():
     demo.callback()(lambda: None)
     demo.command("x", help="Does x.")(lambda n: None)
     assert missing_help(demo) == ["esdtool x N"]
+
+
+def test_help_text_keeps_its_brackets(capsys):
+    """Rich reads [word] as markup: an unescaped extra name would vanish from --help."""
+    import typer
+
+    from esdtool.cli.reference import reference, swallowed_markup
+
+    assert swallowed_markup() == []
+    code, stdout, _ = run_cli(["finetune", "--help"], capsys)
+    assert code == 0 and "esdtool[finetune]" in " ".join(stdout.split())
+    assert "esdtool[finetune]" in reference()
+    demo = typer.Typer()
+    demo.callback()(lambda: None)
+    demo.command("x", help="Needs pip install 'esdtool[extra]'; [bold]x[/bold] \\[ok].")(lambda: 0)
+    found = swallowed_markup(demo)
+    assert len(found) == 1 and found[0].startswith("[extra] in")

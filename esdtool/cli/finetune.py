@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 HELP = (
     "Train LoRA adapters on a causal LM with the ranks esdtool allocate planned "
-    "(transformers + PEFT + TRL; needs the extra: pip install 'esdtool[finetune]').\n\n"
+    "(transformers + PEFT + TRL; needs the extra: pip install 'esdtool\\[finetune]').\n\n"
     "DATA is a .jsonl / .json / .parquet / .csv file or a hub dataset id, with records in one "
     "of these formats: messages (chat), prompt/completion, instruction/input/output (Alpaca, "
     "as the LLM-Adapters math and commonsense sets), or text. With a prompt the loss is on the "

@@ -2,8 +2,9 @@
 
     python -m esdtool.cli.reference > docs/cli.md      # `make docs` does this
 
-A test regenerates it and fails when the file in the repository differs, and another fails when
-any command, argument or option has no help text.
+A test regenerates it and fails when the file in the repository differs, and others fail when
+any command, argument or option has no help text, or has a literal [word] that rich would read as
+markup and swallow (write it as \\[word]).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import re
 from typing import Any
 
 import typer
+from rich.errors import StyleSyntaxError
+from rich.style import Style
+from rich.text import Text
 
 from esdtool.cli.app import app
 
@@ -23,8 +27,8 @@ test fails when this file is stale. `esdtool COMMAND --help` prints the same in 
 
 
 def _plain(text: str) -> str:
-    """Help text without rich markup ([bold] ... [/bold])."""
-    return re.sub(r"\[/?[a-z ]+\]", "", text or "").strip()
+    """Help text as the terminal shows it: rich markup ([bold] ... [/bold]) applied."""
+    return Text.from_markup(text or "").plain.strip()
 
 
 def _is_argument(param: Any) -> bool:
@@ -39,6 +43,8 @@ def _flags(param: Any) -> str:
 
 
 def _default(param: Any) -> str:
+    if getattr(param, "required", False):
+        return "required"
     if _is_argument(param) or param.default is None:
         return ""
     if getattr(param, "is_flag", False) and not param.secondary_opts:
@@ -88,6 +94,23 @@ def missing_help(typer_app: typer.Typer = app) -> list[str]:
         for p in command.params:
             if p.name != "help" and not getattr(p, "help", None):
                 problems.append(f"esdtool {name} {_flags(p)}")
+    return problems
+
+
+def swallowed_markup(typer_app: typer.Typer = app) -> list[str]:
+    """Every [word] in help text that rich takes for a style tag it cannot apply, so that the
+    terminal would drop it (``pip install 'esdtool[finetune]'`` printed as ``'esdtool'``)."""
+    group: Any = typer.main.get_command(typer_app)
+    texts = [group.help, *(p.help for p in group.params)]
+    for command in group.commands.values():
+        texts += [command.help, command.epilog, *(getattr(p, "help", "") for p in command.params)]
+    problems = []
+    for text in filter(None, texts):
+        for tag in re.findall(r"(?<!\\)\[([^\[\]]*)\]", text):
+            try:
+                Style.parse(tag.removeprefix("/"))
+            except StyleSyntaxError:
+                problems.append(f"[{tag}] in {text[:60]!r}")
     return problems
 
 
