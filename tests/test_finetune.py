@@ -86,27 +86,67 @@ def test_cli_loop_trains_and_saves_the_planned_adapter(tiny_causal_lm, plan, tmp
     assert trainable == int(pd.read_csv(plan / "allocation.csv").params.sum())
 
 
-@pytest.mark.parametrize("kind", ["messages", "alpaca", "text"])
-def test_each_data_format_trains(tiny_causal_lm, plan, tmp_path, kind):
+ALPACA_HEAD = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "messages", "alpaca", "text"])
+def test_each_data_format_trains_on_its_completion_only(tiny_causal_lm, plan, tmp_path, kind):
+    """The first batch the Trainer sees: the tokens with a loss (label != -100) decode to the
+    completion and its end-of-sequence token, the masked ones to the rendered prompt; plain
+    text has a loss on every token."""
+    from transformers import TrainerCallback
+
     from esdtool.finetune import FinetuneSettings, finetune
+
+    class FirstBatch(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.batch = next(iter(train_dataloader))
+            self.tokenizer = kwargs["processing_class"]
 
     if kind == "messages":
         records = [{"messages": [{"role": "user", "content": r["prompt"]},
                                  {"role": "assistant", "content": r["completion"]}]}
                    for r in RECORDS]  # fmt: skip
+        rendered = [f"<|user|>{r['prompt']}</s><|assistant|>" for r in RECORDS]
     elif kind == "alpaca":
         records = [
             {"instruction": "Add.", "input": r["prompt"], "output": r["completion"]}
             for r in RECORDS
         ]
-    else:
+        rendered = [
+            f"{ALPACA_HEAD}### Instruction:\nAdd.\n\n### Input:\n{r['prompt']}\n\n### Response:\n"
+            for r in RECORDS
+        ]
+    elif kind == "text":
         records = [{"text": r["prompt"] + r["completion"]} for r in RECORDS]
+        rendered = [""] * len(RECORDS)  # nothing masked
+    else:
+        records, rendered = RECORDS, [r["prompt"] for r in RECORDS]
+    completions = [r["prompt"] + r["completion"] if kind == "text" else r["completion"]
+                   for r in RECORDS]  # fmt: skip
+    expected = {(p, c + "</s>") for p, c in zip(rendered, completions, strict=True)}
+
     data = write_jsonl(tmp_path / "d.jsonl", records)
     settings = FinetuneSettings(max_steps=2, logging_steps=1, batch_size=2)
-    result = finetune(tiny_causal_lm, plan, data, tmp_path / "run", settings, progress=False)
-    expected = {"messages": "messages", "alpaca": "instruction/input/output", "text": "text"}
-    assert result.data_format == expected[kind] and result.steps == 2
+    first = FirstBatch()
+    result = finetune(tiny_causal_lm, plan, data, tmp_path / "run", settings, progress=False,
+                      callbacks=[first])  # fmt: skip
+    names = {"prompt": "prompt/completion", "messages": "messages",
+             "alpaca": "instruction/input/output", "text": "text"}  # fmt: skip
+    assert result.data_format == names[kind] and result.steps == 2
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+    batch, decode = first.batch, first.tokenizer.decode
+    for i in range(len(batch["input_ids"])):
+        attended = batch["attention_mask"][i] == 1
+        ids, labels = batch["input_ids"][i][attended], batch["labels"][i][attended]
+        scored = labels != -100
+        assert (labels[scored] == ids[scored]).all()
+        assert scored[int(scored.int().argmax()) :].all()  # masked prompt, then scored to the end
+        assert (decode(ids[~scored]), decode(ids[scored])) in expected
 
 
 def test_data_files_of_each_type_and_the_alpaca_template(tmp_path):
