@@ -6,9 +6,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch keeps installs small on machines without a GPU; on a GPU machine
-# use e.g. `make demo TORCH=torch` (any torch >= 2.4 works).
+# Any torch >= 2.4 works. TORCH picks the version (e.g. `make demo TORCH=torch` for the newest);
+# TORCH_INDEX picks the wheel index: PyPI's Linux wheels bundle CUDA (several GB), so on a machine
+# without a GPU use `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` (about 200 MB).
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 DEMO_OUT ?= demo-out
 
 .PHONY: install demo test lint bench docs clean
@@ -16,7 +18,7 @@ DEMO_OUT ?= demo-out
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[demo,test]"
 	touch $@
 

@@ -4,6 +4,7 @@ small safetensors files written on the fly, and a runner for the real CLI."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,15 @@ def build_tiny_causal_lm(directory: Path, initializer_range: float = 0.5) -> Pat
 @pytest.fixture(scope="session")
 def tiny_causal_lm(tmp_path_factory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-causal-lm"))
+
+
+def make_hf_cache(home, repo_id: str, model_dir, commit: str = "a" * 40):
+    """The layout huggingface_hub keeps under HF_HOME/hub (refs -> snapshot folder)."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

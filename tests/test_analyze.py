@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file as save_torch
 
-from conftest import run_subprocess, write_tensors
+from conftest import make_hf_cache, run_subprocess, write_tensors
 from esdtool import AnalyzeSettings, analyze, load_metrics
 
 
@@ -135,18 +134,6 @@ def test_sharded_checkpoint_equals_unsharded_twin(tiny_llama, tiny_llama_sharded
     assert roles["lm_head.weight"] == "lm_head"
     assert roles["model.layers.1.self_attn.q_proj.weight"] == "linear"
     assert (one.role == "linear").sum() == 2 * 7
-
-
-def make_hf_cache(home, repo_id: str, model_dir, commit: str = "a" * 40):
-    """The layout huggingface_hub keeps under HF_HOME/hub (refs -> snapshot folder)."""
-    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        shutil.copy(f, snapshot / f.name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def test_hub_id_resolves_from_local_cache_offline(tiny_llama_sharded, tmp_path):

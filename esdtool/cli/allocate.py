@@ -67,7 +67,8 @@ def allocate(
     select: Annotated[
         str,
         typer.Option(
-            "--select", help="Keep the highest scores, or the lowest (the seed's published code)."
+            "--select",
+            help="Keep the highest scores, or the lowest (as Adaptive Rank LoRA's code does).",
         ),
     ] = "highest",
     min_rank: Annotated[int, typer.Option("--min-rank", help="Smallest rank given.")] = 4,
