@@ -51,8 +51,10 @@ def write_checkpoint(directory: Path, layers: int) -> int:
     gen = torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
 
-    def shard(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def shard(part: int, tensors: dict[str, torch.Tensor]) -> None:
+        # transformers' shard names: WeightWatcher finds shards by the glob *model*safetensors
         nonlocal total
+        name = f"model-{part:05d}-of-{layers + 1:05d}.safetensors"
         save_file(tensors, str(directory / name))
         for key, t in tensors.items():
             weight_map[key] = name
@@ -62,7 +64,7 @@ def write_checkpoint(directory: Path, layers: int) -> int:
         return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
 
     shard(
-        "embed.safetensors",
+        1,
         {
             "model.embed_tokens.weight": rand(VOCAB, HIDDEN),
             "lm_head.weight": rand(VOCAB, HIDDEN),
@@ -72,7 +74,7 @@ def write_checkpoint(directory: Path, layers: int) -> int:
     for i in range(layers):
         p = f"model.layers.{i}."
         shard(
-            f"layer-{i:03d}.safetensors",
+            i + 2,
             {
                 **{p + f"self_attn.{x}_proj.weight": rand(HIDDEN, HIDDEN) for x in "qkvo"},
                 p + "mlp.gate_proj.weight": rand(INTERMEDIATE, HIDDEN),
