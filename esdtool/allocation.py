@@ -101,10 +101,6 @@ class Allocation:
     def total_params(self) -> int:
         return int(self.table.params.sum())
 
-    def uniform_params(self, rank: int) -> int:
-        """Trainable parameters of uniform LoRA at ``rank`` on every candidate."""
-        return int(rank * (self.table.rows + self.table.cols).sum())
-
     @property
     def equal_cost_rank(self) -> float:
         """The rank at which uniform LoRA on every candidate costs what this plan costs: the

@@ -158,3 +158,22 @@ def make_hf_cache(home, repo_id: str, model_dir, commit: str = "a" * 40):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+# Toy prompt / completion records (sums of small integers) for fine-tuning tests and doc tests.
+ARITHMETIC = [
+    {"prompt": f"Q: what is {a} plus {b}? A:", "completion": f" {a + b}."}
+    for a in range(4)
+    for b in range(4)
+]
+
+
+def write_jsonl(path: Path, records: list[dict], repeat: int = 1) -> Path:
+    """One JSON record per line, the records ``repeat`` times over."""
+    import json
+
+    with path.open("w") as f:
+        for _ in range(repeat):
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return path

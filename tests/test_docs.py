@@ -19,7 +19,6 @@ missing. ``make demo`` itself is run by :func:`test_make_demo_matches_the_readme
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_hf_cache
+from conftest import ARITHMETIC, make_hf_cache, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -77,11 +76,7 @@ def doc_fixtures(minilm_metrics, tiny_causal_lm, tmp_path_factory) -> Path:
     (folder / "demo-out").mkdir()
     shutil.copy(minilm_metrics, folder / "metrics.parquet")
     shutil.copy(minilm_metrics, folder / "demo-out" / "metrics.parquet")
-    with open(folder / "train.jsonl", "w") as f:
-        for a in range(4):
-            for b in range(4):
-                record = {"prompt": f"Q: what is {a} plus {b}? A:", "completion": f" {a + b}."}
-                f.write(json.dumps(record) + "\n")
+    write_jsonl(folder / "train.jsonl", ARITHMETIC)
     make_hf_cache(base / "hf", HUB_ID, tiny_causal_lm)
     return base
 

@@ -12,24 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_cli, run_subprocess
+from conftest import ARITHMETIC, ROOT, run_cli, run_subprocess, write_jsonl
 
 pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
 pytest.importorskip("datasets", reason="pip install 'esdtool[finetune]'")
 
-RECORDS = [
-    {"prompt": f"Q: what is {a} plus {b}? A:", "completion": f" {a + b}."}
-    for a in range(4)
-    for b in range(4)
-]
-
-
-def write_jsonl(path: Path, records: list[dict], repeat: int = 1) -> Path:
-    with path.open("w") as f:
-        for _ in range(repeat):
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-    return path
+RECORDS = ARITHMETIC
 
 
 @pytest.fixture(scope="module")
