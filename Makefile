@@ -1,7 +1,7 @@
 # esdtool developer commands. Everything runs in ./.venv, which `make install` creates.
 #   make demo    install, then analyze the embedded all-MiniLM-L6-v2 checkpoint, plan LoRA ranks
 #                and write the HTML report
-#   make test    install, then lint and run the test suite
+#   make test    install, then lint (ruff, and lint-imports for the layering) and run the tests
 #   make bench   install the benchmark peers, then run every benchmark
 PYTHON ?= python3
 VENV ?= .venv
@@ -34,13 +34,14 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check esdtool tests benchmarks
-	$(BIN)/ruff format --check esdtool
+	$(BIN)/ruff format --check esdtool tests benchmarks
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 docs: install
-	$(BIN)/python -m esdtool.cli.reference > docs/cli.md
+	$(BIN)/python -m esdtool.cli.docgen > docs/cli.md
 
 bench: install
 	$(BIN)/python -m pip install -q weightwatcher
@@ -51,4 +52,4 @@ bench: install
 	@echo "GPU: run benchmarks/bench_gpu.py on a CUDA machine"
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .import_linter_cache

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from esdtool.analyze import analyze_tensor
-from esdtool.checkpoint import TensorInfo
-from esdtool.settings import AnalyzeSettings
-from esdtool.spectra import auto_dtype, gram
+from esdtool.analysis.rows import analyze_tensor
+from esdtool.analysis.settings import AnalyzeSettings
+from esdtool.io.checkpoint import TensorInfo
+from esdtool.spectral.spectra import auto_dtype, gram
 
 
 def shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> list[tuple[str, tuple]]:
@@ -70,7 +70,7 @@ def main() -> None:
         rows = analyze_tensor(info, w, settings, device)
         sync(device)
         timings["esdtool"] += time.perf_counter() - t
-        alphas.append(rows[0]["alpha_ks"])
+        alphas.append(rows[0].metrics.ks.alpha)
         t = time.perf_counter()
         if dtype == torch.float64:
             torch.linalg.eigvalsh(gram(w, torch.float64))

@@ -1,21 +1,54 @@
 """esdtool: eigenvalue spectra of weight matrices, turned into LoRA rank plans.
 
-The library surface is small on purpose:
+The library surface, one verb per command (each is the CLI command's twin):
 
 - :func:`analyze` reads a checkpoint tensor by tensor and writes a parquet metrics table;
-- :func:`load_metrics` reads such a table back, validated.
+- :func:`load_metrics` reads such a table back, validated;
+- :func:`allocate` turns a table into a PEFT LoRA plan directory;
+- :func:`report` writes the self-contained HTML report of a table;
+- :func:`finetune` trains the planned adapters (needs the ``finetune`` extra).
+
+Names are imported on first use, so ``import esdtool`` (and ``esdtool --help``) stays fast.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from esdtool.analyze import AnalyzeResult, AnalyzeSettings, analyze
-from esdtool.table import SCHEMA_VERSION, load_metrics
+from typing import TYPE_CHECKING
+
+from esdtool._lazy import lazy_getattr
+from esdtool.version import __version__
+
+if TYPE_CHECKING:
+    from esdtool.analysis import AnalyzeResult, AnalyzeSettings, analyze
+    from esdtool.io.table import SCHEMA_VERSION, load_metrics
+    from esdtool.plan import AllocateResult, AllocateSettings, allocate
+    from esdtool.render import ReportResult, report
+    from esdtool.training import FinetuneResult, FinetuneSettings, finetune
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AllocateResult",
+    "AllocateSettings",
     "AnalyzeResult",
     "AnalyzeSettings",
+    "FinetuneResult",
+    "FinetuneSettings",
+    "ReportResult",
     "__version__",
+    "allocate",
     "analyze",
+    "finetune",
     "load_metrics",
+    "report",
 ]
+
+
+_WHERE = {
+    "analyze": "analysis.run", "AnalyzeResult": "analysis.run",
+    "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table",
+    "SCHEMA_VERSION": "io.table", "allocate": "plan.directory", "AllocateResult": "plan.directory",
+    "AllocateSettings": "plan.ranks", "report": "render.page", "ReportResult": "render.page",
+    "finetune": "training.recipe", "FinetuneResult": "training.recipe",
+    "FinetuneSettings": "training.recipe",
+}  # fmt: skip
+__getattr__ = lazy_getattr(__name__, _WHERE)

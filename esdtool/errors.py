@@ -1,4 +1,5 @@
-"""Typed errors raised by the library; the CLI turns each into a one-line message.
+"""Every typed error the library raises, named for what happened; the CLI turns each into one
+line on stderr and exits with ``exit_code``.
 
 Every error carries a ``hint`` (what to do next) besides its message (what happened).
 """
@@ -16,8 +17,20 @@ class EsdtoolError(Exception):
         self.hint = hint
 
 
+class OptionError(EsdtoolError):
+    """An option or setting has an invalid value (bad regex, unknown device, out of range)."""
+
+
+class MissingExtraError(EsdtoolError):
+    """A feature needs an optional dependency that is not installed (e.g. the finetune extra)."""
+
+
 class SourceError(EsdtoolError):
     """The SOURCE argument names nothing esdtool can read (missing path, unknown hub id)."""
+
+
+class PickleRefusedError(SourceError):
+    """Only pickled checkpoints (.bin/.pt/...) were found; esdtool never unpickles."""
 
 
 class CheckpointError(EsdtoolError):
@@ -28,17 +41,27 @@ class ShardMissingError(CheckpointError):
     """A sharded checkpoint's index names a shard file that is not there."""
 
 
-class PickleRefusedError(SourceError):
-    """Only pickled checkpoints (.bin/.pt/...) were found; esdtool never unpickles."""
+class ModelLoadError(EsdtoolError):
+    """transformers cannot build or load a model or tokenizer from the files given."""
 
 
 class MetricsSchemaError(EsdtoolError):
     """A parquet file is not an esdtool metrics table, or is of an unsupported schema version."""
 
 
-class SettingsError(EsdtoolError):
-    """An option has an invalid value (bad regex, unknown device, ...)."""
+class DataFormatError(EsdtoolError):
+    """Training data that cannot be read, or whose records fit none of the known formats."""
+
+
+class PlanMismatchError(EsdtoolError):
+    """A LoRA plan does not fit the model: modules missing, other shapes, other ranks."""
 
 
 class OutputError(EsdtoolError):
     """An output file or directory cannot be written."""
+
+
+class AnalysisInterrupted(EsdtoolError):
+    """Ctrl-C during an analysis: the finished rows are safe in the resume sidecar."""
+
+    exit_code = 130

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli
-from esdtool.allocate import allocate
-from esdtool.allocation import AllocateSettings
+from esdtool.plan.directory import allocate
+from esdtool.plan.ranks import AllocateSettings
+from helpers import run_cli
 
 
 def expected_plan(metrics, p=0.5, rmin=4, rmax=64, scaling="linear", select="highest"):
@@ -164,7 +164,7 @@ def test_verify_passes_for_minilm_and_tiny_llama(minilm_metrics, tiny_llama, tmp
 def test_verify_reports_every_mismatch(minilm_metrics, minilm_dir, tmp_path):
     """A tampered plan: one rank edited, one module renamed to one the model lacks."""
     pytest.importorskip("peft")
-    from esdtool.verify import verify_plan
+    from esdtool.plan.verify import verify_plan
 
     plan = tmp_path / "plan"
     allocate(minilm_metrics, plan, report=False)
@@ -184,8 +184,8 @@ def test_verify_reports_every_mismatch(minilm_metrics, minilm_dir, tmp_path):
 def test_two_tensors_of_one_module_are_refused(tmp_path, capsys):
     import numpy as np
 
-    from conftest import write_tensors
     from esdtool import analyze
+    from helpers import write_tensors
 
     rng = np.random.default_rng(0)
     path = write_tensors(

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file as save_torch
 
-from conftest import make_hf_cache, run_subprocess, write_tensors
 from esdtool import AnalyzeSettings, analyze, load_metrics
+from helpers import make_hf_cache, run_subprocess, write_tensors
 
 
 def power_law_matrix(M: int, N: int, alpha: float, seed: int) -> np.ndarray:
@@ -181,9 +181,9 @@ def test_mostly_zero_spectrum_reports_no_mp_fit(tmp_path):
 
 
 def test_tensors_over_the_memory_budget_are_skipped_with_the_reason(tmp_path, capsys):
-    from conftest import run_cli
-    from esdtool.analyze import memory_needed
-    from esdtool.checkpoint import open_checkpoint
+    from esdtool.analysis.resources import memory_needed
+    from esdtool.io.checkpoint import open_checkpoint
+    from helpers import run_cli
 
     rng = np.random.default_rng(5)
     path = write_tensors(

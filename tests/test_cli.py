@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_tensors
 from esdtool import __version__, load_metrics
+from helpers import run_cli, write_tensors
 
 
 def test_analyze_json_summary(minilm_dir, tmp_path, capsys):
@@ -211,8 +211,8 @@ def test_bad_options_are_refused_before_work(tmp_path, capsys, tiny_llama):
 def test_a_failing_tensor_keeps_the_rest_and_exits_2(tiny_llama, tmp_path, capsys, monkeypatch):
     """A tensor that cannot be read gets an `error` row; every other row is still computed and
     written, and the command names the tensor and exits 2."""
-    from esdtool.checkpoint import Checkpoint
     from esdtool.errors import CheckpointError
+    from esdtool.io.checkpoint import Checkpoint
 
     real = Checkpoint.get_tensor
 
@@ -278,16 +278,16 @@ def test_docs_cli_md_is_current():
     """docs/cli.md is generated from the commands; regenerate with `make docs`."""
     from pathlib import Path
 
-    from esdtool.cli.reference import reference
+    from esdtool.cli.docgen import cli_reference
 
     path = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
-    assert path.read_text() == reference(), "docs/cli.md is stale: run `make docs`"
+    assert path.read_text() == cli_reference(), "docs/cli.md is stale: run `make docs`"
 
 
 def test_every_command_and_option_has_help():
     import typer
 
-    from esdtool.cli.reference import missing_help
+    from esdtool.cli.docgen import missing_help
 
     assert missing_help() == []
     # ... and the check does catch an option without help:
@@ -301,12 +301,12 @@ def test_help_text_keeps_its_brackets(capsys):
     """Rich reads [word] as markup: an unescaped extra name would vanish from --help."""
     import typer
 
-    from esdtool.cli.reference import reference, swallowed_markup
+    from esdtool.cli.docgen import cli_reference, swallowed_markup
 
     assert swallowed_markup() == []
     code, stdout, _ = run_cli(["finetune", "--help"], capsys)
     assert code == 0 and "esdtool[finetune]" in " ".join(stdout.split())
-    assert "esdtool[finetune]" in reference()
+    assert "esdtool[finetune]" in cli_reference()
     demo = typer.Typer()
     demo.callback()(lambda: None)
     demo.command("x", help="Needs pip install 'esdtool[extra]'; [bold]x[/bold] \\[ok].")(lambda: 0)

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_tensors
 from esdtool import analyze, load_metrics
-from esdtool.distributed import matrix_cost, partition
+from esdtool.analysis.distributed import matrix_cost, partition
+from helpers import ROOT, write_tensors
 
 
 def test_partition_covers_everything_once_and_balances_cost():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARITHMETIC, make_hf_cache, write_jsonl
+from helpers import ARITHMETIC, make_hf_cache, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ARITHMETIC, ROOT, run_cli, run_subprocess, write_jsonl
+from helpers import ARITHMETIC, ROOT, run_cli, run_subprocess, write_jsonl
 
 pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
 pytest.importorskip("datasets", reason="pip install 'esdtool[finetune]'")
@@ -87,7 +87,7 @@ def test_each_data_format_trains_on_its_completion_only(tiny_causal_lm, plan, tm
     text has a loss on every token."""
     from transformers import TrainerCallback
 
-    from esdtool.finetune import FinetuneSettings, finetune
+    from esdtool.training.recipe import FinetuneSettings, finetune
 
     class FirstBatch(TrainerCallback):
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
@@ -138,7 +138,7 @@ def test_each_data_format_trains_on_its_completion_only(tiny_causal_lm, plan, tm
 
 
 def test_data_files_of_each_type_and_the_alpaca_template(tmp_path):
-    from esdtool.data import ALPACA_NO_INPUT, alpaca_prompt, load_training_data
+    from esdtool.training.data import ALPACA_NO_INPUT, alpaca_prompt, load_training_data
 
     frame = pd.DataFrame(
         {"instruction": ["Add.", "Sub."], "input": ["2 3", ""], "output": ["5", "-1"]}
@@ -205,7 +205,7 @@ def test_bad_finetune_input_is_one_line_before_training(
         (["--adapter-config", plan, "--data", odd], "fit no known format"),
         (["--adapter-config", plan, "--data", tmp_path / "none.jsonl"], "no such file"),
         (["--adapter-config", tmp_path, "--data", good], "no adapter_config.json"),
-        (["--adapter-config", plan, "--data", good, "--lr", "0"], "--lr must be in (0, 1)"),
+        (["--adapter-config", plan, "--data", good, "--lr", "0"], "--lr must lie in (0, 1)"),
     ]
     import torch
 
@@ -223,6 +223,15 @@ def test_bad_finetune_input_is_one_line_before_training(
         ["finetune", tiny_causal_lm, "--adapter-config", plan, "--data", odd], capsys
     )
     assert "messages; prompt/completion; instruction/input/output; text" in stderr
+    # Every problem at once, before any weights load: bad data, a foreign plan, no checkpoint.
+    code, _, stderr = run_cli(
+        ["finetune", tiny_causal_lm, "--adapter-config", tmp_path / "bert-plan", "--data", odd,
+         "-o", tmp_path / "run", "--resume-from-checkpoint", "last"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and stderr.count("Error:") == 1 and "3 problems" in stderr, stderr
+    for part in ("fit no known format", "does not fit", "no checkpoint-* directory"):
+        assert part in stderr, (part, stderr)
 
 
 def test_two_processes_under_torchrun_train_one_adapter(tiny_causal_lm, plan, tmp_path):
@@ -254,28 +263,21 @@ def test_two_processes_under_torchrun_train_one_adapter(tiny_causal_lm, plan, tm
 
 
 def test_finetune_needs_its_extra_named(monkeypatch, tmp_path):
-    """Without trl the error names the extra to install."""
-    import builtins
+    """Without trl the error names the missing package and the extra to install."""
+    import sys
 
-    from esdtool.errors import SettingsError
-    from esdtool.finetune import finetune
+    from esdtool.errors import MissingExtraError
+    from esdtool.training.recipe import finetune
 
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "trl":
-            raise ImportError("No module named 'trl'", name="trl")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(SettingsError) as info:
+    monkeypatch.setitem(sys.modules, "trl", None)  # "import trl" now raises ImportError
+    with pytest.raises(MissingExtraError) as info:
         finetune("x", tmp_path, "d.jsonl", tmp_path / "out")
-    assert "trl is missing" in str(info.value) and "esdtool[finetune]" in info.value.hint
+    assert "(trl missing)" in str(info.value) and "esdtool[finetune]" in info.value.hint
 
 
 def test_same_seed_same_adapter(tiny_causal_lm, plan, tmp_path):
     """--seed fixes the adapters' initial weights too, not only the data order."""
-    from esdtool.finetune import FinetuneSettings, finetune
+    from esdtool.training.recipe import FinetuneSettings, finetune
 
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     settings = FinetuneSettings(max_steps=1, batch_size=2, seed=7)
@@ -287,7 +289,8 @@ def test_same_seed_same_adapter(tiny_causal_lm, plan, tmp_path):
 
 
 def test_training_targets_must_be_text(tmp_path):
-    from esdtool.data import DataFormatError, load_training_data
+    from esdtool.errors import DataFormatError
+    from esdtool.training.data import load_training_data
 
     (tmp_path / "a.csv").write_text("instruction,input,output\nAdd.,2 3,5\nSay.,x,\n")
     records, _ = load_training_data(tmp_path / "a.csv")
@@ -300,7 +303,8 @@ def test_training_targets_must_be_text(tmp_path):
 def test_plans_that_do_not_fit_are_refused_before_training(tiny_causal_lm, plan, tmp_path):
     import shutil
 
-    from esdtool.finetune import FinetuneSettings, PlanNotApplicableError, finetune
+    from esdtool.errors import PlanMismatchError
+    from esdtool.training.recipe import FinetuneSettings, finetune
 
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     settings = FinetuneSettings(max_steps=1)
@@ -311,7 +315,7 @@ def test_plans_that_do_not_fit_are_refused_before_training(tiny_causal_lm, plan,
     table = pd.read_csv(other / "allocation.csv")
     table.loc[table.selected, "cols"] *= 2
     table.to_csv(other / "allocation.csv", index=False)
-    with pytest.raises(PlanNotApplicableError, match="planned for another model"):
+    with pytest.raises(PlanMismatchError, match="a plan for another model"):
         finetune(tiny_causal_lm, other, data, tmp_path / "run", settings, dry_run=True)
 
     # One planned module the model lacks, among ones it has.
@@ -320,12 +324,13 @@ def test_plans_that_do_not_fit_are_refused_before_training(tiny_causal_lm, plan,
     config = json.loads((extra / "adapter_config.json").read_text())
     config["rank_pattern"]["^model\\.layers\\.9\\.mlp\\.up_proj"] = 8
     (extra / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(PlanNotApplicableError, match=r"1 planned module\(s\) not in"):
+    missing = r"1 problem\(s\): .*layers.*9.*planned, but no such module"
+    with pytest.raises(PlanMismatchError, match=missing):
         finetune(tiny_causal_lm, extra, data, tmp_path / "run", settings, dry_run=True)
 
-    from esdtool.errors import SettingsError
+    from esdtool.errors import OptionError
 
-    with pytest.raises(SettingsError, match="no checkpoint-\\* directory to resume from"):
+    with pytest.raises(OptionError, match="no checkpoint-\\* directory to resume from"):
         finetune(tiny_causal_lm, plan, data, tmp_path / "run", settings,
                  resume_from_checkpoint=True)  # fmt: skip
     assert not (tmp_path / "run").exists()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import reference as ref
-from esdtool.marchenko_pastur import count_spikes, mp_median, tw_quantile
-from esdtool.spectra import eigenvalues
+import oracle as ref
+from esdtool.spectral.marchenko_pastur import count_spikes, mp_median, tw_quantile
+from esdtool.spectral.spectra import eigenvalues
 
 
 @pytest.mark.parametrize("y", [1.0, 0.75, 0.25, 1 / 3.5, 0.01])

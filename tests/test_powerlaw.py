@@ -1,4 +1,4 @@
-"""Power-law fits against tests/reference.py (a plain loop over candidates) and ground truth."""
+"""Power-law fits against tests/oracle.py (a plain loop over candidates) and ground truth."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import reference as ref
-from esdtool import powerlaw
-from esdtool.powerlaw import fit_fix_finger, fit_ks, fit_median, hill_alphas
+import oracle as ref
+from esdtool.spectral import powerlaw
+from esdtool.spectral.powerlaw import fit_fix_finger, fit_ks, fit_median, hill_alphas
 
 
 def pareto_sample(n: int, alpha: float, seed: int) -> np.ndarray:

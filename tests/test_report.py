@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli, write_tensors
 from esdtool import analyze, load_metrics
-from esdtool.allocate import allocate
+from esdtool.plan.directory import allocate
+from helpers import run_cli, write_tensors
 
 
 class Page(HTMLParser):
@@ -137,7 +137,7 @@ def test_minilm_report_shows_every_row_spectrum_and_planned_rank(minilm_plan, mi
 def test_each_spectrum_plot_draws_its_rows_fit_and_thresholds(minilm_table):
     """Read back what the figure draws: the red tail starts at the row's xmin with slope
     -alpha in log-log, and the vertical lines sit at the row's MP edge and TW threshold."""
-    from esdtool import plots
+    from esdtool.render import plots
 
     row = minilm_table[minilm_table.status == "ok"].iloc[7].to_dict()
     fig = plots.esd_figure(np.asarray(row["eigenvalues"]), row, "alpha_median", 1e-5)
@@ -156,7 +156,7 @@ def test_each_spectrum_plot_draws_its_rows_fit_and_thresholds(minilm_table):
 
 
 def test_a_crafted_table_cannot_crash_a_plot():
-    from esdtool import plots
+    from esdtool.render import plots
 
     row = {"M": None, "N": None, "sigma_mp": 0.1, "alpha_median": 2.0, "xmin_median": 1.0,
            "num_spikes": None, "bulk_max": float("inf"), "tw_threshold": float("nan")}  # fmt: skip
@@ -169,7 +169,7 @@ def test_a_crafted_table_cannot_crash_a_plot():
 def test_mp_density_integrates_to_one():
     from scipy.integrate import quad
 
-    from esdtool.plots import mp_density
+    from esdtool.render.plots import mp_density
 
     for M, N, sigma in ((100, 400, 0.3), (64, 64, 1.0), (300, 1000, 2.0)):
         y = M / N
@@ -238,7 +238,7 @@ def test_report_cli_and_its_limits(minilm_metrics, tmp_path, capsys):
     code, _, stderr = run_cli(
         ["report", minilm_metrics, "-o", out, "--alpha-column", "num_spikes"], capsys
     )
-    assert code == 2 and "alpha column" in stderr and stderr.count("\n") == 1
+    assert code == 2 and "--alpha-column must be one of" in stderr and stderr.count("\n") == 1
     code, _, stderr = run_cli(["report", tmp_path / "missing.parquet", "-o", out], capsys)
     assert code == 2 and "missing.parquet" in stderr and stderr.count("\n") == 1
 
@@ -275,7 +275,7 @@ def test_report_for_224_matrices_stays_under_25_mb(tmp_path):
     }
     path = write_tensors(tmp_path / "model.safetensors", tensors)
     metrics = analyze(path, tmp_path / "m.parquet").output
-    from esdtool.report import report
+    from esdtool.render.page import report
 
     result = report(metrics, tmp_path / "report.html")
     assert result.plotted == 224 and result.omitted == 0
@@ -349,7 +349,7 @@ def test_report_reads_only_what_it_needs(minilm_metrics, tmp_path):
     """A table from an older analysis without some metadata still renders (no KeyError)."""
     table = load_metrics(minilm_metrics)
     table.attrs["esdtool"] = {"source": "<unknown>"}
-    from esdtool.report import report
+    from esdtool.render.page import report
 
     result = report(table, tmp_path / "r.html", max_plots=2)
     html = result.output.read_text()

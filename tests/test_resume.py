@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli, write_tensors
 from esdtool import AnalyzeSettings, analyze, load_metrics
-from esdtool.resume import sidecar_path
+from esdtool.analysis.resume import sidecar_path
+from helpers import run_cli, write_tensors
 
 # Columns that legitimately differ between two runs of the same analysis.
 RUN_COLUMNS = ["seconds", "device"]
@@ -141,7 +141,7 @@ class StopAfter:
 
 
 def test_other_settings_torn_lines_and_no_resume(reference, tmp_path):
-    from esdtool.analyze import AnalysisInterrupted
+    from esdtool.errors import AnalysisInterrupted
 
     path, expected = reference
     out = tmp_path / "m.parquet"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import reference as ref
-from esdtool import spectra
-from esdtool.spectra import eigenvalues, matrices_of, spectrum
+import oracle as ref
+from esdtool.spectral import spectra
+from esdtool.spectral.spectra import eigenvalues, matrices_of, spectrum
 
 
 @pytest.mark.parametrize("shape", [(40, 90), (90, 40), (64, 64)])
@@ -49,7 +49,7 @@ def test_experts_give_one_matrix_each_and_conv_pools_kernel_positions():
 
 
 def test_auto_dtype_uses_float64_unless_the_gpu_has_slow_fp64(monkeypatch):
-    from esdtool.spectra import auto_dtype
+    from esdtool.spectral.spectra import auto_dtype
 
     assert auto_dtype(torch.device("cpu")) == torch.float64
     for capability, expected in (((9, 0), torch.float64), ((8, 0), torch.float64),
@@ -71,7 +71,7 @@ def test_float32_spectrum_is_squared_singular_values():
 def test_nonfinite_entries_are_flagged_per_matrix(dtype, shape):
     """Any NaN or Inf, wherever it sits, flags its own matrix only (the float64 path reads it
     off the Gram diagonal); finite matrices in the same batch keep their exact spectra."""
-    from esdtool.spectra import checked_eigenvalues
+    from esdtool.spectral.spectra import checked_eigenvalues
 
     rng = np.random.default_rng(7)
     batch = torch.from_numpy(rng.standard_normal((4, *shape))).to(torch.bfloat16)

@@ -3,33 +3,55 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from esdtool.errors import MetricsSchemaError
-from esdtool.table import COLUMN_NAMES, METADATA_KEY, load_metrics, write_metrics
+from esdtool.errors import MetricsSchemaError, OutputError
+from esdtool.io.table import COLUMN_NAMES, METADATA_KEY, MatrixRow, load_metrics, write_metrics
+
+
+def _row(name: str = "a.weight", **fields) -> MatrixRow:
+    base = dict(name=name, module=name, role="linear", layer=0, shard="s.safetensors",
+                dtype="F32", rows=2, cols=3, status="skipped")  # fmt: skip
+    return MatrixRow(**{**base, **fields})
 
 
 def test_round_trip_keeps_rows_types_and_metadata(tmp_path):
-    rows = [
-        {
-            "name": "a.weight",
-            "status": "ok",
-            "eigenvalues": [0.5, 2.0],
-            "num_spikes": 3,
-            "alpha_ks": 2.5,
-        }
-    ]
-    path = write_metrics(rows, tmp_path / "t.parquet", {"source": "x"})
+    import numpy as np
+    import torch
+
+    from esdtool.spectral.metrics import spectrum_metrics
+
+    evals = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    metrics = spectrum_metrics(evals, 2, 3)
+    row = _row(status="ok", eigenvalues=np.array([0.5, 2.0], np.float32), metrics=metrics)
+    path = write_metrics([row], tmp_path / "t.parquet", {"source": "x"})
     df = load_metrics(path)
     assert list(df.columns) == list(COLUMN_NAMES)
-    assert df.num_spikes.item() == 3 and df.alpha_ks.item() == 2.5
+    assert df.num_spikes.item() == metrics.spikes.num_spikes
+    assert df.alpha_ks.item() == metrics.ks.alpha and df.lambda_max.item() == 2.0
+    assert df.M.item() == 2 and df.N.item() == 3 and df.Q.item() == 1.5 and df.num_evals.item() == 2
     assert list(df.eigenvalues.item()) == [0.5, 2.0]
     assert pq.read_schema(path).field("eigenvalues").type == pa.list_(pa.float32())
     assert df.attrs["esdtool"] == {"schema_version": 1, "source": "x"}
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]  # no temp file left
+
+
+def test_a_row_flattens_to_exactly_the_schema_columns_in_order():
+    """MatrixRow.columns is the one place a record becomes columns: its keys are the schema's
+    names in the schema's order, with and without metrics (a misspelt key fails here)."""
+    import numpy as np
+    import torch
+
+    from esdtool.spectral.metrics import spectrum_metrics
+
+    metrics = spectrum_metrics(torch.linspace(0.1, 4.0, 20, dtype=torch.float64), 20, 40)
+    measured = _row(status="ok", eigenvalues=np.ones(20, np.float32), metrics=metrics)
+    for row in (_row(), measured):
+        assert list(row.columns()) == list(COLUMN_NAMES)
 
 
 def test_rejects_files_that_are_not_esdtool_tables(tmp_path):
@@ -49,19 +71,23 @@ def test_rejects_files_that_are_not_esdtool_tables(tmp_path):
         load_metrics(tmp_path / "absent.parquet")
 
 
-def test_failed_write_keeps_the_previous_file(tmp_path):
-    path = write_metrics([{"name": "old"}], tmp_path / "t.parquet", {})
-    with pytest.raises(ValueError):  # pyarrow.ArrowInvalid is a ValueError too
-        write_metrics([{"name": "new", "num_spikes": "not a number"}], path, {})
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = write_metrics([_row("old")], tmp_path / "t.parquet", {})
+
+    def broken(table, where, **kwargs):
+        Path(where).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", broken)
+    with pytest.raises(OutputError, match="No space left on device"):
+        write_metrics([_row("new")], path, {})
     assert load_metrics(path).name.item() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
 
 
 def test_docs_describe_every_column():
     """docs/metrics.md lists each column with the type and meaning the schema holds."""
-    from pathlib import Path
-
-    from esdtool.table import COLUMNS, SCHEMA_VERSION
+    from esdtool.io.table import COLUMNS, SCHEMA_VERSION
 
     doc = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
     assert f"schema version {SCHEMA_VERSION}" in doc

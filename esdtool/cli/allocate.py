@@ -12,10 +12,10 @@ from rich.text import Text
 
 from esdtool.cli._console import err, out, safe
 from esdtool.cli._options import JsonOpt, MaxPlotsOpt, QuietOpt
-from esdtool.settings import MAX_PLOTS
+from esdtool.render import MAX_PLOTS
 
 if TYPE_CHECKING:
-    from esdtool.allocate import AllocateResult
+    from esdtool.plan import AllocateResult
 
 HELP = (
     "Turn a metrics table into a PEFT LoRA config: which modules get an adapter, and which "
@@ -118,8 +118,8 @@ def allocate(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from esdtool.allocate import allocate as run_allocate
-    from esdtool.allocation import AllocateSettings
+    from esdtool.plan import AllocateSettings
+    from esdtool.plan import allocate as run_allocate
 
     settings = AllocateSettings(
         targets=targets, alpha_column=alpha_column, spikes_column=spikes_column, w_hill=w_hill,

@@ -19,12 +19,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from esdtool.analysis import AnalyzeSettings
 from esdtool.cli._console import err, out, print_error, safe
 from esdtool.cli._options import DeviceOpt, JsonOpt, QuietOpt, RevisionOpt
-from esdtool.settings import AnalyzeSettings
 
 if TYPE_CHECKING:
-    from esdtool.analyze import AnalyzeResult
+    from esdtool.analysis import AnalyzeResult
 
 HELP = (
     "Compute every weight matrix's eigenvalue spectrum, power-law alphas and spike counts.\n\n"
@@ -129,7 +129,7 @@ def analyze(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from esdtool.analyze import analyze as run_analyze
+    from esdtool.analysis import analyze as run_analyze
 
     settings = AnalyzeSettings(
         device=device, dtype=dtype, include=include, exclude=exclude, max_tensor_gb=max_tensor_gb

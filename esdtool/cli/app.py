@@ -8,13 +8,13 @@ from typing import Annotated
 
 import typer
 
-from esdtool import __version__
 from esdtool.cli import allocate as allocate_cmd
 from esdtool.cli import analyze as analyze_cmd
 from esdtool.cli import finetune as finetune_cmd
 from esdtool.cli import report as report_cmd
 from esdtool.cli._console import print_error
 from esdtool.errors import EsdtoolError
+from esdtool.version import __version__
 
 app = typer.Typer(
     name="esdtool",

@@ -15,7 +15,7 @@ from esdtool.cli._console import out, safe
 from esdtool.cli._options import JsonOpt, QuietOpt, RevisionOpt
 
 if TYPE_CHECKING:
-    from esdtool.finetune import FinetuneResult
+    from esdtool.training import FinetuneResult
 
 HELP = (
     "Train LoRA adapters on a causal LM with the ranks esdtool allocate planned "
@@ -131,8 +131,8 @@ def finetune(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from esdtool.finetune import FinetuneSettings
-    from esdtool.finetune import finetune as run_finetune
+    from esdtool.training import FinetuneSettings
+    from esdtool.training import finetune as run_finetune
 
     settings = FinetuneSettings(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,

@@ -10,7 +10,7 @@ import typer
 
 from esdtool.cli._console import out, safe
 from esdtool.cli._options import JsonOpt, MaxPlotsOpt, QuietOpt
-from esdtool.settings import MAX_PLOTS
+from esdtool.render import MAX_PLOTS
 
 HELP = (
     "Write the HTML report of a metrics table: header, alpha and spikes by depth, a heatmap, "
@@ -44,7 +44,7 @@ def report(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from esdtool.report import report as write_report
+    from esdtool.render import report as write_report
 
     result = write_report(metrics, output, alpha_column=alpha_column, max_plots=max_plots)
     summary = {

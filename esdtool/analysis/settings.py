@@ -9,12 +9,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from esdtool.errors import SettingsError
-
-# Most ESD plots one report draws (the rest are counted): enough for a 70B dense model.
-MAX_PLOTS = 1000
-
-ALPHA_METHODS = ("median", "fix_finger", "ks")
+from esdtool.errors import OptionError
+from esdtool.spectral import ALPHA_METHODS
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ class AnalyzeSettings:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if problems:
-            raise SettingsError("; ".join(problems))
+            raise OptionError("; ".join(problems))
 
     def selects(self, name: str) -> bool:
         """Whether the include/exclude regexes let tensor ``name`` through."""

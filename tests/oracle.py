@@ -100,5 +100,19 @@ def row(W: np.ndarray) -> dict:
     for name, fit in (("median", alpha_median), ("fix_finger", alpha_fix_finger), ("ks", alpha_ks)):
         out[f"alpha_{name}"], out[f"xmin_{name}"], out[f"D_{name}"] = fit(x)
     out.update(spikes(ev, M, N))
+    alpha = out["alpha_ks"]  # AnalyzeSettings.weighted_alpha's default
+    p = x / x.sum()
+    out.update(
+        spectral_norm=math.sqrt(ev[-1]),
+        log_spectral_norm=math.log10(ev[-1]),
+        frobenius_norm=math.sqrt(ev.sum()),
+        log_norm=math.log10(ev.sum()),
+        alpha_weighted=alpha * math.log10(ev[-1]),
+        log_alpha_norm=math.log10(np.sum(x**alpha)),
+        entropy=float(-np.sum(p * np.log(p)) / math.log(len(x))),
+        mp_softrank=out["bulk_max"] / ev[-1],
+        matrix_rank=int(np.sum(ev > ev[-1] * N * np.finfo(np.float64).eps)),
+        num_nonzero=len(x),
+    )
     out["evals"] = ev
     return out

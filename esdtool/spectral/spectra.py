@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -107,10 +108,39 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.float64
 
 
+@dataclass(frozen=True)
+class MatrixView:
+    """How a tensor of some shape is read as matrices: the one rule every module uses.
+
+    rows, cols: the sides of each matrix (out x in features).
+    count:      how many such matrices (experts of a 3-D tensor, kernel positions of a 4-D one).
+    pooled:     True when the ``count`` matrices make one spectrum (4-D conv kernels), False when
+                each is its own row (3-D experts) or there is one matrix.
+    """
+
+    rows: int
+    cols: int
+    count: int = 1
+    pooled: bool = False
+
+
+def matrix_view(shape: tuple[int, ...]) -> MatrixView | None:
+    """The matrices of a tensor of ``shape``: a 2-D weight is one; a 3-D tensor [E, rows, cols]
+    holds E experts; a 4-D conv kernel [out, in, kh, kw] holds kh*kw matrices W[:, :, i, j]
+    pooled into one spectrum. None for vectors, scalars and tensors of 5 or more dimensions."""
+    if len(shape) == 2:
+        return MatrixView(shape[0], shape[1])
+    if len(shape) == 3:
+        return MatrixView(shape[1], shape[2], shape[0])
+    if len(shape) == 4:
+        return MatrixView(shape[0], shape[1], shape[2] * shape[3], pooled=True)
+    return None
+
+
 def matrices_of(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The matrices whose spectra describe ``tensor`` (views, no copies): the weights' own for
-    2-D, one per expert (leading index) for 3-D, and for 4-D conv kernels [out, in, kh, kw] one
-    batch of the kh*kw matrices W[:, :, i, j], whose spectra :func:`spectrum` pools.
+    """The matrices whose spectra describe ``tensor`` (views, no copies), as
+    :func:`matrix_view` says: the weights' own for 2-D, one per expert for 3-D, and for 4-D conv
+    kernels one batch of the kh*kw matrices, whose spectra :func:`spectrum` pools.
     """
     if tensor.ndim == 2:
         return [tensor]

@@ -1,16 +1,18 @@
-"""The metrics table: one parquet file, one row per tensor, a versioned schema.
+"""The metrics table: one parquet file, one row per matrix, a versioned schema.
 
-``COLUMNS`` is the schema and its documentation at once (docs/metrics.md is written from it).
-File-level metadata (source, revision, esdtool version, settings, timestamp) is stored as JSON
-under the parquet key ``esdtool``. Files are written atomically: a temporary file in the same
-directory, flushed to disk, then renamed over the target.
+``COLUMNS`` is the schema and its documentation at once (docs/metrics.md is checked against it);
+:class:`MatrixRow` is a row as a record and :meth:`MatrixRow.columns` the one place it becomes
+columns. File-level metadata (source, revision, esdtool version, settings, timestamp) is stored
+as JSON under the parquet key ``esdtool``. Files are written atomically (:mod:`esdtool.io.atomic`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esdtool.errors import MetricsSchemaError, OutputError
+from esdtool.errors import MetricsSchemaError
+from esdtool.io.atomic import atomic_write
+from esdtool.spectral import ALPHA_METHODS
+from esdtool.spectral.metrics import SpectrumMetrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -97,9 +102,103 @@ SCHEMA = pa.schema([pa.field(name, dtype) for name, dtype, _ in COLUMNS])
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
 
-def write_metrics(rows: list[dict[str, Any]], path: Path, metadata: dict[str, Any]) -> Path:
-    """Write ``rows`` (dicts keyed by column name) and ``metadata`` to ``path`` atomically."""
-    arrays = [_column([row.get(f.name) for row in rows], f.type) for f in SCHEMA]
+@dataclass(frozen=True)
+class MatrixRow:
+    """One row of the metrics table: one matrix (one expert of a 3-D tensor), as a record.
+
+    Header facts (what the checkpoint's header says) and, when the matrix was analysed, its
+    eigenvalues and :class:`~esdtool.spectral.metrics.SpectrumMetrics`. Rows stay records from
+    the analysis to this module; :meth:`columns` is the one place they become table columns.
+
+    name, module, slice, role, layer, shard, dtype, rows, cols, status, reason, seconds,
+    device: the columns of the same names (see ``COLUMNS``).
+    eigenvalues: float32 eigenvalues ascending, None when no spectrum was computed.
+    metrics:     the spectrum's numbers, None when no spectrum was computed or it was not finite.
+    """
+
+    name: str
+    module: str
+    role: str
+    layer: int | None
+    shard: str
+    dtype: str
+    rows: int | None
+    cols: int | None
+    status: str
+    reason: str | None = None
+    slice: int | None = None
+    eigenvalues: np.ndarray | None = None
+    metrics: SpectrumMetrics | None = None
+    seconds: float = math.nan
+    device: str | None = None
+
+    @property
+    def M(self) -> int | None:
+        """The matrix's smaller side (its number of eigenvalues); None for a vector."""
+        return None if self.rows is None or self.cols is None else min(self.rows, self.cols)
+
+    @property
+    def N(self) -> int | None:
+        """The matrix's larger side; None for a vector."""
+        return None if self.rows is None or self.cols is None else max(self.rows, self.cols)
+
+    def columns(self) -> dict[str, Any]:
+        """The row as {column: value}, keys in ``COLUMN_NAMES`` order (a test holds them equal)."""
+        M, N = self.M, self.N
+        m = self.metrics
+        fits: dict[str, Any] = {}
+        for method in ALPHA_METHODS:
+            fit = m.fit(method) if m is not None else None
+            fits[f"alpha_{method}"] = fit.alpha if fit else math.nan
+            fits[f"xmin_{method}"] = fit.xmin if fit else math.nan
+            fits[f"D_{method}"] = fit.D if fit else math.nan
+        spikes = m.spikes if m is not None else None
+        nan = math.nan
+        return {
+            "name": self.name,
+            "module": self.module,
+            "slice": self.slice,
+            "role": self.role,
+            "layer": self.layer,
+            "status": self.status,
+            "reason": self.reason,
+            "shard": self.shard,
+            "dtype": self.dtype,
+            "rows": self.rows,
+            "cols": self.cols,
+            "M": M,
+            "N": N,
+            "Q": (N / M) if M else None,
+            "num_evals": 0 if self.eigenvalues is None else int(self.eigenvalues.size),
+            "num_nonzero": m.num_nonzero if m else None,
+            "eigenvalues": [] if self.eigenvalues is None else self.eigenvalues,
+            **fits,
+            "fit_status": m.fit_status if m else None,
+            "num_spikes": spikes.num_spikes if spikes else None,
+            "num_spikes_bulk": spikes.num_spikes_bulk if spikes else None,
+            "sigma_mp": spikes.sigma_mp if spikes else nan,
+            "bulk_max": spikes.bulk_max if spikes else nan,
+            "tw_threshold": spikes.tw_threshold if spikes else nan,
+            "mp_softrank": spikes.mp_softrank if spikes else nan,
+            "lambda_max": m.lambda_max if m else nan,
+            "spectral_norm": m.spectral_norm if m else nan,
+            "log_spectral_norm": m.log_spectral_norm if m else nan,
+            "frobenius_norm": m.frobenius_norm if m else nan,
+            "log_norm": m.log_norm if m else nan,
+            "stable_rank": m.stable_rank if m else nan,
+            "alpha_weighted": m.alpha_weighted if m else nan,
+            "log_alpha_norm": m.log_alpha_norm if m else nan,
+            "entropy": m.entropy if m else nan,
+            "matrix_rank": m.matrix_rank if m else None,
+            "seconds": self.seconds,
+            "device": self.device,
+        }
+
+
+def write_metrics(rows: Sequence[MatrixRow], path: Path, metadata: dict[str, Any]) -> Path:
+    """Write ``rows`` and ``metadata`` to ``path`` atomically."""
+    flat = [row.columns() for row in rows]
+    arrays = [_column([row[f.name] for row in flat], f.type) for f in SCHEMA]
     table = pa.Table.from_arrays(arrays, schema=SCHEMA)
     meta = {"schema_version": SCHEMA_VERSION, **metadata}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
@@ -140,29 +239,6 @@ def _column(values: list[Any], type_: pa.DataType) -> pa.Array:
             type_, n, [bitmap, pa.py_buffer(offsets)], nulls, children=[child]
         )
     raise TypeError(f"no column builder for {type_}")
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, fsync the result, then rename it over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never half of one; two
-    writers racing leave one complete file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory; give a file name")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        with contextlib.suppress(OSError):  # nothing left to clean, or nowhere to clean it
-            tmp.unlink()
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """docs/cli.md, written from the commands themselves so it cannot drift from them.
 
-    python -m esdtool.cli.reference > docs/cli.md      # `make docs` does this
+    python -m esdtool.cli.docgen > docs/cli.md      # `make docs` does this
 
 A test regenerates it and fails when the file in the repository differs, and others fail when
 any command, argument or option has no help text, or has a literal [word] that rich would read as
@@ -21,7 +21,7 @@ from esdtool.cli.app import app
 
 HEADER = """# Command-line reference
 
-Generated from the commands' own help by `python -m esdtool.cli.reference` (`make docs`); a
+Generated from the commands' own help by `python -m esdtool.cli.docgen` (`make docs`); a
 test fails when this file is stale. `esdtool COMMAND --help` prints the same in a terminal.
 """
 
@@ -68,7 +68,7 @@ def _params_table(params: list[Any]) -> list[str]:
     return rows
 
 
-def reference() -> str:
+def cli_reference() -> str:
     """The whole docs/cli.md text."""
     group: Any = typer.main.get_command(app)
     out = [HEADER, "## esdtool", "", _plain(group.help), "", *_params_table(group.params), ""]
@@ -115,4 +115,4 @@ def swallowed_markup(typer_app: typer.Typer = app) -> list[str]:
 
 
 if __name__ == "__main__":
-    print(reference(), end="")
+    print(cli_reference(), end="")

@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from esdtool.spectral.marchenko_pastur import mp_density
+
 DPI = 80
 # HTSR's reading of alpha: below 2 over-fitted / very heavy-tailed, above 6 barely trained.
 WELL_TRAINED = (2.0, 6.0)
@@ -86,19 +88,6 @@ def heatmap(
                             color="white" if dark else "black")  # fmt: skip
     ax.set(title=title, xlabel="layer")
     return _png(fig)
-
-
-def mp_density(lam: np.ndarray, sigma: float, M: int, N: int) -> np.ndarray:
-    """Marchenko-Pastur density on the lambda scale (lambda = N * sigma^2 * x)."""
-    y = M / N
-    scale = N * sigma**2
-    x = lam / scale
-    a, b = (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
-    inside = (x > a) & (x < b)
-    dens = np.zeros_like(x)
-    xi = x[inside]
-    dens[inside] = np.sqrt((b - xi) * (xi - a)) / (2 * math.pi * y * xi)
-    return dens / scale
 
 
 def esd(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0) -> bytes:

@@ -26,17 +26,36 @@ class SpikeCount:
     sigma_mp:        fitted sigma (standard deviation of the entries, in weight units).
     bulk_max:        MP bulk edge on the lambda scale, N * sigma^2 (1 + sqrt y)^2.
     tw_threshold:    Tracy-Widom-corrected edge on the lambda scale.
-    num_spikes:      eigenvalues above tw_threshold.
-    num_spikes_bulk: eigenvalues above bulk_max (no finite-size correction).
+    num_spikes:      eigenvalues above tw_threshold (None when the fit has no bulk to measure).
+    num_spikes_bulk: eigenvalues above bulk_max (no finite-size correction; None likewise).
     mp_softrank:     bulk_max / lambda_max (near 1: no structure; near 0: dominated by spikes).
     """
 
     sigma_mp: float
     bulk_max: float
     tw_threshold: float
-    num_spikes: int
-    num_spikes_bulk: int
+    num_spikes: int | None
+    num_spikes_bulk: int | None
     mp_softrank: float
+
+
+def mp_edges(y: float) -> tuple[float, float]:
+    """The standard (sigma = 1) MP bulk [(1 - sqrt y)^2, (1 + sqrt y)^2] for ratio y = M / N."""
+    return (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
+
+
+def mp_density(lam: np.ndarray, sigma: float, M: int, N: int) -> np.ndarray:
+    """Marchenko-Pastur density on the lambda scale (lambda = N * sigma^2 * x), zero outside
+    the bulk: what a random M x N matrix with entries of standard deviation sigma would show."""
+    y = M / N
+    scale = N * sigma**2
+    x = np.asarray(lam, dtype=float) / scale
+    a, b = mp_edges(y)
+    inside = (x > a) & (x < b)
+    dens = np.zeros_like(x)
+    xi = x[inside]
+    dens[inside] = np.sqrt((b - xi) * (xi - a)) / (2 * math.pi * y * xi)
+    return dens / scale
 
 
 @lru_cache(maxsize=8)
@@ -50,7 +69,7 @@ def _mp_cdf_theta(theta: float, y: float) -> float:
     In theta the density becomes ((b - a) / 2)^2 sin^2(t) / (2 pi y x(t)), smooth even at
     y = 1 where the density in x has a 1/sqrt(x) pole, so Gauss-Legendre is exact to ~1e-15.
     """
-    a, b = (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
+    a, b = mp_edges(y)
     u, w = _gauss_legendre()
     t = (u + 1) * theta / 2
     x = a + (b - a) * (1 - np.cos(t)) / 2
@@ -71,7 +90,7 @@ def mp_median(y: float) -> float:
         else:
             hi = mid
     theta = (lo + hi) / 2
-    a, b = (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
+    a, b = mp_edges(y)
     return a + (b - a) * (1 - math.cos(theta)) / 2
 
 
@@ -140,8 +159,7 @@ def count_spikes(
         sigma2 = float(mu.mean())
     else:
         raise ValueError(f"unknown sigma fit {sigma_fit!r} (median or mean)")
-    y = M / N
-    mu_plus = sigma2 * (1 + math.sqrt(y)) ** 2
+    mu_plus = sigma2 * mp_edges(M / N)[1]
     mu_tw = tw_edge(M, N, sigma2, tw_quantile(tw_quantile_level))
     lambda_max = float(evals[-1])
     bulk_max = mu_plus * N

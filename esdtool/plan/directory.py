@@ -1,4 +1,4 @@
-"""``allocate``: a metrics table in, a PEFT LoRA config directory out (the CLI's twin)."""
+"""`allocate`: a metrics table in, a PEFT LoRA plan directory out, written whole (CLI twin)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,22 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from esdtool import __version__
-from esdtool.allocation import AllocateSettings, Allocation, allocate_ranks
-from esdtool.peft_config import write_peft_dir
-from esdtool.settings import MAX_PLOTS
-from esdtool.source import resolve_source
-from esdtool.table import load_metrics
-
-REPORT_NAME = "report.html"
+from esdtool.io.atomic import atomic_dir
+from esdtool.io.source import resolve_source
+from esdtool.io.table import load_metrics
+from esdtool.plan.peft_config import (
+    CONFIG_NAME,
+    CSV_NAME,
+    PLAN_FILES,
+    REPORT_NAME,
+    write_plan_files,
+)
+from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks
+from esdtool.plan.verify import raise_problems, verify_plan
+from esdtool.render import MAX_PLOTS
+from esdtool.render.page import check_options as check_report_options
+from esdtool.render.page import render
+from esdtool.version import __version__
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,26 @@ def allocate(
     max_plots: int = MAX_PLOTS,
 ) -> AllocateResult:
     """Read ``metrics`` (an esdtool table), plan ranks, write adapter_config.json,
-    allocation.csv and (``report``) report.html into ``outdir``.
+    allocation.csv, esdtool_plan.json and (``report``) report.html into ``outdir``.
 
-    ``verify``: build the analysed model from its config.json on the meta device, apply the
-    config with PEFT, and raise if any module would get another rank or alpha than planned.
+    Everything is validated and computed before anything is written, and the directory is
+    built beside ``outdir`` and swapped in whole: a failure or a kill leaves the old plan or the
+    new one, never a mix. ``verify``: build the analysed model from its config.json on the meta
+    device, apply the config with PEFT, and raise (writing nothing) if any module would get
+    another rank or alpha than planned.
     """
+    settings = settings or AllocateSettings()
+    if report:
+        check_report_options(settings.alpha_column, max_plots)
     table = load_metrics(metrics)
     allocation = allocate_ranks(table, settings)
     meta = table.attrs["esdtool"]
+    model_dir = model_directory(meta) if verify else None
+    html = (
+        render(table, allocation, settings.alpha_column, max_plots)[0].encode("utf-8")
+        if report
+        else None
+    )
     record = {
         "metrics": str(Path(metrics).resolve()),
         "source": meta.get("source"),
@@ -77,28 +97,23 @@ def allocate(
         "trainable_params": allocation.total_params,
         "esdtool_version": __version__,
     }
-    files = write_peft_dir(
-        allocation,
-        Path(outdir),
-        record,
-        task_type=task_type,
-        lora_dropout=lora_dropout,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-        base_model=table.attrs["esdtool"].get("source"),
+
+    def build(directory: Path) -> None:
+        write_plan_files(
+            allocation, directory, record, task_type=task_type, lora_dropout=lora_dropout,
+            use_rslora=use_rslora, use_dora=use_dora, base_model=meta.get("source"),
+        )  # fmt: skip
+        if model_dir is not None:  # checked in the new directory, before it replaces the old
+            problems = verify_plan(directory, model_dir)
+            raise_problems(problems, Path(outdir), model_dir)
+        if html is not None:
+            (directory / REPORT_NAME).write_bytes(html)
+
+    out = Path(outdir)
+    atomic_dir(out, build, PLAN_FILES)
+    return AllocateResult(
+        allocation, out / CONFIG_NAME, out / CSV_NAME, out / REPORT_NAME if report else None
     )
-    if verify:
-        from esdtool.verify import check_plan
-
-        check_plan(Path(outdir), model_directory(table.attrs["esdtool"]))
-    html = None
-    if report:
-        from esdtool.report import report as write_report
-
-        html = write_report(
-            table, Path(outdir) / REPORT_NAME, allocation=allocation, max_plots=max_plots
-        ).output
-    return AllocateResult(allocation, files["config"], files["csv"], html)
 
 
 def model_directory(meta: dict[str, object]) -> Path:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from esdtool.spectral import ALPHA_METHODS
+
 # Elements of one block of the KS distance matrix (candidates x eigenvalues): 4M float64 = 32 MB.
 _KS_BLOCK_ELEMENTS = 1 << 22
 FIX_FINGER_BINS = 100
@@ -168,3 +170,7 @@ def fit_ks(x: torch.Tensor) -> PowerLawFit:
     x = x.to(torch.float64)
     candidates = torch.arange(n - 1, device=x.device)
     return _best_of(x, hill_alphas(x), candidates)
+
+
+# The three rules, by the names of esdtool.spectral.ALPHA_METHODS (the table's alpha columns).
+ALPHA_FITS = dict(zip(ALPHA_METHODS, (fit_median, fit_fix_finger, fit_ks), strict=True))

@@ -13,9 +13,13 @@ import heapq
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+from esdtool.spectral.spectra import matrix_view
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,15 @@ def launched_world_size() -> int:
         return 1
 
 
-def join(device_setting: str) -> World | None:
-    """Join the launcher's job, or None when running alone. Initialises the default process
-    group if the caller has not (nccl when this rank computes on CUDA, else gloo)."""
+ALONE = World(rank=0, size=1, local_rank=0)
+
+
+def join(device_setting: str) -> World:
+    """Join the launcher's job, or :data:`ALONE` (a world of one) when not launched. Initialises
+    the default process group if the caller has not (nccl when this rank computes on CUDA, else
+    gloo)."""
     if launched_world_size() <= 1:
-        return None
+        return ALONE
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,10 +70,10 @@ def join(device_setting: str) -> World | None:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, group, owns)
 
 
-def rank_device(device_setting: str, world: World | None) -> str:
+def rank_device(device_setting: str, world: World) -> str:
     """The device string this rank computes on: "auto" becomes cuda:LOCAL_RANK under a
     launcher with GPUs (one GPU per process), else stays as given."""
-    if world is None or device_setting != "auto" or not torch.cuda.is_available():
+    if world.size == 1 or device_setting != "auto" or not torch.cuda.is_available():
         return device_setting
     return f"cuda:{world.local_rank % torch.cuda.device_count()}"
 
@@ -73,17 +81,11 @@ def rank_device(device_setting: str, world: World | None) -> str:
 def matrix_cost(shape: Sequence[int]) -> float:
     """Relative cost of one tensor's spectra: the Gram product (M^2 N), the eigensolver (~4 M^3)
     and the KS search (M^2), times the number of matrices (experts, kernel positions)."""
-    if len(shape) < 2:
+    view = matrix_view(tuple(shape))
+    if view is None:
         return 0.0
-    if len(shape) == 4:
-        rows, cols, count = shape[0], shape[1], shape[2] * shape[3]
-    else:
-        rows, cols = shape[-2], shape[-1]
-        count = 1
-        for d in shape[:-2]:
-            count *= d
-    m, n = min(rows, cols), max(rows, cols)
-    return float(count) * (m * m * n + 4.0 * m**3 + m * m)
+    m, n = min(view.rows, view.cols), max(view.rows, view.cols)
+    return float(view.count) * (m * m * n + 4.0 * m**3 + m * m)
 
 
 def partition(costs: Sequence[float], parts: int) -> list[list[int]]:
@@ -99,9 +101,11 @@ def partition(costs: Sequence[float], parts: int) -> list[list[int]]:
     return [sorted(indices) for indices in out]
 
 
-def gather_rows(world: World, rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+def gather_rows(world: World, rows: list[T]) -> list[T] | None:
     """Every rank's rows on rank 0 (None elsewhere). The rows are pickled between our own
     processes; nothing read from a checkpoint is ever unpickled."""
+    if world.size == 1:
+        return list(rows)
     import torch.distributed as dist
 
     gathered: list[Any] | None = [None] * world.size if world.main else None
@@ -112,6 +116,9 @@ def gather_rows(world: World, rows: list[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def barrier(world: World) -> None:
+    """Wait for every rank (nothing to wait for alone)."""
+    if world.size == 1:
+        return
     import torch.distributed as dist
 
     dist.barrier(group=world.group)
@@ -119,6 +126,8 @@ def barrier(world: World) -> None:
 
 def leave(world: World) -> None:
     """Destroy what :func:`join` created (the caller's own group is left alone)."""
+    if world.size == 1:
+        return
     import torch.distributed as dist
 
     if world.group is not None:

@@ -1,7 +1,7 @@
 """Rank allocation: a metrics table in, one LoRA rank per module out (method.md section 6).
 
 Pure functions on a pandas DataFrame (the table :func:`esdtool.load_metrics` returns). Writing
-the PEFT files is :mod:`esdtool.peft_config`'s job.
+the PEFT files is :mod:`esdtool.plan.peft_config`'s job.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from esdtool.errors import SettingsError
+from esdtool.errors import OptionError
+from esdtool.spectral import ALPHA_COLUMNS
 
 EPS = 1e-8
+SPIKE_COLUMNS = ("num_spikes", "num_spikes_bulk")
 SCALINGS = {"linear": lambda s: s, "log": np.log1p, "sqrt": np.sqrt}
 
 
@@ -71,13 +73,23 @@ class AllocateSettings:
             problems.append(f"--alpha-factor must be positive, not {self.alpha_factor}")
         if self.budget_params is not None and self.match_rank is not None:
             problems.append("--budget-params and --match-rank are exclusive: give one")
+        if self.alpha_column not in ALPHA_COLUMNS:
+            problems.append(
+                f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS)}, "
+                f"not {self.alpha_column!r}"
+            )
+        if self.spikes_column not in SPIKE_COLUMNS:
+            problems.append(
+                f"--spikes-column must be one of {', '.join(SPIKE_COLUMNS)}, "
+                f"not {self.spikes_column!r}"
+            )
         if self.targets is not None:
             try:
                 re.compile(self.targets)
             except re.error as exc:
                 problems.append(f"--targets {self.targets!r} is not a valid regex ({exc})")
         if problems:
-            raise SettingsError("; ".join(problems))
+            raise OptionError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -116,15 +128,12 @@ def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> tuple[pd.Da
         df = df[df.module.str.contains(settings.targets, regex=True)]
     else:
         df = df[df.role == "linear"]
-    for column in (settings.alpha_column, settings.spikes_column):
-        if column not in df.columns:
-            raise SettingsError(f"no column {column!r} in the metrics table")
     usable = (
         np.isfinite(df[settings.alpha_column].astype(float)) & df[settings.spikes_column].notna()
     )
     twice = df.module[df.module.duplicated()].unique()
     if len(twice):  # e.g. tensors "x.weight" and "x": one PEFT module, two plans
-        raise SettingsError(
+        raise OptionError(
             f"module {twice[0]!r} comes from two tensors ("
             + ", ".join(repr(n) for n in df.name[df.module == twice[0]])
             + "); pick one with --targets"
@@ -176,7 +185,7 @@ def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = No
     df, dropped = candidates(metrics, settings)
     if df.empty:
         what = f"--targets {settings.targets!r}" if settings.targets else "role 'linear'"
-        raise SettingsError(f"no candidate modules: no analysed matrix matches {what}")
+        raise OptionError(f"no candidate modules: no analysed matrix matches {what}")
     alpha = df[settings.alpha_column].to_numpy(float)
     spikes = df[settings.spikes_column].to_numpy(float)
     score = scores(alpha, spikes, settings.w_hill, settings.w_mp_spikes)

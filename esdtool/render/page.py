@@ -17,20 +17,24 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import markupsafe
 import numpy as np
 import pandas as pd
 
-from esdtool import __version__, plots
-from esdtool.allocation import Allocation
-from esdtool.errors import SettingsError
-from esdtool.roles import module_kind
-from esdtool.settings import MAX_PLOTS
-from esdtool.table import COLUMNS, atomic_write, load_metrics
+from esdtool.analysis.roles import module_kind
+from esdtool.errors import OptionError
+from esdtool.io.atomic import atomic_write
+from esdtool.io.table import COLUMNS, load_metrics
+from esdtool.render import MAX_PLOTS, plots
+from esdtool.spectral import ALPHA_COLUMNS
 from esdtool.untrusted import printable
+from esdtool.version import __version__
+
+if TYPE_CHECKING:  # the plan is drawn, never computed here
+    from esdtool.plan.ranks import Allocation
 
 # Table columns shown in the report: (column, label, kind, format).
 _TABLE = (
@@ -54,6 +58,8 @@ _TABLE = (
     ("lora_alpha", "lora_alpha", "number", "g"),
     ("reason", "note", "text", None),
 )
+# Columns the report adds to the table's own (COLUMN_NAMES): the shape, and the plan's.
+_PLAN_COLUMNS = ("shape", "score", "rank", "lora_alpha")
 _DOCS = {
     "shape": "rows x cols of the matrix (out x in features)",
     "score": "allocation score (higher: a larger rank)",
@@ -88,18 +94,28 @@ def report(
     the plan's, else alpha_median). At most ``max_plots`` spectra are drawn, the rest are
     counted, so a model with thousands of experts still gives a file a browser can open.
     """
-    if max_plots < 0:
-        raise SettingsError(f"max plots must be >= 0, got {max_plots}")
-    table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
     if alpha_column is None:
         alpha_column = allocation.settings.alpha_column if allocation else "alpha_median"
-    if alpha_column not in ("alpha_median", "alpha_fix_finger", "alpha_ks"):
-        raise SettingsError(f"alpha column must be one of the fitted alphas, got {alpha_column!r}")
+    check_options(alpha_column, max_plots)
+    table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
     html, plotted, omitted = render(table, allocation, alpha_column, max_plots)
     data = html.encode("utf-8")
     path = Path(output)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return ReportResult(path, plotted, omitted, len(data))
+
+
+def check_options(alpha_column: str, max_plots: int) -> None:
+    """Refuse report options that cannot be drawn, listing every problem (before any work)."""
+    problems = []
+    if alpha_column not in ALPHA_COLUMNS:
+        problems.append(
+            f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS)}, not {alpha_column!r}"
+        )
+    if max_plots < 0:
+        problems.append(f"--max-plots must be >= 0, not {max_plots}")
+    if problems:
+        raise OptionError("; ".join(problems))
 
 
 def render(

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from esdtool.errors import SettingsError
+from esdtool.errors import DataFormatError
 
 FORMATS = ("messages", "prompt/completion", "instruction/input/output", "text")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -34,10 +34,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-class DataFormatError(SettingsError):
-    """A data set whose columns fit none of the known formats, or that cannot be read."""
 
 
 def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:

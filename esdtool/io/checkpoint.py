@@ -13,15 +13,19 @@ Tensor names and metadata are untrusted strings; they are never used as paths.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
+import queue
 import re
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -210,3 +214,46 @@ class Checkpoint:
 def open_checkpoint(files: Iterable[Path]) -> Checkpoint:
     """Open the shards of one checkpoint, checking every header first."""
     return Checkpoint(files)
+
+
+def prefetched(
+    ckpt: Checkpoint, infos: list[TensorInfo], *, depth: int = 1, pin: bool = False
+) -> Iterator[tuple[TensorInfo, torch.Tensor | Exception]]:
+    """(info, tensor) for each of ``infos`` in order, read by a background thread that stays
+    at most ``depth`` tensors ahead (memory: the current tensor plus ``depth`` + 1 more).
+
+    Reading (page faults, decompression of the mmap, pinning for a fast host-to-GPU copy)
+    overlaps with the current tensor's eigensolver, which releases the GIL. A read error is
+    handed over in place of the tensor, so the caller can record it and go on.
+    """
+    items: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def read() -> None:
+        for info in infos:
+            if stop.is_set():
+                break
+            try:
+                tensor = ckpt.get_tensor(info.name)
+                item: Any = (info, tensor.pin_memory() if pin else tensor)
+            except Exception as exc:
+                item = (info, exc)
+            while not stop.is_set():
+                try:
+                    items.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        items.put(None)
+
+    reader = threading.Thread(target=read, name="esdtool-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := items.get()) is not None:
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.get_nowait()
+        reader.join(timeout=5)

@@ -13,16 +13,24 @@ pickle.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
 import struct
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-FORMAT = "esdtool-partial/1"
+from esdtool.io.table import MatrixRow
+from esdtool.spectral import ALPHA_METHODS
+from esdtool.spectral.marchenko_pastur import SpikeCount
+from esdtool.spectral.metrics import SpectrumMetrics
+from esdtool.spectral.powerlaw import PowerLawFit
+
+FORMAT = "esdtool-partial/2"  # /2: rows as records (nested fits), not flat columns
 
 
 def sidecar_path(output: Path, rank: int = 0, world_size: int = 1) -> Path:
@@ -49,18 +57,29 @@ def fingerprint(files: list[Path], settings: dict[str, Any], extra: dict[str, An
     return digest.hexdigest()
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return {"f32": base64.b64encode(value.astype("<f4").tobytes()).decode("ascii")}
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _encode(row: MatrixRow) -> dict[str, Any]:
+    """A row as JSON-ready data: its fields (the metrics' records nested), eigenvalues as
+    base64 little-endian float32."""
+    data = asdict(row)
+    if row.eigenvalues is not None:
+        raw = row.eigenvalues.astype("<f4").tobytes()
+        data["eigenvalues"] = base64.b64encode(raw).decode("ascii")
+    return data
 
 
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"f32"}:
-        return np.frombuffer(base64.b64decode(value["f32"]), dtype="<f4").copy()
-    return value
+def _decode(data: dict[str, Any]) -> MatrixRow:
+    """The inverse of :func:`_encode` (raises KeyError/TypeError/ValueError on foreign data)."""
+    data = dict(data)
+    if data.get("eigenvalues") is not None:
+        raw = base64.b64decode(data["eigenvalues"], validate=True)
+        data["eigenvalues"] = np.frombuffer(raw, dtype="<f4").copy()
+    metrics = data.get("metrics")
+    if metrics is not None:
+        fits = {m: PowerLawFit(**metrics[m]) for m in ALPHA_METHODS}
+        data["metrics"] = SpectrumMetrics(
+            **{**metrics, **fits, "spikes": SpikeCount(**metrics["spikes"])}
+        )
+    return MatrixRow(**data)
 
 
 class Sidecar:
@@ -69,7 +88,7 @@ class Sidecar:
     def __init__(self, path: Path, digest: str) -> None:
         self.path = path
         self.digest = digest
-        self.kept: dict[str, list[dict[str, Any]]] = {}
+        self.kept: dict[str, list[MatrixRow]] = {}
         self.discarded = False  # a sidecar was there but for another checkpoint or settings
         self.appended = 0  # tensors recorded by this run
         self._file: Any = None
@@ -86,7 +105,7 @@ class Sidecar:
         side._file = open(tmp, "w", encoding="utf-8")  # noqa: SIM115
         side._write_line({"format": FORMAT, "fingerprint": digest})
         for rows in side.kept.values():
-            side._write_line({"rows": [{k: _encode(v) for k, v in r.items()} for r in rows]})
+            side._write_line({"rows": [_encode(r) for r in rows]})
         os.replace(tmp, path)
         return side
 
@@ -94,10 +113,10 @@ class Sidecar:
     def kept_rows(self) -> int:
         return sum(len(rows) for rows in self.kept.values())
 
-    def append(self, rows: list[dict[str, Any]]) -> None:
+    def append(self, rows: list[MatrixRow]) -> None:
         """Record one finished tensor's rows durably (flush + fsync)."""
         self.appended += 1
-        self._write_line({"rows": [{k: _encode(v) for k, v in r.items()} for r in rows]})
+        self._write_line({"rows": [_encode(r) for r in rows]})
 
     def _write_line(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
@@ -114,9 +133,9 @@ class Sidecar:
         self.path.unlink(missing_ok=True)
 
 
-def _read(path: Path, digest: str) -> tuple[dict[str, list[dict[str, Any]]], bool]:
+def _read(path: Path, digest: str) -> tuple[dict[str, list[MatrixRow]], bool]:
     """(rows by tensor name, whether the file was discarded as not matching)."""
-    kept: dict[str, list[dict[str, Any]]] = {}
+    kept: dict[str, list[MatrixRow]] = {}
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError):
@@ -132,9 +151,9 @@ def _read(path: Path, digest: str) -> tuple[dict[str, list[dict[str, Any]]], boo
     for line in lines[1:]:
         try:
             record = json.loads(line)
-            rows = [{k: _decode(v) for k, v in r.items()} for r in record["rows"]]
-            name = rows[0]["name"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            rows = [_decode(r) for r in record["rows"]]
+            name = rows[0].name
+        except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
             break  # a torn last line: everything before it is good
         kept[name] = rows
     return kept, False

@@ -1,4 +1,4 @@
-"""Writing an :class:`~esdtool.allocation.Allocation` as files PEFT and people read.
+"""Writing an :class:`~esdtool.plan.ranks.Allocation` as files PEFT and people read.
 
 ``adapter_config.json`` loads with ``peft.LoraConfig.from_pretrained(outdir)``: target_modules is
 one regex that fullmatches exactly the kept module names, and rank_pattern / alpha_pattern keys
@@ -12,13 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from esdtool.allocation import Allocation
-from esdtool.errors import OutputError
-from esdtool.table import atomic_write
+from esdtool.plan.ranks import Allocation
 
 CONFIG_NAME = "adapter_config.json"
 CSV_NAME = "allocation.csv"
 PLAN_RECORD = "esdtool_plan.json"  # which table and settings made the plan (finetune copies it)
+REPORT_NAME = "report.html"
+PLAN_FILES = (CONFIG_NAME, CSV_NAME, PLAN_RECORD, REPORT_NAME)  # all a plan directory holds
 
 
 def _number(x: float) -> int | float:
@@ -57,22 +57,13 @@ def lora_config_dict(
     }
 
 
-def write_peft_dir(
-    allocation: Allocation, outdir: Path, record: dict[str, Any] | None = None, **config: Any
-) -> dict[str, Path]:
-    """Write adapter_config.json, allocation.csv and (given ``record``) esdtool_plan.json into
-    ``outdir``, each atomically."""
-    outdir = Path(outdir)
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"{outdir}: cannot create the output directory ({exc.strerror or exc})"
-        ) from exc
+def write_plan_files(
+    allocation: Allocation, directory: Path, record: dict[str, Any], **config: Any
+) -> None:
+    """Write adapter_config.json, allocation.csv and esdtool_plan.json into ``directory`` (a
+    fresh directory that :func:`esdtool.io.atomic.atomic_dir` swaps in whole)."""
     content = json.dumps(lora_config_dict(allocation, **config), indent=2) + "\n"
-    atomic_write(outdir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(content))
-    atomic_write(outdir / CSV_NAME, lambda tmp: allocation.table.to_csv(tmp, index=False))
-    if record is not None:
-        text = json.dumps(record, indent=2, default=str) + "\n"
-        atomic_write(outdir / PLAN_RECORD, lambda tmp: Path(tmp).write_text(text))
-    return {"config": outdir / CONFIG_NAME, "csv": outdir / CSV_NAME}
+    (directory / CONFIG_NAME).write_text(content, encoding="utf-8")
+    allocation.table.to_csv(directory / CSV_NAME, index=False)
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    (directory / PLAN_RECORD).write_text(text, encoding="utf-8")

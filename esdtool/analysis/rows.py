@@ -1,0 +1,110 @@
+"""From one tensor to its table rows (:class:`~esdtool.io.table.MatrixRow` records): the header
+facts every row has, and the spectra of a tensor already in memory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from esdtool.analysis.roles import block_index, infer_role, module_name
+from esdtool.analysis.settings import AnalyzeSettings
+from esdtool.io.checkpoint import TensorInfo
+from esdtool.io.table import MatrixRow
+from esdtool.spectral.metrics import spectrum_metrics
+from esdtool.spectral.spectra import (
+    auto_dtype,
+    checked_eigenvalues,
+    checked_spectrum,
+    matrices_of,
+    matrix_view,
+)
+
+# Elements of one batch of expert Gram matrices (E x M x M): 32M float64 = 256 MB.
+_EXPERT_BATCH_ELEMENTS = 1 << 25
+
+
+def header_row(info: TensorInfo, status: str, reason: str | None = None) -> MatrixRow:
+    """A row from the header alone: what every row has, with no spectrum (skipped, error)."""
+    view = matrix_view(info.shape)
+    if view is not None:
+        rows, cols = view.rows, view.cols
+    else:  # a vector is (length, None); a scalar (1, None); 5-D and up like their last two
+        rows = info.shape[-2] if len(info.shape) >= 2 else (info.shape[0] if info.shape else 1)
+        cols = info.shape[-1] if len(info.shape) >= 2 else None
+    return MatrixRow(
+        name=info.name,
+        module=module_name(info.name),
+        role=infer_role(info.name, len(info.shape)),
+        layer=block_index(info.name),
+        shard=info.shard.name,
+        dtype=info.dtype,
+        rows=rows,
+        cols=cols,
+        status=status,
+        reason=reason,
+        seconds=0.0,
+    )
+
+
+def _measured(
+    row: MatrixRow, evals: torch.Tensor, finite: bool, settings: AnalyzeSettings
+) -> MatrixRow:
+    """``row`` with the spectrum ``evals`` and its metrics, or marked nonfinite."""
+    if not finite:
+        return replace(row, status="nonfinite", reason="NaN or Inf entries")
+    assert row.M is not None and row.N is not None
+    metrics = spectrum_metrics(
+        evals, row.M, row.N,
+        eig_threshold=settings.eig_threshold, sigma_fit=settings.sigma_fit,
+        tw_quantile=settings.tw_quantile, weighted_alpha=settings.weighted_alpha,
+    )  # fmt: skip
+    return replace(
+        row,
+        status="zero" if metrics.lambda_max == 0 else "ok",
+        eigenvalues=evals.float().cpu().numpy(),
+        metrics=metrics,
+    )
+
+
+def analyze_tensor(
+    info: TensorInfo, tensor: torch.Tensor, settings: AnalyzeSettings, device: torch.device
+) -> list[MatrixRow]:
+    """The table rows of one tensor already in memory: one per matrix (one per expert).
+
+    The experts of a 3-D tensor go through the eigensolver in batches (one batched Gram
+    product and one batched eigvalsh per batch), the rows still one per expert.
+    """
+    dtype = auto_dtype(device) if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    tensor = tensor.to(device, non_blocking=True)
+    if tensor.ndim == 3:
+        return _analyze_experts(info, tensor, settings, device, dtype)
+    started = time.perf_counter()
+    (matrix,) = matrices_of(tensor)
+    evals, finite = checked_spectrum(matrix, dtype, settings.conv_norm)
+    row = _measured(header_row(info, "ok"), evals, finite, settings)
+    return [replace(row, device=str(device), seconds=time.perf_counter() - started)]
+
+
+def _analyze_experts(
+    info: TensorInfo,
+    tensor: torch.Tensor,
+    settings: AnalyzeSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[MatrixRow]:
+    base = header_row(info, "ok")
+    assert base.M is not None
+    step = max(1, _EXPERT_BATCH_ELEMENTS // (base.M * base.M))
+    out: list[MatrixRow] = []
+    for start in range(0, tensor.shape[0], step):
+        started = time.perf_counter()
+        evals, finite = checked_eigenvalues(tensor[start : start + step], dtype)
+        chunk = [
+            _measured(replace(base, slice=start + offset), evals[offset], ok, settings)
+            for offset, ok in enumerate(finite.tolist())
+        ]
+        seconds = (time.perf_counter() - started) / len(chunk)  # the batch's time, shared out
+        out.extend(replace(row, device=str(device), seconds=seconds) for row in chunk)
+    return out

@@ -1,0 +1,297 @@
+"""``analyze``: a checkpoint in, a parquet metrics table out, one tensor at a time.
+
+For each tensor: read it (memory-mapped, one at a time), move it to the device, check it is
+finite and non-zero, compute its spectrum, fit it, free it. Tensors that are not matrices,
+too small, or not floating point get a ``skipped`` row with the reason. The library reports
+progress through an optional hook and never prints.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from esdtool.analysis import distributed
+from esdtool.analysis.distributed import matrix_cost
+from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
+from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
+from esdtool.analysis.rows import analyze_tensor, header_row
+from esdtool.analysis.settings import AnalyzeSettings
+from esdtool.errors import AnalysisInterrupted, OptionError, OutputError
+from esdtool.io.checkpoint import Checkpoint, open_checkpoint, prefetched
+from esdtool.io.source import ResolvedSource, resolve_source
+from esdtool.io.table import MatrixRow, write_metrics
+from esdtool.spectral.spectra import auto_dtype
+from esdtool.version import __version__
+
+__all__ = ["AnalyzeResult", "AnalyzeSettings", "ProgressHook", "analyze"]
+
+
+class ProgressHook(Protocol):
+    """Receives progress from :func:`analyze` (the CLI draws a rich bar from it)."""
+
+    def start(self, total_tensors: int, total_bytes: int) -> None: ...
+
+    def advance(self, name: str, nbytes: int) -> None: ...
+
+    def note(self, message: str) -> None:
+        """Something the user should know now (e.g. that a run resumes)."""
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    """What one analysis produced.
+
+    output:   the parquet file written.
+    rows:     rows in the table (every selected tensor, or matrix of a 3-D tensor).
+    analysed: rows with a spectrum (status ok or zero).
+    skipped:  rows skipped with a reason.
+    errors:   one line per row that failed to be read or computed (status error).
+    warnings: one line per matrix with NaN/Inf entries (status nonfinite).
+    seconds:  wall time of the whole analysis.
+    slowest:  (name, seconds) of the slowest row, or None.
+    device:   where spectra were computed.
+    """
+
+    output: Path
+    rows: int
+    analysed: int
+    skipped: int
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    slowest: tuple[str, float] | None = None
+    device: str = "cpu"
+    source: str = ""
+    revision: str | None = None
+    resumed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the CLI's ``--json`` output)."""
+        return {
+            "output": str(self.output),
+            "source": self.source,
+            "revision": self.revision,
+            "rows": self.rows,
+            "analysed": self.analysed,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+            "slowest": (
+                {"name": self.slowest[0], "seconds": round(self.slowest[1], 4)}
+                if self.slowest
+                else None
+            ),
+            "device": self.device,
+            "resumed_rows": self.resumed,
+        }
+
+
+def analyze(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: AnalyzeSettings | None = None,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    progress: ProgressHook | None = None,
+    resume: bool = True,
+) -> AnalyzeResult:
+    """Analyse every selected tensor of ``source`` and write the metrics table to ``output``.
+
+    ``source`` is a .safetensors file, a model directory (single file or sharded with an
+    index), or a hub id. All headers are checked before any computing starts, so a damaged
+    checkpoint fails fast; a tensor that fails later gets an ``error`` row and the rest go on.
+
+    Each finished tensor's rows are appended to a sidecar next to ``output``; a run that was
+    killed or interrupted resumes from it when started again with the same output, checkpoint
+    and settings (``resume=False`` starts afresh). Ctrl-C raises :class:`AnalysisInterrupted`,
+    which says how many rows are kept.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) each process computes a cost-balanced share of the
+    tensors on its own device and rank 0 writes the whole table, the same rows as one process
+    would write. Every rank returns its own share's summary.
+    """
+    settings = settings or AnalyzeSettings()
+    started = time.perf_counter()
+    world = distributed.join(settings.device)
+    try:
+        device = resolve_device(distributed.rank_device(settings.device, world))
+        if settings.dtype == "auto":  # the table records the precision actually used
+            settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
+        if not world.main:
+            distributed.barrier(world)  # rank 0 fetches a hub snapshot first; we reuse it
+        resolved = resolve_source(source, revision=revision, token=token)
+        if world.main:
+            distributed.barrier(world)
+        with open_checkpoint(resolved.files) as ckpt:
+            names = list(filter(settings.selects, ckpt.keys()))
+            if not names:
+                raise OptionError(
+                    f"{resolved.source}: no tensor names pass --include/--exclude "
+                    f"({len(ckpt.keys())} tensors in the checkpoint)"
+                )
+            _check_something_analysable(ckpt, names, settings, resolved.source)
+            side = _open_sidecar(Path(output), resolved, settings, world, resume, progress)
+            try:
+                mine = _analyze_names(ckpt, names, settings, device, progress, world, side)
+            except KeyboardInterrupt:
+                side.close()
+                done = len(side.kept) + side.appended
+                raise AnalysisInterrupted(
+                    f"interrupted; {done} finished tensor(s) kept in {side.path}",
+                    hint="run the same command again to resume (--no-resume starts over)",
+                ) from None
+            metadata = _metadata(resolved, ckpt, settings, device, world)
+        rows = distributed.gather_rows(world, mine)
+        if rows is not None:  # rank 0: the table, in the checkpoint's order
+            position = {name: i for i, name in enumerate(names)}
+            rows.sort(key=lambda r: (position[r.name], -1 if r.slice is None else r.slice))
+            write_metrics(rows, Path(output), metadata)
+        distributed.barrier(world)  # the table exists before any rank returns
+        side.remove()
+        seconds = time.perf_counter() - started
+        result = _summarise(rows if rows is not None else mine, Path(output), seconds, device)
+        return replace(
+            result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows
+        )
+    finally:
+        distributed.leave(world)
+
+
+def _analyze_names(
+    ckpt: Checkpoint,
+    names: list[str],
+    settings: AnalyzeSettings,
+    device: torch.device,
+    progress: ProgressHook | None,
+    world: distributed.World,
+    side: Sidecar,
+) -> list[MatrixRow]:
+    """Rows of this process's share of ``names``. Tensors are read one ahead by a reader thread
+    while the current one computes. Tensors the sidecar already holds are not computed again;
+    new ones are appended to it. Rank 0 also writes the rows decided from headers alone."""
+    infos = [ckpt.info(n) for n in names]
+    budget = memory_budget(settings, device)
+    reasons = [skip_reason(info, settings.min_evals, budget, settings.dtype) for info in infos]
+    work = [i for i, r in enumerate(reasons) if r is None]
+    shares = distributed.partition([matrix_cost(infos[i].shape) for i in work], world.size)
+    work = [work[j] for j in shares[world.rank]]
+    header_only = [i for i, r in enumerate(reasons) if r is not None] if world.main else []
+    if progress:
+        mine = sorted(work + header_only)
+        progress.start(len(mine), sum(infos[i].nbytes for i in mine))
+    rows = [header_row(infos[i], "skipped", reasons[i]) for i in header_only]
+    if progress:
+        for i in header_only:
+            progress.advance(infos[i].name, infos[i].nbytes)
+    for i in work:
+        if infos[i].name in side.kept:
+            rows.extend(side.kept[infos[i].name])
+            if progress:
+                progress.advance(infos[i].name, infos[i].nbytes)
+    todo = [infos[i] for i in work if infos[i].name not in side.kept]
+    for info, tensor in prefetched(ckpt, todo, pin=device.type == "cuda"):
+        try:
+            if isinstance(tensor, Exception):
+                raise tensor
+            new = analyze_tensor(info, tensor, settings, device)
+        except Exception as exc:  # one bad tensor must not lose the others' rows
+            new = [header_row(info, "error", f"{type(exc).__name__}: {exc}")]
+        del tensor
+        side.append(new)
+        rows.extend(new)
+        if progress:
+            progress.advance(info.name, info.nbytes)
+    return rows
+
+
+def _check_something_analysable(
+    ckpt: Checkpoint, names: list[str], settings: AnalyzeSettings, source: str
+) -> None:
+    """Fail before any work when no selected tensor can have a spectrum, saying why."""
+    reasons = {n: skip_reason(ckpt.info(n), settings.min_evals) for n in names}
+    if all(r is not None for r in reasons.values()):
+        sample = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
+        raise OptionError(
+            f"{source}: nothing to analyse: none of its {len(names)} selected tensors is a "
+            f"floating-point matrix with at least {settings.min_evals} rows and columns "
+            f"({sample})"
+        )
+
+
+def _open_sidecar(
+    output: Path,
+    resolved: ResolvedSource,
+    settings: AnalyzeSettings,
+    world: distributed.World,
+    resume: bool,
+    progress: ProgressHook | None,
+) -> Sidecar:
+    path = sidecar_path(output, world.rank, world.size)
+    digest = fingerprint(list(resolved.files), settings.to_dict(), {"world": world.size})
+    try:
+        side = Sidecar.open(path, digest, resume=resume)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the resume file ({exc.strerror or exc})") from exc
+    note = getattr(progress, "note", None)
+    if note is not None and world.main:
+        if side.kept:
+            note(f"resuming: keeping {side.kept_rows} finished row(s) from {path}")
+        elif side.discarded:
+            note(f"{path} is from another checkpoint or other settings; starting afresh")
+    return side
+
+
+def _metadata(
+    resolved: ResolvedSource,
+    ckpt: Checkpoint,
+    settings: AnalyzeSettings,
+    device: torch.device,
+    world: distributed.World,
+) -> dict[str, Any]:
+    config = resolved.config or {}
+    return {
+        "source": resolved.source,
+        "source_kind": resolved.kind,
+        "revision": resolved.revision,
+        "files": [p.name for p in resolved.files],
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "checkpoint_metadata": ckpt.metadata(),
+        "esdtool_version": __version__,
+        "torch_version": torch.__version__,
+        "settings": settings.to_dict(),
+        "device": str(device),
+        "world_size": world.size,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _summarise(
+    rows: list[MatrixRow], output: Path, seconds: float, device: torch.device
+) -> AnalyzeResult:
+    def lines(status: str) -> list[str]:
+        return [f"{r.shard}: tensor {r.name!r}: {r.reason}" for r in rows if r.status == status]
+
+    timed = [r for r in rows if r.status == "ok" and not math.isnan(r.seconds)]
+    slowest = max(timed, key=lambda r: r.seconds, default=None)
+    return AnalyzeResult(
+        output=output,
+        rows=len(rows),
+        analysed=sum(r.status in ("ok", "zero") for r in rows),
+        skipped=sum(r.status == "skipped" for r in rows),
+        errors=lines("error"),
+        warnings=lines("nonfinite"),
+        seconds=seconds,
+        slowest=(slowest.name, slowest.seconds) if slowest else None,
+        device=str(device),
+    )

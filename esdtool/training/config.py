@@ -1,0 +1,217 @@
+"""What a fine-tuning run needs, validated all at once before anything heavy loads.
+
+:class:`FinetuneSettings` checks its own values and lists every bad one. :func:`prepare` then
+checks everything else that can be checked cheaply: the extra is installed, --qlora has CUDA,
+the plan directory holds a LoRA config, the data (and eval data) fit a format, the model and its
+tokenizer resolve, a checkpoint exists to resume from, and the plan fits the model (PEFT on the
+meta device, :func:`esdtool.plan.verify.verify_plan`). Every problem found is reported in one
+error; the recipe (:mod:`esdtool.training.recipe`) starts only from a clean :class:`Prepared`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esdtool.errors import (
+    DataFormatError,
+    EsdtoolError,
+    MissingExtraError,
+    ModelLoadError,
+    OptionError,
+)
+from esdtool.extras import require
+from esdtool.io.source import TOKENIZER_PATTERNS, resolve_source
+from esdtool.plan.peft_config import CONFIG_NAME
+from esdtool.plan.verify import raise_problems, verify_plan
+from esdtool.training.data import load_training_data
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Training options. ``bf16`` None: on where the GPU supports it. ``use_dora`` /
+    ``use_rslora`` None: as the adapter config says."""
+
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 1024
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    qlora: bool = False
+    use_dora: bool | None = None
+    use_rslora: bool | None = None
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 500
+    completion_only_loss: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (math.isfinite(self.epochs) and self.epochs > 0,
+             f"--epochs must be a finite number > 0, not {self.epochs}"),
+            (self.max_steps == -1 or self.max_steps > 0,
+             f"--max-steps must be > 0 (or -1: use --epochs), not {self.max_steps}"),
+            (math.isfinite(self.lr) and 0 < self.lr < 1, f"--lr must lie in (0, 1), not {self.lr}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1, not {self.grad_accum}"),
+            (self.max_length >= 8, f"--max-length must be at least 8, not {self.max_length}"),
+            (0 <= self.seed < 2**32, f"--seed must lie in [0, 2^32), not {self.seed}"),
+            (self.logging_steps >= 1,
+             f"--logging-steps must be at least 1, not {self.logging_steps}"),
+            (self.save_steps >= 1, f"--save-steps must be at least 1, not {self.save_steps}"),
+        ]  # fmt: skip
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise OptionError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run that passed every check: what the recipe trains with.
+
+    stack:     the imported transformers / peft / trl / datasets modules.
+    config:    the plan as a ``peft.LoraConfig`` (task type, DoRA / rsLoRA as asked).
+    train, evaluation: TRL-shaped records (``evaluation`` None without --eval-data).
+    data_format: the format the data was read as.
+    model_dir: the local directory of the model (a hub snapshot for hub ids).
+    tokenizer: the model's tokenizer, with a pad token.
+    """
+
+    stack: dict[str, Any]
+    config: Any
+    train: Any
+    evaluation: Any
+    data_format: str
+    model_dir: Path
+    tokenizer: Any
+
+
+def prepare(
+    model: str | os.PathLike[str],
+    plan_dir: Path,
+    data: str | os.PathLike[str],
+    output_dir: Path,
+    settings: FinetuneSettings,
+    *,
+    eval_data: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+) -> Prepared:
+    """Check every input of a run (see the module docstring); raise one error listing every
+    problem, of the first problem's type."""
+    stack = require("finetune")  # nothing below can be checked without the extra
+    problems: list[EsdtoolError] = []
+
+    def check(step: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        except EsdtoolError as exc:
+            problems.append(exc)
+            return None
+
+    if settings.qlora:
+        check(_check_qlora)
+    config = check(_load_plan, stack["peft"], plan_dir, settings)
+    loaded = check(load_training_data, data)
+    evaluation = check(load_training_data, eval_data) if eval_data is not None else None
+    resolved = check(resolve_source, model, revision, token, also=TOKENIZER_PATTERNS)
+    model_dir = resolved.files[0].parent if resolved is not None else None
+    tokenizer = check(_load_tokenizer, stack["transformers"], model_dir) if model_dir else None
+    chat = loaded is not None and loaded[1] == "messages"
+    if chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        problems.append(
+            DataFormatError(
+                f"{data}: messages records need a chat template, and {model}'s tokenizer has none",
+                hint="use prompt/completion records, or a model with a chat template",
+            )
+        )
+    if resume_from_checkpoint is True and _last_checkpoint(output_dir) is None:
+        problems.append(
+            OptionError(
+                f"{output_dir}: no checkpoint-* directory to resume from",
+                hint="drop --resume-from-checkpoint, or pass the output dir of an earlier run",
+            )
+        )
+    if config is not None and model_dir is not None:
+        check(lambda: raise_problems(verify_plan(plan_dir, model_dir), plan_dir, model))
+    if problems:
+        first = problems[0]
+        if len(problems) == 1:
+            raise first
+        message = f"{len(problems)} problems: " + "; ".join(str(p) for p in problems)
+        raise type(first)(message, hint=first.hint)
+    assert config is not None and loaded is not None and model_dir is not None
+    return Prepared(
+        stack=stack,
+        config=config,
+        train=loaded[0],
+        evaluation=evaluation[0] if evaluation is not None else None,
+        data_format=loaded[1],
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+    )
+
+
+def _check_qlora() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise OptionError(
+            "--qlora needs a CUDA GPU (4-bit NF4 through bitsandbytes), and none is present",
+            hint="drop --qlora to train in full precision on this machine",
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            "--qlora needs bitsandbytes", hint="pip install bitsandbytes"
+        ) from exc
+
+
+def _load_plan(peft: Any, plan_dir: Path, settings: FinetuneSettings) -> Any:
+    if not (plan_dir / CONFIG_NAME).is_file():
+        raise OptionError(
+            f"{plan_dir}: no {CONFIG_NAME} here",
+            hint="pass the directory esdtool allocate wrote (-o OUTDIR)",
+        )
+    try:
+        config = peft.LoraConfig.from_pretrained(str(plan_dir))
+    except Exception as exc:  # a hand-edited or foreign file
+        raise OptionError(f"{plan_dir / CONFIG_NAME}: not a LoRA config ({exc})") from exc
+    task = config.task_type
+    if task not in (None, "CAUSAL_LM"):
+        raise OptionError(
+            f"{plan_dir / CONFIG_NAME}: task_type {task}; finetune trains causal LMs",
+            hint="re-run esdtool allocate with --task-type CAUSAL_LM",
+        )
+    config.task_type = "CAUSAL_LM"
+    config.inference_mode = False
+    if settings.use_dora is not None:
+        config.use_dora = settings.use_dora
+    if settings.use_rslora is not None:
+        config.use_rslora = settings.use_rslora
+    return config
+
+
+def _load_tokenizer(transformers: Any, model_dir: Path) -> Any:
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise ModelLoadError(f"{model_dir}: cannot load its tokenizer ({exc})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _last_checkpoint(outdir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(outdir)) if outdir.is_dir() else None
+    return Path(found) if found else None

@@ -1,0 +1,235 @@
+"""``finetune``: train LoRA adapters with an esdtool plan (the CLI's twin), thin over
+transformers + PEFT + TRL.
+
+A short recipe after a validated config (:func:`esdtool.training.config.prepare` checks every
+input first and lists every problem): **setup** loads the model from safetensors only and
+applies the plan with ``peft.get_peft_model``, checked again on the loaded model; **train** is
+TRL's SFTTrainer, so the same call runs as one process or under ``accelerate launch`` /
+``torchrun`` (DDP through the Trainer); **save** writes the adapter and a run record (only the
+main process writes files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from esdtool.errors import ModelLoadError
+from esdtool.plan.peft_config import PLAN_RECORD
+from esdtool.plan.verify import adapted_modules, apply_plan, plan_problems, raise_problems
+from esdtool.training.config import FinetuneSettings, Prepared, prepare
+from esdtool.version import __version__
+
+__all__ = ["FinetuneResult", "FinetuneSettings", "finetune"]
+
+RUN_RECORD = "esdtool_run.json"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a run did: steps, losses, parameters, ranks, where the adapter went."""
+
+    output_dir: Path
+    data_format: str
+    ranks: dict[str, int]
+    trainable_params: int
+    total_params: int
+    steps: int = 0
+    first_loss: float | None = None
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["output_dir"] = str(self.output_dir)
+        return data
+
+
+def finetune(
+    model: str | os.PathLike[str],
+    adapter_config: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    settings: FinetuneSettings | None = None,
+    *,
+    eval_data: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+) -> FinetuneResult:
+    """Train the adapters planned in ``adapter_config`` (a directory holding
+    adapter_config.json) on ``model`` with ``data``; save them to ``output_dir``.
+
+    Everything that can be checked is checked before the weights load, and every problem is
+    listed at once (:func:`~esdtool.training.config.prepare`). ``dry_run`` stops after the plan
+    is applied to the loaded model. ``progress`` False: no progress bars and no loss lines on
+    stdout (the CLI's --quiet/--json).
+    """
+    settings = settings or FinetuneSettings()
+    plan_dir, outdir = Path(adapter_config), Path(output_dir)
+    run = prepare(
+        model, plan_dir, data, outdir, settings, eval_data=eval_data, revision=revision,
+        token=token, resume_from_checkpoint=resume_from_checkpoint,
+    )  # fmt: skip
+    if not progress:
+        run.stack["datasets"].disable_progress_bars()
+        run.stack["transformers"].utils.logging.disable_progress_bar()
+
+    peft_model = _setup(run, settings, plan_dir, model)
+    ranks = {name: m.r["default"] for name, m in adapted_modules(peft_model).items()}
+    trainable, total = (int(n) for n in peft_model.get_nb_trainable_parameters())
+    result = FinetuneResult(outdir, run.data_format, ranks, trainable, total, dry_run=dry_run)
+    if dry_run:
+        return result
+
+    trainer = _trainer(run, peft_model, outdir, settings, progress, callbacks or [])
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(str(outdir))  # adapter_config.json + adapter_model.safetensors + tokenizer
+    eval_loss = None
+    if run.evaluation is not None:  # the number to compare plans by, at the end of training
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    losses = [
+        (int(entry["step"]), float(entry["loss"]))
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    result = FinetuneResult(
+        outdir, run.data_format, ranks, trainable, total,
+        steps=int(trainer.state.global_step),
+        first_loss=losses[0][1] if losses else None,
+        final_loss=losses[-1][1] if losses else None,
+        eval_loss=eval_loss,
+        losses=losses,
+    )  # fmt: skip
+    if trainer.is_world_process_zero():
+        record = {
+            "esdtool_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": os.fspath(model),
+            "revision": revision,
+            "adapter_config": os.fspath(adapter_config),
+            "plan": _plan_record(plan_dir),
+            "data": os.fspath(data),
+            "eval_data": os.fspath(eval_data) if eval_data is not None else None,
+            "data_format": run.data_format,
+            "settings": asdict(settings),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "result": {k: v for k, v in result.to_dict().items() if k != "losses"},
+        }
+        (outdir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return result
+
+
+def _setup(run: Prepared, settings: FinetuneSettings, plan_dir: Path, model: object) -> Any:
+    """The base model loaded, seeded, with the plan's adapters applied and checked again."""
+    base = _load_model(run.stack["transformers"], run.model_dir, settings)
+    run.stack["transformers"].set_seed(settings.seed)  # the adapters' initial weights too
+    peft_model = apply_plan(base, run.config)
+    raise_problems(plan_problems(peft_model, plan_dir), plan_dir, model)
+    return peft_model
+
+
+def _load_model(transformers: Any, model_dir: Path, settings: FinetuneSettings) -> Any:
+    import torch
+
+    kwargs: dict[str, Any] = {"use_safetensors": True}  # never unpickle a checkpoint
+    if settings.qlora:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if _use_bf16(settings) else torch.float16,
+        )
+        # One GPU per process under torchrun / accelerate (else every rank loads on cuda:0).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    elif _use_bf16(settings):
+        kwargs["dtype"] = torch.bfloat16
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"{model_dir}: cannot load as a causal LM ({exc})") from exc
+    if settings.qlora:
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    return model
+
+
+def _use_bf16(settings: FinetuneSettings) -> bool:
+    import torch
+
+    if settings.bf16 is not None:
+        return settings.bf16
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def _trainer(
+    run: Prepared,
+    model: Any,
+    outdir: Path,
+    settings: FinetuneSettings,
+    progress: bool,
+    callbacks: list[Any],
+) -> Any:
+    """TRL's SFTTrainer for the run (loss on completions only when records have a prompt)."""
+    trl = run.stack["trl"]
+    evaluation, fmt = run.evaluation, run.data_format
+    args = trl.SFTConfig(
+        output_dir=str(outdir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.lr,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        bf16=_use_bf16(settings),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if evaluation is not None else "no",
+        eval_steps=settings.save_steps if evaluation is not None else None,
+        report_to="none",
+        completion_only_loss=settings.completion_only_loss if fmt != "text" else None,
+        dataset_text_field="text",
+        packing=False,
+        ddp_find_unused_parameters=False,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=run.train,
+        eval_dataset=evaluation,
+        processing_class=run.tokenizer,
+    )
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer
+
+
+def _plan_record(plan_dir: Path) -> Any:
+    """What allocate recorded about the plan (metrics table, source, settings), if it did."""
+    try:
+        return json.loads((plan_dir / PLAN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None

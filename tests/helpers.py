@@ -1,0 +1,145 @@
+"""Plain helpers shared by the tests: small checkpoints written on the fly, tiny Llama models
+built from a config, a fake hub cache, JSONL records and runners for the real CLI.
+
+Import them with ``from helpers import ...``; the fixtures built on them live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from esdtool.cli.app import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_tiny_llama(directory: Path, shard_size: str | None) -> Path:
+    """A seeded 2-layer Llama saved as safetensors, in shards of ``shard_size`` if given."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    return directory
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata=None) -> Path:
+    """Write numpy arrays as a safetensors file (the tests' own small checkpoints)."""
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata)
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the real CLI in-process through its entry point; (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_subprocess(args: list[str], env: dict[str, str] | None = None, **kw):
+    """Run `python -m esdtool ARGS` in a fresh interpreter (for environment-dependent paths)."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "esdtool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+        **kw,
+    )
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_causal_lm(directory: Path, initializer_range: float = 0.5) -> Path:
+    """A 2-layer Llama with its own small byte-level BPE tokenizer (300 tokens, a chat template),
+    saved as safetensors: a complete model directory that needs no download."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [f"Q: what is {a} plus {b}? A: {a + b}." for a in range(20) for b in range(20)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>",
+    )  # fmt: skip
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+        initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_hf_cache(home, repo_id: str, model_dir, commit: str = "a" * 40):
+    """The layout huggingface_hub keeps under HF_HOME/hub (refs -> snapshot folder)."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+# Toy prompt / completion records (sums of small integers) for fine-tuning tests and doc tests.
+ARITHMETIC = [
+    {"prompt": f"Q: what is {a} plus {b}? A:", "completion": f" {a + b}."}
+    for a in range(4)
+    for b in range(4)
+]
+
+
+def write_jsonl(path: Path, records: list[dict], repeat: int = 1) -> Path:
+    """One JSON record per line, the records ``repeat`` times over."""
+    import json
+
+    with path.open("w") as f:
+        for _ in range(repeat):
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return path
