@@ -1,4 +1,4 @@
-"""The real all-MiniLM-L6-v2 checkpoint against the independent float64 reference."""
+"""The real all-MiniLM-L6-v2 checkpoint against the independent float64 oracle (tests/oracle.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import reference as ref
+import oracle as ref
 from esdtool import AnalyzeSettings, analyze, load_metrics
 
 
@@ -43,8 +43,12 @@ def test_metrics_equal_float64_reference(minilm_table, minilm_weights):
         expected = ref.row(minilm_weights[name])
         for col in ("alpha_median", "alpha_fix_finger", "alpha_ks", "stable_rank"):
             assert row[col] == pytest.approx(expected[col], rel=1e-4), (name, col)
-        for col in ("xmin_ks", "D_ks", "lambda_max", "sigma_mp"):
+        for col in ("xmin_ks", "D_ks", "lambda_max", "sigma_mp", "bulk_max", "tw_threshold",
+                    "mp_softrank", "spectral_norm", "log_spectral_norm", "frobenius_norm",
+                    "log_norm", "alpha_weighted", "log_alpha_norm", "entropy"):  # fmt: skip
             assert row[col] == pytest.approx(expected[col], rel=1e-6), (name, col)
+        assert row["matrix_rank"] == expected["matrix_rank"], name
+        assert row["num_nonzero"] == expected["num_nonzero"], name
         assert _spikes_agree(row["num_spikes"], expected, expected["evals"]), name
         assert row["num_spikes_bulk"] == expected["num_spikes_bulk"], name
         np.testing.assert_allclose(row["eigenvalues"], expected["evals"], rtol=1e-5, atol=1e-6)
