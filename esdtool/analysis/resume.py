@@ -2,7 +2,7 @@
 output, so a run killed after hours loses at most the tensor it was computing.
 
 The sidecar (``.NAME.partial`` beside ``NAME``) is JSON lines: a header line with a fingerprint
-of the checkpoint (each file's name, size and header digest) and of the settings, then one line
+of the checkpoint (:func:`fingerprint`), the settings and esdtool's version, then one line
 per finished tensor holding its rows; each line is flushed and fsynced before the next tensor
 starts. A torn last line (a kill mid-write) is ignored. On the next run with the same output,
 the rows are reused when the fingerprint matches and discarded (with a notice) when it does not.
@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from esdtool.errors import OutputError
 from esdtool.io.table import MatrixRow
 from esdtool.spectral import ALPHA_METHODS
 from esdtool.spectral.marchenko_pastur import SpikeCount
 from esdtool.spectral.metrics import SpectrumMetrics
 from esdtool.spectral.powerlaw import PowerLawFit
+from esdtool.version import __version__
 
 FORMAT = "esdtool-partial/2"  # /2: rows as records (nested fits), not flat columns
 
@@ -39,21 +41,39 @@ def sidecar_path(output: Path, rank: int = 0, world_size: int = 1) -> Path:
     return output.with_name(f".{output.name}{suffix}.partial")
 
 
-def fingerprint(files: list[Path], settings: dict[str, Any], extra: dict[str, Any]) -> str:
-    """A digest that changes when the checkpoint, the settings or the job layout change.
+# Data samples hashed per file: a re-save with new weights changes nearly every byte, so 16
+# samples of 64 KiB spread over the data see it; reading 1 MiB a file costs nothing next to
+# the analysis.
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
-    Each file contributes its name, size and the SHA-256 of its header (tensor names, dtypes,
-    shapes, offsets), which is cheap to read and changes with any re-save of the weights.
+
+def fingerprint(files: list[Path], settings: dict[str, Any], extra: dict[str, Any]) -> str:
+    """A digest that changes whenever the rows kept from an earlier run could be stale.
+
+    Each file contributes its resolved absolute path (another model at the same ``-o`` never
+    matches), its size, mtime_ns, inode and device (a re-save, even in place), the SHA-256 of
+    its header (names, dtypes, shapes, offsets) and of 16 samples of its data (a re-save
+    within one timestamp tick). esdtool's version, the settings and the job layout complete
+    it: a new esdtool never reuses rows an older one computed.
     """
     digest = hashlib.sha256()
     for path in files:
-        with open(path, "rb") as f:
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+        with open(resolved, "rb") as f:
             head = f.read(8)
             (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
             header = f.read(min(length, 100_000_000))
-        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            data_start, data_size = 8 + len(header), max(0, stat.st_size - 8 - len(header))
+            step = max(data_size // _SAMPLES, 1)
+            for offset in range(0, data_size, step)[:_SAMPLES]:
+                f.seek(data_start + offset)
+                digest.update(f.read(_SAMPLE_BYTES))
+        facts = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+        digest.update("\0".join(map(str, facts)).encode("utf-8", "surrogateescape"))
         digest.update(hashlib.sha256(header).digest())
-    digest.update(json.dumps([settings, extra], sort_keys=True, default=str).encode())
+    meta = [settings, extra, {"esdtool": __version__}]
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -103,10 +123,15 @@ class Sidecar:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # two runs never share a temp
         side._file = open(tmp, "w", encoding="utf-8")  # noqa: SIM115
-        side._write_line({"format": FORMAT, "fingerprint": digest})
-        for rows in side.kept.values():
-            side._write_line({"rows": [_encode(r) for r in rows]})
-        os.replace(tmp, path)
+        try:
+            side._write_line({"format": FORMAT, "fingerprint": digest})
+            for rows in side.kept.values():
+                side._write_line({"rows": [_encode(r) for r in rows]})
+            os.replace(tmp, path)
+        except BaseException:
+            side.close()
+            tmp.unlink(missing_ok=True)
+            raise
         return side
 
     @property
@@ -119,9 +144,18 @@ class Sidecar:
         self._write_line({"rows": [_encode(r) for r in rows]})
 
     def _write_line(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Append one line durably; a full disk or any other OS failure is an
+        :class:`OutputError` naming the sidecar."""
+        try:
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: cannot write the resume file ({exc.strerror or exc})",
+                hint="free some space on that disk and run the same command again; the rows "
+                "finished so far are kept",
+            ) from exc
 
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
@@ -142,7 +176,7 @@ def _read(path: Path, digest: str) -> tuple[dict[str, list[MatrixRow]], bool]:
         return {}, True
     try:
         head = json.loads(lines[0])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return {}, True
     if not isinstance(head, dict) or head.get("format") != FORMAT:
         return {}, True
@@ -153,7 +187,7 @@ def _read(path: Path, digest: str) -> tuple[dict[str, list[MatrixRow]], bool]:
             record = json.loads(line)
             rows = [_decode(r) for r in record["rows"]]
             name = rows[0].name
-        except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError, binascii.Error):
             break  # a torn last line: everything before it is good
         kept[name] = rows
     return kept, False

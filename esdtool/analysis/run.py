@@ -25,6 +25,7 @@ from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
 from esdtool.analysis.rows import analyze_tensor, header_row
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.errors import AnalysisInterrupted, OptionError, OutputError
+from esdtool.io.atomic import check_output_file
 from esdtool.io.checkpoint import Checkpoint, open_checkpoint, prefetched
 from esdtool.io.source import ResolvedSource, resolve_source
 from esdtool.io.table import MatrixRow, write_metrics
@@ -122,6 +123,7 @@ def analyze(
     """
     settings = settings or AnalyzeSettings()
     started = time.perf_counter()
+    output = check_output_file(output)  # before a download or a sidecar: -o /dev/null, -o dir/
     world = distributed.join(settings.device)
     try:
         device = resolve_device(distributed.rank_device(settings.device, world))
@@ -132,6 +134,7 @@ def analyze(
         resolved = resolve_source(source, revision=revision, token=token)
         if world.main:
             distributed.barrier(world)
+        check_output_file(output, resolved.files)  # never the checkpoint itself
         with open_checkpoint(resolved.files) as ckpt:
             names = list(filter(settings.selects, ckpt.keys()))
             if not names:
@@ -259,8 +262,10 @@ def _metadata(
     world: distributed.World,
 ) -> dict[str, Any]:
     config = resolved.config or {}
+    local = resolved.kind in ("file", "directory")
     return {
         "source": resolved.source,
+        "source_path": str(Path(resolved.source).expanduser().resolve()) if local else None,
         "source_kind": resolved.kind,
         "revision": resolved.revision,
         "files": [p.name for p in resolved.files],

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-OutputOpt = Annotated[
-    Path, typer.Option("--output", "-o", help="Where to write the result.", show_default=True)
-]
 DeviceOpt = Annotated[
     str,
     typer.Option(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -79,7 +78,7 @@ SourceArg = Annotated[
     str,
     typer.Argument(help="A .safetensors file, a model directory or a hub id.", show_default=False),
 ]
-MetricsOut = Annotated[Path, typer.Option("--output", "-o", help="The parquet table to write.")]
+MetricsOut = Annotated[str, typer.Option("--output", "-o", help="The parquet table to write.")]
 DtypeOpt = Annotated[
     str,
     typer.Option(
@@ -104,7 +103,7 @@ ExcludeOpt = Annotated[
 
 def analyze(
     source: SourceArg,
-    output: MetricsOut = Path("metrics.parquet"),
+    output: MetricsOut = "metrics.parquet",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     include: IncludeOpt = None,

@@ -30,9 +30,9 @@ def report(
     metrics: Annotated[
         Path, typer.Argument(help="A metrics table written by esdtool analyze.", show_default=False)
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path(
-        "report.html"
-    ),
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="The HTML file to write.")
+    ] = "report.html",
     alpha_column: Annotated[
         str,
         typer.Option(

@@ -18,11 +18,12 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)``, fsync the result, then rename it over ``path``.
 
     The temporary file sits beside ``path`` (same file system, so the rename is atomic) and is
-    named per process, so concurrent writers never share one.
+    named per process, so concurrent writers never share one. ``path`` is checked with
+    :func:`check_output_file` again here: nothing but a regular file is ever renamed over.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory; give a file name")
+    path = check_output_file(path)
+    if path.is_symlink():  # write through the link: its target gets the new content
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def atomic_dir(path: Path, build: Callable[[Path], object], ours: Iterable[str])
     On Linux the swap is one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames
     (a kill between them leaves the old directory under a dot-name beside ``path``).
     """
-    path = Path(path)
+    path = check_output_dir(path)
     if path.exists() or path.is_symlink():
         if path.is_symlink() or not path.is_dir():
             raise OutputError(f"{path}: exists and is not a directory; give a directory name")
@@ -103,3 +104,47 @@ def _exchange(a: Path, b: Path) -> bool:
             return False
         raise OSError(errno, os.strerror(errno), str(b))
     return True
+
+
+def check_output_file(output: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Path:
+    """The file ``output`` names, checked before any work: not a directory (``''``, ``/``,
+    ``name/``), not a device, FIFO or socket (renaming over one would replace it: ``-o
+    /dev/null`` as root), and none of ``inputs`` (``report m.parquet -o m.parquet``). A symlink
+    to a regular file is written through (its target gets the new content)."""
+    text = os.fspath(output)
+    path = Path(text)
+    if text == "" or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
+        raise OutputError(f"{text!r}: names a directory; give a file name")
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name")
+    if target.exists() and not target.is_file():
+        raise OutputError(
+            f"{path}: is not a regular file (a device, FIFO or socket); esdtool writes only "
+            "regular files",
+            hint="give a file name",
+        )
+    for source in inputs:
+        if Path(os.path.realpath(source)) == target:
+            raise OutputError(f"{path}: is also an input; it is never overwritten")
+    return path
+
+
+def check_output_dir(output: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Path:
+    """The directory ``output`` names, checked before any work: a name (not ``''``, ``.``,
+    ``/``), not an existing file, and neither one of ``inputs`` nor a directory holding one."""
+    text = os.fspath(output)
+    path = Path(text)
+    target = Path(os.path.realpath(path))
+    if text == "" or path.name in ("", ".", "..") or target == target.parent:
+        raise OutputError(f"{text!r}: give a directory name for the output")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{path}: exists and is not a directory; give a directory name")
+    for source in inputs:
+        real = Path(os.path.realpath(source))
+        if real == target or target in real.parents:
+            raise OutputError(
+                f"{path}: holds the input {source}; an output directory is never an input's",
+                hint="choose another output directory",
+            )
+    return path

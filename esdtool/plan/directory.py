@@ -6,7 +6,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from esdtool.io.atomic import atomic_dir
+from esdtool.errors import OptionError
+from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.source import resolve_source
 from esdtool.io.table import load_metrics
 from esdtool.plan.peft_config import (
@@ -77,6 +78,7 @@ def allocate(
     another rank or alpha than planned.
     """
     settings = settings or AllocateSettings()
+    check_output_dir(outdir, [Path(metrics)])
     if report:
         check_report_options(settings.alpha_column, max_plots)
     table = load_metrics(metrics)
@@ -117,8 +119,21 @@ def allocate(
 
 
 def model_directory(meta: dict[str, object]) -> Path:
-    """The directory holding the analysed model's config.json (hub ids from the cache)."""
-    source = str(meta.get("source"))
-    revision = meta.get("revision") if meta.get("source_kind") == "hub" else None
-    resolved = resolve_source(source, revision=revision if isinstance(revision, str) else None)
+    """The directory holding the analysed model's config.json: the absolute ``source_path`` the
+    table recorded for a local model (never the source re-read against today's current
+    directory), the hub cache's snapshot at the recorded commit for a hub id."""
+    if meta.get("source_kind") in ("file", "directory"):
+        path = meta.get("source_path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise OptionError(
+                f"--verify: the table records no absolute path of its model "
+                f"(source {meta.get('source')!r})",
+                hint="re-run esdtool analyze with this version, or drop --verify",
+            )
+        resolved = resolve_source(path)
+    else:
+        revision = meta.get("revision")
+        resolved = resolve_source(
+            str(meta.get("source")), revision=revision if isinstance(revision, str) else None
+        )
     return resolved.files[0].parent

@@ -26,7 +26,7 @@ import pandas as pd
 
 from esdtool.analysis.roles import module_kind
 from esdtool.errors import OptionError
-from esdtool.io.atomic import atomic_write
+from esdtool.io.atomic import atomic_write, check_output_file
 from esdtool.io.table import COLUMNS, load_metrics
 from esdtool.render import MAX_PLOTS, plots
 from esdtool.spectral import ALPHA_COLUMNS
@@ -97,10 +97,11 @@ def report(
     if alpha_column is None:
         alpha_column = allocation.settings.alpha_column if allocation else "alpha_median"
     check_options(alpha_column, max_plots)
+    inputs = [] if isinstance(metrics, pd.DataFrame) else [Path(metrics)]
+    path = check_output_file(output, inputs)
     table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
     html, plotted, omitted = render(table, allocation, alpha_column, max_plots)
     data = html.encode("utf-8")
-    path = Path(output)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return ReportResult(path, plotted, omitted, len(data))
 

@@ -1,0 +1,178 @@
+"""Integrity: a rerun never reuses rows of another model, outputs never destroy what they
+point at, and every option is checked before any work (issue 13, classes 1-5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from esdtool import analyze, load_metrics
+from esdtool.analysis.resume import sidecar_path
+from esdtool.errors import AnalysisInterrupted
+from helpers import run_cli, write_tensors
+
+SHAPE = (48, 96)
+
+
+def model(path, seed: int):
+    """Four seeded matrices and a norm vector: the same names and shapes for every seed."""
+    rng = np.random.default_rng(seed)
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": rng.standard_t(4, size=SHAPE).astype(np.float32)
+        for i in range(4)
+    }
+    tensors["model.norm.weight"] = np.ones(SHAPE[1], np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_tensors(path, tensors)
+
+
+class StopAfter:
+    """A progress hook that presses Ctrl-C after ``n`` tensors are recorded (as a kill would
+    leave them in the sidecar)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def start(self, total_tensors: int, total_bytes: int) -> None:
+        pass
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            raise KeyboardInterrupt
+
+    def note(self, message: str) -> None:
+        pass
+
+
+def interrupted(source, output) -> None:
+    with pytest.raises(AnalysisInterrupted):
+        analyze(source, output, progress=StopAfter(3))
+    assert sidecar_path(output).is_file()
+
+
+def alphas(path):
+    table = load_metrics(path)
+    return table.set_index("name")["alpha_ks"].dropna()
+
+
+def test_a_resave_in_place_is_not_resumed_with_old_rows(tmp_path):
+    """Kill a run, re-save the checkpoint with new weights of the same names and shapes (the
+    header is byte-for-byte the same), rerun: every row is of the new weights."""
+    weights = model(tmp_path / "m" / "model.safetensors", seed=1)
+    out = tmp_path / "metrics.parquet"
+    interrupted(weights, out)
+    model(weights, seed=2)  # same file, same header, new data
+    fresh = alphas(analyze(weights, tmp_path / "fresh.parquet", resume=False).output)
+    rerun = alphas(analyze(weights, out).output)
+    assert rerun.equals(fresh)
+
+
+def test_another_model_at_the_same_output_is_not_resumed(tmp_path, capsys):
+    """A sibling fine-tune of the same base (same file name, shapes and header) at the same -o:
+    the rerun says it starts afresh and writes the sibling's rows only."""
+    base = model(tmp_path / "base" / "model.safetensors", seed=1)
+    tuned = model(tmp_path / "tuned" / "model.safetensors", seed=3)
+    out = tmp_path / "metrics.parquet"
+    interrupted(base, out)
+    code, _, stderr = run_cli(["analyze", tuned.parent, "-o", out], capsys)
+    assert code == 0, stderr
+    assert "starting afresh" in stderr
+    fresh = alphas(analyze(tuned, tmp_path / "fresh.parquet").output)
+    assert alphas(out).equals(fresh)
+
+
+def _special_outputs(tmp_path):
+    """Outputs that are not regular files, all inside tmp_path: a FIFO, a symlink to it, and
+    (as root) a character device like /dev/null."""
+    import os
+    import stat
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link-to-fifo"
+    link.symlink_to(fifo)
+    found = [fifo, link]
+    if os.geteuid() == 0:
+        null = tmp_path / "null"
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        found.append(null)
+    return found
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_outputs_that_are_not_regular_files_are_refused_and_kept(command, tmp_path, capsys):
+    """Renaming over a device, FIFO or a link to one would replace it (`-o /dev/null` as root
+    broke a machine's /dev/null): refused in one line, before any work, the node intact."""
+    import stat
+
+    weights = model(tmp_path / "m" / "model.safetensors", seed=1)
+    source = weights if command == "analyze" else analyze(weights, tmp_path / "t.parquet").output
+    for out in _special_outputs(tmp_path):
+        mode = out.lstat().st_mode
+        code, _, stderr = run_cli([command, source, "-o", out], capsys)
+        assert code == 2 and "not a regular file" in stderr and stderr.count("\n") == 1, stderr
+        assert out.lstat().st_mode == mode and not stat.S_ISREG(mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_output_that_is_the_input_is_refused(tmp_path, capsys):
+    weights = model(tmp_path / "m" / "model.safetensors", seed=1)
+    before = weights.read_bytes()
+    code, _, stderr = run_cli(["analyze", weights, "-o", weights], capsys)
+    assert code == 2 and "is also an input" in stderr and weights.read_bytes() == before
+    table = analyze(weights, tmp_path / "t.parquet").output
+    kept = table.read_bytes()
+    code, _, stderr = run_cli(["report", table, "-o", table], capsys)
+    assert code == 2 and "is also an input" in stderr and table.read_bytes() == kept
+    code, _, stderr = run_cli(["allocate", table, "-o", tmp_path], capsys)
+    assert code == 2 and "holds the input" in stderr and table.read_bytes() == kept
+
+
+@pytest.mark.parametrize("bad", ["", "/", "somedir", "newdir/"])
+def test_outputs_naming_directories_fail_before_any_work(bad, tmp_path, capsys, monkeypatch):
+    """`-o` that names a directory (an existing one, '', '/', or 'name/') fails in one line
+    before anything is computed or created; `newdir/` does not become a file."""
+    monkeypatch.chdir(tmp_path)
+    weights = model(tmp_path / "m" / "model.safetensors", seed=1)
+    (tmp_path / "somedir").mkdir()
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    code, _, stderr = run_cli(["analyze", weights, "-o", bad], capsys)
+    assert code == 2 and "directory" in stderr and stderr.count("\n") == 1, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+@pytest.mark.parametrize("bad", ["", "/", "."])
+def test_plan_outputs_need_a_directory_name(bad, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = analyze(model(tmp_path / "m" / "model.safetensors", seed=1), tmp_path / "t.parquet")
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    code, _, stderr = run_cli(["allocate", table.output, "-o", bad], capsys)
+    assert code == 2 and "give a directory name" in stderr and stderr.count("\n") == 1, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_verify_checks_the_model_the_table_was_made_from(tmp_path, capsys, monkeypatch):
+    """A table made from a relative path, a plan verified from another directory holding a
+    wider model at that same relative path: --verify builds the analysed model (the table
+    records its absolute path), not whatever the path names from here."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+
+    def llama(directory, hidden):
+        config = transformers.LlamaConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+        )  # fmt: skip
+        transformers.LlamaForCausalLM(config).save_pretrained(directory)
+
+    llama(tmp_path / "a" / "model", 64)
+    llama(tmp_path / "b" / "model", 96)  # same module names, other shapes
+    monkeypatch.chdir(tmp_path / "a")
+    table = analyze("model", tmp_path / "m.parquet").output
+    assert load_metrics(table).attrs["esdtool"]["source_path"] == str(tmp_path / "a" / "model")
+    monkeypatch.chdir(tmp_path / "b")
+    code, _, stderr = run_cli(
+        ["allocate", table, "-o", tmp_path / "plan", "--verify", "-q"], capsys
+    )
+    assert code == 0, stderr
