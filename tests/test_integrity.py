@@ -4,6 +4,7 @@ point at, and every option is checked before any work (issue 13, classes 1-5).""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from esdtool import analyze, load_metrics
@@ -176,3 +177,52 @@ def test_verify_checks_the_model_the_table_was_made_from(tmp_path, capsys, monke
         ["allocate", table, "-o", tmp_path / "plan", "--verify", "-q"], capsys
     )
     assert code == 0, stderr
+
+
+def test_statuses_say_what_is_true_for_extreme_float64_entries(tmp_path):
+    """Finite float64 weights of 1e-150 and 1e150 are analysed exactly (eigenvalues = the unit
+    matrix's times s^2, alphas unchanged: the power-law exponent is scale-free); at 1e-170 and
+    1e160 the eigenvalues leave float64's range and the row says so. They used to read
+    status "zero" and "NaN or Inf entries"."""
+    import oracle
+
+    rng = np.random.default_rng(5)
+    unit = rng.standard_t(4, size=(40, 80))
+    scales = {"tiny": 1e-150, "huge": 1e150, "under": 1e-170, "over": 1e160, "unit": 1.0}
+    path = write_tensors(
+        tmp_path / "x.safetensors",
+        {f"layers.0.{k}.weight": (unit * s).astype(np.float64) for k, s in scales.items()},
+    )
+    table = load_metrics(analyze(path, tmp_path / "m.parquet").output).set_index("name")
+    rows = {k: table.loc[f"layers.0.{k}.weight"] for k in scales}
+    expected = oracle.evals(unit)
+    for key in ("tiny", "huge", "unit"):
+        row, s = rows[key], scales[key]
+        assert row.status == "ok", (key, row.reason)
+        np.testing.assert_allclose(row.lambda_max, expected[-1] * s * s, rtol=1e-12)
+        for column in ("alpha_median", "alpha_fix_finger", "alpha_ks"):
+            assert row[column] == pytest.approx(rows["unit"][column], rel=1e-9), (key, column)
+    assert rows["under"].status == "skipped" and "underflow float64" in rows["under"].reason
+    assert rows["over"].status == "skipped" and "overflow float64" in rows["over"].reason
+
+
+def test_every_selected_tensor_gets_a_row(tmp_path):
+    """A 3-D tensor with no experts and a block index too large for int64 used to vanish from
+    the table or fail the whole run at the end."""
+    rng = np.random.default_rng(6)
+    path = write_tensors(
+        tmp_path / "x.safetensors",
+        {
+            "model.layers.0.mlp.experts.weight": np.zeros((0, 32, 64), np.float32),
+            "model.layers.99999999999999999999.mlp.up.weight": rng.standard_normal((32, 64)).astype(
+                np.float32
+            ),
+            "model.layers.1.mlp.up.weight": rng.standard_normal((32, 64)).astype(np.float32),
+        },
+    )
+    table = load_metrics(analyze(path, tmp_path / "m.parquet").output).set_index("name")
+    assert len(table) == 3
+    empty = table.loc["model.layers.0.mlp.experts.weight"]
+    assert empty.status == "skipped" and "empty tensor" in empty.reason
+    odd = table.loc["model.layers.99999999999999999999.mlp.up.weight"]
+    assert odd.status == "ok" and pd.isna(odd.layer)

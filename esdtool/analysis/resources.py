@@ -67,6 +67,8 @@ def skip_reason(
     if info.dtype not in FLOAT_DTYPES:
         kinds = {"BOOL": "boolean", "F8_E8M0": "scale-only (exponent) float"}
         return f"{kinds.get(info.dtype, 'integer/packed (quantized?)')} dtype {info.dtype}"
+    if 0 in info.shape:
+        return f"empty tensor (shape {list(info.shape)})"
     view = matrix_view(info.shape)
     if view is None:
         if len(info.shape) < 2:

@@ -21,7 +21,9 @@ _LM_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.weight$")
 def block_index(name: str) -> int | None:
     """The transformer block a tensor belongs to, or None outside the blocks."""
     m = _BLOCK.search(name)
-    return int(m.group(1)) if m else None
+    if m is None or len(m.group(1)) > 18:  # "layers.99999999999999999999." fits no int64
+        return None
+    return int(m.group(1))
 
 
 def infer_role(name: str, ndim: int) -> str:

@@ -3,6 +3,7 @@ facts every row has, and the spectra of a tensor already in memory."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
@@ -49,11 +50,23 @@ def header_row(info: TensorInfo, status: str, reason: str | None = None) -> Matr
 
 
 def _measured(
-    row: MatrixRow, evals: torch.Tensor, finite: bool, settings: AnalyzeSettings
+    row: MatrixRow,
+    evals: torch.Tensor,
+    finite: bool,
+    settings: AnalyzeSettings,
+    matrix: torch.Tensor,
 ) -> MatrixRow:
-    """``row`` with the spectrum ``evals`` and its metrics, or marked nonfinite."""
+    """``row`` with the spectrum ``evals`` of ``matrix`` and its metrics; marked nonfinite for
+    NaN/Inf entries, skipped when float64 cannot hold the eigenvalues of finite entries."""
     if not finite:
         return replace(row, status="nonfinite", reason="NaN or Inf entries")
+    top = float(evals[-1])
+    if not math.isfinite(top) or top == 0:
+        peak = float(matrix.abs().amax())
+        if peak > 0:  # finite, non-zero entries whose squares leave float64's range
+            side = "overflow" if top > 0 else "underflow"
+            reason = f"eigenvalues {side} float64 (largest |entry| {peak:.3g}); rescale the weights"
+            return replace(row, status="skipped", reason=reason)
     assert row.M is not None and row.N is not None
     metrics = spectrum_metrics(
         evals, row.M, row.N,
@@ -83,7 +96,7 @@ def analyze_tensor(
     started = time.perf_counter()
     (matrix,) = matrices_of(tensor)
     evals, finite = checked_spectrum(matrix, dtype, settings.conv_norm)
-    row = _measured(header_row(info, "ok"), evals, finite, settings)
+    row = _measured(header_row(info, "ok"), evals, finite, settings, matrix)
     return [replace(row, device=str(device), seconds=time.perf_counter() - started)]
 
 
@@ -102,9 +115,12 @@ def _analyze_experts(
         started = time.perf_counter()
         evals, finite = checked_eigenvalues(tensor[start : start + step], dtype)
         chunk = [
-            _measured(replace(base, slice=start + offset), evals[offset], ok, settings)
+            _measured(
+                replace(base, slice=start + offset), evals[offset], ok, settings,
+                tensor[start + offset],
+            )
             for offset, ok in enumerate(finite.tolist())
-        ]
+        ]  # fmt: skip
         seconds = (time.perf_counter() - started) / len(chunk)  # the batch's time, shared out
         out.extend(replace(row, device=str(device), seconds=seconds) for row in chunk)
     return out

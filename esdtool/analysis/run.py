@@ -207,6 +207,8 @@ def _analyze_names(
             if isinstance(tensor, Exception):
                 raise tensor
             new = analyze_tensor(info, tensor, settings, device)
+            if not new:  # every selected tensor gets a row, or the run says why it has none
+                raise RuntimeError("no matrix came out of it")
         except Exception as exc:  # one bad tensor must not lose the others' rows
             new = [header_row(info, "error", f"{type(exc).__name__}: {exc}")]
         del tensor

@@ -70,6 +70,13 @@ def eigenvalues(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Te
     return checked_eigenvalues(W, dtype)[0]
 
 
+# Gram diagonal (sum of squared entries of a row) where float64 squares lose nothing: below,
+# small entries' squares underflow (1e-170 squares to 0); above, sums near overflow.
+_SAFE_GRAM = (2.0**-800, 2.0**800)
+# Largest |w| a float32 SVD can take without its squares leaving float32's range.
+_SAFE_FLOAT32 = (2.0**-60, 2.0**60)
+
+
 def checked_eigenvalues(
     W: torch.Tensor, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,17 +84,30 @@ def checked_eigenvalues(
 
     On the float64 path the check is free: each entry of W lands in exactly one diagonal
     entry of the Gram matrix as its square, and a finite bf16/fp16/fp32 value squared and
-    summed cannot overflow float64, so W is finite exactly when diag(G) is. A matrix that is
+    summed cannot overflow float64, so W is finite exactly when diag(G) is. Only float64
+    weights can leave that range (entries of 1e160 square to inf, of 1e-170 to 0): a matrix
+    whose diagonal is not finite, or outside the safe range, is checked on its data and, when
+    finite, computed again on W * 2^-e (exact) with its eigenvalues scaled back by 2^2e, so they
+    are true, or inf / 0 where float64 cannot hold them (the caller says so). A matrix that is
     not finite gets zeros for eigenvalues (the caller reports it; nothing is fitted).
     """
     with torch.no_grad():
+        if dtype != torch.float64 and W.dtype == torch.float64:
+            peak = W.abs().amax()
+            if not (_SAFE_FLOAT32[0] <= float(peak) <= _SAFE_FLOAT32[1]):
+                return checked_eigenvalues(W, torch.float64)  # float32 would over/underflow
         if dtype == torch.float64:
             with _exact_matmul(W.device):
                 G = gram(W, dtype)
-            finite = torch.isfinite(G.diagonal(dim1=-2, dim2=-1)).all(-1)
+            diag = G.diagonal(dim1=-2, dim2=-1)
+            finite = torch.isfinite(diag).all(-1)
+            peak = diag.amax(-1)
+            odd = ~finite | (peak < _SAFE_GRAM[0]) | (peak > _SAFE_GRAM[1])
             if not bool(finite.all()):
                 G[~finite] = 0
             evals = torch.linalg.eigvalsh(G)
+            if bool(odd.any()):
+                finite = _rescaled(W, evals, finite, odd)
         else:
             upcast = W.to(dtype)
             finite = torch.isfinite(upcast).flatten(-2).all(-1)
@@ -95,6 +115,32 @@ def checked_eigenvalues(
                 upcast[~finite] = 0
             evals = torch.linalg.svdvals(upcast).square().flip(-1)
     return evals.clamp_min_(0), finite
+
+
+def _rescaled(
+    W: torch.Tensor, evals: torch.Tensor, finite: torch.Tensor, odd: torch.Tensor
+) -> torch.Tensor:
+    """Recompute, in place in ``evals``, the spectra of the ``odd`` matrices of W (batched like
+    ``finite``) on W * 2^-e, e = floor(log2 max|w|); return finiteness read from the data."""
+    batch = W.reshape(-1, *W.shape[-2:])
+    flat_evals, flat_finite, flat_odd = (
+        evals.reshape(-1, evals.shape[-1]),
+        finite.reshape(-1),
+        odd.reshape(-1),
+    )
+    for i in torch.nonzero(flat_odd).flatten().tolist():
+        matrix = batch[i].to(torch.float64)
+        peak = float(matrix.abs().amax())
+        flat_finite[i] = math.isfinite(peak)
+        if not math.isfinite(peak) or peak == 0:
+            flat_evals[i] = 0
+            continue
+        e = math.floor(math.log2(peak))
+        with _exact_matmul(W.device):
+            G = gram(torch.ldexp(matrix, torch.tensor(-e, device=W.device)), torch.float64)
+        scaled = torch.linalg.eigvalsh(G).clamp_min(0)
+        flat_evals[i] = torch.ldexp(scaled, torch.tensor(2 * e, device=W.device))
+    return flat_finite.reshape(finite.shape)
 
 
 # CUDA compute capabilities with full- or half-rate FP64 (P100, V100, A100, H100/H200, B200).
