@@ -1,8 +1,10 @@
-"""Text from checkpoints is untrusted: names and metadata are written by strangers."""
+"""Text from checkpoints is untrusted: names and metadata are written by strangers, so they are
+shown escaped and matched only by linear-time regexes."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -11,3 +13,22 @@ def printable(text: object) -> str:
     """``text`` with control characters shown as \\xNN escapes, so it can neither move a
     terminal's cursor nor hide inside a web page. (HTML escaping is the template's job.)"""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def user_regex(pattern: str, flag: str) -> Any:
+    """``pattern`` (an option's regex) compiled with RE2, which matches in time linear in the
+    text: names come from checkpoints written by strangers, and Python's backtracking ``re``
+    takes exponential time on patterns like ``(a+)+$``. Raises ValueError naming ``flag`` for a
+    pattern RE2 does not accept (back-references and look-arounds are not linear-time)."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # the caller reports the problem in one line
+    try:
+        return re2.compile(pattern, options=options)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(
+            f"{flag} {pattern!r} is not a regex esdtool accepts ({reason}; RE2 syntax: no "
+            "back-references or look-arounds)"
+        ) from None

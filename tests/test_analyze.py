@@ -207,4 +207,4 @@ def test_tensors_over_the_memory_budget_are_skipped_with_the_reason(tmp_path, ca
     assert df.loc["layers.0.big.weight", "status"] == "skipped"
     assert "--max-tensor-gb" in df.loc["layers.0.big.weight", "reason"]
     code, _, stderr = run_cli(["analyze", path, "-o", out, "--max-tensor-gb", "0"], capsys)
-    assert code == 2 and "--max-tensor-gb must be positive" in stderr
+    assert code == 2 and "--max-tensor-gb must be a finite number of GB > 0" in stderr

@@ -226,3 +226,143 @@ def test_every_selected_tensor_gets_a_row(tmp_path):
     assert empty.status == "skipped" and "empty tensor" in empty.reason
     odd = table.loc["model.layers.99999999999999999999.mlp.up.weight"]
     assert odd.status == "ok" and pd.isna(odd.layer)
+
+
+@pytest.fixture()
+def table(tmp_path):
+    return analyze(
+        model(tmp_path / "m" / "model.safetensors", seed=1), tmp_path / "t.parquet"
+    ).output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--alpha-factor", "nan"], "--alpha-factor must be a finite number > 0"),
+        (["--w-hill", "nan"], "--w-hill must be a finite number >= 0"),
+        (["--w-mp-spikes", "-1"], "--w-mp-spikes must be a finite number >= 0"),
+        (["--w-hill", "0", "--w-mp-spikes", "0"], "every score would tie"),
+        (["--lora-dropout", "-3"], "--lora-dropout must lie in [0, 1)"),
+        (["--task-type", "NOT_A_TASK"], "--task-type must be one of"),
+        (["--targets", r"(a)\1"], "RE2 syntax"),
+        (["--alpha-column", "lambda_max"], "--alpha-column must be one of"),
+        (["--spikes-column", "alpha_ks"], "--spikes-column must be one of"),
+    ],
+)
+def test_allocate_options_that_would_poison_a_plan(args, message, table, tmp_path, capsys):
+    """NaN factors wrote `lora_alpha: NaN` (finetune then trained NaN adapters), NaN weights
+    gave rank -9223372036854775808: every option is checked before anything is written."""
+    out = tmp_path / "plan"
+    code, _, stderr = run_cli(["allocate", table, "-o", out, *args], capsys)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+    assert "unexpected" not in stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-tensor-gb", "inf"], "--max-tensor-gb must be a finite number"),
+        (["--max-tensor-gb", "nan"], "--max-tensor-gb must be a finite number"),
+        (["--device", "cuda:99999999999999999999"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--include", r"(?=a)"], "RE2 syntax"),
+    ],
+)
+def test_analyze_options_are_checked_before_any_work(args, message, tmp_path, capsys):
+    weights = model(tmp_path / "m" / "model.safetensors", seed=1)
+    code, _, stderr = run_cli(["analyze", weights, "-o", tmp_path / "t.parquet", *args], capsys)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_user_regexes_run_in_linear_time_on_hostile_names(tmp_path):
+    """`--include '(a+)+$'` on a long name took exponential time with Python's re; RE2 answers
+    at once. run_subprocess's timeout is only a guard: it would not finish at all before."""
+    from helpers import run_subprocess
+
+    rng = np.random.default_rng(7)
+    name = "layers.0." + "a" * 64 + "!.weight"
+    path = write_tensors(
+        tmp_path / "x.safetensors",
+        {name: rng.standard_normal((16, 32)).astype(np.float32),
+         "layers.0.aaaa.weight": rng.standard_normal((16, 32)).astype(np.float32)},
+    )  # fmt: skip
+    proc = run_subprocess(
+        ["analyze", path, "-o", tmp_path / "m.parquet", "--include", "(a+)+$", "-q"]
+    )
+    assert proc.returncode == 2 and "no tensor names pass" in proc.stderr, proc.stderr
+    proc = run_subprocess(
+        ["analyze", path, "-o", tmp_path / "m.parquet", "--include", r"\.(a+)+\.", "-q"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list(load_metrics(tmp_path / "m.parquet").name) == ["layers.0.aaaa.weight"]
+
+
+def _tampered(table, tmp_path, column, values):
+    """A copy of ``table`` with ``column`` replaced by ``values`` (same metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = pq.read_table(table)
+    index = data.column_names.index(column)
+    data = data.set_column(index, column, pa.array(values))
+    out = tmp_path / f"tampered-{column}.parquet"
+    pq.write_table(data, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("column", "make", "message"),
+    [
+        ("alpha_median", lambda n: [1e308] * (n - 1) + [-1e308], "alpha_median holds"),
+        ("alpha_ks", lambda n: ["2.5"] * n, "column types differ from the schema"),
+        ("num_spikes", lambda n: [-4] * n, "num_spikes holds negative values"),
+        ("status", lambda n: ["fine"] * n, "status 'fine' is none of"),
+    ],
+)
+def test_tables_are_checked_for_types_and_ranges(table, tmp_path, capsys, column, make, message):
+    """String-typed or +-1e308 alphas in a table crashed allocate ("unexpected"); a crafted
+    table is refused in one line by every command that reads one."""
+    rows = len(load_metrics(table))
+    bad = _tampered(table, tmp_path, column, make(rows))
+    for command in (
+        ["allocate", bad, "-o", tmp_path / "plan"],
+        ["report", bad, "-o", tmp_path / "r.html"],
+    ):
+        code, _, stderr = run_cli(command, capsys)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "plan").exists() and not (tmp_path / "r.html").exists()
+
+
+def test_task_types_are_peft_s():
+    """allocate checks --task-type without importing PEFT: its list must be PEFT's own."""
+    peft = pytest.importorskip("peft")
+    from esdtool.plan.peft_config import TASK_TYPES
+
+    assert set(TASK_TYPES) == {t.value for t in peft.TaskType}
+
+
+def test_a_100k_row_table_gives_a_small_report_saying_what_it_left_out(table, tmp_path, capsys):
+    """A 100k-row table made report take 88 s, 1.8 GB and a 79 MB page even with --max-plots
+    0: the page lists at most MAX_TABLE_ROWS rows (analysed ones first) and counts the rest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from esdtool.render.page import MAX_TABLE_ROWS
+
+    small = pq.read_table(table)
+    copies = -(-100_000 // small.num_rows)
+    big = pa.concat_tables([small] * copies).replace_schema_metadata(small.schema.metadata)
+    pq.write_table(big, tmp_path / "big.parquet")
+    out = tmp_path / "big.html"
+    code, stdout, stderr = run_cli(
+        ["report", tmp_path / "big.parquet", "-o", out, "--max-plots", "0", "--json"], capsys
+    )
+    assert code == 0, stderr
+    html = out.read_text()
+    assert html.count('<tr id="row-') == MAX_TABLE_ROWS
+    skipped = copies  # the model's norm vector, once per copy; the rest are analysed
+    analysed = big.num_rows - skipped
+    assert analysed > MAX_TABLE_ROWS and 'class="status-skipped' not in html  # analysed first
+    hidden = f"{big.num_rows - MAX_TABLE_ROWS:,} more rows ({analysed - MAX_TABLE_ROWS:,} ok, "
+    assert hidden + f"{skipped:,} skipped)" in html
+    assert len(html) < 5_000_000

@@ -17,7 +17,10 @@ def resolve_device(device: str) -> torch.device:
     """ "auto" -> the first CUDA device when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise OptionError(f"--device {device}: not a device ({exc})") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise OptionError(

@@ -5,12 +5,20 @@ They are stored in each metrics table's metadata, so a table always says how it 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from esdtool.errors import OptionError
 from esdtool.spectral import ALPHA_METHODS
+from esdtool.untrusted import user_regex
+
+
+@lru_cache(maxsize=16)
+def _regex(pattern: str, flag: str) -> Any:
+    return user_regex(pattern, flag)
 
 
 @dataclass(frozen=True)
@@ -55,33 +63,37 @@ class AnalyzeSettings:
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
             if pattern is not None:
                 try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    problems.append(f"{flag} {pattern!r} is not a valid regex ({exc})")
+                    _regex(pattern, flag)
+                except ValueError as exc:
+                    problems.append(str(exc))
         if self.sigma_fit not in ("median", "mean"):
             problems.append(f"sigma_fit must be median or mean, not {self.sigma_fit!r}")
         if not 0 < self.tw_quantile < 1:
             problems.append(f"tw_quantile must lie in (0, 1), not {self.tw_quantile}")
         if self.weighted_alpha not in ALPHA_METHODS:
             problems.append(f"weighted_alpha must be one of {ALPHA_METHODS}")
-        if not self.eig_threshold >= 0:
-            problems.append(f"eig_threshold must be >= 0, not {self.eig_threshold}")
-        if not self.conv_norm > 0:
-            problems.append(f"conv_norm must be positive, not {self.conv_norm}")
-        if self.max_tensor_gb is not None and not self.max_tensor_gb > 0:
-            problems.append(f"--max-tensor-gb must be positive, not {self.max_tensor_gb}")
+        if not (math.isfinite(self.eig_threshold) and self.eig_threshold >= 0):
+            problems.append(f"eig_threshold must be a finite number >= 0, not {self.eig_threshold}")
+        if not (math.isfinite(self.conv_norm) and self.conv_norm > 0):
+            problems.append(f"conv_norm must be a finite number > 0, not {self.conv_norm}")
+        gb = self.max_tensor_gb
+        if gb is not None and not (math.isfinite(gb) and 0 < gb < 1e9):
+            problems.append(f"--max-tensor-gb must be a finite number of GB > 0, not {gb}")
         if self.min_evals < 2:
             problems.append(f"min_evals must be at least 2, not {self.min_evals}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if problems:
             raise OptionError("; ".join(problems))
 
     def selects(self, name: str) -> bool:
-        """Whether the include/exclude regexes let tensor ``name`` through."""
-        if self.include is not None and not re.search(self.include, name):
+        """Whether the include/exclude regexes let tensor ``name`` through (RE2: linear time
+        in the name, whatever the pattern)."""
+        if self.include is not None and _regex(self.include, "--include").search(name) is None:
             return False
-        return not (self.exclude is not None and re.search(self.exclude, name))
+        return not (
+            self.exclude is not None and _regex(self.exclude, "--exclude").search(name) is not None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from esdtool.errors import MetricsSchemaError
 from esdtool.io.atomic import atomic_write
-from esdtool.spectral import ALPHA_METHODS
+from esdtool.spectral import ALPHA_COLUMNS, ALPHA_METHODS
 from esdtool.spectral.metrics import SpectrumMetrics
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MetricsSchemaError(f"{path}: esdtool metadata is not valid JSON") from exc
     version = meta.get("schema_version") if isinstance(meta, dict) else None
     if version != SCHEMA_VERSION:
@@ -269,7 +269,45 @@ def read_metadata(path: Path) -> dict[str, Any]:
     missing = [name for name in COLUMN_NAMES if name not in schema.names]
     if missing:
         raise MetricsSchemaError(f"{path}: missing columns {', '.join(missing)}")
+    wrong = [
+        f"{name} is {schema.field(name).type}, not {dtype}"
+        for name, dtype, _ in COLUMNS
+        if schema.field(name).type != dtype
+    ]
+    if wrong:
+        raise MetricsSchemaError(f"{path}: column types differ from the schema: {'; '.join(wrong)}")
     return meta
+
+
+STATUSES = ("ok", "skipped", "zero", "nonfinite", "error")
+# Values a table written by esdtool cannot hold (a fitted alpha is > 1; counts and sizes are
+# >= 0): a hand-edited or crafted table is refused rather than planned on.
+_ALPHA_RANGE = (1.0, 1e100)
+
+
+def _check_values(path: Path, df: pd.DataFrame) -> None:
+    problems = []
+    for name in ("name", "module", "status"):
+        if df[name].isna().any():
+            problems.append(f"{name} has nulls")
+    bad = sorted(set(df.status.dropna()) - set(STATUSES))
+    if bad:
+        problems.append(f"status {bad[0]!r} is none of {', '.join(STATUSES)}")
+    for column in ALPHA_COLUMNS:
+        values = df[column].to_numpy(dtype=float)
+        outside = ~np.isnan(values) & ~((values >= _ALPHA_RANGE[0]) & (values <= _ALPHA_RANGE[1]))
+        if outside.any():
+            problems.append(
+                f"{column} holds {values[outside][0]!r} (a fitted alpha is in (1, 1e100])"
+            )
+    for column in ("num_spikes", "num_spikes_bulk", "rows", "cols", "M", "N", "num_evals"):
+        if (df[column].dropna() < 0).any():
+            problems.append(f"{column} holds negative values")
+    if problems:
+        raise MetricsSchemaError(
+            f"{path}: not a table esdtool wrote: {'; '.join(problems)}",
+            hint="make one with: esdtool analyze SOURCE -o metrics.parquet",
+        )
 
 
 def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -286,5 +324,6 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
         df = pq.read_table(path).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     except (pa.ArrowException, OSError) as exc:
         raise MetricsSchemaError(f"{path}: unreadable parquet data ({exc})") from exc
+    _check_values(path, df)
     df.attrs["esdtool"] = meta
     return df

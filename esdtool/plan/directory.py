@@ -15,6 +15,7 @@ from esdtool.plan.peft_config import (
     CSV_NAME,
     PLAN_FILES,
     REPORT_NAME,
+    check_peft_options,
     write_plan_files,
 )
 from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks
@@ -79,6 +80,7 @@ def allocate(
     """
     settings = settings or AllocateSettings()
     check_output_dir(outdir, [Path(metrics)])
+    check_peft_options(task_type, lora_dropout)
     if report:
         check_report_options(settings.alpha_column, max_plots)
     table = load_metrics(metrics)

@@ -8,21 +8,38 @@ are ``"^" + re.escape(module)`` so that PEFT's suffix matching cannot reach anot
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
+from esdtool.errors import OptionError
 from esdtool.plan.ranks import Allocation
 
 CONFIG_NAME = "adapter_config.json"
 CSV_NAME = "allocation.csv"
 PLAN_RECORD = "esdtool_plan.json"  # which table and settings made the plan (finetune copies it)
 REPORT_NAME = "report.html"
+# peft.TaskType's values (a test holds them equal), so a plan never names a task PEFT lacks.
+TASK_TYPES = (
+    "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION",
+)  # fmt: skip
 PLAN_FILES = (CONFIG_NAME, CSV_NAME, PLAN_RECORD, REPORT_NAME)  # all a plan directory holds
 
 
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
+
+
+def check_peft_options(task_type: str | None, lora_dropout: float) -> None:
+    """Refuse a task type PEFT does not know and a dropout outside [0, 1), both at once."""
+    problems = []
+    if task_type is not None and task_type not in TASK_TYPES:
+        problems.append(f"--task-type must be one of {', '.join(TASK_TYPES)}, not {task_type!r}")
+    if not (math.isfinite(lora_dropout) and 0 <= lora_dropout < 1):
+        problems.append(f"--lora-dropout must lie in [0, 1), not {lora_dropout}")
+    if problems:
+        raise OptionError("; ".join(problems))
 
 
 def lora_config_dict(

@@ -7,7 +7,6 @@ the PEFT files is :mod:`esdtool.plan.peft_config`'s job.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +14,7 @@ import pandas as pd
 
 from esdtool.errors import OptionError
 from esdtool.spectral import ALPHA_COLUMNS
+from esdtool.untrusted import user_regex
 
 EPS = 1e-8
 SPIKE_COLUMNS = ("num_spikes", "num_spikes_bulk")
@@ -69,8 +69,14 @@ class AllocateSettings:
         ):
             if value is not None and value < 1:
                 problems.append(f"{flag} must be at least 1, not {value}")
-        if self.alpha_factor <= 0:
-            problems.append(f"--alpha-factor must be positive, not {self.alpha_factor}")
+        if not (math.isfinite(self.alpha_factor) and self.alpha_factor > 0):
+            problems.append(f"--alpha-factor must be a finite number > 0, not {self.alpha_factor}")
+        weights = (("--w-hill", self.w_hill), ("--w-mp-spikes", self.w_mp_spikes))
+        for flag, weight in weights:
+            if not (math.isfinite(weight) and weight >= 0):
+                problems.append(f"{flag} must be a finite number >= 0, not {weight}")
+        if all(weight == 0 for _, weight in weights):
+            problems.append("--w-hill and --w-mp-spikes are both 0: every score would tie")
         if self.budget_params is not None and self.match_rank is not None:
             problems.append("--budget-params and --match-rank are exclusive: give one")
         if self.alpha_column not in ALPHA_COLUMNS:
@@ -85,9 +91,9 @@ class AllocateSettings:
             )
         if self.targets is not None:
             try:
-                re.compile(self.targets)
-            except re.error as exc:
-                problems.append(f"--targets {self.targets!r} is not a valid regex ({exc})")
+                user_regex(self.targets, "--targets")
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             raise OptionError("; ".join(problems))
 
@@ -125,7 +131,8 @@ def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> tuple[pd.Da
     the modules left out of them because their alpha or spike count is missing."""
     df = metrics[(metrics.status == "ok") & metrics["slice"].isna()]
     if settings.targets is not None:
-        df = df[df.module.str.contains(settings.targets, regex=True)]
+        pattern = user_regex(settings.targets, "--targets")  # RE2: linear in each name
+        df = df[[pattern.search(str(m)) is not None for m in df.module]]
     else:
         df = df[df.role == "linear"]
     usable = (

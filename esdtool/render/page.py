@@ -58,6 +58,9 @@ _TABLE = (
     ("lora_alpha", "lora_alpha", "number", "g"),
     ("reason", "note", "text", None),
 )
+# Most rows the page's table lists (the rest are counted): a 100k-row table made a 79 MB page.
+MAX_TABLE_ROWS = 5000
+
 # Columns the report adds to the table's own (COLUMN_NAMES): the shape, and the plan's.
 _PLAN_COLUMNS = ("shape", "score", "rank", "lora_alpha")
 _DOCS = {
@@ -132,6 +135,8 @@ def render(
     ok = table[table.status == "ok"]
 
     gallery, plotted = _gallery(table, ok, alpha_column, threshold, max_plots)
+    plotted_rows = {m["index"] for g in gallery for m in g["matrices"]}
+    shown, hidden = _capped(table, plotted_rows, MAX_TABLE_ROWS)
     style, script = _asset("report.css"), _asset("report.js")
     context = {
         "meta": {key: _text(meta.get(key)) for key in _META_KEYS},
@@ -149,7 +154,8 @@ def render(
             {"label": label, "type": kind, "doc": _DOCS.get(col, _COLUMN_DOCS.get(col, ""))}
             for col, label, kind, _ in _TABLE
         ],
-        "rows": _rows(table, {m["index"] for g in gallery for m in g["matrices"]}),
+        "rows": _rows(shown, plotted_rows),
+        "hidden_rows": hidden,
         "wbr": markupsafe.Markup(".<wbr>"),  # line breaks allowed after the dots of long names
         "style": style,
         "script": script,
@@ -281,6 +287,22 @@ def _overview(
         {"png": base64.b64encode(png).decode("ascii"), "title": title, "caption": caption}
         for png, title, caption in figures
     ]
+
+
+def _capped(table: pd.DataFrame, plotted: set[int], limit: int) -> tuple[pd.DataFrame, str]:
+    """At most ``limit`` rows for the page's table, in table order: the plotted ones first, then
+    the other analysed ones, then the skipped; and what was left out, in words ("" if none)."""
+    if len(table) <= limit:
+        return table, ""
+    rank = pd.Series(2, index=table.index)
+    rank[table.status != "skipped"] = 1
+    rank[table.index.isin(list(plotted))] = 0
+    order = rank.sort_values(kind="stable").index[:limit]
+    shown = table.loc[sorted(order)]
+    left = table.drop(index=order)
+    counts = left.status.value_counts()
+    detail = ", ".join(f"{int(n):,} {status}" for status, n in counts.items())
+    return shown, f"{len(left):,} more rows ({detail})"
 
 
 def _rows(table: pd.DataFrame, plotted: set[int]) -> list[dict[str, Any]]:
