@@ -134,7 +134,7 @@ def _shape_mismatch(tmp_path):
 
 def _unknown_dtype(tmp_path):
     header = {"a": {"dtype": "Q3_K", "shape": [16, 16], "data_offsets": [0, 110]}}
-    return _raw(tmp_path, "quant.safetensors", header, bytes(110)), "nothing to analyse"
+    return _raw(tmp_path, "quant.safetensors", header, bytes(110)), "unknown dtype"
 
 
 def _hole_in_data(tmp_path):

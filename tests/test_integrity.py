@@ -354,7 +354,7 @@ def test_a_100k_row_table_gives_a_small_report_saying_what_it_left_out(table, tm
     big = pa.concat_tables([small] * copies).replace_schema_metadata(small.schema.metadata)
     pq.write_table(big, tmp_path / "big.parquet")
     out = tmp_path / "big.html"
-    code, stdout, stderr = run_cli(
+    code, _, stderr = run_cli(
         ["report", tmp_path / "big.parquet", "-o", out, "--max-plots", "0", "--json"], capsys
     )
     assert code == 0, stderr
@@ -366,3 +366,23 @@ def test_a_100k_row_table_gives_a_small_report_saying_what_it_left_out(table, tm
     hidden = f"{big.num_rows - MAX_TABLE_ROWS:,} more rows ({analysed - MAX_TABLE_ROWS:,} ok, "
     assert hidden + f"{skipped:,} skipped)" in html
     assert len(html) < 5_000_000
+
+
+def test_finetune_never_writes_into_its_inputs(tiny_causal_lm, tmp_path, capsys):
+    """The Trainer writes adapter_config.json and the tokenizer's files into --output-dir: the
+    plan's directory or the model's own would lose their files. Refused before any loading."""
+    pytest.importorskip("trl")
+    from helpers import ARITHMETIC, write_jsonl
+
+    table = analyze(tiny_causal_lm, tmp_path / "m.parquet").output
+    plan = tmp_path / "plan"
+    assert run_cli(["allocate", table, "-o", plan, "--no-report", "-q"], capsys)[0] == 0
+    data = write_jsonl(tmp_path / "d.jsonl", ARITHMETIC)
+    before = {p: p.read_bytes() for d in (plan, tiny_causal_lm) for p in d.iterdir() if p.is_file()}
+    for out in (plan, tiny_causal_lm):
+        code, _, stderr = run_cli(
+            ["finetune", tiny_causal_lm, "--adapter-config", plan, "--data", data, "-o", out],
+            capsys,
+        )
+        assert code == 2 and "is also an input" in stderr and stderr.count("Error:") == 1, stderr
+    assert {p: p.read_bytes() for p in before} == before

@@ -135,7 +135,7 @@ def analyze(
         if world.main:
             distributed.barrier(world)
         check_output_file(output, resolved.files)  # never the checkpoint itself
-        with open_checkpoint(resolved.files) as ckpt:
+        with open_checkpoint(resolved.files, index=resolved.index) as ckpt:
             names = list(filter(settings.selects, ckpt.keys()))
             if not names:
                 raise OptionError(

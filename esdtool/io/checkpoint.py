@@ -25,22 +25,30 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
 from esdtool.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from esdtool.io.source import ShardIndex
+
 # Bytes per element of every safetensors dtype; None marks formats without a byte size.
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
 }  # fmt: skip
+# Every dtype safetensors knows: the ones above and the sub-byte floats (whose sizes in bits
+# safetensors itself checks when the file is opened).
+KNOWN_DTYPES = frozenset(DTYPE_SIZES) | {"F4", "F6_E2M3", "F6_E3M2"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+INT64_LIMIT = 2**63  # shapes and element counts must fit int64 (torch, numpy, parquet)
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and check one safetensors header: (tensors by name, ``__metadata__``).
 
     Raises :class:`CheckpointError` naming ``path`` for anything malformed: too short, header
-    length past the end of the file, not JSON, not an object, bad entries, unknown dtypes with a
-    size mismatch, overlapping or out-of-file data offsets, data bytes no tensor covers.
+    length past the end of the file, not JSON (or nested too deeply to parse), not an object,
+    ``__metadata__`` values that are not strings, bad entries, unknown dtypes, sizes past int64,
+    a size mismatch, overlapping or out-of-file data offsets, data bytes no tensor covers.
     """
     try:
         size = path.stat().st_size
@@ -90,13 +99,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
+    except RecursionError as exc:  # e.g. "[[[[..." a hundred thousand deep
+        raise CheckpointError(f"{path}: header is not valid JSON (nested too deeply)") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: __metadata__ is not a JSON object")
-    metadata = {str(k): str(v) for k, v in metadata.items()}
+    for key, value in metadata.items():
+        if not isinstance(value, str):  # safetensors itself refuses the whole file
+            raise CheckpointError(
+                f"{path}: __metadata__ entry {_short(key)} is a JSON {_json_kind(value)}, "
+                "not a string"
+            )
 
     data_size = size - 8 - n
     tensors: dict[str, TensorInfo] = {}
@@ -120,6 +138,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
+def _json_kind(value: object) -> str:
+    kinds = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
@@ -127,15 +150,22 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         raise CheckpointError(f"{where}: missing dtype")
+    if dtype not in KNOWN_DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {_short(dtype)}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+        raise CheckpointError(f"{where}: shape {_short(shape)} is not a list of sizes")
+    if not _fits_int64(shape):
+        raise CheckpointError(
+            f"{where}: shape {_short(shape)} is too large (a size or the element count "
+            "does not fit in int64)"
+        )
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(type(o) is int and o >= 0 for o in offsets)
         and offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
+        raise CheckpointError(f"{where}: data_offsets {_short(offsets)} are not [begin, end]")
     begin, end = offsets
     if end > data_size:
         raise CheckpointError(
@@ -151,6 +181,27 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
     return TensorInfo(name, dtype, tuple(shape), path, begin, end)
 
 
+def _fits_int64(shape: list[int]) -> bool:
+    """Every size and the element count are below 2**63 (checked as the product grows, so a
+    header with a million huge sizes costs no more than one)."""
+    if any(d >= INT64_LIMIT for d in shape):
+        return False
+    if 0 in shape:
+        return True
+    count = 1
+    for d in shape:
+        count *= d
+        if count >= INT64_LIMIT:
+            return False
+    return True
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an untrusted list may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def natural_key(name: str) -> list[object]:
     """Sort key that puts layers.2 before layers.10."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
@@ -159,16 +210,20 @@ def natural_key(name: str) -> list[object]:
 class Checkpoint:
     """All tensors of a (possibly sharded) safetensors checkpoint, read one at a time.
 
-    Use :func:`open_checkpoint`. Headers of every shard are checked on opening; a tensor
-    name found in two shards is an error.
+    Use :func:`open_checkpoint`. Headers of every shard are checked on opening, by
+    :func:`read_header` and then by safetensors' own ``safe_open`` (the header only), so a file
+    safetensors would refuse fails here, not tensor by tensor; a tensor name found in two shards
+    is an error. With ``index`` (the shard index of a sharded checkpoint), every tensor its
+    weight_map names must be in the shard it names; tensors the index omits are fine.
     """
 
-    def __init__(self, files: Iterable[Path]) -> None:
+    def __init__(self, files: Iterable[Path], index: ShardIndex | None = None) -> None:
         self.files = tuple(Path(f) for f in files)
         self._tensors: dict[str, TensorInfo] = {}
         self._metadata: dict[str, str] = {}
         for path in self.files:
             tensors, metadata = read_header(path)
+            _check_safe_open(path)
             for name, info in tensors.items():
                 if name in self._tensors:
                     raise CheckpointError(
@@ -177,7 +232,27 @@ class Checkpoint:
                 self._tensors[name] = info
             for k, v in metadata.items():
                 self._metadata.setdefault(k, v)
+        if index is not None:
+            self._check_index(index)
         self._order = sorted(self._tensors, key=natural_key)
+
+    def _check_index(self, index: ShardIndex) -> None:
+        """Every tensor of the index's weight_map is in the shard it names."""
+        wrong = [
+            (name, shard)
+            for name, shard in index.weight_map.items()
+            if name not in self._tensors or self._tensors[name].shard.name != shard
+        ]
+        if not wrong:
+            return
+        name, shard = wrong[0]
+        found = self._tensors.get(name)
+        where = f"but it is in {found.shard.name!r}" if found else "but no shard holds it"
+        more = f" ({len(wrong) - 1} more tensor(s) like it)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{index.path}: names tensor {_short(name)} in shard {shard!r}, {where}{more}",
+            hint="the index does not match its shards; download the checkpoint again",
+        )
 
     def keys(self) -> list[str]:
         """Tensor names in natural order (layer 2 before layer 10)."""
@@ -211,9 +286,19 @@ class Checkpoint:
         return None
 
 
-def open_checkpoint(files: Iterable[Path]) -> Checkpoint:
-    """Open the shards of one checkpoint, checking every header first."""
-    return Checkpoint(files)
+def _check_safe_open(path: Path) -> None:
+    """safetensors' own parser accepts the header (it reads the header only; no tensor data)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt"):
+            pass
+    except Exception as exc:  # SafetensorError, OSError, ...
+        reason = " ".join(str(exc).split())
+        raise CheckpointError(f"{path}: safetensors refuses the file ({reason})") from exc
+
+
+def open_checkpoint(files: Iterable[Path], index: ShardIndex | None = None) -> Checkpoint:
+    """Open the shards of one checkpoint, checking every header (and ``index``) first."""
+    return Checkpoint(files, index)
 
 
 def prefetched(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,15 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 @dataclass(frozen=True)
+class ShardIndex:
+    """A sharded checkpoint's model.safetensors.index.json, checked: its path, and its
+    weight_map (tensor name -> shard file name, every value a plain file name)."""
+
+    path: Path
+    weight_map: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class ResolvedSource:
     """What SOURCE turned out to be.
 
@@ -32,6 +42,8 @@ class ResolvedSource:
     files:    safetensors files to read, in order.
     config:   the parsed config.json beside them, or None.
     revision: the hub commit hash for hub ids, else None.
+    index:    the shard index the files came from (sharded checkpoints), else None; pass it
+              to :func:`esdtool.io.checkpoint.open_checkpoint` to check it against the shards.
     """
 
     source: str
@@ -39,6 +51,7 @@ class ResolvedSource:
     files: tuple[Path, ...]
     config: dict[str, Any] | None
     revision: str | None
+    index: ShardIndex | None = None
 
 
 # What training needs beside the weights (tokenizer, chat template, generation defaults).
@@ -70,17 +83,18 @@ def resolve_source(
             raise SourceError(f"{text}: --revision applies to hub ids, not local paths")
         if path.is_dir():
             try:
-                files = _files_in_dir(path)
+                files, index = _files_in_dir(path)
             except PermissionError as exc:
                 raise SourceError(f"{text}: cannot list the directory ({exc.strerror})") from exc
-            return ResolvedSource(text, "directory", files, _config(path), None)
+            return ResolvedSource(text, "directory", files, _config(path), None, index)
         if path.is_file():
             _refuse_pickle(path)
             return ResolvedSource(text, "file", (path,), _config(path.parent), None)
         raise SourceError(f"{text}: not a regular file or directory")
     if _HUB_ID.fullmatch(text) and "/" in text and not text.startswith((".", "/")):
         snapshot, commit = _download(text, revision, token, also)
-        return ResolvedSource(text, "hub", _files_in_dir(snapshot), _config(snapshot), commit)
+        files, index = _files_in_dir(snapshot)
+        return ResolvedSource(text, "hub", files, _config(snapshot), commit, index)
     raise SourceError(
         f"{text}: no such file or directory",
         hint="pass a .safetensors file, a model directory, or a hub id such as org/name",
@@ -95,15 +109,17 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def _files_in_dir(directory: Path) -> tuple[Path, ...]:
-    index = directory / INDEX_NAME
-    if index.is_file():
-        return _shards_from_index(index)
+def _files_in_dir(directory: Path) -> tuple[tuple[Path, ...], ShardIndex | None]:
+    """The safetensors files of ``directory``, and the shard index they came from, if any."""
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        index = read_index(index_path)
+        return _shards_from_index(index), index
     if (directory / SINGLE_NAME).is_file():
-        return (directory / SINGLE_NAME,)
+        return (directory / SINGLE_NAME,), None
     found = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
     if found:
-        return tuple(found)
+        return tuple(found), None
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise PickleRefusedError(
@@ -114,23 +130,46 @@ def _files_in_dir(directory: Path) -> tuple[Path, ...]:
     raise SourceError(f"{directory}: no .safetensors files in this directory")
 
 
-def _shards_from_index(index: Path) -> tuple[Path, ...]:
+def read_index(path: Path) -> ShardIndex:
+    """Read and check a shard index: JSON, an object with a non-empty weight_map whose every
+    value is a plain file name (names come from an untrusted file: never a path)."""
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{index}: not a readable JSON index ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable JSON index ({exc})") from exc
+    except RecursionError as exc:  # "[[[[..." nested too deeply for the parser
+        raise CheckpointError(f"{path}: not a readable JSON index (nested too deeply)") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: has no weight_map")
+        raise CheckpointError(f"{path}: has no weight_map")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(
+                f"{path}: weight_map gives tensor {_short(tensor)} the shard {_short(shard)}, "
+                "not a file name"
+            )
+        glob = any(c in shard for c in "*?[]")  # a hub download pattern must name one file
+        if Path(shard).name != shard or shard in ("", ".", "..") or glob:
+            raise CheckpointError(
+                f"{path}: shard name {_short(shard)} (of tensor {_short(tensor)}) "
+                "is not a plain file name"
+            )
+    return ShardIndex(path, weight_map)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an untrusted value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shards_from_index(index: ShardIndex) -> tuple[Path, ...]:
     shards: list[Path] = []
-    for shard in dict.fromkeys(weight_map.values()):
-        # Shard names come from an untrusted file: a bare file name, never a path.
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-            raise CheckpointError(f"{index}: shard name {shard!r} is not a plain file name")
-        path = index.parent / shard
+    for shard in dict.fromkeys(index.weight_map.values()):
+        path = index.path.parent / shard
         if not path.is_file():
             raise ShardMissingError(
-                f"{index}: names shard {shard!r}, which is missing from {index.parent}",
+                f"{index.path}: names shard {shard!r}, which is missing from {index.path.parent}",
                 hint="the download is incomplete; fetch the missing shard again",
             )
         shards.append(path)
@@ -138,10 +177,12 @@ def _shards_from_index(index: Path) -> tuple[Path, ...]:
 
 
 def _config(directory: Path) -> dict[str, Any] | None:
+    """The parsed config.json of ``directory``; None when absent or unreadable (analysis only
+    records its model_type and architectures, so a broken one is no reason to stop)."""
     path = directory / "config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -166,13 +207,9 @@ def _download(
 
     try:
         snapshot = fetch(["config.json", INDEX_NAME])
-        index = snapshot / INDEX_NAME
-        if index.is_file():
-            data = json.loads(index.read_text(encoding="utf-8"))
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: has no weight_map")
-            shards = sorted({s for s in weight_map.values() if isinstance(s, str)})
+        index_path = snapshot / INDEX_NAME
+        if index_path.is_file():
+            shards = sorted(set(read_index(index_path).weight_map.values()))
             snapshot = fetch([INDEX_NAME, "config.json", *shards, *also])
         else:
             snapshot = fetch(["config.json", "*.safetensors", *also])

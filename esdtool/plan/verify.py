@@ -7,11 +7,16 @@ lora_alpha and the shape allocation.csv recorded, matched by exactly one rank_pa
 no other module may get one. :func:`verify_plan` builds the model from its config.json on the
 meta device (no weights, no memory) and runs that check, so a plan can be checked in seconds
 before anything heavy is loaded.
+
+:func:`read_plan` checks the plan files themselves first (both commands read them through it): a
+hand-edited or damaged adapter_config.json or allocation.csv is refused with one line naming the
+file and the entry, before PEFT or pandas meet a NaN, a fractional rank or a missing column.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -19,9 +24,135 @@ from typing import Any
 
 import pandas as pd
 
-from esdtool.errors import ModelLoadError, PlanMismatchError
+from esdtool.errors import ModelLoadError, OptionError, PlanMismatchError
 from esdtool.extras import require
 from esdtool.plan.peft_config import CONFIG_NAME, CSV_NAME
+
+# allocation.csv columns the checks use, and how each cell must read.
+PLAN_COLUMNS = ("module", "selected", "rank", "lora_alpha", "rows", "cols")
+_WHOLE = re.compile(r"[0-9]{1,18}")
+
+
+def read_plan(plan_dir: Path) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """The plan in ``plan_dir``, checked: (adapter_config.json as a dict, allocation.csv as a
+    table with the :data:`PLAN_COLUMNS` typed, or None when there is no CSV).
+
+    Raises :class:`OptionError` naming the file and the entry for anything PEFT or the checks
+    would choke on or silently misuse: not JSON, r or a rank_pattern value that is not a
+    positive whole number, lora_alpha or an alpha_pattern value that is not a positive finite
+    number (JSON allows NaN), a pattern that is not a regex; a CSV that is empty or unparsable,
+    lacks a column, or holds a rank, size or alpha that does not read as one.
+    """
+    plan_dir = Path(plan_dir)
+    config = _read_config(plan_dir / CONFIG_NAME)
+    csv = plan_dir / CSV_NAME
+    return config, (_read_allocation(csv) if csv.is_file() else None)
+
+
+def _is_whole(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_positive(value: object) -> bool:
+    return _is_number(value) and 0 < value < math.inf  # type: ignore[operator]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+        raise OptionError(f"{path}: not a readable JSON file ({exc})") from exc
+    except RecursionError as exc:
+        raise OptionError(f"{path}: not a readable JSON file (nested too deeply)") from exc
+    if not isinstance(raw, dict):
+        raise OptionError(f"{path}: not a JSON object")
+    if "r" in raw and not _is_whole(raw["r"]):
+        raise OptionError(f"{path}: r = {_short(raw['r'])} is not a positive whole number")
+    if "lora_alpha" in raw and not _is_positive(raw["lora_alpha"]):
+        raise OptionError(
+            f"{path}: lora_alpha = {_short(raw['lora_alpha'])} is not a positive finite number"
+        )
+    dropout = raw.get("lora_dropout", 0.0)
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise OptionError(f"{path}: lora_dropout = {_short(dropout)} does not lie in [0, 1)")
+    for field, ok, want in (
+        ("rank_pattern", _is_whole, "a positive whole number"),
+        ("alpha_pattern", _is_positive, "a positive finite number"),
+    ):
+        pattern = raw.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise OptionError(f"{path}: {field} is not a JSON object")
+        for key, value in pattern.items():
+            if not ok(value):
+                raise OptionError(f"{path}: {field}[{_short(key)}] = {_short(value)} is not {want}")
+            _require_regex(path, f"{field} key {_short(key)}", key)
+    if isinstance(raw.get("target_modules"), str):
+        _require_regex(path, "target_modules", raw["target_modules"])
+    return raw
+
+
+def _require_regex(path: Path, what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise OptionError(f"{path}: {what} is not a regular expression ({exc})") from exc
+
+
+def _read_allocation(path: Path) -> pd.DataFrame:
+    try:
+        text = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as exc:
+        raise OptionError(f"{path}: is empty", hint="re-run esdtool allocate") from exc
+    except (OSError, ValueError) as exc:  # ParserError, UnicodeDecodeError are ValueErrors
+        raise OptionError(f"{path}: not a readable CSV file ({exc})") from exc
+    missing = [c for c in PLAN_COLUMNS if c not in text.columns]
+    if missing:
+        raise OptionError(
+            f"{path}: missing column(s) {', '.join(missing)}", hint="re-run esdtool allocate"
+        )
+    if len(text) == 0:
+        raise OptionError(f"{path}: has no rows", hint="re-run esdtool allocate")
+    columns: dict[str, list[Any]] = {c: [] for c in PLAN_COLUMNS}
+    for number, row in enumerate(text[list(PLAN_COLUMNS)].itertuples(index=False), start=1):
+        module, selected, rank, alpha, rows, cols = row
+        at = f"{path}: row {number} ({_short(module)})"
+        if not module:
+            raise OptionError(f"{path}: row {number}: module is empty")
+        if selected.lower() not in ("true", "false"):
+            raise OptionError(f"{at}: selected = {_short(selected)} is not True or False")
+        chosen = selected.lower() == "true"
+        whole = {"rank": rank, "rows": rows, "cols": cols}
+        for name, value in whole.items():
+            if not _WHOLE.fullmatch(value):
+                raise OptionError(f"{at}: {name} = {_short(value)} is not a whole number")
+        try:
+            alpha_value = float(alpha)
+        except ValueError:
+            alpha_value = math.nan
+        if not (math.isfinite(alpha_value) and alpha_value >= 0):
+            raise OptionError(f"{at}: lora_alpha = {_short(alpha)} is not a finite number >= 0")
+        if chosen and (int(rank) == 0 or alpha_value == 0):
+            raise OptionError(
+                f"{at}: selected, but with rank {rank} and lora_alpha {alpha} (both must be > 0)"
+            )
+        if int(rows) == 0 or int(cols) == 0:
+            raise OptionError(f"{at}: rows x cols = {rows}x{cols}, not a matrix")
+        for name, value in (
+            ("module", module), ("selected", chosen), ("rank", int(rank)),
+            ("lora_alpha", alpha_value), ("rows", int(rows)), ("cols", int(cols)),
+        ):  # fmt: skip
+            columns[name].append(value)
+    return pd.DataFrame(columns)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (hand-edited files can hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_meta_model(model_dir: Path) -> Any:
@@ -73,9 +204,8 @@ def plan_problems(peft_model: Any, plan_dir: Path) -> list[str]:
     kept module is also checked for presence, r, lora_alpha, shape and a unique key, and
     unplanned adapters are reported (a hand-written config without it: keys only).
     """
-    plan_dir = Path(plan_dir)
+    raw, plan = read_plan(Path(plan_dir))
     adapted = adapted_modules(peft_model)
-    raw = json.loads((plan_dir / CONFIG_NAME).read_text(encoding="utf-8"))
     rank_pattern: dict[str, int] = raw.get("rank_pattern") or {}
     problems: list[str] = []
     for key, rank in rank_pattern.items():  # every key must reach a module, with its rank
@@ -85,10 +215,9 @@ def plan_problems(peft_model: Any, plan_dir: Path) -> list[str]:
         for name in hits:
             if adapted[name].r["default"] != rank:
                 problems.append(f"{name}: r = {adapted[name].r['default']}, planned {rank}")
-    if not (plan_dir / CSV_NAME).is_file():
+    if plan is None:
         return problems  # a hand-written config: names and ranks were all it could say
 
-    plan = pd.read_csv(plan_dir / CSV_NAME)
     kept = plan[plan.selected]
     for row in kept.itertuples():
         if row.module not in adapted:
@@ -140,6 +269,7 @@ def verify_plan(plan_dir: Path, model_dir: Path) -> list[str]:
     plan_dir = Path(plan_dir)
     if not (Path(model_dir) / "config.json").is_file():
         raise ModelLoadError(f"{model_dir}: no config.json to build the model from")
+    read_plan(plan_dir)  # one line naming a bad entry, before PEFT reads the files
     config = peft.LoraConfig.from_pretrained(str(plan_dir))
     config.task_type = None  # matching does not depend on the task head; any model will do
     try:

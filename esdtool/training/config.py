@@ -22,11 +22,13 @@ from esdtool.errors import (
     MissingExtraError,
     ModelLoadError,
     OptionError,
+    OutputError,
 )
 from esdtool.extras import require
+from esdtool.io.atomic import check_output_dir
 from esdtool.io.source import TOKENIZER_PATTERNS, resolve_source
 from esdtool.plan.peft_config import CONFIG_NAME
-from esdtool.plan.verify import raise_problems, verify_plan
+from esdtool.plan.verify import raise_problems, read_plan, verify_plan
 from esdtool.training.data import load_training_data
 
 
@@ -116,6 +118,7 @@ def prepare(
             problems.append(exc)
             return None
 
+    check(_check_output_dir, output_dir, plan_dir, model)
     if settings.qlora:
         check(_check_qlora)
     config = check(_load_plan, stack["peft"], plan_dir, settings)
@@ -159,6 +162,20 @@ def prepare(
     )
 
 
+def _check_output_dir(output_dir: Path, *inputs: Any) -> None:
+    """The output directory is a directory name and is neither the plan's nor the model's
+    directory: the Trainer writes adapter_config.json and the tokenizer's files there, which
+    would overwrite the plan's config or the model's tokenizer."""
+    check_output_dir(output_dir)
+    target = Path(os.path.realpath(output_dir))
+    for source in inputs:
+        if source is not None and Path(os.path.realpath(os.fspath(source))) == target:
+            raise OutputError(
+                f"{output_dir}: is also an input ({source}); the run would overwrite its files",
+                hint="give finetune another --output-dir",
+            )
+
+
 def _check_qlora() -> None:
     import torch
 
@@ -181,6 +198,7 @@ def _load_plan(peft: Any, plan_dir: Path, settings: FinetuneSettings) -> Any:
             f"{plan_dir}: no {CONFIG_NAME} here",
             hint="pass the directory esdtool allocate wrote (-o OUTDIR)",
         )
+    read_plan(plan_dir)  # NaN alphas, fractional ranks, a broken allocation.csv: one line, now
     try:
         config = peft.LoraConfig.from_pretrained(str(plan_dir))
     except Exception as exc:  # a hand-edited or foreign file

@@ -15,6 +15,7 @@ With a prompt, the loss is on the completion only (TRL's completion_only_loss).
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
                     f"{text}: unknown data file type {path.suffix!r}",
                     hint="use .jsonl, .json, .parquet or .csv, or a hub dataset id",
                 )
+            if builder in ("json", "csv"):
+                _require_utf8(path, text)
             # A local file parses in moments: no progress bars to clutter the terminal.
             was_enabled = datasets.is_progress_bar_enabled()
             datasets.disable_progress_bars()
@@ -77,6 +80,29 @@ def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
         raise DataFormatError(
             f"{text}: cannot read the data ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _require_utf8(path: Path, where: str) -> None:
+    """A text data file must be UTF-8 throughout: say where it is not, rather than let a
+    reader fail later (or decode it lazily, record by record, in the middle of training)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1  # the line the next chunk starts on
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = decoder.getstate()[0]  # the incomplete character the last chunk ended in
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                data = pending + chunk
+                at = line + chunk[: max(0, exc.start - len(pending))].count(b"\n")
+                raise DataFormatError(
+                    f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {at})",
+                    hint="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)",
+                ) from exc
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -115,6 +141,34 @@ def _require_text(dataset: Any, columns: list[str], where: str) -> None:
                 )
 
 
+def _describe(value: object) -> str:
+    return "missing" if value is None else type(value).__name__
+
+
+def _require_turns(dataset: Any, where: str) -> None:
+    """Every ``messages`` record must be a non-empty list of {"role": text, "content": text}
+    turns, the last one the assistant's; the first record that is not is named."""
+    for index, turns in enumerate(dataset["messages"]):
+        at = f"{where}: record {index}"
+        if not isinstance(turns, list):
+            raise DataFormatError(f"{at}: messages is {_describe(turns)}, not a list of turns")
+        for number, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise DataFormatError(
+                    f"{at}: turn {number} is {_describe(turn)}, not a {{role, content}} object"
+                )
+            for key in ("role", "content"):
+                if not isinstance(turn.get(key), str):
+                    raise DataFormatError(
+                        f"{at}: turn {number}: {key} is {_describe(turn.get(key))}, not text"
+                    )
+        if not turns or turns[-1]["role"] != "assistant":
+            raise DataFormatError(
+                f"{at}: every messages record must end with an assistant turn",
+                hint='make the last turn of each record {"role": "assistant", "content": ...}',
+            )
+
+
 def to_training_records(dataset: Any, fmt: str, where: str) -> Any:
     """``dataset`` rewritten to TRL's shapes: ``text`` or ``prompt`` + ``completion``."""
     text_columns = {
@@ -136,10 +190,10 @@ def to_training_records(dataset: Any, fmt: str, where: str) -> Any:
 
         return dataset.map(alpaca, remove_columns=dataset.column_names)
 
+    _require_turns(dataset, where)  # before map: an error inside it is no longer ours
+
     def split_turns(record: dict[str, Any]) -> dict[str, Any]:
         turns = record["messages"]
-        if not turns or turns[-1].get("role") != "assistant":
-            raise DataFormatError(f"{where}: every messages record must end with an assistant turn")
         return {"prompt": turns[:-1], "completion": turns[-1:]}
 
     return dataset.map(split_turns, remove_columns=dataset.column_names)
