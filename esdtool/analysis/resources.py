@@ -82,7 +82,7 @@ def skip_reason(
         return f"M = {M} < min_evals = {min_evals}"
     if budget is not None and (need := memory_needed(info, dtype)) > budget:
         return (
-            f"needs about {need / 1e9:.1f} GB to analyse, more than the "
-            f"{budget / 1e9:.1f} GB budget (--max-tensor-gb)"
+            f"needs about {need / 1e9:.3g} GB to analyse, more than the "
+            f"{budget / 1e9:.3g} GB budget (--max-tensor-gb)"
         )
     return None

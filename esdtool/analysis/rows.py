@@ -62,7 +62,7 @@ def _measured(
         return replace(row, status="nonfinite", reason="NaN or Inf entries")
     top = float(evals[-1])
     if not math.isfinite(top) or top == 0:
-        peak = float(matrix.abs().amax())
+        peak = float(matrix.to(torch.float64).abs().amax())  # fp8 has no amax of its own
         if peak > 0:  # finite, non-zero entries whose squares leave float64's range
             side = "overflow" if top > 0 else "underflow"
             reason = f"eigenvalues {side} float64 (largest |entry| {peak:.3g}); rescale the weights"

@@ -24,7 +24,7 @@ from esdtool.analysis.resources import memory_budget, resolve_device, skip_reaso
 from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
 from esdtool.analysis.rows import analyze_tensor, header_row
 from esdtool.analysis.settings import AnalyzeSettings
-from esdtool.errors import AnalysisInterrupted, OptionError, OutputError
+from esdtool.errors import AnalysisInterrupted, CheckpointError, OptionError, OutputError
 from esdtool.io.atomic import check_output_file
 from esdtool.io.checkpoint import Checkpoint, open_checkpoint, prefetched
 from esdtool.io.source import ResolvedSource, resolve_source
@@ -137,6 +137,8 @@ def analyze(
         check_output_file(output, resolved.files)  # never the checkpoint itself
         with open_checkpoint(resolved.files, index=resolved.index) as ckpt:
             names = list(filter(settings.selects, ckpt.keys()))
+            if not ckpt.keys():
+                raise CheckpointError(f"{resolved.source}: holds no tensors")
             if not names:
                 raise OptionError(
                     f"{resolved.source}: no tensor names pass --include/--exclude "

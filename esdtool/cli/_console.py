@@ -21,3 +21,16 @@ def print_error(message: str, hint: str | None = None) -> None:
     message, hint = " ".join(str(message).split()), hint and " ".join(hint.split())
     line = f"Error: {safe(message)}" + (f" (hint: {safe(hint)})" if hint else "")
     err.print(line, markup=False, style="bold red", soft_wrap=True)
+
+
+def hush(quiet: bool) -> None:
+    """--quiet / --json: errors only. Python warnings (PEFT's, transformers', torch's) and the
+    log lines of transformers and datasets are silenced; esdtool's own errors still print."""
+    if not quiet:
+        return
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("transformers", "datasets", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esdtool.cli._console import err, out, safe
+from esdtool.cli._console import err, hush, out, safe
 from esdtool.cli._options import JsonOpt, MaxPlotsOpt, QuietOpt
 from esdtool.render import MAX_PLOTS
 
@@ -121,6 +121,7 @@ def allocate(
     from esdtool.plan import AllocateSettings
     from esdtool.plan import allocate as run_allocate
 
+    hush(quiet or as_json)
     settings = AllocateSettings(
         targets=targets, alpha_column=alpha_column, spikes_column=spikes_column, w_hill=w_hill,
         w_mp_spikes=w_mp_spikes, top_n_percentile=top_n_percentile, select=select,

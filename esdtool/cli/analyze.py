@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from esdtool.analysis import AnalyzeSettings
-from esdtool.cli._console import err, out, print_error, safe
+from esdtool.cli._console import err, hush, out, print_error, safe
 from esdtool.cli._options import DeviceOpt, JsonOpt, QuietOpt, RevisionOpt
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ def analyze(
     settings = AnalyzeSettings(
         device=device, dtype=dtype, include=include, exclude=exclude, max_tensor_gb=max_tensor_gb
     )
+    hush(quiet or as_json)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     hook = None if (quiet or as_json or not main_rank) else _RichProgress()
     try:
@@ -149,7 +150,7 @@ def analyze(
     elif not quiet:
         _print_summary(result)
     for line in result.warnings:
-        if not as_json:
+        if not (as_json or quiet):
             err.print(f"Warning: {safe(line)}", markup=False, style="yellow", soft_wrap=True)
     for line in result.errors:
         print_error(line)

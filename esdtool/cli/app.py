@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning library errors into one-line messages."""
     debug_env = os.environ.get("ESDTOOL_DEBUG", "") not in ("", "0")
     _state["debug"] = False
+    # SIGTERM (a scheduler's stop, `timeout`) ends the run as Ctrl-C does: finished rows stay in
+    # the resume sidecar and half-built plan directories are removed, instead of an abrupt exit.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         app(args=argv, prog_name="esdtool")
     except EsdtoolError as exc:
@@ -81,3 +87,10 @@ def main(argv: list[str] | None = None) -> None:
             "re-run with --debug for the traceback, and please report it",
         )
         sys.exit(1)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esdtool.cli._console import out, safe
+from esdtool.cli._console import hush, out, safe
 from esdtool.cli._options import JsonOpt, QuietOpt, RevisionOpt
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ def finetune(
     from esdtool.training import FinetuneSettings
     from esdtool.training import finetune as run_finetune
 
+    hush(quiet or as_json)
     settings = FinetuneSettings(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         max_length=max_length, bf16=bf16, gradient_checkpointing=gradient_checkpointing,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from esdtool.cli._console import out, safe
+from esdtool.cli._console import hush, out, safe
 from esdtool.cli._options import JsonOpt, MaxPlotsOpt, QuietOpt
 from esdtool.render import MAX_PLOTS
 
@@ -46,6 +46,7 @@ def report(
 ) -> None:
     from esdtool.render import report as write_report
 
+    hush(quiet or as_json)
     result = write_report(metrics, output, alpha_column=alpha_column, max_plots=max_plots)
     summary = {
         "report": str(result.output),

@@ -38,12 +38,15 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
             tmp.unlink()
 
 
-def atomic_dir(path: Path, build: Callable[[Path], object], ours: Iterable[str]) -> None:
+def atomic_dir(
+    path: Path, build: Callable[[Path], object], ours: Iterable[str], marker: str | None = None
+) -> None:
     """Build a directory with ``build(tmp_dir)`` in a temporary sibling, then swap it in whole:
     a failure or a kill at any point leaves the old directory or the new one, never a mix.
 
     An existing ``path`` is replaced only when it holds nothing but files named in ``ours`` (the
-    files this kind of directory holds), so a mistaken ``-o`` never deletes a user's files.
+    files this kind of directory holds) and, unless it is empty, the ``marker`` file that says
+    esdtool wrote it: a mistaken ``-o`` never deletes a user's files, even a lone report.html.
     On Linux the swap is one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames
     (a kill between them leaves the old directory under a dot-name beside ``path``).
     """
@@ -55,6 +58,9 @@ def atomic_dir(path: Path, build: Callable[[Path], object], ours: Iterable[str])
             foreign = sorted(p.name for p in path.iterdir() if p.name not in set(ours))
         except OSError as exc:
             raise OutputError(f"{path}: cannot list ({exc.strerror or exc})") from exc
+        unmarked = marker is not None and not (path / marker).is_file()
+        if unmarked and not foreign and any(path.iterdir()):  # ours by name, but not by origin
+            foreign = sorted(p.name for p in path.iterdir())
         if foreign:
             shown = ", ".join(foreign[:3]) + (
                 f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""

@@ -67,18 +67,33 @@ TOKENIZER_PATTERNS = (
 )
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` has the shape of a hub id, ``org/name`` (never a path: no leading dot
+    or slash, no ``..``)."""
+    return (
+        bool(_HUB_ID.fullmatch(text))
+        and "/" in text
+        and ".." not in text.split("/")
+        and not text.startswith((".", "/"))
+    )
+
+
 def resolve_source(
     source: str | os.PathLike[str],
     revision: str | None = None,
     token: str | None = None,
     *,
     also: tuple[str, ...] = (),
+    hub_only: bool = False,
 ) -> ResolvedSource:
     """Find the safetensors files behind ``source``; see the module docstring. ``also``: more
-    file patterns to fetch with a hub id (e.g. :data:`TOKENIZER_PATTERNS`)."""
+    file patterns to fetch with a hub id (e.g. :data:`TOKENIZER_PATTERNS`). ``hub_only``: a hub
+    id from a table's metadata, resolved through the hub cache only, never as a local path."""
     text = os.fspath(source)
     path = Path(text).expanduser()
-    if path.exists():
+    if hub_only and not is_hub_id(text):
+        raise SourceError(f"{text}: not a hub id (org/name)")
+    if path.exists() and not hub_only:
         if revision is not None:
             raise SourceError(f"{text}: --revision applies to hub ids, not local paths")
         if path.is_dir():
@@ -91,7 +106,7 @@ def resolve_source(
             _refuse_pickle(path)
             return ResolvedSource(text, "file", (path,), _config(path.parent), None)
         raise SourceError(f"{text}: not a regular file or directory")
-    if _HUB_ID.fullmatch(text) and "/" in text and not text.startswith((".", "/")):
+    if is_hub_id(text):
         snapshot, commit = _download(text, revision, token, also)
         files, index = _files_in_dir(snapshot)
         return ResolvedSource(text, "hub", files, _config(snapshot), commit, index)

@@ -283,6 +283,7 @@ STATUSES = ("ok", "skipped", "zero", "nonfinite", "error")
 # Values a table written by esdtool cannot hold (a fitted alpha is > 1; counts and sizes are
 # >= 0): a hand-edited or crafted table is refused rather than planned on.
 _ALPHA_RANGE = (1.0, 1e100)
+_MAX_SIDE = 1 << 31  # ranks * (rows + cols) must stay far inside int64
 
 
 def _check_values(path: Path, df: pd.DataFrame) -> None:
@@ -295,7 +296,7 @@ def _check_values(path: Path, df: pd.DataFrame) -> None:
         problems.append(f"status {bad[0]!r} is none of {', '.join(STATUSES)}")
     for column in ALPHA_COLUMNS:
         values = df[column].to_numpy(dtype=float)
-        outside = ~np.isnan(values) & ~((values >= _ALPHA_RANGE[0]) & (values <= _ALPHA_RANGE[1]))
+        outside = ~np.isnan(values) & ~((values > _ALPHA_RANGE[0]) & (values <= _ALPHA_RANGE[1]))
         if outside.any():
             problems.append(
                 f"{column} holds {values[outside][0]!r} (a fitted alpha is in (1, 1e100])"
@@ -303,6 +304,11 @@ def _check_values(path: Path, df: pd.DataFrame) -> None:
     for column in ("num_spikes", "num_spikes_bulk", "rows", "cols", "M", "N", "num_evals"):
         if (df[column].dropna() < 0).any():
             problems.append(f"{column} holds negative values")
+    analysed = df[df.status == "ok"]
+    for column in ("rows", "cols"):  # a matrix side: at least 1, and far below int64 overflow
+        sides = analysed[column]
+        if sides.isna().any() or ((sides < 1) | (sides > _MAX_SIDE)).any():
+            problems.append(f"{column} of an analysed row is not in 1..{_MAX_SIDE:,}")
     if problems:
         raise MetricsSchemaError(
             f"{path}: not a table esdtool wrote: {'; '.join(problems)}",

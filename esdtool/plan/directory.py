@@ -14,6 +14,7 @@ from esdtool.plan.peft_config import (
     CONFIG_NAME,
     CSV_NAME,
     PLAN_FILES,
+    PLAN_RECORD,
     REPORT_NAME,
     check_peft_options,
     write_plan_files,
@@ -84,7 +85,10 @@ def allocate(
     if report:
         check_report_options(settings.alpha_column, max_plots)
     table = load_metrics(metrics)
-    allocation = allocate_ranks(table, settings)
+    try:
+        allocation = allocate_ranks(table, settings)
+    except OptionError as exc:  # what the table lacks: name it
+        raise OptionError(f"{metrics}: {exc}", hint=exc.hint) from None
     meta = table.attrs["esdtool"]
     model_dir = model_directory(meta) if verify else None
     html = (
@@ -114,7 +118,7 @@ def allocate(
             (directory / REPORT_NAME).write_bytes(html)
 
     out = Path(outdir)
-    atomic_dir(out, build, PLAN_FILES)
+    atomic_dir(out, build, PLAN_FILES, marker=PLAN_RECORD)
     return AllocateResult(
         allocation, out / CONFIG_NAME, out / CSV_NAME, out / REPORT_NAME if report else None
     )
@@ -135,7 +139,9 @@ def model_directory(meta: dict[str, object]) -> Path:
         resolved = resolve_source(path)
     else:
         revision = meta.get("revision")
-        resolved = resolve_source(
-            str(meta.get("source")), revision=revision if isinstance(revision, str) else None
+        resolved = resolve_source(  # from the hub cache, never a local path of that name
+            str(meta.get("source")),
+            revision=revision if isinstance(revision, str) else None,
+            hub_only=True,
         )
     return resolved.files[0].parent

@@ -164,15 +164,18 @@ def interpolate_ranks(score: np.ndarray, settings: AllocateSettings) -> np.ndarr
     return np.clip(np.rint(raw), lo, hi).astype(int)
 
 
-def fit_budget(ranks: np.ndarray, sizes: np.ndarray, budget: int, lo: int, hi: int) -> np.ndarray:
-    """Scale ``ranks`` by one factor c (then round and clip) so that sum ranks * sizes comes
-    closest to ``budget``; one factor for all keeps the ranks' order."""
+def fit_budget(
+    ranks: np.ndarray, sizes: np.ndarray, budget: int, lo: int, hi: int | np.ndarray
+) -> np.ndarray:
+    """Scale ``ranks`` by one factor c (then round and clip to [lo, hi], ``hi`` per module or
+    one for all) so that sum ranks * sizes comes closest to ``budget``; one factor for all keeps
+    the ranks' order."""
 
     def total(c: float) -> tuple[int, np.ndarray]:
         r = np.clip(np.rint(ranks * c), lo, hi).astype(int)
         return int((r * sizes).sum()), r
 
-    c_lo, c_hi = 0.0, float(hi) / max(1, ranks.min()) + 1.0
+    c_lo, c_hi = 0.0, float(np.max(hi)) / max(1, ranks.min()) + 1.0
     best = total(1.0)
     for _ in range(100):  # the total is monotone in c: bisect, remembering the closest
         mid = (c_lo + c_hi) / 2
@@ -202,15 +205,17 @@ def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = No
     selected = np.zeros(n, dtype=bool)
     selected[order[:k]] = True
 
+    # A LoRA update B A has rank <= min(rows, cols): a larger r adds parameters, not rank.
+    cap = np.minimum(settings.max_rank, np.minimum(df.rows, df.cols).to_numpy(int))
     rank = np.zeros(n, dtype=int)
-    rank[selected] = interpolate_ranks(score[selected], settings)
+    rank[selected] = np.minimum(interpolate_ranks(score[selected], settings), cap[selected])
     sizes = (df.rows + df.cols).to_numpy(int)
     budget = settings.budget_params
     if settings.match_rank is not None:
         budget = settings.match_rank * int(sizes.sum())
     if budget is not None:
         rank[selected] = fit_budget(
-            rank[selected], sizes[selected], budget, settings.min_rank, settings.max_rank
+            rank[selected], sizes[selected], budget, settings.min_rank, cap[selected]
         )
     table = pd.DataFrame({
         "module": df.module.to_numpy(),
@@ -226,6 +231,12 @@ def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = No
     })  # fmt: skip
     notes = [f"{m}: no {settings.alpha_column} or {settings.spikes_column}; not a candidate"
              for m in dropped]  # fmt: skip
+    capped = selected & (cap < settings.max_rank) & (rank == cap)
+    if capped.any():
+        notes.append(
+            f"{int(capped.sum())} module(s) capped at min(rows, cols), the most rank a LoRA "
+            f"update of that matrix can have (e.g. {df.module.iloc[np.argmax(capped)]})"
+        )
     total = int(table.params.sum())
     if budget and abs(total / budget - 1) > 0.01:
         notes.append(

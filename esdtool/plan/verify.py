@@ -169,8 +169,13 @@ def build_meta_model(model_dir: Path) -> Any:
         (getattr(transformers, a) for a in architectures if hasattr(transformers, a)),
         transformers.AutoModel,
     )
-    with torch.device("meta"):
-        return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    except Exception as exc:  # a config transformers cannot build (ValueError, KeyError, ...)
+        raise ModelLoadError(
+            f"{model_dir}: cannot build the model from its config.json ({exc})"
+        ) from exc
 
 
 def adapted_modules(peft_model: Any) -> dict[str, Any]:
@@ -251,6 +256,8 @@ def apply_plan(model: Any, config: Any) -> Any:
     peft = require("applying a plan", "transformers", "peft")["peft"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        # The plan names the analysed model's path; applying it to another copy is the point.
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed")
         try:
             return peft.get_peft_model(model, config)
         except ValueError as exc:  # PEFT: "Target modules ... not found in the base model"

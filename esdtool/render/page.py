@@ -103,10 +103,22 @@ def report(
     inputs = [] if isinstance(metrics, pd.DataFrame) else [Path(metrics)]
     path = check_output_file(output, inputs)
     table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
+    check_output_file(output, _model_files(table.attrs.get("esdtool")))  # nor the analysed model
     html, plotted, omitted = render(table, allocation, alpha_column, max_plots)
     data = html.encode("utf-8")
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return ReportResult(path, plotted, omitted, len(data))
+
+
+def _model_files(meta: object) -> list[Path]:
+    """The checkpoint files a table says it was made from (local sources only)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("source_path"), str):
+        return []
+    source = Path(meta["source_path"])
+    if meta.get("source_kind") == "file":
+        return [source]
+    files = meta.get("files") if isinstance(meta.get("files"), list) else []
+    return [source / name for name in files if isinstance(name, str) and Path(name).name == name]
 
 
 def check_options(alpha_column: str, max_plots: int) -> None:

@@ -23,6 +23,7 @@ from esdtool.errors import (
     ModelLoadError,
     OptionError,
     OutputError,
+    PlanMismatchError,
 )
 from esdtool.extras import require
 from esdtool.io.atomic import check_output_dir
@@ -135,13 +136,10 @@ def prepare(
                 hint="use prompt/completion records, or a model with a chat template",
             )
         )
-    if resume_from_checkpoint is True and _last_checkpoint(output_dir) is None:
-        problems.append(
-            OptionError(
-                f"{output_dir}: no checkpoint-* directory to resume from",
-                hint="drop --resume-from-checkpoint, or pass the output dir of an earlier run",
-            )
-        )
+    if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+        check(_check_resume, resume_from_checkpoint, output_dir, plan_dir)
+    if settings.bf16:
+        check(_check_bf16)
     if config is not None and model_dir is not None:
         check(lambda: raise_problems(verify_plan(plan_dir, model_dir), plan_dir, model))
     if problems:
@@ -162,10 +160,19 @@ def prepare(
     )
 
 
+# What a Trainer run leaves in its output directory: a directory holding anything else is the
+# user's, and finetune does not write into it.
+_RUN_FILES = {
+    "adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.bin",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "esdtool_run.json",
+}  # fmt: skip
+
+
 def _check_output_dir(output_dir: Path, *inputs: Any) -> None:
-    """The output directory is a directory name and is neither the plan's nor the model's
-    directory: the Trainer writes adapter_config.json and the tokenizer's files there, which
-    would overwrite the plan's config or the model's tokenizer."""
+    """The output directory is new, empty, or an earlier run's (what the Trainer writes and
+    checkpoint-* directories), and neither the plan's nor the model's directory: the Trainer
+    writes adapter_config.json, README.md and the tokenizer's files there."""
     check_output_dir(output_dir)
     target = Path(os.path.realpath(output_dir))
     for source in inputs:
@@ -174,6 +181,60 @@ def _check_output_dir(output_dir: Path, *inputs: Any) -> None:
                 f"{output_dir}: is also an input ({source}); the run would overwrite its files",
                 hint="give finetune another --output-dir",
             )
+    if target.is_dir():
+        names = {p.name: p.is_dir() for p in target.iterdir()}
+        runs = [n for n, is_dir in names.items() if is_dir and n.startswith("checkpoint-")]
+        foreign = sorted(n for n in names if n not in _RUN_FILES and n not in runs)
+        if names and not foreign and not runs and "esdtool_run.json" not in names:
+            foreign = sorted(names)  # a run's file names, but no run wrote them
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (
+                f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            )
+            raise OutputError(
+                f"{output_dir}: holds files a fine-tuning run did not write ({shown}); the run "
+                "would write among them",
+                hint="give finetune a new or empty --output-dir",
+            )
+
+
+def _check_resume(resume: str | bool, output_dir: Path, plan_dir: Path) -> None:
+    """--resume-from-checkpoint names a Trainer checkpoint (``last``: the newest in the output
+    directory) whose adapters have the plan's shapes: PEFT would fail on the first load."""
+    if resume is True:
+        found = _last_checkpoint(output_dir)
+        if found is None:
+            raise OptionError(
+                f"{output_dir}: no checkpoint-* directory to resume from",
+                hint="drop --resume-from-checkpoint, or pass the output dir of an earlier run",
+            )
+        checkpoint = found
+    else:
+        checkpoint = Path(os.fspath(resume))
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise OptionError(
+                f"{checkpoint}: not a training checkpoint (no trainer_state.json)",
+                hint="pass a checkpoint-N directory of an earlier run, or 'last'",
+            )
+    if not (checkpoint / CONFIG_NAME).is_file() or not (plan_dir / CONFIG_NAME).is_file():
+        return  # what the plan check or the Trainer reports
+    shape = ("r", "rank_pattern", "target_modules")  # what fixes the adapters' tensor shapes
+    mine, theirs = read_plan(plan_dir)[0], read_plan(checkpoint)[0]
+    if any(mine.get(key) != theirs.get(key) for key in shape):
+        raise PlanMismatchError(
+            f"{checkpoint}: was trained with other ranks than {plan_dir / CONFIG_NAME}",
+            hint="resume with the plan it was trained with, or start a new --output-dir",
+        )
+
+
+def _check_bf16() -> None:
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise OptionError(
+            "--bf16 needs a GPU with bfloat16 support, and none is present",
+            hint="drop --bf16 (the default picks it where the GPU supports it)",
+        )
 
 
 def _check_qlora() -> None:

@@ -16,6 +16,7 @@ With a prompt, the loss is on the completion only (TRL's completion_only_loss).
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,16 @@ def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
                 )
             if builder in ("json", "csv"):
                 _require_utf8(path, text)
-            # A local file parses in moments: no progress bars to clutter the terminal.
+                with open(path, "rb") as f:  # datasets says "StopIteration" or "no data"
+                    if not f.read(1 << 16).strip():
+                        raise DataFormatError(f"{text}: no records (the file is empty)")
+            # A local file parses in moments: no progress bars or log lines to clutter the
+            # terminal (a failure is reported once, by the error).
             was_enabled = datasets.is_progress_bar_enabled()
             datasets.disable_progress_bars()
+            log = logging.getLogger("datasets")
+            level = log.level
+            log.setLevel(logging.ERROR)
             # CSV: every cell as text (no "5" -> 5.0, no empty -> NaN -> "None").
             try:
                 if builder == "csv":
@@ -66,6 +74,7 @@ def load_records(data: str | os.PathLike[str], split: str = "train") -> Any:
                     return datasets.Dataset.from_pandas(frame, preserve_index=False)
                 return datasets.load_dataset(builder, data_files=str(path), split="train")
             finally:
+                log.setLevel(level)
                 if was_enabled:
                     datasets.enable_progress_bars()
         if path.exists():
@@ -206,4 +215,11 @@ def load_training_data(data: str | os.PathLike[str], split: str = "train") -> tu
     if len(dataset) == 0:
         raise DataFormatError(f"{where}: no records")
     fmt = detect_format(dataset.column_names, where)
-    return to_training_records(dataset, fmt, where), fmt
+    records = to_training_records(dataset, fmt, where)
+    trained = {"text": "text", "prompt/completion": "completion",
+               "instruction/input/output": "completion"}.get(fmt)  # fmt: skip
+    if trained is not None and not any(str(v).strip() for v in records[trained]):
+        raise DataFormatError(
+            f"{where}: every record's {trained} is empty: there is nothing to train on"
+        )
+    return records, fmt

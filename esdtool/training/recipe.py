@@ -222,9 +222,26 @@ def _trainer(
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_log_last_step_callback()())
     for callback in callbacks:
         trainer.add_callback(callback)
     return trainer
+
+
+def _log_last_step_callback() -> type:
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        """Log the loss at the last step too, so the final loss is the last step's, not the
+        last multiple of --logging-steps (with 2 steps and logging every 10 the "final" loss
+        was the first step's)."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogLastStep
 
 
 def _plan_record(plan_dir: Path) -> Any:
