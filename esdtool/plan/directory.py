@@ -82,8 +82,7 @@ def allocate(
     settings = settings or AllocateSettings()
     check_output_dir(outdir, [Path(metrics)])
     check_peft_options(task_type, lora_dropout)
-    if report:
-        check_report_options(settings.alpha_column, max_plots)
+    check_report_options(settings.alpha_column, max_plots)  # even with --no-report: -1 is no count
     table = load_metrics(metrics)
     try:
         allocation = allocate_ranks(table, settings)
