@@ -3,6 +3,8 @@
 #                and write the HTML report
 #   make test    install, then lint (ruff, and lint-imports for the layering) and run the tests
 #   make bench   install the benchmark peers, then run every benchmark
+#   make mutation  mutation testing of the spectral math and the rank allocation (mutmut, in
+#                ./mutants; not part of make test); docs/testing.md has the last score
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +15,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test lint bench docs clean
+.PHONY: install demo test lint bench docs clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,5 +53,17 @@ bench: install
 	$(BIN)/python benchmarks/bench_scaling.py
 	@echo "GPU: run benchmarks/bench_gpu.py on a CUDA machine"
 
+# Mutants of esdtool/spectral/*.py and esdtool/plan/ranks.py, each run against the fast tests
+# that reach it ([tool.mutmut] in pyproject.toml). Starts afresh; MUTATION_JOBS workers.
+MUTATION_JOBS ?= 2
+mutation: install
+	$(BIN)/python -m pip install -q "mutmut>=3.8,<4"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+	$(BIN)/mutmut export-cicd-stats
+	@cat mutants/mutmut-cicd-stats.json; echo
+	@echo "surviving mutants (mutmut show NAME for the diff):"
+	@$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .import_linter_cache mutants
