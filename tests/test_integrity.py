@@ -386,3 +386,23 @@ def test_finetune_never_writes_into_its_inputs(tiny_causal_lm, tmp_path, capsys)
         )
         assert code == 2 and "is also an input" in stderr and stderr.count("Error:") == 1, stderr
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_the_float32_path_never_calls_float64_range_weights_out_of_range(tmp_path):
+    """F32 weights of 1e19 square past float32 in the SVD path; float64 holds them, so the
+    float32 setting must give the float64 answer, not "eigenvalues overflow float64"."""
+    from esdtool import AnalyzeSettings
+
+    rng = np.random.default_rng(9)
+    path = write_tensors(
+        tmp_path / "x.safetensors",
+        {"layers.0.w.weight": (rng.standard_normal((12, 20)) * 1e19).astype(np.float32)},
+    )
+    f32 = load_metrics(
+        analyze(path, tmp_path / "a.parquet", AnalyzeSettings(dtype="float32")).output
+    )
+    f64 = load_metrics(
+        analyze(path, tmp_path / "b.parquet", AnalyzeSettings(dtype="float64")).output
+    )
+    assert f32.status.item() == "ok", f32.reason.item()
+    assert f32.lambda_max.item() == pytest.approx(f64.lambda_max.item(), rel=1e-12)

@@ -509,6 +509,21 @@ def test_spectrum_of_float32_weights_is_float64_by_default():
     np.testing.assert_allclose(low.double().numpy(), expected, rtol=1e-4)
 
 
+def test_float32_path_squares_singular_values_not_a_gram_matrix():
+    """float32: squared float32 singular values, relative error about 2e-7 sqrt(lambda_max /
+    lambda): within 2e-3 down to lambda = 1e-7 lambda_max. A float32 Gram matrix (absolute
+    error about 1e-7 lambda_max) would miss the smallest by 100%; float64 is exact."""
+    rng = np.random.default_rng(19)
+    U, _ = np.linalg.qr(rng.standard_normal((20, 20)))
+    V, _ = np.linalg.qr(rng.standard_normal((48, 20)))
+    W = U @ np.diag(np.logspace(0, -3.5, 20)) @ V.T
+    expected = ref.evals(W)
+    for dtype, rtol in ((torch.float32, 2e-3), (torch.float64, 1e-9)):
+        got, finite = spectra.checked_eigenvalues(torch.from_numpy(W).to(dtype), dtype)
+        assert got.dtype == dtype and bool(finite)
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=rtol)
+
+
 def test_spectrum_of_a_conv_batch_uses_the_given_conv_norm():
     conv = torch.from_numpy(np.random.default_rng(6).standard_normal((12, 10, 2, 2)))
     (batch,) = spectra.matrices_of(conv)
