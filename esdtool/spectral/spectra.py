@@ -117,7 +117,7 @@ def checked_eigenvalues(
             top = evals[..., -1]
             tiny = torch.finfo(torch.float32).tiny  # below it: subnormal, digits lost
             if bool(finite.all()) and not bool(((top >= tiny) & torch.isfinite(top)).all()):
-                # Squares left float32's range (|w| ~ 1e19, subnormal squares, or an all-zero matrix):
+                # Squares left float32's range (|w| ~ 1e19, subnormal, or an all-zero matrix):
                 # float64 holds them; the float32 path must not call them out of range.
                 return checked_eigenvalues(W, torch.float64)
     return evals.clamp_min_(0), finite
