@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_tiny_causal_lm, build_tiny_llama
+from helpers import build_tiny_causal_lm, build_tiny_llama, run_subprocess
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +46,17 @@ def tiny_llama_sharded(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_causal_lm(tmp_path_factory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-causal-lm"))
+
+
+@pytest.fixture(scope="session")
+def plan(tiny_causal_lm, tmp_path_factory) -> Path:
+    """The tiny causal LM analysed and planned through the real CLI (the first two steps of the
+    loop), once per session: the fine-tuning tests train with it."""
+    work = tmp_path_factory.mktemp("loop")
+    for args in (
+        ["analyze", tiny_causal_lm, "-o", work / "m.parquet", "-q"],
+        ["allocate", work / "m.parquet", "-o", work / "plan", "--no-report", "-q"],
+    ):
+        proc = run_subprocess(args)
+        assert proc.returncode == 0, proc.stderr
+    return work / "plan"

@@ -7,30 +7,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from helpers import ARITHMETIC, ROOT, run_cli, run_subprocess, write_jsonl
+from helpers import ARITHMETIC, ROOT, run_cli, write_jsonl
 
 pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
 pytest.importorskip("datasets", reason="pip install 'esdtool[finetune]'")
 
 RECORDS = ARITHMETIC
-
-
-@pytest.fixture(scope="module")
-def plan(tiny_causal_lm, tmp_path_factory) -> Path:
-    """The tiny LM analysed and planned through the real CLI (the first two steps of the loop)."""
-    work = tmp_path_factory.mktemp("loop")
-    for args in (
-        ["analyze", tiny_causal_lm, "-o", work / "m.parquet", "-q"],
-        ["allocate", work / "m.parquet", "-o", work / "plan", "--no-report", "-q"],
-    ):
-        proc = run_subprocess(args)
-        assert proc.returncode == 0, proc.stderr
-    return work / "plan"
 
 
 def test_cli_loop_trains_and_saves_the_planned_adapter(tiny_causal_lm, plan, tmp_path, capsys):

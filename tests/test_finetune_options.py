@@ -17,23 +17,6 @@ pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
 pytest.importorskip("datasets", reason="pip install 'esdtool[finetune]'")
 
 
-@pytest.fixture(scope="module")
-def plan(tiny_causal_lm, tmp_path_factory) -> Path:
-    """The tiny LM analysed and planned (the first two steps of the loop) through the CLI."""
-    from esdtool.cli.app import main
-
-    work = tmp_path_factory.mktemp("options")
-    for args in (
-        ["analyze", tiny_causal_lm, "-o", work / "m.parquet", "-q"],
-        ["allocate", work / "m.parquet", "-o", work / "plan", "--no-report", "-q"],
-    ):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:  # main() may exit even on success
-            assert exc.code in (0, None), args
-    return work / "plan"
-
-
 def _finetune(capsys, model, plan, data, out, *args) -> dict:
     code, stdout, stderr = run_cli(
         ["finetune", model, "--adapter-config", plan, "--data", data, "-o", out,
