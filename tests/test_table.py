@@ -10,7 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from esdtool.errors import MetricsSchemaError, OutputError
-from esdtool.io.table import COLUMN_NAMES, METADATA_KEY, MatrixRow, load_metrics, write_metrics
+from esdtool.io.table import (
+    COLUMN_NAMES,
+    METADATA_KEY,
+    SCHEMA_VERSION,
+    MatrixRow,
+    load_metrics,
+    write_metrics,
+)
 
 
 def _row(name: str = "a.weight", **fields) -> MatrixRow:
@@ -36,7 +43,7 @@ def test_round_trip_keeps_rows_types_and_metadata(tmp_path):
     assert df.M.item() == 2 and df.N.item() == 3 and df.Q.item() == 1.5 and df.num_evals.item() == 2
     assert list(df.eigenvalues.item()) == [0.5, 2.0]
     assert pq.read_schema(path).field("eigenvalues").type == pa.list_(pa.float32())
-    assert df.attrs["esdtool"] == {"schema_version": 1, "source": "x"}
+    assert df.attrs["esdtool"] == {"schema_version": SCHEMA_VERSION, "source": "x"}
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]  # no temp file left
 
 

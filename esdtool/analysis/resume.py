@@ -32,7 +32,7 @@ from esdtool.spectral.metrics import SpectrumMetrics
 from esdtool.spectral.powerlaw import PowerLawFit
 from esdtool.version import __version__
 
-FORMAT = "esdtool-partial/2"  # /2: rows as records (nested fits), not flat columns
+FORMAT = "esdtool-partial/3"  # /2: rows as records (nested fits); /3: the quantization field
 
 
 def sidecar_path(output: Path, rank: int = 0, world_size: int = 1) -> Path:

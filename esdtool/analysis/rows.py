@@ -26,18 +26,28 @@ from esdtool.spectral.spectra import (
 _EXPERT_BATCH_ELEMENTS = 1 << 25
 
 
-def header_row(info: TensorInfo, status: str, reason: str | None = None) -> MatrixRow:
-    """A row from the header alone: what every row has, with no spectrum (skipped, error)."""
+def header_row(
+    info: TensorInfo,
+    status: str,
+    reason: str | None = None,
+    *,
+    module: str | None = None,
+    quantization: str | None = None,
+) -> MatrixRow:
+    """A row from the header alone: what every row has, with no spectrum (skipped, error).
+    ``module`` overrides the module name read off the tensor name (a quantized weight's codes
+    tensor, e.g. ``q_proj.qweight``, belongs to ``q_proj``)."""
     view = matrix_view(info.shape)
     if view is not None:
         rows, cols = view.rows, view.cols
     else:  # a vector is (length, None); a scalar (1, None); 5-D and up like their last two
         rows = info.shape[-2] if len(info.shape) >= 2 else (info.shape[0] if info.shape else 1)
         cols = info.shape[-1] if len(info.shape) >= 2 else None
+    role_name = info.name if module is None else module + ".weight"
     return MatrixRow(
         name=info.name,
-        module=module_name(info.name),
-        role=infer_role(info.name, len(info.shape)),
+        module=module_name(info.name) if module is None else module,
+        role=infer_role(role_name, len(info.shape)),
         layer=block_index(info.name),
         shard=info.shard.name,
         dtype=info.dtype,
@@ -46,6 +56,7 @@ def header_row(info: TensorInfo, status: str, reason: str | None = None) -> Matr
         status=status,
         reason=reason,
         seconds=0.0,
+        quantization=quantization,
     )
 
 
@@ -82,32 +93,37 @@ def _measured(
 
 
 def analyze_tensor(
-    info: TensorInfo, tensor: torch.Tensor, settings: AnalyzeSettings, device: torch.device
+    info: TensorInfo,
+    tensor: torch.Tensor,
+    settings: AnalyzeSettings,
+    device: torch.device,
+    base: MatrixRow | None = None,
 ) -> list[MatrixRow]:
     """The table rows of one tensor already in memory: one per matrix (one per expert).
+    ``base`` is the row's header facts when they are not ``header_row(info, "ok")`` alone.
 
     The experts of a 3-D tensor go through the eigensolver in batches (one batched Gram
     product and one batched eigvalsh per batch), the rows still one per expert.
     """
     dtype = auto_dtype(device) if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    base = base or header_row(info, "ok")
     tensor = tensor.to(device, non_blocking=True)
     if tensor.ndim == 3:
-        return _analyze_experts(info, tensor, settings, device, dtype)
+        return _analyze_experts(base, tensor, settings, device, dtype)
     started = time.perf_counter()
     (matrix,) = matrices_of(tensor)
     evals, finite = checked_spectrum(matrix, dtype, settings.conv_norm)
-    row = _measured(header_row(info, "ok"), evals, finite, settings, matrix)
+    row = _measured(base, evals, finite, settings, matrix)
     return [replace(row, device=str(device), seconds=time.perf_counter() - started)]
 
 
 def _analyze_experts(
-    info: TensorInfo,
+    base: MatrixRow,
     tensor: torch.Tensor,
     settings: AnalyzeSettings,
     device: torch.device,
     dtype: torch.dtype,
 ) -> list[MatrixRow]:
-    base = header_row(info, "ok")
     assert base.M is not None
     step = max(1, _EXPERT_BATCH_ELEMENTS // (base.M * base.M))
     out: list[MatrixRow] = []

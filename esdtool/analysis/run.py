@@ -20,10 +20,12 @@ import torch
 
 from esdtool.analysis import distributed
 from esdtool.analysis.distributed import matrix_cost
-from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
+from esdtool.analysis.resources import memory_budget, resolve_device
 from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
 from esdtool.analysis.rows import analyze_tensor, header_row
 from esdtool.analysis.settings import AnalyzeSettings
+from esdtool.analysis.tasks import Task, materialize, plan_tasks, read_task
+from esdtool.dequant import Layout, layout_of, read_scheme
 from esdtool.errors import AnalysisInterrupted, CheckpointError, OptionError, OutputError
 from esdtool.io.atomic import check_output_file
 from esdtool.io.checkpoint import Checkpoint, open_checkpoint, prefetched
@@ -59,6 +61,8 @@ class AnalyzeResult:
     seconds:  wall time of the whole analysis.
     slowest:  (name, seconds) of the slowest row, or None.
     device:   where spectra were computed.
+    quantization: one line per kind of quantized weight dequantized (or skipped because its
+              format cannot be decoded); empty for plain checkpoints.
     """
 
     output: Path
@@ -73,6 +77,7 @@ class AnalyzeResult:
     source: str = ""
     revision: str | None = None
     resumed: int = 0
+    quantization: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the CLI's ``--json`` output)."""
@@ -93,6 +98,7 @@ class AnalyzeResult:
             ),
             "device": self.device,
             "resumed_rows": self.resumed,
+            "quantization": self.quantization,
         }
 
 
@@ -144,10 +150,12 @@ def analyze(
                     f"{resolved.source}: no tensor names pass --include/--exclude "
                     f"({len(ckpt.keys())} tensors in the checkpoint)"
                 )
-            _check_something_analysable(ckpt, names, settings, resolved.source)
+            scheme = read_scheme(resolved.config, f"{resolved.source}: config.json")
+            layout = layout_of({n: ckpt.info(n) for n in ckpt.keys()}, scheme)  # noqa: SIM118
+            _check_something_analysable(ckpt, names, layout, settings, resolved.source)
             side = _open_sidecar(Path(output), resolved, settings, world, resume, progress)
             try:
-                mine = _analyze_names(ckpt, names, settings, device, progress, world, side)
+                mine = _analyze_names(ckpt, names, layout, settings, device, progress, world, side)
             except KeyboardInterrupt:
                 side.close()
                 done = len(side.kept) + side.appended
@@ -155,7 +163,7 @@ def analyze(
                     f"interrupted; {done} finished tensor(s) kept in {side.path}",
                     hint="run the same command again to resume (--no-resume starts over)",
                 ) from None
-            metadata = _metadata(resolved, ckpt, settings, device, world)
+            metadata = _metadata(resolved, ckpt, settings, device, world, layout)
         rows = distributed.gather_rows(world, mine)
         if rows is not None:  # rank 0: the table, in the checkpoint's order
             position = {name: i for i, name in enumerate(names)}
@@ -166,8 +174,9 @@ def analyze(
         seconds = time.perf_counter() - started
         result = _summarise(rows if rows is not None else mine, Path(output), seconds, device)
         return replace(
-            result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows
-        )
+            result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows,
+            quantization=layout.summary(names),
+        )  # fmt: skip
     finally:
         distributed.leave(world)
 
@@ -175,59 +184,72 @@ def analyze(
 def _analyze_names(
     ckpt: Checkpoint,
     names: list[str],
+    layout: Layout,
     settings: AnalyzeSettings,
     device: torch.device,
     progress: ProgressHook | None,
     world: distributed.World,
     side: Sidecar,
 ) -> list[MatrixRow]:
-    """Rows of this process's share of ``names``. Tensors are read one ahead by a reader thread
-    while the current one computes. Tensors the sidecar already holds are not computed again;
-    new ones are appended to it. Rank 0 also writes the rows decided from headers alone."""
-    infos = [ckpt.info(n) for n in names]
-    budget = memory_budget(settings, device)
-    reasons = [skip_reason(info, settings.min_evals, budget, settings.dtype) for info in infos]
-    work = [i for i, r in enumerate(reasons) if r is None]
-    shares = distributed.partition([matrix_cost(infos[i].shape) for i in work], world.size)
+    """Rows of this process's share of ``names``. Tensors (every part of a quantized weight)
+    are read one ahead by a reader thread while the current one computes. Tensors the sidecar
+    already holds are not computed again; new ones are appended to it. Rank 0 also writes the
+    rows decided from headers alone."""
+    tasks = plan_tasks(ckpt, names, layout, settings, memory_budget(settings, device))
+    work = [i for i, t in enumerate(tasks) if t.status is None]
+    shares = distributed.partition([matrix_cost(tasks[i].info.shape) for i in work], world.size)
     work = [work[j] for j in shares[world.rank]]
-    header_only = [i for i, r in enumerate(reasons) if r is not None] if world.main else []
+    header_only = [i for i, t in enumerate(tasks) if t.status is not None] if world.main else []
     if progress:
         mine = sorted(work + header_only)
-        progress.start(len(mine), sum(infos[i].nbytes for i in mine))
-    rows = [header_row(infos[i], "skipped", reasons[i]) for i in header_only]
+        progress.start(len(mine), sum(tasks[i].nbytes for i in mine))
+    rows = [_row(tasks[i], tasks[i].status or "skipped") for i in header_only]
     if progress:
         for i in header_only:
-            progress.advance(infos[i].name, infos[i].nbytes)
+            progress.advance(tasks[i].info.name, tasks[i].nbytes)
     for i in work:
-        if infos[i].name in side.kept:
-            rows.extend(side.kept[infos[i].name])
+        if tasks[i].info.name in side.kept:
+            rows.extend(side.kept[tasks[i].info.name])
             if progress:
-                progress.advance(infos[i].name, infos[i].nbytes)
-    todo = [infos[i] for i in work if infos[i].name not in side.kept]
-    for info, tensor in prefetched(ckpt, todo, pin=device.type == "cuda"):
+                progress.advance(tasks[i].info.name, tasks[i].nbytes)
+    todo = [tasks[i] for i in work if tasks[i].info.name not in side.kept]
+    read = lambda task: read_task(ckpt, task)  # noqa: E731
+    for task, stored in prefetched(todo, read, pin=device.type == "cuda"):
         try:
-            if isinstance(tensor, Exception):
-                raise tensor
-            new = analyze_tensor(info, tensor, settings, device)
+            if isinstance(stored, Exception):
+                raise stored
+            tensor = materialize(task, stored, device)
+            new = analyze_tensor(task.info, tensor, settings, device, _row(task, "ok"))
+            del tensor
             if not new:  # every selected tensor gets a row, or the run says why it has none
                 raise RuntimeError("no matrix came out of it")
         except Exception as exc:  # one bad tensor must not lose the others' rows
-            new = [header_row(info, "error", f"{type(exc).__name__}: {exc}")]
-        del tensor
+            new = [_row(task, "error", f"{type(exc).__name__}: {exc}")]
+        del stored
         side.append(new)
         rows.extend(new)
         if progress:
-            progress.advance(info.name, info.nbytes)
+            progress.advance(task.info.name, task.nbytes)
     return rows
 
 
+def _row(task: Task, status: str, reason: str | None = None) -> MatrixRow:
+    return header_row(
+        task.info, status, reason or task.reason, module=task.module, quantization=task.label
+    )
+
+
 def _check_something_analysable(
-    ckpt: Checkpoint, names: list[str], settings: AnalyzeSettings, source: str
+    ckpt: Checkpoint,
+    names: list[str],
+    layout: Layout,
+    settings: AnalyzeSettings,
+    source: str,
 ) -> None:
     """Fail before any work when no selected tensor can have a spectrum, saying why."""
-    reasons = {n: skip_reason(ckpt.info(n), settings.min_evals) for n in names}
-    if all(r is not None for r in reasons.values()):
-        sample = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
+    tasks = plan_tasks(ckpt, names, layout, settings, None)
+    if all(t.status is not None for t in tasks):
+        sample = "; ".join(f"{t.info.name}: {t.reason}" for t in tasks[:3])
         raise OptionError(
             f"{source}: nothing to analyse: none of its {len(names)} selected tensors is a "
             f"floating-point matrix with at least {settings.min_evals} rows and columns "
@@ -264,6 +286,7 @@ def _metadata(
     settings: AnalyzeSettings,
     device: torch.device,
     world: distributed.World,
+    layout: Layout,
 ) -> dict[str, Any]:
     config = resolved.config or {}
     local = resolved.kind in ("file", "directory")
@@ -276,6 +299,8 @@ def _metadata(
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
         "checkpoint_metadata": ckpt.metadata(),
+        # As found in config.json (untrusted: rendered escaped, never interpreted further).
+        "quantization_config": layout.scheme.raw if layout.scheme else None,
         "esdtool_version": __version__,
         "torch_version": torch.__version__,
         "settings": settings.to_dict(),

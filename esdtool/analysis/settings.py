@@ -39,6 +39,9 @@ class AnalyzeSettings:
     tw_quantile:    Tracy-Widom level q of the spike threshold.
     conv_norm:      4-D conv kernels are scaled by sqrt(conv_norm) before pooling their spectra.
     weighted_alpha: which alpha feeds alpha_weighted and log_alpha_norm ("ks" as WeightWatcher).
+    raw_codes:      analyse quantized weights' stored codes as they are (FP8 codes; integer
+                    codes still get no spectrum) instead of the weights they encode. Off by
+                    default: codes describe the quantizer, not the model.
     max_tensor_gb:  a tensor whose analysis would need more memory than this (GB) is skipped
                     with the reason instead of exhausting the machine; None: half the free RAM
                     on a CPU, 80% of the free memory of the GPU.
@@ -55,6 +58,7 @@ class AnalyzeSettings:
     conv_norm: float = 0.5
     weighted_alpha: str = "ks"
     max_tensor_gb: float | None = None
+    raw_codes: bool = False
 
     def __post_init__(self) -> None:
         problems = []

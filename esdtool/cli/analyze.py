@@ -118,6 +118,14 @@ def analyze(
             show_default=False,
         ),
     ] = None,
+    raw_codes: Annotated[
+        bool,
+        typer.Option(
+            "--raw-codes",
+            help="Analyse quantized weights' stored FP8 codes as they are, instead of the "
+            "weights they encode (dequantized by default).",
+        ),
+    ] = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -131,8 +139,9 @@ def analyze(
     from esdtool.analysis import analyze as run_analyze
 
     settings = AnalyzeSettings(
-        device=device, dtype=dtype, include=include, exclude=exclude, max_tensor_gb=max_tensor_gb
-    )
+        device=device, dtype=dtype, include=include, exclude=exclude,
+        max_tensor_gb=max_tensor_gb, raw_codes=raw_codes,
+    )  # fmt: skip
     hush(quiet or as_json)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     hook = None if (quiet or as_json or not main_rank) else _RichProgress()
@@ -169,6 +178,8 @@ def _print_summary(result: AnalyzeResult) -> None:
     table.add_row("skipped", str(result.skipped))
     if result.errors or result.warnings:
         table.add_row("errors / non-finite", f"{len(result.errors)} / {len(result.warnings)}")
+    for line in result.quantization:
+        table.add_row("quantized", Text(safe(line)))
     table.add_row("device", result.device)
     table.add_row("time", f"{result.seconds:.2f} s")
     if result.resumed:

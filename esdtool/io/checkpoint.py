@@ -21,11 +21,11 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -34,6 +34,8 @@ from esdtool.errors import CheckpointError
 
 if TYPE_CHECKING:
     from esdtool.io.source import ShardIndex
+
+T = TypeVar("T")
 
 # Bytes per element of every safetensors dtype; None marks formats without a byte size.
 DTYPE_SIZES: dict[str, int] = {
@@ -302,43 +304,49 @@ def open_checkpoint(files: Iterable[Path], index: ShardIndex | None = None) -> C
 
 
 def prefetched(
-    ckpt: Checkpoint, infos: list[TensorInfo], *, depth: int = 1, pin: bool = False
-) -> Iterator[tuple[TensorInfo, torch.Tensor | Exception]]:
-    """(info, tensor) for each of ``infos`` in order, read by a background thread that stays
-    at most ``depth`` tensors ahead (memory: the current tensor plus ``depth`` + 1 more).
+    items: list[T], read: Callable[[T], Any], *, depth: int = 1, pin: bool = False
+) -> Iterator[tuple[T, Any]]:
+    """(item, read(item)) for each of ``items`` in order, read by a background thread that
+    stays at most ``depth`` items ahead (memory: the current item plus ``depth`` + 1 more).
 
     Reading (page faults, decompression of the mmap, pinning for a fast host-to-GPU copy)
-    overlaps with the current tensor's eigensolver, which releases the GIL. A read error is
-    handed over in place of the tensor, so the caller can record it and go on.
+    overlaps with the current item's eigensolver, which releases the GIL. ``read`` returns a
+    tensor or a dict of tensors (the parts of a quantized weight); with ``pin`` each is pinned.
+    A read error is handed over in place of the result, so the caller can record it and go on.
     """
-    items: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    queued: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
-    def read() -> None:
-        for info in infos:
+    def pinned(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v.pin_memory() for k, v in value.items()}
+        return value.pin_memory()
+
+    def reader() -> None:
+        for item in items:
             if stop.is_set():
                 break
             try:
-                tensor = ckpt.get_tensor(info.name)
-                item: Any = (info, tensor.pin_memory() if pin else tensor)
+                value = read(item)
+                entry: Any = (item, pinned(value) if pin else value)
             except Exception as exc:
-                item = (info, exc)
+                entry = (item, exc)
             while not stop.is_set():
                 try:
-                    items.put(item, timeout=0.1)
+                    queued.put(entry, timeout=0.1)
                     break
                 except queue.Full:
                     continue
-        items.put(None)
+        queued.put(None)
 
-    reader = threading.Thread(target=read, name="esdtool-reader", daemon=True)
-    reader.start()
+    thread = threading.Thread(target=reader, name="esdtool-reader", daemon=True)
+    thread.start()
     try:
-        while (item := items.get()) is not None:
-            yield item
+        while (entry := queued.get()) is not None:
+            yield entry
     finally:
         stop.set()
         with contextlib.suppress(queue.Empty):
             while True:
-                items.get_nowait()
-        reader.join(timeout=5)
+                queued.get_nowait()
+        thread.join(timeout=5)

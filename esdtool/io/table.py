@@ -28,7 +28,10 @@ from esdtool.spectral.metrics import SpectrumMetrics
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1, with the version that added them: an older table reads as if
+# they were null.
+_ADDED = {"quantization": 2}
 METADATA_KEY = b"esdtool"
 
 _f64, _i64, _str = pa.float64(), pa.int64(), pa.string()
@@ -44,6 +47,12 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("reason", _str, "why a row has no metrics (skipped / error); null when ok"),
     ("shard", _str, "file name of the shard holding the tensor"),
     ("dtype", _str, "stored dtype (safetensors name: F32, BF16, ...)"),
+    (
+        "quantization",
+        _str,
+        "how a quantized weight was stored and dequantized before analysis (e.g. 'fp8_e4m3 "
+        "block 128x128', 'gptq int4 g128', 'mxfp4'); null for plain weights",
+    ),
     ("rows", _i64, "size of the matrix's first dimension (out features)"),
     ("cols", _i64, "size of the matrix's second dimension (in features)"),
     ("M", _i64, "min(rows, cols): number of eigenvalues per matrix"),
@@ -111,7 +120,7 @@ class MatrixRow:
     the analysis to this module; :meth:`columns` is the one place they become table columns.
 
     name, module, slice, role, layer, shard, dtype, rows, cols, status, reason, seconds,
-    device: the columns of the same names (see ``COLUMNS``).
+    device, quantization: the columns of the same names (see ``COLUMNS``).
     eigenvalues: float32 eigenvalues ascending, None when no spectrum was computed.
     metrics:     the spectrum's numbers, None when no spectrum was computed or it was not finite.
     """
@@ -131,6 +140,7 @@ class MatrixRow:
     metrics: SpectrumMetrics | None = None
     seconds: float = math.nan
     device: str | None = None
+    quantization: str | None = None
 
     @property
     def M(self) -> int | None:
@@ -164,6 +174,7 @@ class MatrixRow:
             "reason": self.reason,
             "shard": self.shard,
             "dtype": self.dtype,
+            "quantization": self.quantization,
             "rows": self.rows,
             "cols": self.cols,
             "M": M,
@@ -261,18 +272,21 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MetricsSchemaError(f"{path}: esdtool metadata is not valid JSON") from exc
     version = meta.get("schema_version") if isinstance(meta, dict) else None
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or not 1 <= version <= SCHEMA_VERSION:
         raise MetricsSchemaError(
-            f"{path}: schema version {version!r}, this esdtool reads version {SCHEMA_VERSION}",
+            f"{path}: schema version {version!r}, this esdtool reads versions 1 to "
+            f"{SCHEMA_VERSION}",
             hint="re-run esdtool analyze with this version",
         )
-    missing = [name for name in COLUMN_NAMES if name not in schema.names]
+    missing = [
+        name for name in COLUMN_NAMES if name not in schema.names and _ADDED.get(name, 1) <= version
+    ]
     if missing:
         raise MetricsSchemaError(f"{path}: missing columns {', '.join(missing)}")
     wrong = [
         f"{name} is {schema.field(name).type}, not {dtype}"
         for name, dtype, _ in COLUMNS
-        if schema.field(name).type != dtype
+        if name in schema.names and schema.field(name).type != dtype
     ]
     if wrong:
         raise MetricsSchemaError(f"{path}: column types differ from the schema: {'; '.join(wrong)}")
@@ -330,6 +344,9 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
         df = pq.read_table(path).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     except (pa.ArrowException, OSError) as exc:
         raise MetricsSchemaError(f"{path}: unreadable parquet data ({exc})") from exc
+    for name in _ADDED:  # an older table: the column as null, in its place
+        if name not in df.columns:
+            df.insert(COLUMN_NAMES.index(name), name, pd.Series([None] * len(df), dtype=object))
     _check_values(path, df)
     df.attrs["esdtool"] = meta
     return df

@@ -1,0 +1,128 @@
+"""What analysing each selected tensor takes, decided from headers before any data is read: a
+:class:`Task` per tensor name, with its row facts, the bytes to read, and either the reason it
+gets no spectrum or, for a quantized weight, the parts to read and dequantize."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from esdtool.analysis.resources import skip_reason
+from esdtool.analysis.settings import AnalyzeSettings
+from esdtool.dequant import Layout, QuantizedWeight
+from esdtool.io.checkpoint import Checkpoint, TensorInfo
+
+
+@dataclass(frozen=True)
+class Task:
+    """One selected tensor's work.
+
+    info:    the row facts: its name, stored dtype and shard; for a quantized weight the shape
+             is the dequantized one.
+    nbytes:  bytes read from the checkpoint (every part of a quantized weight).
+    status:  "skipped" or "error" when decided from headers, with ``reason``; None to compute.
+    weight:  the quantized weight to dequantize first, or None for a plain tensor.
+    module:  the module name of the row when it is not the tensor name without ``.weight``.
+    label:   the ``quantization`` column.
+    """
+
+    info: TensorInfo
+    nbytes: int
+    status: str | None = None
+    reason: str | None = None
+    weight: QuantizedWeight | None = None
+    module: str | None = None
+    label: str | None = None
+
+
+def plan_tasks(
+    ckpt: Checkpoint,
+    names: list[str],
+    layout: Layout,
+    settings: AnalyzeSettings,
+    budget: int | None,
+) -> list[Task]:
+    """A :class:`Task` for each of ``names`` (``budget``: bytes one tensor may use, or None to
+    ignore memory)."""
+    tasks = []
+    for name in names:
+        info = ckpt.info(name)
+        weight = layout.weights.get(name)
+        note = layout.notes.get(name)
+        if weight is not None and settings.raw_codes:
+            task = _raw(info, weight.label, settings, budget, weight.module)
+        elif weight is not None:
+            task = _quantized(ckpt, info, weight, settings, budget)
+        elif note is not None and note.codes and settings.raw_codes:
+            task = _raw(info, note.reason, settings, budget, None)
+        elif note is not None:
+            task = Task(info, info.nbytes, note.status, note.reason)
+        else:
+            reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
+            task = Task(info, info.nbytes, "skipped" if reason else None, reason)
+        tasks.append(task)
+    return tasks
+
+
+def _quantized(
+    ckpt: Checkpoint,
+    info: TensorInfo,
+    weight: QuantizedWeight,
+    settings: AnalyzeSettings,
+    budget: int | None,
+) -> Task:
+    nbytes = sum(ckpt.info(n).nbytes for n in weight.names())
+    row = replace(info, shape=weight.shape)
+    # Memory: the stored parts (read ahead too) and the float32 weight they decode to.
+    dense = replace(info, dtype="F32", shape=weight.shape, end=info.begin + 4 * _count(weight))
+    reason = skip_reason(dense, settings.min_evals, None if budget is None else budget - 2 * nbytes,
+                         settings.dtype)  # fmt: skip
+    return Task(row, nbytes, "skipped" if reason else None, reason, weight, weight.module,
+                weight.label)  # fmt: skip
+
+
+def _raw(
+    info: TensorInfo,
+    what: str,
+    settings: AnalyzeSettings,
+    budget: int | None,
+    module: str | None,
+) -> Task:
+    """--raw-codes: the stored codes as they are, when they are floats (FP8); ``what`` says
+    how they are quantized."""
+    reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
+    if reason and info.dtype.startswith(("I", "U")):
+        reason = f"integer codes have no spectrum of their own ({info.dtype}; {what})"
+    return Task(info, info.nbytes, "skipped" if reason else None, reason, None, module,
+                f"raw codes ({what})")  # fmt: skip
+
+
+def _count(weight: QuantizedWeight) -> int:
+    return math.prod(weight.shape)
+
+
+def read_task(ckpt: Checkpoint, task: Task) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The stored tensor of a plain task, or the parts of a quantized one by role."""
+    if task.weight is None:
+        return ckpt.get_tensor(task.info.name)
+    return {role: ckpt.get_tensor(name) for role, name in task.weight.parts}
+
+
+def materialize(
+    task: Task, stored: torch.Tensor | dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """The tensor to analyse, on ``device``: the stored one, or the dequantized weight (its
+    parts moved to ``device`` and decoded there)."""
+    if task.weight is None:
+        assert isinstance(stored, torch.Tensor)
+        return stored.to(device, non_blocking=True)
+    assert isinstance(stored, dict)
+    parts = {role: t.to(device, non_blocking=True) for role, t in stored.items()}
+    dense = task.weight.decode(parts)
+    if tuple(dense.shape) != task.weight.shape:  # a decoding bug must not become a number
+        raise RuntimeError(
+            f"dequantized to {list(dense.shape)}, expected {list(task.weight.shape)}"
+        )
+    return dense

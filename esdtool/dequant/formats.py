@@ -1,0 +1,132 @@
+"""The arithmetic of each supported format: stored codes and scales in, the float32 weight they
+encode out. Pure torch, computed on whatever device the inputs are on; nothing here knows about
+files or names (:mod:`esdtool.dequant.layout` decides which tensors go together).
+
+Every function is written from the format's definition and checked in the tests against the
+format's own reference code (transformers' FP8 and MXFP4 integrations, compressed-tensors'
+decompressors, GPTQModel's and AutoAWQ's unpacking).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# FP4 E2M1 values by 4-bit code (sign bit 3): the OCP MX specification's table.
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# AWQ (GEMM) packs the eight 4-bit columns of a word in this order; nibble i holds column
+# AWQ_ORDER[i] of its group of eight.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """A stored scale as float32: E8M0 exponents (a ``uint8`` byte b or ``float8_e8m0fnu``)
+    mean 2**(b - 127); every other dtype is a value."""
+    if scale.dtype == torch.uint8:
+        return torch.ldexp(torch.ones_like(scale, dtype=torch.float32), scale.to(torch.int32) - 127)
+    return scale.to(torch.float32)
+
+
+def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+    """A per-block ``grid`` [..., ceil(R/bm), ceil(C/bn)] spread over ``shape`` [..., R, C]:
+    entry (i, j) gets grid[i // bm, j // bn]. Edge blocks may be partial (DeepSeek's 576-row
+    projections with 128-row blocks)."""
+    bm, bn = block
+    rows, cols = shape[-2], shape[-1]
+    out = grid.repeat_interleave(bm, dim=-2)[..., :rows, :]
+    return out.repeat_interleave(bn, dim=-1)[..., :cols]
+
+
+def blockwise(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(values - zero) * scale, scale and zero given per ``block`` of the last two dims.
+
+    One rule covers every scaling layout: per tensor is one block of the whole matrix,
+    per channel (output row) a block of (1, C), per group a block of (1, g), and 2-D blocks
+    (FP8 128x128) themselves.
+    """
+    out = values.to(torch.float32)
+    if zero is not None:
+        out = out - expand(zero.to(torch.float32), block, tuple(out.shape))
+    return out * expand(scale_values(scale), block, tuple(out.shape))
+
+
+def by_group_index(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    g_idx: torch.Tensor,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(values - zero[:, g]) * scale[:, g] where column j belongs to group ``g_idx[j]`` (GPTQ's
+    activation order: groups are not contiguous). values [R, C]; scale, zero [R, G]."""
+    index = g_idx.to(device=values.device, dtype=torch.long)
+    out = values.to(torch.float32)
+    if zero is not None:
+        out = out - zero.to(torch.float32)[:, index]
+    return out * scale_values(scale)[:, index]
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The unsigned ``bits``-bit fields of int32 words, lowest bits first, laid out along
+    ``dim`` (word k of ``dim`` becomes entries k*32/bits ... (k+1)*32/bits - 1)."""
+    per_word = 32 // bits
+    mask = (1 << bits) - 1
+    words = packed.to(torch.int32).movedim(dim, -1)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    fields = torch.bitwise_and(words.unsqueeze(-1) >> shifts, mask)
+    fields = fields.reshape(*words.shape[:-1], words.shape[-1] * per_word)
+    return fields.movedim(-1, dim)
+
+
+def mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """OCP MXFP4: ``blocks`` [..., G, B] bytes, each two E2M1 codes (low nibble first), and
+    ``scales`` [..., G] E8M0 exponents, one per 2B values. Returns [..., G * 2B]."""
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    codes = blocks.to(torch.uint8)
+    low = lut[torch.bitwise_and(codes, 0x0F).long()]
+    high = lut[torch.bitwise_right_shift(codes, 4).long()]
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., G, 2B]
+    values = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127)
+    return values.flatten(-2)
+
+
+def gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    *,
+    zero_offset: int,
+) -> torch.Tensor:
+    """GPTQ: ``qweight`` [C*bits/32, R] packs the codes along the input dimension, ``qzeros``
+    [G, R*bits/32] the zero points along the output dimension, ``scales`` [G, R]; input column
+    i belongs to group ``g_idx[i]``. Format v1 (AutoGPTQ's ``gptq``) stores each zero point
+    minus one, so ``zero_offset`` is 1; ``gptq_v2`` stores it as is (0). Returns the [R, C]
+    weight as ``nn.Linear`` holds it."""
+    codes = unpack(qweight, bits, dim=0)  # [C, R]
+    zeros = unpack(qzeros, bits, dim=1)[:, : scales.shape[1]] + zero_offset  # [G, R]
+    return by_group_index(codes.T, scales.T, g_idx, zeros.T)
+
+
+def awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """AWQ (GEMM layout): ``qweight`` [C, R/8] and ``qzeros`` [G, R/8] pack eight 4-bit output
+    columns per word in :data:`AWQ_ORDER`; ``scales`` [G, R]. Without zero points the codes are
+    symmetric around 8. Returns the [R, C] weight."""
+    order = torch.tensor(AWQ_ORDER, device=qweight.device)
+    inverse = torch.argsort(order)  # column c of a group of eight sits in nibble inverse[c]
+
+    def columns(packed: torch.Tensor) -> torch.Tensor:
+        fields = unpack(packed, 4, dim=1)
+        groups = fields.reshape(fields.shape[0], -1, 8)
+        return groups[:, :, inverse].reshape(fields.shape)
+
+    codes = columns(qweight)  # [C, R]
+    zeros = columns(qzeros) if qzeros is not None else torch.full_like(scales, 8, dtype=torch.int32)
+    weight = blockwise(codes.T, scales.T, (1, group_size), zeros.T)
+    return weight
