@@ -17,11 +17,13 @@ DEMO_OUT ?= demo-out
 
 .PHONY: install demo test lint bench docs clean mutation
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tests/reference-formats.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	# GPTQ/AWQ reference code for the quantized-checkpoint tests, without its CUDA dependencies.
+	$(BIN)/python -m pip install -q --no-deps -r tests/reference-formats.txt
 	touch $@
 
 install: $(VENV)/.installed

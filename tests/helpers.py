@@ -6,17 +6,23 @@ Import them with ``from helpers import ...``; the fixtures built on them live in
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import oracle as ref
 from esdtool.cli.app import main
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,3 +149,50 @@ def write_jsonl(path: Path, records: list[dict], repeat: int = 1) -> Path:
             for record in records:
                 f.write(json.dumps(record) + "\n")
     return path
+
+
+# Quantized checkpoints (test_quantized*.py): what a row of a dequantized weight must hold.
+SCALE_LIKE = ("scale", "scales", "qzeros", "g_idx", "zero_point", "_blocks", "absmax", "shape")
+
+
+def assert_matches(row, weight: np.ndarray, what: str) -> None:
+    """A table row holds the spectrum and metrics of ``weight`` (float64 oracle)."""
+    expected = ref.row(weight.astype(np.float64))
+    top = expected["lambda_max"]
+    np.testing.assert_allclose(row["eigenvalues"], expected["evals"], rtol=1e-6, atol=1e-6 * top,
+                               err_msg=what)  # fmt: skip
+    for col in ("lambda_max", "frobenius_norm", "stable_rank", "alpha_median", "bulk_max"):
+        assert row[col] == pytest.approx(expected[col], rel=1e-6), (what, col)
+    assert row["alpha_ks"] == pytest.approx(expected["alpha_ks"], rel=1e-4), what
+
+
+def decoded(directory: Path) -> dict[str, torch.Tensor]:
+    """esdtool's own dequantized weights of a checkpoint directory, by codes tensor name (the
+    tables say little about a column permutation: it leaves every spectrum as it is)."""
+    from esdtool.dequant import layout_of, read_scheme
+    from esdtool.io.checkpoint import open_checkpoint
+
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    ckpt = open_checkpoint(sorted(directory.glob("*.safetensors")))
+    layout = layout_of({n: ckpt.info(n) for n in ckpt.keys()}, read_scheme(config, "config"))  # noqa: SIM118
+    return {
+        name: weight.decode({role: ckpt.get_tensor(n) for role, n in weight.parts})
+        for name, weight in layout.weights.items()
+    }
+
+
+def assert_same_weight(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None:
+    import torch
+
+    assert ours.shape == reference.shape, what
+    torch.testing.assert_close(ours.double(), reference.double(), rtol=1e-6, atol=0, msg=what)
+
+
+def assert_no_scale_analysed(table) -> None:
+    """No tensor holding scales, zero points, indices or packed blocks has a spectrum."""
+    ok = table[table.status == "ok"]
+    for name, quantization in zip(ok.name, ok.quantization, strict=True):
+        last = name.rsplit(".", 1)[-1]
+        if quantization is None or isinstance(quantization, float):
+            assert not any(s in last for s in SCALE_LIKE), name

@@ -20,14 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import oracle as ref
 from esdtool import AnalyzeSettings, analyze, load_metrics
-from helpers import run_cli
+from helpers import assert_matches, assert_no_scale_analysed, assert_same_weight, decoded, run_cli
 
 FP8_CONFIG = {
     "quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"
 }  # fmt: skip
-SCALE_LIKE = ("scale", "scales", "qzeros", "g_idx", "zero_point", "_blocks", "absmax", "shape")
 
 
 @pytest.fixture(scope="module")
@@ -82,26 +80,6 @@ def fp8_table(fp8_block, tmp_path_factory):
     return analyze(fp8_block, out), load_metrics(out)
 
 
-def _assert_matches(row, weight: np.ndarray, what: str) -> None:
-    """A table row holds the spectrum and metrics of ``weight`` (float64 oracle)."""
-    expected = ref.row(weight.astype(np.float64))
-    top = expected["lambda_max"]
-    np.testing.assert_allclose(row["eigenvalues"], expected["evals"], rtol=1e-6, atol=1e-6 * top,
-                               err_msg=what)  # fmt: skip
-    for col in ("lambda_max", "frobenius_norm", "stable_rank", "alpha_median", "bulk_max"):
-        assert row[col] == pytest.approx(expected[col], rel=1e-6), (what, col)
-    assert row["alpha_ks"] == pytest.approx(expected["alpha_ks"], rel=1e-4), what
-
-
-def _assert_no_scale_analysed(table) -> None:
-    """No tensor holding scales, zero points, indices or packed blocks has a spectrum."""
-    ok = table[table.status == "ok"]
-    for name, quantization in zip(ok.name, ok.quantization, strict=True):
-        last = name.rsplit(".", 1)[-1]
-        if quantization is None or isinstance(quantization, float):
-            assert not any(s in last for s in SCALE_LIKE), name
-
-
 def test_fp8_block_weights_match_transformers_dequantizer(fp8_table, fp8_block):
     result, table = fp8_table
     _, dequantize = _fp8_quantizer()
@@ -109,20 +87,22 @@ def test_fp8_block_weights_match_transformers_dequantizer(fp8_table, fp8_block):
     names = [n for n in stored if n.endswith("_scale_inv")]
     assert len(names) == 36
     rows = table.set_index("name")
+    ours = decoded(fp8_block)
     for scale_name in names:
         name = scale_name.removesuffix("_scale_inv")
         weight = dequantize._dequantize_one(stored[name], stored[scale_name], torch.float32)
+        assert_same_weight(ours[name], weight, name)
         row = rows.loc[name]
         assert row["status"] == "ok" and row["quantization"] == "fp8_e4m3 block 128x128"
         assert row["dtype"] == "F8_E4M3" and row["module"] == name.removesuffix(".weight")
         assert (row["rows"], row["cols"]) == tuple(weight.shape)
-        _assert_matches(row, weight.numpy(), name)
+        assert_matches(row, weight.numpy(), name)
         scale_row = rows.loc[scale_name]
         assert scale_row["status"] == "skipped" and name in scale_row["reason"]
     assert result.quantization == ["dequantized 36 fp8_e4m3 block 128x128 weight(s)"]
     assert table.attrs["esdtool"]["quantization_config"] == FP8_CONFIG
     assert len(table) == len(stored)  # every tensor still has its row
-    _assert_no_scale_analysed(table)
+    assert_no_scale_analysed(table)
 
 
 def test_fp8_block_moves_alpha_median_little(fp8_table, minilm_table):
@@ -181,7 +161,7 @@ def test_fp8_partial_edge_blocks(tmp_path, minilm_weights):
     analyze(tmp_path / "m", tmp_path / "m.parquet")
     row = load_metrics(tmp_path / "m.parquet").set_index("name").loc[name]
     assert row["quantization"] == "fp8_e4m3 block 128x128"
-    _assert_matches(row, _numpy_block_dequant(codes, scale, 128), name)
+    assert_matches(row, _numpy_block_dequant(codes, scale, 128), name)
 
 
 def test_fp8_per_channel_scale(tmp_path, minilm_weights):
@@ -195,7 +175,7 @@ def test_fp8_per_channel_scale(tmp_path, minilm_weights):
     analyze(tmp_path / "m", tmp_path / "m.parquet")
     row = load_metrics(tmp_path / "m.parquet").set_index("name").loc[name]
     assert row["quantization"] == "fp8_e4m3 channel"
-    _assert_matches(row, codes.to(torch.float64).numpy() * scale.double().numpy(), name)
+    assert_matches(row, codes.to(torch.float64).numpy() * scale.double().numpy(), name)
 
 
 def _mxfp4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,12 +208,13 @@ def test_mxfp4_experts_match_transformers_dequantizer(tmp_path, minilm_weights):
     table = load_metrics(tmp_path / "m.parquet")
     reference = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     assert reference.shape == (3, 384, 1536)
+    assert_same_weight(decoded(tmp_path / "m")[prefix + "_blocks"], reference, "mxfp4")
     rows = table[table.name == prefix + "_blocks"].sort_values("slice")
     assert list(rows.slice) == [0, 1, 2] and set(rows.quantization) == {"mxfp4"}
     assert set(rows.module) == {prefix} and set(rows.role) == {"expert"}
     for (_, row), expert in zip(rows.iterrows(), reference, strict=True):
         assert (row["rows"], row["cols"]) == (384, 1536)
-        _assert_matches(row, expert.numpy(), f"expert {row['slice']}")
+        assert_matches(row, expert.numpy(), f"expert {row['slice']}")
     scale_row = table.set_index("name").loc[prefix + "_scales"]
     assert scale_row["status"] == "skipped" and prefix + "_blocks" in scale_row["reason"]
     # The quantizer is close: the dequantized expert is the weight to MXFP4's precision.
@@ -311,7 +292,7 @@ def test_raw_codes_only_when_asked(fp8_block, fp8_table, tmp_path, capsys):
     name = "encoder.layer.0.attention.self.query.weight"
     assert raw.loc[name, "quantization"] == "raw codes (fp8_e4m3 block 128x128)"
     stored = load_file(str(fp8_block / "model.safetensors"))
-    _assert_matches(raw.loc[name], stored[name].to(torch.float64).numpy(), name)
+    assert_matches(raw.loc[name], stored[name].to(torch.float64).numpy(), name)
     assert raw.loc[name + "_scale_inv", "status"] == "skipped"
     dequantized = fp8_table[1].set_index("name").loc[name, "lambda_max"]
     assert raw.loc[name, "lambda_max"] > 1e3 * dequantized  # codes are not weights

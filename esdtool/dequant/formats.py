@@ -32,6 +32,8 @@ def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...]) -
     projections with 128-row blocks)."""
     bm, bn = block
     rows, cols = shape[-2], shape[-1]
+    if grid.ndim < 2:  # one scale for the whole tensor, stored as [] or [1]
+        grid = grid.reshape(1, 1)
     out = grid.repeat_interleave(bm, dim=-2)[..., :rows, :]
     return out.repeat_interleave(bn, dim=-1)[..., :cols]
 
@@ -74,8 +76,8 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     ``dim`` (word k of ``dim`` becomes entries k*32/bits ... (k+1)*32/bits - 1)."""
     per_word = 32 // bits
     mask = (1 << bits) - 1
-    words = packed.to(torch.int32).movedim(dim, -1)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    words = torch.bitwise_and(packed.to(torch.int64), 0xFFFFFFFF).movedim(dim, -1)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=packed.device)
     fields = torch.bitwise_and(words.unsqueeze(-1) >> shifts, mask)
     fields = fields.reshape(*words.shape[:-1], words.shape[-1] * per_word)
     return fields.movedim(-1, dim)
@@ -104,11 +106,16 @@ def gptq(
 ) -> torch.Tensor:
     """GPTQ: ``qweight`` [C*bits/32, R] packs the codes along the input dimension, ``qzeros``
     [G, R*bits/32] the zero points along the output dimension, ``scales`` [G, R]; input column
-    i belongs to group ``g_idx[i]``. Format v1 (AutoGPTQ's ``gptq``) stores each zero point
-    minus one, so ``zero_offset`` is 1; ``gptq_v2`` stores it as is (0). Returns the [R, C]
-    weight as ``nn.Linear`` holds it."""
+    i belongs to group ``g_idx[i]``. Format v1 (AutoGPTQ's ``gptq``) stores the zero points
+    minus one, so ``zero_offset`` is 1; ``gptq_v2`` stores them as they are (0). The offset is
+    added to whole words, as GPTQModel (the maintained implementation) writes and reads v1: a
+    zero point of 0, stored as -1, borrows from the next field, and a whole-word addition gives
+    both back. Returns the [R, C] weight as ``nn.Linear`` holds it."""
     codes = unpack(qweight, bits, dim=0)  # [C, R]
-    zeros = unpack(qzeros, bits, dim=1)[:, : scales.shape[1]] + zero_offset  # [G, R]
+    if zero_offset:
+        ones = sum(zero_offset << (bits * k) for k in range(32 // bits))  # 0x11111111 at 4 bits
+        qzeros = torch.bitwise_and(qzeros.to(torch.int64) + ones, 0xFFFFFFFF)
+    zeros = unpack(qzeros, bits, dim=1)[:, : scales.shape[1]]  # [G, R]
     return by_group_index(codes.T, scales.T, g_idx, zeros.T)
 
 
