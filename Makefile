@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml tests/reference-formats.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[demo,test]"
-	# GPTQ/AWQ reference code for the quantized-checkpoint tests, without its CUDA dependencies.
-	$(BIN)/python -m pip install -q --no-deps -r tests/reference-formats.txt
+	# GPTQ/AWQ reference code for the quantized-checkpoint tests, apart from the environment
+	# (tests run it in a child process) and without the CUDA dependencies it declares.
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/reference-formats -r tests/reference-formats.txt
 	touch $@
 
 install: $(VENV)/.installed

@@ -69,8 +69,8 @@ from safetensors.torch import load_file, save_file
 GPTQMODEL_VERSION = "7.7.0"
 AUTOAWQ_VERSION = "0.2.9"
 PIP_INSTALL = (
-    "pip install --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 device-smi==0.5.7 "
-    "tokenicer==0.0.14 defuser==0.0.28 threadpoolctl requests urllib3 certifi charset-normalizer"
+    "pip install --no-deps --target .venv/reference-formats -r tests/reference-formats.txt "
+    "(make install does it)"
 )
 
 REFERENCE: dict[str, dict[str, str]] = {
@@ -453,3 +453,32 @@ __all__ = [
     "reference_dequantize_gptq",
     "relative_error",
 ]
+
+
+def _main(argv: list[str]) -> None:
+    """Run in a child process, so that GPT-QModel's import-time patches (of transformers and
+    safetensors) and PEFT's view of it never reach the test process:
+
+        python qref_gptq_awq.py build-gptq|build-awq WEIGHTS.safetensors OUTDIR KWARGS_JSON
+        python qref_gptq_awq.py dequantize-gptq|dequantize-awq DIR OUT.safetensors
+        python qref_gptq_awq.py batch JOBS.json   (a list of such argument lists; one import)
+    """
+    if argv[0] == "batch":
+        for job in json.loads(Path(argv[1]).read_text()):
+            _main(job)
+        return
+    action, source, target = argv[:3]
+    if action.startswith("build-"):
+        build = build_gptq_checkpoint if action == "build-gptq" else build_awq_checkpoint
+        build(Path(target), load_file(source), **json.loads(argv[3]))
+    else:
+        dequantize = (
+            reference_dequantize_gptq if action == "dequantize-gptq" else reference_dequantize_awq
+        )
+        save_file(dequantize(Path(source)), target)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

@@ -7,6 +7,10 @@ spectra of the weights the same packages' decompressors return.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +19,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from esdtool import analyze, load_metrics
-from helpers import assert_matches, assert_no_scale_analysed, assert_same_weight, decoded
+from helpers import ROOT, assert_matches, assert_no_scale_analysed, assert_same_weight, decoded
 
 LAYER = "encoder.layer.0."
+# GPT-QModel lives apart from the test environment (make install puts it here) and runs in a
+# child process: importing it patches transformers and safetensors, and PEFT refuses to add LoRA
+# layers anywhere once gptqmodel is importable without optimum.
+REFERENCE_FORMATS = ROOT / ".venv" / "reference-formats"
+
+
 NAMES = ("attention.self.query.weight", "intermediate.dense.weight", "output.dense.weight")
 
 
@@ -27,6 +37,49 @@ def minilm_linears(minilm_dir) -> dict[str, torch.Tensor]:
     out = {LAYER + n: weights[LAYER + n].float() for n in NAMES}
     out["encoder.layer.1.attention.self.key.weight"] = out[LAYER + NAMES[1]][:300, :200].clone()
     return out
+
+
+GPTQ = [(4, 128, False, "gptq"), (4, 32, True, "gptq"), (8, 128, False, "gptq_v2"),
+        (2, 64, True, "gptq_v2"), (4, -1, False, "gptq")]  # fmt: skip
+AWQ = [128, 64]
+
+
+@pytest.fixture(scope="module")
+def gptq_awq(minilm_linears, tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """Every GPTQ and AWQ checkpoint of the tests, built and dequantized by GPT-QModel in one
+    child process: {case: (checkpoint directory, reference weights)}."""
+    if not (REFERENCE_FORMATS / "gptqmodel").is_dir():
+        pytest.fail(f"the GPTQ/AWQ reference is not installed in {REFERENCE_FORMATS}: make install")
+    root = tmp_path_factory.mktemp("gptq-awq")
+    linears = {k: v for k, v in minilm_linears.items() if v.shape[1] % 32 == 0}
+    positive = {k: v.abs() for k, v in linears.items()}
+    save_file({k: v.contiguous() for k, v in linears.items()}, str(root / "dense.safetensors"))
+    save_file({k: v.contiguous() for k, v in positive.items()}, str(root / "positive.safetensors"))
+    cases: dict[str, tuple[str, str, dict]] = {}
+    for bits, group, desc_act, fmt in GPTQ:
+        kwargs = {"bits": bits, "group_size": group, "desc_act": desc_act, "checkpoint_format": fmt}
+        cases[f"gptq-{bits}-{group}-{desc_act}-{fmt}"] = ("gptq", "dense", kwargs)
+    for group in AWQ:
+        cases[f"awq-{group}"] = ("awq", "dense", {"group_size": group})
+    cases["gptq-v1-asym-positive"] = ("gptq", "positive",
+                                      {"bits": 4, "group_size": 128, "sym": False,
+                                       "checkpoint_format": "gptq"})  # fmt: skip
+    jobs = []
+    for case, (kind, source, kwargs) in cases.items():
+        directory = root / case
+        jobs.append([f"build-{kind}", str(root / f"{source}.safetensors"), str(directory),
+                     json.dumps(kwargs)])  # fmt: skip
+        jobs.append([f"dequantize-{kind}", str(directory), str(root / f"{case}.safetensors")])
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(REFERENCE_FORMATS)]),
+    }
+    script = str(ROOT / "tests" / "qref_gptq_awq.py")
+    proc = subprocess.run([sys.executable, script, "batch", str(root / "jobs.json")], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=root)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {case: (root / case, load_file(str(root / f"{case}.safetensors"))) for case in cases}
 
 
 def _analysed(directory: Path, out: Path):
@@ -148,56 +201,38 @@ def test_compressed_weight_shape_disagreeing_is_an_error_row(tmp_path, minilm_li
     assert row["status"] == "error" and "weight_shape says [384, 380]" in row["reason"]
 
 
-@pytest.mark.parametrize(
-    ("bits", "group_size", "desc_act", "checkpoint_format"),
-    [(4, 128, False, "gptq"), (4, 32, True, "gptq"), (8, 128, False, "gptq_v2"),
-     (2, 64, True, "gptq_v2"), (4, -1, False, "gptq")],
-)  # fmt: skip
+@pytest.mark.parametrize(("bits", "group_size", "desc_act", "checkpoint_format"), GPTQ)
 def test_gptq_matches_the_reference(
-    tmp_path, minilm_linears, bits, group_size, desc_act, checkpoint_format
+    tmp_path, minilm_linears, gptq_awq, bits, group_size, desc_act, checkpoint_format
 ):
-    ref = pytest.importorskip("qref_gptq_awq")
-    linears = {k: v for k, v in minilm_linears.items() if v.shape[1] % 32 == 0}
-    directory = ref.build_gptq_checkpoint(
-        tmp_path / "m", linears, bits=bits, group_size=group_size, desc_act=desc_act,
-        checkpoint_format=checkpoint_format,
-    )  # fmt: skip
+    directory, reference = gptq_awq[f"gptq-{bits}-{group_size}-{desc_act}-{checkpoint_format}"]
     _, table = _analysed(directory, tmp_path / "m.parquet")
-    reference = ref.reference_dequantize_gptq(directory)
-    group = "g" + str(group_size if group_size != -1 else "{cols}")
     for name, weight in reference.items():
-        label = f"gptq int{bits} " + group.format(cols=weight.shape[1])
+        label = f"gptq int{bits} g{group_size if group_size != -1 else weight.shape[1]}"
         label += " act-order" if desc_act else ""
         _check(table, {name: weight}, label, ".qweight", directory)
-    original = linears[LAYER + NAMES[0]]
+    original = minilm_linears[LAYER + NAMES[0]]
     rel = (reference[LAYER + NAMES[0]] - original).norm() / original.norm()
     assert rel < (0.7 if bits == 2 else 0.15)
 
 
-@pytest.mark.parametrize("group_size", [128, 64])
-def test_awq_matches_the_reference(tmp_path, minilm_linears, group_size):
-    ref = pytest.importorskip("qref_gptq_awq")
-    linears = {k: v for k, v in minilm_linears.items() if v.shape[1] % 32 == 0}
-    directory = ref.build_awq_checkpoint(tmp_path / "m", linears, group_size=group_size)
+@pytest.mark.parametrize("group_size", AWQ)
+def test_awq_matches_the_reference(tmp_path, minilm_linears, gptq_awq, group_size):
+    directory, reference = gptq_awq[f"awq-{group_size}"]
     _, table = _analysed(directory, tmp_path / "m.parquet")
-    reference = ref.reference_dequantize_awq(directory)
     _check(table, reference, f"awq int4 g{group_size}", ".qweight", directory)
     np.testing.assert_array_less(
-        [(reference[n] - linears[n]).norm() / linears[n].norm() for n in reference], 0.15
+        [(reference[n] - minilm_linears[n]).norm() / minilm_linears[n].norm() for n in reference],
+        0.15,
     )
 
 
-def test_gptq_v1_zero_points_of_zero(tmp_path, minilm_linears):
+def test_gptq_v1_zero_points_of_zero(tmp_path, gptq_awq):
     """Asymmetric v1 with all-positive groups: a zero point of 0 is stored as -1 and borrows
     from its neighbour under GPTQModel's whole-word subtraction; decoding field by field (+1
     each) would shift those rows. esdtool reads them as GPTQModel's kernel does."""
-    ref = pytest.importorskip("qref_gptq_awq")
-    linears = {k: v.abs() for k, v in minilm_linears.items() if v.shape[1] % 32 == 0}
-    directory = ref.build_gptq_checkpoint(
-        tmp_path / "m", linears, bits=4, group_size=128, sym=False, checkpoint_format="gptq"
-    )
+    directory, reference = gptq_awq["gptq-v1-asym-positive"]
     stored = load_file(str(directory / "model.safetensors"))
-    assert any((v == -1).any() or (v < 0).any() for k, v in stored.items() if "qzeros" in k)
+    assert any((v < 0).any() for k, v in stored.items() if "qzeros" in k)
     _, table = _analysed(directory, tmp_path / "m.parquet")
-    reference = ref.reference_dequantize_gptq(directory)
     _check(table, reference, "gptq int4 g128", ".qweight", directory)

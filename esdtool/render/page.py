@@ -341,7 +341,17 @@ def _rows(table: pd.DataFrame, plotted: set[int]) -> list[dict[str, Any]]:
 def _totals(table: pd.DataFrame) -> dict[str, Any]:
     counts = table["status"].value_counts()
     other = [(str(s), int(n)) for s, n in counts.items() if s != "ok"]
-    return {"rows": len(table), "ok": int(counts.get("ok", 0)), "other": other}
+    # Quantized weights, one per stored tensor (a 3-D tensor's experts count once), by label.
+    quantized = table.dropna(subset=["quantization"]).drop_duplicates("name")
+    labels = [(_text(k), int(n)) for k, n in quantized["quantization"].value_counts().items()]
+    undecoded = table["reason"].fillna("").str.contains("cannot dequantize", regex=False)
+    return {
+        "rows": len(table),
+        "ok": int(counts.get("ok", 0)),
+        "other": other,
+        "quantized": labels,
+        "undecoded": int(undecoded.sum()),
+    }
 
 
 def _settings(analysis: dict[str, Any], allocation: Allocation | None) -> list[tuple]:
