@@ -377,3 +377,11 @@ def test_version_1_tables_still_load(minilm_metrics, tmp_path):
     df = load_metrics(tmp_path / "v1.parquet")
     assert list(df.columns) == list(load_metrics(minilm_metrics).columns)
     assert df.quantization.isna().all()
+
+
+def test_report_says_what_was_dequantized(fp8_table, tmp_path, capsys):
+    result, _ = fp8_table
+    code, _, err = run_cli(["report", result.output, "-o", tmp_path / "r.html", "--quiet"], capsys)
+    assert code == 0, err
+    html = (tmp_path / "r.html").read_text()
+    assert "dequantized: 36 fp8_e4m3 block 128x128" in html
