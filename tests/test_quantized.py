@@ -245,14 +245,14 @@ def test_mxfp4_experts_match_transformers_dequantizer(tmp_path, minilm_weights):
             {".weight": ("F8_E4M3", (64, 128)), ".weight_scale": ("F32", (64, 1))},
             ".weight",
         ),
-        (  # GPTQ with 3-bit codes (packing not supported): fp16 scales [groups, out]
-            {"quant_method": "gptq", "bits": 3, "group_size": 32},
-            {".qweight": ("I32", (12, 64)), ".qzeros": ("I32", (4, 6)),
+        (  # GPTQ in Marlin's repacked layout (not supported): fp16 scales [groups, out]
+            {"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "marlin"},
+            {".qweight": ("I32", (16, 64)), ".qzeros": ("I32", (4, 8)),
              ".scales": ("F16", (4, 64)), ".g_idx": ("I32", (128,))},
             ".qweight",
         ),
     ],
-    ids=["bitsandbytes", "nvfp4", "unknown-method", "gptq-3bit"],
+    ids=["bitsandbytes", "nvfp4", "unknown-method", "gptq-marlin"],
 )  # fmt: skip
 def test_unsupported_formats_are_skipped_with_the_format_named(
     tmp_path, capsys, quantization, tensors, codes

@@ -73,13 +73,29 @@ def by_group_index(
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """The unsigned ``bits``-bit fields of int32 words, lowest bits first, laid out along
-    ``dim`` (word k of ``dim`` becomes entries k*32/bits ... (k+1)*32/bits - 1)."""
+    ``dim`` (word k of ``dim`` becomes entries k*32/bits ... (k+1)*32/bits - 1). 3-bit fields
+    run on across words: every 3 words hold 32 fields as one 96-bit little-endian stream."""
+    if bits == 3:
+        return _unpack3(packed, dim)
     per_word = 32 // bits
     mask = (1 << bits) - 1
     words = torch.bitwise_and(packed.to(torch.int64), 0xFFFFFFFF).movedim(dim, -1)
     shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=packed.device)
     fields = torch.bitwise_and(words.unsqueeze(-1) >> shifts, mask)
     fields = fields.reshape(*words.shape[:-1], words.shape[-1] * per_word)
+    return fields.movedim(-1, dim)
+
+
+def _unpack3(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    words = torch.bitwise_and(packed.to(torch.int64), 0xFFFFFFFF).movedim(dim, -1)
+    triples = words.reshape(*words.shape[:-1], -1, 3)
+    w0, w1, w2 = triples.unbind(-1)
+    low = (w0 | (w1 << 32)).unsqueeze(-1)  # stream bits 0..63
+    high = (w1 | (w2 << 32)).unsqueeze(-1)  # stream bits 32..95
+    j = torch.arange(32, device=packed.device)
+    first = torch.bitwise_and(low >> (3 * j[:21]), 7)  # fields 0..20 end by stream bit 62
+    rest = torch.bitwise_and(high >> (3 * j[21:] - 32), 7)  # fields 21..31 start at bit 63
+    fields = torch.cat((first, rest), dim=-1).reshape(*words.shape[:-1], -1)
     return fields.movedim(-1, dim)
 
 
@@ -112,6 +128,9 @@ def gptq(
     zero point of 0, stored as -1, borrows from the next field, and a whole-word addition gives
     both back. Returns the [R, C] weight as ``nn.Linear`` holds it."""
     codes = unpack(qweight, bits, dim=0)  # [C, R]
+    if zero_offset and bits == 3:  # fields cross words: GPTQModel adds the offset field by field
+        zeros = unpack(qzeros, bits, dim=1)[:, : scales.shape[1]] + zero_offset
+        return by_group_index(codes.T, scales.T, g_idx, zeros.T)
     if zero_offset:
         ones = sum(zero_offset << (bits * k) for k in range(32 // bits))  # 0x11111111 at 4 bits
         qzeros = torch.bitwise_and(qzeros.to(torch.int64) + ones, 0xFFFFFFFF)

@@ -370,9 +370,7 @@ def _gptq_awq(infos: Mapping[str, TensorInfo], scheme: Scheme, layout: Layout) -
         names = list(present.values())
         tag = f"{scheme.method} int{bits}"
         unsupported = None
-        if gptq and bits == 3:
-            unsupported = "3-bit GPTQ packing"
-        elif gptq and scheme.version not in ("gptq", "gptq_v2"):
+        if gptq and scheme.version not in ("gptq", "gptq_v2"):
             unsupported = f"checkpoint_format {scheme.version}"
         elif not gptq and (scheme.version != "gemm" or bits != 4):
             unsupported = f"AWQ version {scheme.version}, {bits}-bit"
