@@ -385,3 +385,31 @@ def test_report_says_what_was_dequantized(fp8_table, tmp_path, capsys):
     assert code == 0, err
     html = (tmp_path / "r.html").read_text()
     assert "dequantized: 36 fp8_e4m3 block 128x128" in html
+
+
+def test_hostile_quantized_parts_fail_their_row_only(tmp_path, capsys):
+    """A block size far past the matrix (one block; no 2**31-row expansion) decodes; a group
+    index outside the scales is an error row, not a silently wrapped index."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    codes = torch.full((64, 96), 0.5).to(torch.float8_e4m3fn)
+    huge = {"quant_method": "fp8", "weight_block_size": [2**31 - 1, 2**31 - 1]}
+    _save(tmp_path / "a", {name: codes, name + "_scale_inv": torch.full((1, 1), 2.0)},
+          {"quantization_config": huge})  # fmt: skip
+    analyze(tmp_path / "a", tmp_path / "a.parquet")
+    row = load_metrics(tmp_path / "a.parquet").set_index("name").loc[name]
+    assert row["status"] == "ok" and row["lambda_max"] == pytest.approx(64 * 96)  # all ones
+    module = "model.layers.0.mlp.down_proj"
+    tensors = {  # 64 inputs x 96 outputs at 4 bits: qweight [64/8, 96], qzeros [2, 96/8]
+        module + ".qweight": torch.zeros(8, 96, dtype=torch.int32),
+        module + ".qzeros": torch.zeros(2, 12, dtype=torch.int32),
+        module + ".scales": torch.ones(2, 96, dtype=torch.float16),
+        module + ".g_idx": torch.full((64,), -1, dtype=torch.int32),
+        "model.layers.0.mlp.gate_proj.weight": torch.randn(64, 64),
+    }
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    _save(tmp_path / "b", tensors, {"quantization_config": gptq})
+    code, _, err = run_cli(["analyze", tmp_path / "b", "-o", tmp_path / "b.parquet"], capsys)
+    assert code == 2 and "g_idx holds group -1" in err
+    table = load_metrics(tmp_path / "b.parquet").set_index("name")
+    assert table.loc[module + ".qweight", "status"] == "error"
+    assert table.loc["model.layers.0.mlp.gate_proj.weight", "status"] == "ok"

@@ -30,8 +30,8 @@ def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...]) -
     """A per-block ``grid`` [..., ceil(R/bm), ceil(C/bn)] spread over ``shape`` [..., R, C]:
     entry (i, j) gets grid[i // bm, j // bn]. Edge blocks may be partial (DeepSeek's 576-row
     projections with 128-row blocks)."""
-    bm, bn = block
     rows, cols = shape[-2], shape[-1]
+    bm, bn = min(block[0], rows), min(block[1], cols)  # a block past the edge is the edge
     if grid.ndim < 2:  # one scale for the whole tensor, stored as [] or [1]
         grid = grid.reshape(1, 1)
     out = grid.repeat_interleave(bm, dim=-2)[..., :rows, :]
@@ -63,8 +63,15 @@ def by_group_index(
     zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(values - zero[:, g]) * scale[:, g] where column j belongs to group ``g_idx[j]`` (GPTQ's
-    activation order: groups are not contiguous). values [R, C]; scale, zero [R, G]."""
+    activation order: groups are not contiguous). values [R, C]; scale, zero [R, G]. A group
+    index outside [0, G) is an error (torch would wrap a negative one around silently)."""
     index = g_idx.to(device=values.device, dtype=torch.long)
+    groups = scale.shape[-1]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= groups):
+        raise ValueError(
+            f"g_idx holds group {int(index.min()) if int(index.min()) < 0 else int(index.max())}"
+            f", outside 0..{groups - 1}"
+        )
     out = values.to(torch.float32)
     if zero is not None:
         out = out - zero.to(torch.float32)[:, index]
