@@ -6,13 +6,25 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and the invisible format characters that reorder or hide text (bidi
+# overrides and isolates, zero-width joiners and spaces, the BOM).
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def printable(text: object) -> str:
-    """``text`` with control characters shown as \\xNN escapes, so it can neither move a
-    terminal's cursor nor hide inside a web page. (HTML escaping is the template's job.)"""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    """``text`` with control and invisible format characters shown as \\xNN / \\uNNNN
+    escapes, so it can neither move a terminal's cursor nor reorder or hide text in a terminal
+    or a web page (a right-to-left override turns "exe.txt" around). (HTML escaping is the
+    template's job.)"""
+    return _CONTROL.sub(_escape, str(text))
 
 
 def user_regex(pattern: str, flag: str) -> Any:

@@ -175,7 +175,8 @@ def decoded(directory: Path) -> dict[str, torch.Tensor]:
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else None
     ckpt = open_checkpoint(sorted(directory.glob("*.safetensors")))
-    layout = layout_of({n: ckpt.info(n) for n in ckpt.keys()}, read_scheme(config, "config"))  # noqa: SIM118
+    infos = {n: ckpt.info(n) for n in ckpt.keys()}  # noqa: SIM118 (not a dict)
+    layout = layout_of(infos, read_scheme(config, "config"), ckpt.get_tensor)
     return {
         name: weight.decode({role: ckpt.get_tensor(n) for role, n in weight.parts})
         for name, weight in layout.weights.items()

@@ -384,7 +384,7 @@ def test_report_says_what_was_dequantized(fp8_table, tmp_path, capsys):
     code, _, err = run_cli(["report", result.output, "-o", tmp_path / "r.html", "--quiet"], capsys)
     assert code == 0, err
     html = (tmp_path / "r.html").read_text()
-    assert "dequantized: 36 fp8_e4m3 block 128x128" in html
+    assert "dequantized before analysis: 36 fp8_e4m3 block 128x128." in html
 
 
 def test_hostile_quantized_parts_fail_their_row_only(tmp_path, capsys):

@@ -195,11 +195,29 @@ def test_compressed_weight_shape_disagreeing_is_an_error_row(tmp_path, minilm_li
     )  # fmt: skip
     stored = load_file(str(directory / "model.safetensors"))
     name = LAYER + "attention.self.query.weight_shape"
-    stored[name] = torch.tensor([384, 380], dtype=stored[name].dtype)
+    stored[name] = torch.tensor([384, 300], dtype=stored[name].dtype)
     save_file(stored, str(directory / "model.safetensors"))
     _, table = _analysed(directory, tmp_path / "m.parquet")
     row = table.set_index("name").loc[LAYER + "attention.self.query.weight_packed"]
-    assert row["status"] == "error" and "weight_shape says [384, 380]" in row["reason"]
+    assert row["status"] == "error" and "does not hold [384, 300] at 4 bits" in row["reason"]
+
+
+def test_compressed_padded_columns_are_cropped(tmp_path, minilm_linears):
+    """100 input columns at 4 bits fill 12.5 words: the last word is padded, and weight_shape
+    (data, read at layout time) says where the weight ends; the padding is no column."""
+    pytest.importorskip("compressed_tensors", reason="pip install 'esdtool[test]'")
+    import qref_compressed as ct
+
+    weights = {"model.layers.0.mlp.up_proj.weight": minilm_linears[LAYER + NAMES[1]][:96, :100]}
+    directory = ct.build_compressed_checkpoint(
+        tmp_path / "m", weights, format="pack-quantized", num_bits=4, type="int",
+        strategy="channel",
+    )  # fmt: skip
+    stored = load_file(str(directory / "model.safetensors"))
+    assert stored["model.layers.0.mlp.up_proj.weight_packed"].shape == (96, 13)
+    _, table = _analysed(directory, tmp_path / "m.parquet")
+    reference = ct.reference_decompress(directory, upcast_scales=True)
+    _check(table, reference, "int4 channel", ".weight_packed", directory)
 
 
 @pytest.mark.parametrize(("bits", "group_size", "desc_act", "checkpoint_format"), GPTQ)

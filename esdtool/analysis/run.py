@@ -151,7 +151,8 @@ def analyze(
                     f"({len(ckpt.keys())} tensors in the checkpoint)"
                 )
             scheme = read_scheme(resolved.config, f"{resolved.source}: config.json")
-            layout = layout_of({n: ckpt.info(n) for n in ckpt.keys()}, scheme)  # noqa: SIM118
+            infos = {n: ckpt.info(n) for n in ckpt.keys()}  # noqa: SIM118 (not a dict)
+            layout = layout_of(infos, scheme, ckpt.get_tensor)
             _check_something_analysable(ckpt, names, layout, settings, resolved.source)
             side = _open_sidecar(Path(output), resolved, settings, world, resume, progress)
             try:
@@ -175,7 +176,7 @@ def analyze(
         result = _summarise(rows if rows is not None else mine, Path(output), seconds, device)
         return replace(
             result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows,
-            quantization=layout.summary(names),
+            quantization=layout.summary(names, settings.raw_codes),
         )  # fmt: skip
     finally:
         distributed.leave(world)
@@ -266,7 +267,10 @@ def _open_sidecar(
     progress: ProgressHook | None,
 ) -> Sidecar:
     path = sidecar_path(output, world.rank, world.size)
-    digest = fingerprint(list(resolved.files), settings.to_dict(), {"world": world.size})
+    # config.json's quantization_config decides how weights decode: a changed one is another run.
+    quantization = (resolved.config or {}).get("quantization_config")
+    extra = {"world": world.size, "quantization_config": quantization}
+    digest = fingerprint(list(resolved.files), settings.to_dict(), extra)
     try:
         side = Sidecar.open(path, digest, resume=resume)
     except OSError as exc:

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 from esdtool._lazy import lazy_getattr
 
 if TYPE_CHECKING:
-    from esdtool.dequant.layout import Layout, Note, QuantizedWeight, layout_of
+    from esdtool.dequant.layout import layout_of
+    from esdtool.dequant.records import Layout, Note, QuantizedWeight
     from esdtool.dequant.scheme import Scheme, read_scheme
 
-_WHERE = {"Layout": "layout", "Note": "layout", "QuantizedWeight": "layout",
+_WHERE = {"Layout": "records", "Note": "records", "QuantizedWeight": "records",
           "layout_of": "layout", "Scheme": "scheme", "read_scheme": "scheme"}  # fmt: skip
 __all__ = ["Layout", "Note", "QuantizedWeight", "Scheme", "layout_of", "read_scheme"]
 __getattr__ = lazy_getattr(__name__, _WHERE)

@@ -19,11 +19,16 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def scale_values(scale: torch.Tensor) -> torch.Tensor:
-    """A stored scale as float32: E8M0 exponents (a ``uint8`` byte b or ``float8_e8m0fnu``)
-    mean 2**(b - 127); every other dtype is a value."""
-    if scale.dtype == torch.uint8:
-        return torch.ldexp(torch.ones_like(scale, dtype=torch.float32), scale.to(torch.int32) - 127)
+    """A stored scale as float32 values (``float8_e8m0fnu`` converts to its power of two)."""
     return scale.to(torch.float32)
+
+
+def exponent_bytes(scales: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales as their biased exponent bytes b (the scale is 2**(b - 127)), whether stored
+    as ``uint8`` or as ``float8_e8m0fnu``."""
+    if scales.dtype == getattr(torch, "float8_e8m0fnu", None):
+        return scales.view(torch.uint8)
+    return scales
 
 
 def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -34,6 +39,8 @@ def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...]) -
     bm, bn = min(block[0], rows), min(block[1], cols)  # a block past the edge is the edge
     if grid.ndim < 2:  # one scale for the whole tensor, stored as [] or [1]
         grid = grid.reshape(1, 1)
+    if grid.shape[-2:] != (-(-rows // bm), -(-cols // bn)):  # the layout checked it; a guard
+        raise ValueError(f"scale grid {list(grid.shape)} does not fit {list(shape)}")
     out = grid.repeat_interleave(bm, dim=-2)[..., :rows, :]
     return out.repeat_interleave(bn, dim=-1)[..., :cols]
 
@@ -86,8 +93,9 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         return _unpack3(packed, dim)
     per_word = 32 // bits
     mask = (1 << bits) - 1
-    words = torch.bitwise_and(packed.to(torch.int64), 0xFFFFFFFF).movedim(dim, -1)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=packed.device)
+    # int32 arithmetic shifts copy the sign bit in from the left; the mask drops those bits.
+    words = packed.to(torch.int32).movedim(dim, -1)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
     fields = torch.bitwise_and(words.unsqueeze(-1) >> shifts, mask)
     fields = fields.reshape(*words.shape[:-1], words.shape[-1] * per_word)
     return fields.movedim(-1, dim)
@@ -103,7 +111,7 @@ def _unpack3(packed: torch.Tensor, dim: int) -> torch.Tensor:
     first = torch.bitwise_and(low >> (3 * j[:21]), 7)  # fields 0..20 end by stream bit 62
     rest = torch.bitwise_and(high >> (3 * j[21:] - 32), 7)  # fields 21..31 start at bit 63
     fields = torch.cat((first, rest), dim=-1).reshape(*words.shape[:-1], -1)
-    return fields.movedim(-1, dim)
+    return fields.to(torch.int32).movedim(-1, dim)
 
 
 def mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -114,7 +122,8 @@ def mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     low = lut[torch.bitwise_and(codes, 0x0F).long()]
     high = lut[torch.bitwise_right_shift(codes, 4).long()]
     values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., G, 2B]
-    values = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127)
+    exponents = exponent_bytes(scales).to(torch.int32).unsqueeze(-1) - 127
+    values = torch.ldexp(values, exponents.to(torch.float32))
     return values.flatten(-2)
 
 
@@ -146,11 +155,10 @@ def gptq(
 
 
 def awq(
-    qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor, group_size: int
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """AWQ (GEMM layout): ``qweight`` [C, R/8] and ``qzeros`` [G, R/8] pack eight 4-bit output
-    columns per word in :data:`AWQ_ORDER`; ``scales`` [G, R]. Without zero points the codes are
-    symmetric around 8. Returns the [R, C] weight."""
+    columns per word in :data:`AWQ_ORDER`; ``scales`` [G, R]. Returns the [R, C] weight."""
     order = torch.tensor(AWQ_ORDER, device=qweight.device)
     inverse = torch.argsort(order)  # column c of a group of eight sits in nibble inverse[c]
 
@@ -160,6 +168,4 @@ def awq(
         return groups[:, :, inverse].reshape(fields.shape)
 
     codes = columns(qweight)  # [C, R]
-    zeros = columns(qzeros) if qzeros is not None else torch.full_like(scales, 8, dtype=torch.int32)
-    weight = blockwise(codes.T, scales.T, (1, group_size), zeros.T)
-    return weight
+    return blockwise(codes.T, scales.T, (1, group_size), columns(qzeros).T)

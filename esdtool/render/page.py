@@ -343,13 +343,15 @@ def _totals(table: pd.DataFrame) -> dict[str, Any]:
     other = [(str(s), int(n)) for s, n in counts.items() if s != "ok"]
     # Quantized weights, one per stored tensor (a 3-D tensor's experts count once), by label.
     quantized = table.dropna(subset=["quantization"]).drop_duplicates("name")
-    labels = [(_text(k), int(n)) for k, n in quantized["quantization"].value_counts().items()]
+    labels = [(str(k), int(n)) for k, n in quantized["quantization"].value_counts().items()]
     undecoded = table["reason"].fillna("").str.contains("cannot dequantize", regex=False)
+    undecoded &= table["status"] == "skipped"
     return {
         "rows": len(table),
         "ok": int(counts.get("ok", 0)),
         "other": other,
-        "quantized": labels,
+        "dequantized": [(_text(k), n) for k, n in labels if not k.startswith("raw codes")],
+        "raw_codes": [(_text(k), n) for k, n in labels if k.startswith("raw codes")],
         "undecoded": int(undecoded.sum()),
     }
 
