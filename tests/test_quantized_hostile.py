@@ -214,3 +214,11 @@ def test_mxfp4_linear_weight_belongs_to_its_module(tmp_path):
     row = table.loc[W + ".weight_blocks"]
     assert row["status"] == "ok" and row["module"] == W and row["role"] == "linear"
     assert (row["rows"], row["cols"]) == (64, 128)
+
+
+def test_invisible_format_characters_are_escaped():
+    """A quant_method (or tensor name) with a right-to-left override cannot reorder what the
+    terminal or the report shows."""
+    from esdtool.untrusted import printable
+
+    assert printable("fp8\u202eexe.txt\u200b\x1b") == "fp8\\u202eexe.txt\\u200b\\x1b"

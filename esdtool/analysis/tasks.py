@@ -75,10 +75,13 @@ def _quantized(
 ) -> Task:
     nbytes = sum(ckpt.info(n).nbytes for n in weight.names())
     row = replace(info, shape=weight.shape)
-    # Memory: the stored parts (read ahead too) and the float32 weight they decode to.
-    dense = replace(info, dtype="F32", shape=weight.shape, end=info.begin + 4 * _count(weight))
-    reason = skip_reason(dense, settings.min_evals, None if budget is None else budget - 2 * nbytes,
-                         settings.dtype)  # fmt: skip
+    # Memory: the stored parts (read ahead too), the float32 weight they decode to, and the
+    # decoding's own temporaries (unpacked int32 codes, scales and zero points spread over the
+    # matrix: about three more float32 matrices).
+    count = _count(weight)
+    dense = replace(info, dtype="F32", shape=weight.shape, end=info.begin + 4 * count)
+    left = None if budget is None else budget - 2 * nbytes - 12 * count
+    reason = skip_reason(dense, settings.min_evals, left, settings.dtype)
     return Task(row, nbytes, "skipped" if reason else None, reason, weight, weight.module,
                 weight.label)  # fmt: skip
 
