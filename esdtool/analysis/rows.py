@@ -66,6 +66,7 @@ def _measured(
     finite: bool,
     settings: AnalyzeSettings,
     matrix: torch.Tensor,
+    mp_sides: tuple[int, int] | None = None,
 ) -> MatrixRow:
     """``row`` with the spectrum ``evals`` of ``matrix`` and its metrics; marked nonfinite for
     NaN/Inf entries, skipped when float64 cannot hold the eigenvalues of finite entries."""
@@ -83,6 +84,7 @@ def _measured(
         evals, row.M, row.N,
         eig_threshold=settings.eig_threshold, sigma_fit=settings.sigma_fit,
         tw_quantile=settings.tw_quantile, weighted_alpha=settings.weighted_alpha,
+        spike_rule=settings.spike_rule, mp_sides=mp_sides,
     )  # fmt: skip
     return replace(
         row,
@@ -113,7 +115,13 @@ def analyze_tensor(
     started = time.perf_counter()
     (matrix,) = matrices_of(tensor)
     evals, finite = checked_spectrum(matrix, dtype, settings.conv_norm)
-    row = _measured(base, evals, finite, settings, matrix)
+    sides = None
+    if settings.spike_rule == "lora-ar" and tensor.ndim == 4:
+        # The origin's conv quirk: M and N over the reshaped (kh*kw, out, in) tensor's three
+        # dimensions, batch dimension included (its adaptive_rank_assignment.py line 93).
+        dims = (tensor.shape[2] * tensor.shape[3], tensor.shape[0], tensor.shape[1])
+        sides = (min(dims), max(dims))
+    row = _measured(base, evals, finite, settings, matrix, sides)
     return [replace(row, device=str(device), seconds=time.perf_counter() - started)]
 
 

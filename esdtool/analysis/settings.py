@@ -15,6 +15,17 @@ from esdtool.errors import OptionError
 from esdtool.spectral import ALPHA_METHODS
 from esdtool.untrusted import user_regex
 
+# Presets: the analysis settings of a published method, option by option (docs/method.md).
+# "lora-ar": Adaptive Rank LoRA's code (UdiBhaskar/Adaptive-Rank-LoRA,
+# src/adaptive_rank_assignment.py): float32 singular values squared (L98-99), every eigenvalue
+# kept (L15, L118-120), sigma^2 = mean(lambda) (L125), its spike edge and conv sides (L93,
+# L129-147), every Linear analysed however small (min_evals 2: one eigenvalue crashes its code).
+# Its alpha is alpha_ks (L176-225), which esdtool computes anyway.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lora-ar": {"dtype": "float32", "eig_threshold": 0.0, "sigma_fit": "mean",
+                "spike_rule": "lora-ar", "conv_norm": 0.5, "min_evals": 2},
+}  # fmt: skip
+
 
 @lru_cache(maxsize=16)
 def _regex(pattern: str, flag: str) -> Any:
@@ -39,6 +50,8 @@ class AnalyzeSettings:
     tw_quantile:    Tracy-Widom level q of the spike threshold.
     conv_norm:      4-D conv kernels are scaled by sqrt(conv_norm) before pooling their spectra.
     weighted_alpha: which alpha feeds alpha_weighted and log_alpha_norm ("ks" as WeightWatcher).
+    spike_rule:     "tw" (spikes above the Tracy-Widom quantile edge) or "lora-ar" (the edge of
+                    Adaptive Rank LoRA's code, with its conv M/N; docs/method.md).
     raw_codes:      analyse quantized weights' stored codes as they are (FP8 codes; integer
                     codes still get no spectrum) instead of the weights they encode. Off by
                     default: codes describe the quantizer, not the model.
@@ -59,6 +72,17 @@ class AnalyzeSettings:
     weighted_alpha: str = "ks"
     max_tensor_gb: float | None = None
     raw_codes: bool = False
+    spike_rule: str = "tw"
+    preset: str | None = None
+
+    @classmethod
+    def from_preset(cls, preset: str | None, **overrides: Any) -> AnalyzeSettings:
+        """The settings of ``preset`` (None: the defaults), with ``overrides`` on top: an
+        explicit option always wins over the preset."""
+        if preset is not None and preset not in PRESETS:
+            raise OptionError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+        base = PRESETS[preset] if preset else {}
+        return cls(**{**base, **overrides, "preset": preset})
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,6 +109,10 @@ class AnalyzeSettings:
             problems.append(f"--max-tensor-gb must be a finite number of GB > 0, not {gb}")
         if self.min_evals < 2:
             problems.append(f"min_evals must be at least 2, not {self.min_evals}")
+        if self.spike_rule not in ("tw", "lora-ar"):
+            problems.append(f"--spike-rule must be tw or lora-ar, not {self.spike_rule!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            problems.append(f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if problems:

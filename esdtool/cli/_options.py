@@ -31,3 +31,12 @@ MaxPlotsOpt = Annotated[
         "--max-plots", help="Draw at most this many spectra in the report; the rest are counted."
     ),
 ]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        help="Start from a published method's settings: lora-ar (Adaptive Rank LoRA's code, "
+        "docs/method.md). Options given explicitly override it.",
+        show_default=False,
+    ),
+]

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from esdtool.cli._console import err, hush, out, safe
-from esdtool.cli._options import JsonOpt, MaxPlotsOpt, QuietOpt
+from esdtool.cli._options import JsonOpt, MaxPlotsOpt, PresetOpt, QuietOpt
 from esdtool.render import MAX_PLOTS
 
 if TYPE_CHECKING:
@@ -46,39 +46,58 @@ def allocate(
             help="Regex on module names picking the candidates (default: block linears).",
         ),
     ] = None,
+    preset: PresetOpt = None,
     alpha_column: Annotated[
-        str, typer.Option("--alpha-column", help="Alpha column feeding the score.")
-    ] = "alpha_median",
-    spikes_column: Annotated[
-        str, typer.Option("--spikes-column", help="Spike-count column feeding the score.")
-    ] = "num_spikes",
-    w_hill: Annotated[
-        float, typer.Option("--w-hill", help="Weight of the normalised alpha.")
-    ] = 0.7,
-    w_mp_spikes: Annotated[
-        float, typer.Option("--w-mp-spikes", help="Weight of the inverted spike count.")
-    ] = 0.3,
-    top_n_percentile: Annotated[
-        float,
+        str | None,
         typer.Option(
-            "--top-n-percentile", help="Fraction of candidates that get an adapter, in (0, 1]."
+            "--alpha-column", help="Alpha column feeding the score (default: alpha_median)."
         ),
-    ] = 0.5,
+    ] = None,
+    spikes_column: Annotated[
+        str | None,
+        typer.Option(
+            "--spikes-column", help="Spike-count column feeding the score (default: num_spikes)."
+        ),
+    ] = None,
+    w_hill: Annotated[
+        float | None,
+        typer.Option("--w-hill", help="Weight of the normalised alpha (default: 0.7)."),
+    ] = None,
+    w_mp_spikes: Annotated[
+        float | None,
+        typer.Option("--w-mp-spikes", help="Weight of the inverted spike count (default: 0.3)."),
+    ] = None,
+    top_n_percentile: Annotated[
+        float | None,
+        typer.Option(
+            "--top-n-percentile",
+            help="Fraction of candidates that get an adapter, in (0, 1] (default: 0.5).",
+        ),
+    ] = None,
     select: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--select",
-            help="Keep the highest scores, or the lowest (as Adaptive Rank LoRA's code does).",
+            help="Keep the highest scores, or the lowest (as Adaptive Rank LoRA's code does; "
+            "default: highest).",
         ),
-    ] = "highest",
-    min_rank: Annotated[int, typer.Option("--min-rank", help="Smallest rank given.")] = 4,
-    max_rank: Annotated[int, typer.Option("--max-rank", help="Largest rank given.")] = 64,
+    ] = None,
+    min_rank: Annotated[
+        int | None, typer.Option("--min-rank", help="Smallest rank given (default: 4).")
+    ] = None,
+    max_rank: Annotated[
+        int | None, typer.Option("--max-rank", help="Largest rank given (default: 64).")
+    ] = None,
     rank_scaling: Annotated[
-        str, typer.Option("--rank-scaling", help="Score-to-rank curve: linear, log or sqrt.")
-    ] = "linear",
+        str | None,
+        typer.Option(
+            "--rank-scaling", help="Score-to-rank curve: linear, log or sqrt (default: linear)."
+        ),
+    ] = None,
     alpha_factor: Annotated[
-        float, typer.Option("--alpha-factor", help="lora_alpha = factor x rank.")
-    ] = 2.0,
+        float | None,
+        typer.Option("--alpha-factor", help="lora_alpha = factor x rank (default: 2.0)."),
+    ] = None,
     budget_params: Annotated[
         int | None,
         typer.Option(
@@ -122,12 +141,15 @@ def allocate(
     from esdtool.plan import allocate as run_allocate
 
     hush(quiet or as_json)
-    settings = AllocateSettings(
+    given = dict(
         targets=targets, alpha_column=alpha_column, spikes_column=spikes_column, w_hill=w_hill,
         w_mp_spikes=w_mp_spikes, top_n_percentile=top_n_percentile, select=select,
         min_rank=min_rank, max_rank=max_rank, rank_scaling=rank_scaling,
         alpha_factor=alpha_factor, budget_params=budget_params, match_rank=match_rank,
     )  # fmt: skip
+    settings = AllocateSettings.from_preset(
+        preset, **{k: v for k, v in given.items() if v is not None}
+    )
     result = run_allocate(
         metrics, output, settings, task_type=task_type, lora_dropout=lora_dropout,
         use_rslora=use_rslora, use_dora=use_dora, verify=verify, report=write_report,

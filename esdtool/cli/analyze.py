@@ -20,7 +20,7 @@ from rich.text import Text
 
 from esdtool.analysis import AnalyzeSettings
 from esdtool.cli._console import err, hush, out, print_error, safe
-from esdtool.cli._options import DeviceOpt, JsonOpt, QuietOpt, RevisionOpt
+from esdtool.cli._options import DeviceOpt, JsonOpt, PresetOpt, QuietOpt, RevisionOpt
 
 if TYPE_CHECKING:
     from esdtool.analysis import AnalyzeResult
@@ -80,11 +80,13 @@ SourceArg = Annotated[
 ]
 MetricsOut = Annotated[str, typer.Option("--output", "-o", help="The parquet table to write.")]
 DtypeOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--dtype",
         help="Eigenvalue precision: auto (float64 on CPUs and FP64-capable GPUs, else "
-        "float32), float64 (Gram + eigvalsh) or float32 (singular values; alphas within 1e-3).",
+        "float32), float64 (Gram + eigvalsh) or float32 (singular values; alphas within 1e-3). "
+        "Default: auto.",
+        show_default=False,
     ),
 ]
 IncludeOpt = Annotated[
@@ -105,7 +107,7 @@ def analyze(
     source: SourceArg,
     output: MetricsOut = "metrics.parquet",
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     revision: RevisionOpt = None,
@@ -115,6 +117,66 @@ def analyze(
             "--max-tensor-gb",
             help="Skip (with the reason) any tensor whose analysis needs more memory than this; "
             "default: half the available RAM, or 80% of the GPU's free memory.",
+            show_default=False,
+        ),
+    ] = None,
+    preset: PresetOpt = None,
+    eig_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--eig-threshold",
+            help="Eigenvalues at or below this are left out of the power-law fits (default: 1e-5).",
+            show_default=False,
+        ),
+    ] = None,
+    min_evals: Annotated[
+        int | None,
+        typer.Option(
+            "--min-evals",
+            help="Skip matrices with fewer eigenvalues (min side) than this (default: 10).",
+            show_default=False,
+        ),
+    ] = None,
+    sigma_fit: Annotated[
+        str | None,
+        typer.Option(
+            "--sigma-fit",
+            help="Marchenko-Pastur sigma estimator: median (robust) or mean (Adaptive Rank "
+            "LoRA's) (default: median).",
+            show_default=False,
+        ),
+    ] = None,
+    spike_rule: Annotated[
+        str | None,
+        typer.Option(
+            "--spike-rule",
+            help="Spikes above the Tracy-Widom quantile edge (tw) or above Adaptive Rank LoRA's "
+            "edge (lora-ar) (default: tw).",
+            show_default=False,
+        ),
+    ] = None,
+    tw_quantile: Annotated[
+        float | None,
+        typer.Option(
+            "--tw-quantile",
+            help="Tracy-Widom level of the spike threshold, in (0, 1) (default: 0.99).",
+            show_default=False,
+        ),
+    ] = None,
+    conv_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--conv-norm",
+            help="Conv kernels' spectra are scaled by this before pooling (default: 0.5).",
+            show_default=False,
+        ),
+    ] = None,
+    weighted_alpha: Annotated[
+        str | None,
+        typer.Option(
+            "--weighted-alpha",
+            help="The alpha behind alpha_weighted and log_alpha_norm: median, fix_finger or ks "
+            "(default: ks).",
             show_default=False,
         ),
     ] = None,
@@ -138,9 +200,14 @@ def analyze(
 ) -> None:
     from esdtool.analysis import analyze as run_analyze
 
-    settings = AnalyzeSettings(
-        device=device, dtype=dtype, include=include, exclude=exclude,
-        max_tensor_gb=max_tensor_gb, raw_codes=raw_codes,
+    given = dict(
+        dtype=dtype, eig_threshold=eig_threshold, min_evals=min_evals, sigma_fit=sigma_fit,
+        spike_rule=spike_rule, tw_quantile=tw_quantile, conv_norm=conv_norm,
+        weighted_alpha=weighted_alpha,
+    )  # fmt: skip
+    settings = AnalyzeSettings.from_preset(
+        preset, device=device, include=include, exclude=exclude, max_tensor_gb=max_tensor_gb,
+        raw_codes=raw_codes, **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     hush(quiet or as_json)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all

@@ -20,7 +20,7 @@ from esdtool.plan.peft_config import (
     write_plan_files,
 )
 from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks
-from esdtool.plan.verify import raise_problems, verify_plan
+from esdtool.plan.verify import build_meta_model, linear_modules, raise_problems, verify_plan
 from esdtool.render import MAX_PLOTS
 from esdtool.render.page import check_options as check_report_options
 from esdtool.render.page import render
@@ -84,12 +84,17 @@ def allocate(
     check_peft_options(task_type, lora_dropout)
     check_report_options(settings.alpha_column, max_plots)  # even with --no-report: -1 is no count
     table = load_metrics(metrics)
+    meta = table.attrs["esdtool"]
+    needs_model = verify or settings.candidates == "model"
+    model_dir = model_directory(meta) if needs_model else None
+    modules = None
+    if settings.candidates == "model":
+        assert model_dir is not None
+        modules = linear_modules(build_meta_model(model_dir))
     try:
-        allocation = allocate_ranks(table, settings)
+        allocation = allocate_ranks(table, settings, modules)
     except OptionError as exc:  # what the table lacks: name it
         raise OptionError(f"{metrics}: {exc}", hint=exc.hint) from None
-    meta = table.attrs["esdtool"]
-    model_dir = model_directory(meta) if verify else None
     html = (
         render(table, allocation, settings.alpha_column, max_plots)[0].encode("utf-8")
         if report
@@ -110,7 +115,7 @@ def allocate(
             allocation, directory, record, task_type=task_type, lora_dropout=lora_dropout,
             use_rslora=use_rslora, use_dora=use_dora, base_model=meta.get("source"),
         )  # fmt: skip
-        if model_dir is not None:  # checked in the new directory, before it replaces the old
+        if verify and model_dir is not None:  # checked in the new directory, first
             problems = verify_plan(directory, model_dir)
             raise_problems(problems, Path(outdir), model_dir)
         if html is not None:
@@ -131,9 +136,10 @@ def model_directory(meta: dict[str, object]) -> Path:
         path = meta.get("source_path")
         if not isinstance(path, str) or not os.path.isabs(path):
             raise OptionError(
-                f"--verify: the table records no absolute path of its model "
+                f"the plan needs the analysed model (--verify, --preset lora-ar), and the table "
+                f"records no absolute path of it "
                 f"(source {meta.get('source')!r})",
-                hint="re-run esdtool analyze with this version, or drop --verify",
+                hint="re-run esdtool analyze with this version",
             )
         resolved = resolve_source(path)
     else:

@@ -19,6 +19,17 @@ from esdtool.untrusted import user_regex
 EPS = 1e-8
 SPIKE_COLUMNS = ("num_spikes", "num_spikes_bulk")
 SCALINGS = {"linear": lambda s: s, "log": np.log1p, "sqrt": np.sqrt}
+# Presets: the allocation of a published method (docs/method.md). "lora-ar": Adaptive Rank
+# LoRA's code (src/adaptive_rank_assignment.py): every Linear/Conv2d in model order (L73-79),
+# KS alpha (L176-225) and its spikes weighted 0.7/0.3 (L306-328), the lowest half kept with ties
+# to the earlier module (L331-334), ranks 4-64 linear, rounded half to even, no cap (L337-359),
+# lora_alpha = 2r (L363).
+PRESETS: dict[str, dict[str, object]] = {
+    "lora-ar": {"alpha_column": "alpha_ks", "spikes_column": "num_spikes", "select": "lowest",
+                "candidates": "model", "rank_cap": False, "w_hill": 0.7, "w_mp_spikes": 0.3,
+                "top_n_percentile": 0.5, "min_rank": 4, "max_rank": 64,
+                "rank_scaling": "linear", "alpha_factor": 2.0},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,13 @@ class AllocateSettings:
                        the bottom ones (what the seed's published code does).
     min_rank, max_rank, rank_scaling, alpha_factor: rank range, interpolation, lora_alpha = f r.
     budget_params / match_rank: rescale the kept ranks so sum r (rows + cols) ~ the budget.
+    candidates:        "role" (rows picked by role or ``targets``, in the table's order) or
+                       "model" (every nn.Linear / nn.Conv2d of the analysed model, in its
+                       ``named_modules`` order, a tied lm_head read from the tensor it shares:
+                       what Adaptive Rank LoRA adapts); ties go to the earlier candidate.
+    rank_cap:          cap each rank at min(rows, cols), the most rank a LoRA update of that
+                       matrix can have (the lora-ar preset does not).
+    preset:            the preset these settings came from (recorded in the plan), or None.
     """
 
     targets: str | None = None
@@ -50,6 +68,18 @@ class AllocateSettings:
     alpha_factor: float = 2.0
     budget_params: int | None = None
     match_rank: int | None = None
+    candidates: str = "role"
+    rank_cap: bool = True
+    preset: str | None = None
+
+    @classmethod
+    def from_preset(cls, preset: str | None, **overrides: object) -> AllocateSettings:
+        """The settings of ``preset`` (None: the defaults), with ``overrides`` on top: an
+        explicit option always wins over the preset."""
+        if preset is not None and preset not in PRESETS:
+            raise OptionError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+        base = PRESETS[preset] if preset else {}
+        return cls(**{**base, **overrides, "preset": preset})  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,6 +119,13 @@ class AllocateSettings:
                 f"--spikes-column must be one of {', '.join(SPIKE_COLUMNS)}, "
                 f"not {self.spikes_column!r}"
             )
+        if self.candidates not in ("role", "model"):
+            problems.append(f"candidates must be role or model, not {self.candidates!r}")
+        if self.candidates == "model" and self.targets is not None:
+            problems.append("--targets picks candidates by name; the model's Linear modules are "
+                            "the candidates of --preset lora-ar (give one)")  # fmt: skip
+        if self.preset is not None and self.preset not in PRESETS:
+            problems.append(f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         if self.targets is not None:
             try:
                 user_regex(self.targets, "--targets")
@@ -126,10 +163,17 @@ class Allocation:
         return self.total_params / max(int((self.table.rows + self.table.cols).sum()), 1)
 
 
-def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> tuple[pd.DataFrame, list[str]]:
-    """Rows eligible for an adapter (analysed 2-D matrices picked by role or --targets), and
-    the modules left out of them because their alpha or spike count is missing."""
+def candidates(
+    metrics: pd.DataFrame,
+    settings: AllocateSettings,
+    modules: list[tuple[str, str]] | None = None,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Rows eligible for an adapter (analysed 2-D matrices picked by role or --targets, or the
+    model's ``modules``), and the modules left out because their alpha or spike count is
+    missing."""
     df = metrics[(metrics.status == "ok") & metrics["slice"].isna()]
+    if settings.candidates == "model":
+        return _model_candidates(metrics, df, settings, modules)
     if settings.targets is not None:
         pattern = user_regex(settings.targets, "--targets")  # RE2: linear in each name
         df = df[[pattern.search(str(m)) is not None for m in df.module]]
@@ -146,6 +190,42 @@ def candidates(metrics: pd.DataFrame, settings: AllocateSettings) -> tuple[pd.Da
             + "); pick one with --targets"
         )
     return df[usable], list(df.module[~usable])
+
+
+def _model_candidates(
+    metrics: pd.DataFrame,
+    ok: pd.DataFrame,
+    settings: AllocateSettings,
+    modules: list[tuple[str, str]] | None,
+) -> tuple[pd.DataFrame, list[str]]:
+    """One row per (module, tensor) of the model, in its order; the row of the tensor holding
+    the module's weight (a tied lm_head's is the embedding's) under the module's name."""
+    if modules is None:
+        raise OptionError("candidates from the model need the model's Linear/Conv2d modules")
+    by_name = ok.drop_duplicates("name").set_index("name")
+    missing = [(m, t) for m, t in modules if t not in by_name.index]
+    if missing:
+        module, tensor = missing[0]
+        status = metrics.loc[metrics.name == tensor, "reason"]
+        why = f" ({status.iloc[0]})" if len(status) and isinstance(status.iloc[0], str) else ""
+        raise OptionError(
+            f"module {module!r}: its weight {tensor!r} has no analysed row{why}"
+            + (f"; {len(missing) - 1} more like it" if len(missing) > 1 else ""),
+            hint="analyse every tensor (no --include/--exclude), with --preset lora-ar",
+        )
+    rows = by_name.loc[[t for _, t in modules]].reset_index()
+    rows["module"] = [m for m, _ in modules]
+    usable = (
+        np.isfinite(rows[settings.alpha_column].astype(float))
+        & rows[settings.spikes_column].notna()
+    )
+    if not usable.all():
+        module = rows.module[~usable].iloc[0]
+        raise OptionError(
+            f"module {module!r} has no {settings.alpha_column} or {settings.spikes_column}; "
+            "the preset's scores need every Linear"
+        )
+    return rows, []
 
 
 def scores(alpha: np.ndarray, spikes: np.ndarray, w_hill: float, w_spikes: float) -> np.ndarray:
@@ -189,10 +269,17 @@ def fit_budget(
     return best[1]
 
 
-def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = None) -> Allocation:
-    """Score every candidate, keep the top (or bottom) fraction and give each kept one a rank."""
+def allocate_ranks(
+    metrics: pd.DataFrame,
+    settings: AllocateSettings | None = None,
+    modules: list[tuple[str, str]] | None = None,
+) -> Allocation:
+    """Score every candidate, keep the top (or bottom) fraction and give each kept one a rank.
+    ``modules``: (module name, tensor holding its weight) of every nn.Linear / nn.Conv2d of the
+    model in its order, needed when ``settings.candidates`` is "model"
+    (:func:`esdtool.plan.verify.linear_modules` reads them off the model)."""
     settings = settings or AllocateSettings()
-    df, dropped = candidates(metrics, settings)
+    df, dropped = candidates(metrics, settings, modules)
     if df.empty:
         what = f"--targets {settings.targets!r}" if settings.targets else "role 'linear'"
         raise OptionError(f"no candidate modules: no analysed matrix matches {what}")
@@ -207,6 +294,8 @@ def allocate_ranks(metrics: pd.DataFrame, settings: AllocateSettings | None = No
 
     # A LoRA update B A has rank <= min(rows, cols): a larger r adds parameters, not rank.
     cap = np.minimum(settings.max_rank, np.minimum(df.rows, df.cols).to_numpy(int))
+    if not settings.rank_cap:
+        cap = np.full(n, settings.max_rank)
     rank = np.zeros(n, dtype=int)
     rank[selected] = np.minimum(interpolate_ranks(score[selected], settings), cap[selected])
     sizes = (df.rows + df.cols).to_numpy(int)

@@ -178,6 +178,21 @@ def build_meta_model(model_dir: Path) -> Any:
         ) from exc
 
 
+def linear_modules(model: Any) -> list[tuple[str, str]]:
+    """(module name, tensor name of its weight) of every ``nn.Linear`` and ``nn.Conv2d`` of
+    ``model`` (subclasses too), in ``named_modules`` order: what Adaptive Rank LoRA adapts. A
+    weight tied to another module's (a tied lm_head) is named by the tensor the checkpoint
+    stores, the first name ``named_parameters`` gives it."""
+    import torch
+
+    stored = {id(p): name for name, p in model.named_parameters()}  # first name of each tensor
+    return [
+        (name, stored[id(module.weight)])
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and id(module.weight) in stored
+    ]
+
+
 def adapted_modules(peft_model: Any) -> dict[str, Any]:
     """The modules that got the default LoRA adapter, by their name in the base model."""
     return {

@@ -156,7 +156,7 @@ def render(
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "totals": _totals(table),
         "settings": _settings(settings_meta, allocation),
-        "plan": _plan(allocation),
+        "plan": _plan(allocation, settings_meta.get("preset")),
         "overview": _overview(ok, allocation, alpha_column),
         "gallery": gallery,
         "gallery_count": plotted,
@@ -365,12 +365,21 @@ def _settings(analysis: dict[str, Any], allocation: Allocation | None) -> list[t
     return sections
 
 
-def _plan(allocation: Allocation | None) -> dict[str, Any] | None:
+def _plan(allocation: Allocation | None, analysis_preset: object) -> dict[str, Any] | None:
     if allocation is None:
         return None
     kept = allocation.kept
     s = allocation.settings
+    rule = (
+        f"{s.alpha_column} and {s.spikes_column} weighted {s.w_hill:g}/{s.w_mp_spikes:g}, the "
+        f"{s.select} {s.top_n_percentile:g} of the candidates kept, ranks {s.min_rank}.."
+        f"{s.max_rank} ({s.rank_scaling}), lora_alpha = {s.alpha_factor:g} r"
+    )
+    presets = f"analysis preset {_text(analysis_preset or 'none')}, allocation preset " + (
+        _text(s.preset or "none")
+    )
     return {
+        "made_by": f"{rule}; {presets}",
         "candidates": len(allocation.table),
         "adapted": len(kept),
         "rank_min": int(kept["rank"].min()),

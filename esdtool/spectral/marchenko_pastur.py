@@ -25,7 +25,8 @@ class SpikeCount:
 
     sigma_mp:        fitted sigma (standard deviation of the entries, in weight units).
     bulk_max:        MP bulk edge on the lambda scale, N * sigma^2 (1 + sqrt y)^2.
-    tw_threshold:    Tracy-Widom-corrected edge on the lambda scale.
+    tw_threshold:    the spike threshold on the lambda scale: the Tracy-Widom-corrected edge, or
+                     the edge of the spike rule in use.
     num_spikes:      eigenvalues above tw_threshold (None when the fit has no bulk to measure).
     num_spikes_bulk: eigenvalues above bulk_max (no finite-size correction; None likewise).
     mp_softrank:     bulk_max / lambda_max (near 1: no structure; near 0: dominated by spikes).
@@ -141,12 +142,19 @@ def count_spikes(
     *,
     sigma_fit: str = "median",
     tw_quantile_level: float = DEFAULT_TW_QUANTILE,
+    rule: str = "tw",
 ) -> SpikeCount:
     """Fit the MP bulk to ``evals`` (all eigenvalues lambda, ascending) and count spikes.
 
     sigma_fit "median": sigma^2 = median(mu) / m(y), robust to half the spectrum lying outside
     the bulk; "mean": sigma^2 = mean(mu) (the seed's choice, kept for comparison).
     ``evals`` may hold several spectra of the same M x N shape pooled (conv kernels).
+
+    rule "tw": spikes lie above the Tracy-Widom quantile edge (Johnstone's centring and scale).
+    rule "lora-ar": the Adaptive Rank LoRA code's edge, bulk_max + sqrt(Q^(-1/2) bulk_max^(2/3)
+    M^(-2/3)) on the lambda scale (its adaptive_rank_assignment.py lines 129-147). That edge is
+    not a TW quantile and is not scale-invariant: scaling the weights by c moves bulk_max by c^2
+    but the correction by c^(2/3).
     """
     if N < 2:
         raise ValueError("MP fit needs N >= 2")
@@ -160,7 +168,13 @@ def count_spikes(
     else:
         raise ValueError(f"unknown sigma fit {sigma_fit!r} (median or mean)")
     mu_plus = sigma2 * mp_edges(M / N)[1]
-    mu_tw = tw_edge(M, N, sigma2, tw_quantile(tw_quantile_level))
+    if rule == "tw":
+        mu_tw = tw_edge(M, N, sigma2, tw_quantile(tw_quantile_level))
+    elif rule == "lora-ar":
+        edge = mu_plus * N  # the origin works on the lambda scale
+        mu_tw = (edge + math.sqrt((N / M) ** -0.5 * edge ** (2 / 3) * M ** (-2 / 3))) / N
+    else:
+        raise ValueError(f"unknown spike rule {rule!r} (tw or lora-ar)")
     lambda_max = float(evals[-1])
     bulk_max = mu_plus * N
     return SpikeCount(

@@ -84,10 +84,13 @@ def spectrum_metrics(
     sigma_fit: str = "median",
     tw_quantile: float = DEFAULT_TW_QUANTILE,
     weighted_alpha: str = "ks",
+    spike_rule: str = "tw",
+    mp_sides: tuple[int, int] | None = None,
 ) -> SpectrumMetrics:
     """All metrics of one spectrum: ``evals`` holds the eigenvalues lambda ascending (M of them,
     or several M-sized spectra pooled), for a matrix of min side M and max side N. The keyword
-    arguments are the analysis settings of the same names (method.md sections 3-5)."""
+    arguments are the analysis settings of the same names (method.md sections 3-5); ``mp_sides``
+    (M, N) replaces the matrix's sides in the MP fit (the lora-ar preset's conv rule)."""
     evals64 = evals.to(torch.float64)
     total = float(evals64.sum())
     lambda_max = float(evals64[-1])
@@ -99,7 +102,10 @@ def spectrum_metrics(
         nonzero = evals64[evals64 > 0]
     fits = {method: fit(nonzero) for method, fit in ALPHA_FITS.items()}
     failed = [f"{m}:{fit.status}" for m, fit in fits.items() if fit.status != "ok"]
-    spikes = count_spikes(evals64, M, N, sigma_fit=sigma_fit, tw_quantile_level=tw_quantile)
+    fit_M, fit_N = mp_sides or (M, N)
+    spikes = count_spikes(
+        evals64, fit_M, fit_N, sigma_fit=sigma_fit, tw_quantile_level=tw_quantile, rule=spike_rule
+    )
     eps = torch.finfo(evals.dtype).eps
     zero_tol = lambda_max * N * eps  # below it an eigenvalue is numerically 0 (matrix_rank)
     if float(evals64[evals64.numel() // 2]) <= zero_tol:

@@ -1,0 +1,109 @@
+"""`--preset lora-ar` reproduces Adaptive Rank LoRA's plan exactly (issue 15).
+
+The expected plan comes from tests/origin_lora_ar.py, an independent plain-numpy
+re-implementation of the origin's src/adaptive_rank_assignment.py (line references in its
+comments), run on the model's own weights in named_modules order. It was checked to give the
+same plan as the origin's code itself on MiniLM, a conv network and a tied Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import origin_lora_ar as origin
+import pytest
+
+from esdtool import AllocateSettings, AnalyzeSettings, load_metrics
+from helpers import run_cli
+
+transformers = pytest.importorskip("transformers")
+
+
+def _esdtool_plan(model_dir: Path, tmp_path: Path, capsys, task_type: str):
+    table = tmp_path / "m.parquet"
+    code, _, err = run_cli(["analyze", model_dir, "-o", table, "--preset", "lora-ar", "-q"], capsys)
+    assert code == 0, err
+    plan = tmp_path / "plan"
+    code, _, err = run_cli(
+        ["allocate", table, "-o", plan, "--preset", "lora-ar", "--task-type", task_type,
+         "--verify", "-q"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    config = json.loads((plan / "adapter_config.json").read_text())
+    return config, json.loads((plan / "esdtool_plan.json").read_text()), table
+
+
+def _unanchored(pattern: dict[str, int]) -> dict[str, int]:
+    """esdtool writes keys as ^ + re.escape(module): PEFT matches them like the origin's raw
+    names (a key matches the end of a module name at a dot boundary)."""
+    out = {}
+    for key, value in pattern.items():
+        assert key.startswith("^"), key
+        out[re.sub(r"\\(.)", r"\1", key[1:])] = value
+    return out
+
+
+def _origin(model) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    order = origin.candidate_modules(model)
+    return (*origin.origin_plan(origin.weights_of(model, order), order), order)
+
+
+def test_minilm_plan_is_the_origins(minilm_dir, tmp_path, capsys):
+    config, record, table = _esdtool_plan(minilm_dir, tmp_path, capsys, "FEATURE_EXTRACTION")
+    ranks, alphas, order = _origin(transformers.AutoModel.from_pretrained(minilm_dir))
+    assert "pooler.dense" in order and len(order) == 37  # the origin's candidates
+    assert len(ranks) == 18
+    assert _unanchored(config["rank_pattern"]) == ranks
+    assert _unanchored(config["alpha_pattern"]) == alphas
+    assert record["allocate_settings"]["preset"] == "lora-ar"
+    html = (tmp_path / "plan" / "report.html").read_text()
+    assert "analysis preset lora-ar, allocation preset lora-ar" in html
+    assert "alpha_ks and num_spikes weighted 0.7/0.3, the lowest 0.5" in html
+    meta = load_metrics(table).attrs["esdtool"]
+    assert meta["settings"]["preset"] == "lora-ar" and meta["settings"]["spike_rule"] == "lora-ar"
+
+
+def test_tied_lm_head_is_a_candidate(tmp_path, capsys):
+    """A causal LM whose lm_head is tied to the embeddings (no lm_head tensor in the file): the
+    origin analyses and may adapt lm_head; so does the preset, from the embedding's row."""
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
+        tie_word_embeddings=True, initializer_range=0.3,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    ours, _, _ = _esdtool_plan(tmp_path / "model", tmp_path, capsys, "CAUSAL_LM")
+    ranks, alphas, order = _origin(model)
+    assert order[-1] == "lm_head"
+    assert _unanchored(ours["rank_pattern"]) == ranks
+    assert _unanchored(ours["alpha_pattern"]) == alphas
+    assert any(k == "lm_head" for k in ranks) == any(k == "^lm_head" for k in ours["rank_pattern"])
+
+
+def test_explicit_options_override_the_preset():
+    a = AnalyzeSettings.from_preset("lora-ar", dtype="float64", tw_quantile=0.9)
+    assert (a.dtype, a.sigma_fit, a.spike_rule, a.tw_quantile) == (
+        "float64",
+        "mean",
+        "lora-ar",
+        0.9,
+    )
+    b = AllocateSettings.from_preset("lora-ar", select="highest")
+    assert (b.select, b.alpha_column, b.candidates) == ("highest", "alpha_ks", "model")
+    assert AllocateSettings.from_preset(None) == AllocateSettings()
+
+
+def test_unknown_preset_is_one_line(tmp_path, capsys, minilm_dir):
+    code, _, err = run_cli(["analyze", minilm_dir, "-o", tmp_path / "m.parquet", "--preset",
+                            "lora"], capsys)  # fmt: skip
+    assert code == 2 and "--preset must be one of lora-ar" in err and "Traceback" not in err
