@@ -107,3 +107,34 @@ def test_unknown_preset_is_one_line(tmp_path, capsys, minilm_dir):
     code, _, err = run_cli(["analyze", minilm_dir, "-o", tmp_path / "m.parquet", "--preset",
                             "lora"], capsys)  # fmt: skip
     assert code == 2 and "--preset must be one of lora-ar" in err and "Traceback" not in err
+
+
+def test_lora_ar_spike_rule_per_matrix(tmp_path):
+    """--spike-rule lora-ar with the mean sigma: per matrix, the origin's edge and spike count
+    (float64 on both sides), for linear matrices of several shapes and conv kernels, whose M and
+    N the origin takes over (kh*kw, out, in)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from esdtool import analyze
+
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        "a.weight": torch.randn(96, 40, generator=generator),
+        "b.weight": torch.randn(50, 50, generator=generator) + 0.5,  # a strong spike
+        "c.weight": torch.randn(16, 12, 3, 3, generator=generator),  # M = 9 for the origin
+        "d.weight": torch.randn(20, 24, 1, 1, generator=generator),  # M = 1 for the origin
+    }
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    settings = AnalyzeSettings.from_preset("lora-ar", dtype="float64")
+    analyze(tmp_path / "m.safetensors", tmp_path / "m.parquet", settings)
+    table = load_metrics(tmp_path / "m.parquet").set_index("name")
+    for name, w in weights.items():
+        expected = origin.analyze_layer(name, w.double().numpy(), precision="float64")
+        row = table.loc[name]
+        assert row["tw_threshold"] == pytest.approx(expected.edge, rel=1e-9), name
+        assert row["bulk_max"] == pytest.approx(expected.bulk_max, rel=1e-9), name
+        assert row["num_spikes"] == expected.num_spikes, name
+        assert row["alpha_ks"] == pytest.approx(expected.alpha, rel=1e-6), name
+        np.testing.assert_allclose(row["eigenvalues"], expected.eigs, rtol=1e-6)

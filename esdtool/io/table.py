@@ -79,7 +79,11 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         "fitted MP sigma: the standard deviation of the entries of a random matrix with this bulk",
     ),
     ("bulk_max", _f64, "MP bulk edge on the lambda scale"),
-    ("tw_threshold", _f64, "Tracy-Widom spike threshold on the lambda scale"),
+    (
+        "tw_threshold",
+        _f64,
+        "spike threshold on the lambda scale: the Tracy-Widom edge, or lora-ar's (--spike-rule)",
+    ),
     ("mp_softrank", _f64, "bulk_max / lambda_max"),
     ("lambda_max", _f64, "largest eigenvalue"),
     ("spectral_norm", _f64, "largest singular value, sqrt(lambda_max)"),
@@ -94,8 +98,8 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     (
         "alpha_weighted",
         _f64,
-        "alpha * log10(lambda_max); the alpha is `AnalyzeSettings.weighted_alpha` (Python only; "
-        "default `ks`, as WeightWatcher)",
+        "alpha * log10(lambda_max); the alpha is --weighted-alpha's (default `ks`, as "
+        "WeightWatcher)",
     ),
     ("log_alpha_norm", _f64, "log10(sum lambda^alpha), the same alpha"),
     (
