@@ -138,3 +138,11 @@ def test_lora_ar_spike_rule_per_matrix(tmp_path):
         assert row["num_spikes"] == expected.num_spikes, name
         assert row["alpha_ks"] == pytest.approx(expected.alpha, rel=1e-6), name
         np.testing.assert_allclose(row["eigenvalues"], expected.eigs, rtol=1e-6)
+
+
+def test_allocate_preset_needs_the_preset_table(minilm_metrics, tmp_path, capsys):
+    """A table analysed with esdtool's defaults cannot give the origin's plan: one line."""
+    code, _, err = run_cli(["allocate", minilm_metrics, "-o", tmp_path / "plan", "--preset",
+                            "lora-ar"], capsys)  # fmt: skip
+    assert code == 2 and "analysed with no preset" in err and "Traceback" not in err
+    assert not (tmp_path / "plan").exists()

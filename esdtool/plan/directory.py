@@ -85,6 +85,7 @@ def allocate(
     check_report_options(settings.alpha_column, max_plots)  # even with --no-report: -1 is no count
     table = load_metrics(metrics)
     meta = table.attrs["esdtool"]
+    _check_preset(Path(metrics), settings, meta)
     needs_model = verify or settings.candidates == "model"
     model_dir = model_directory(meta) if needs_model else None
     modules = None
@@ -126,6 +127,20 @@ def allocate(
     return AllocateResult(
         allocation, out / CONFIG_NAME, out / CSV_NAME, out / REPORT_NAME if report else None
     )
+
+
+def _check_preset(metrics: Path, settings: AllocateSettings, meta: dict[str, object]) -> None:
+    """A preset's plan needs the preset's analysis: the origin's plan cannot come out of
+    spikes counted another way."""
+    analysed = meta.get("settings")
+    table_preset = analysed.get("preset") if isinstance(analysed, dict) else None
+    if settings.preset is not None and table_preset != settings.preset:
+        raise OptionError(
+            f"{metrics}: --preset {settings.preset} plans from a table analysed with --preset "
+            f"{settings.preset}; this one was analysed with "
+            + (f"--preset {table_preset}" if isinstance(table_preset, str) else "no preset"),
+            hint=f"esdtool analyze SOURCE -o TABLE --preset {settings.preset}, then allocate",
+        )
 
 
 def model_directory(meta: dict[str, object]) -> Path:
