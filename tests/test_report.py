@@ -354,3 +354,13 @@ def test_report_reads_only_what_it_needs(minilm_metrics, tmp_path):
     result = report(table, tmp_path / "r.html", max_plots=2)
     html = result.output.read_text()
     assert re.search(r"esdtool report <span class=\"source\">&lt;unknown&gt;</span>", html)
+
+
+@pytest.mark.parametrize("command", ["report", "allocate"])
+def test_a_model_instead_of_a_table_says_analyse_first(minilm_dir, tmp_path, capsys, command):
+    for source in (minilm_dir, minilm_dir / "model.safetensors"):
+        code, _, err = run_cli([command, source, "-o", tmp_path / "out"], capsys)
+        assert code == 2 and "not a metrics table" in err, err
+        assert "run esdtool analyze first" in err and "Traceback" not in err
+        assert "Parquet magic" not in err
+    assert not (tmp_path / "out").exists()

@@ -259,12 +259,27 @@ def _column(values: list[Any], type_: pa.DataType) -> pa.Array:
 def read_metadata(path: Path) -> dict[str, Any]:
     """The ``esdtool`` metadata of a metrics table, validated (no rows are read)."""
     path = Path(path)
+    analyse_first = f"run esdtool analyze first: esdtool analyze {path} -o metrics.parquet"
+    if path.is_dir():
+        what = (
+            "a model directory"
+            if (path / "config.json").is_file() or any(path.glob("*.safetensors"))
+            else "a directory"
+        )
+        raise MetricsSchemaError(f"{path}: is {what}, not a metrics table", hint=analyse_first)
     if not path.is_file():
         raise MetricsSchemaError(f"{path}: no such file")
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
-        raise MetricsSchemaError(f"{path}: not a parquet file ({exc})") from exc
+        kind = "a safetensors checkpoint" if path.suffix == ".safetensors" else "not a parquet file"
+        if kind.startswith("a "):
+            raise MetricsSchemaError(f"{path}: is {kind}, not a metrics table",
+                                     hint=analyse_first) from exc  # fmt: skip
+        raise MetricsSchemaError(
+            f"{path}: not a metrics table (not a parquet file)",
+            hint="esdtool analyze writes one: esdtool analyze SOURCE -o metrics.parquet",
+        ) from exc
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise MetricsSchemaError(
