@@ -228,13 +228,13 @@ def _gallery(
             if drawn >= max_plots:
                 break
             record = row.to_dict()
-            png = plots.esd(np.asarray(record["eigenvalues"]), record, alpha_column, threshold)
+            svg = plots.esd(np.asarray(record["eigenvalues"]), record, alpha_column, threshold)
             rank = record.get("rank")
             matrices.append(
                 {
                     "index": index,
                     "name": printable(record["name"]) + _expert(record),
-                    "png": base64.b64encode(png).decode("ascii"),
+                    "svg": base64.b64encode(svg).decode("ascii"),
                     "rank": int(rank) if _present(rank) else None,
                 }
             )
@@ -296,8 +296,8 @@ def _overview(
             )
         )
     return [
-        {"png": base64.b64encode(png).decode("ascii"), "title": title, "caption": caption}
-        for png, title, caption in figures
+        {"svg": base64.b64encode(svg).decode("ascii"), "title": title, "caption": caption}
+        for svg, title, caption in figures
     ]
 
 

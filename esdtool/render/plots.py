@@ -1,7 +1,9 @@
-"""The report's figures: matplotlib (Agg, no pyplot state) rendered to PNG bytes.
+"""The report's figures: matplotlib (no pyplot state) rendered to SVG bytes.
 
 Each function takes plain data (a DataFrame of table rows, an array of eigenvalues) and returns
-the PNG. Text that comes from a checkpoint (module kinds in legends and heatmap rows) goes through
+the SVG: sharp on any screen (a 2x phone or laptop display blurs a PNG drawn at 1x), and smaller
+than a PNG at 2x (19 kB against 57 kB for a spectrum). Text stays text (``svg.fonttype`` none),
+drawn in the reader's sans-serif font. Text that comes from a checkpoint (module kinds in legends and heatmap rows) goes through
 ``_label``: shortened, printable, and with ``$`` escaped so it is never parsed as mathtext.
 """
 
@@ -12,21 +14,23 @@ import math
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import rc_context
+from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from esdtool.spectral.marchenko_pastur import mp_density
 
-DPI = 80
+DPI = 80  # SVG user units per inch: a 5.4-inch figure is drawn 432 CSS pixels wide
 # HTSR's reading of alpha: below 2 over-fitted / very heavy-tailed, above 6 barely trained.
 WELL_TRAINED = (2.0, 6.0)
 
 
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
+def _svg(fig: Figure) -> bytes:
+    FigureCanvasSVG(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "esdtool"}):
+        fig.savefig(buf, format="svg", dpi=DPI, metadata={"Date": None, "Creator": None})
     return buf.getvalue()
 
 
@@ -55,7 +59,7 @@ def by_depth(
     ax.grid(alpha=0.3)
     if data["kind"].nunique():
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    return _png(fig)
+    return _svg(fig)
 
 
 def heatmap(
@@ -87,12 +91,12 @@ def heatmap(
                     ax.text(j, i, label, ha="center", va="center", fontsize=6,
                             color="white" if dark else "black")  # fmt: skip
     ax.set(title=title, xlabel="layer")
-    return _png(fig)
+    return _svg(fig)
 
 
 def esd(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0) -> bytes:
-    """:func:`esd_figure` as PNG bytes."""
-    return _png(esd_figure(evals, row, alpha_column, threshold))
+    """:func:`esd_figure` as SVG bytes."""
+    return _svg(esd_figure(evals, row, alpha_column, threshold))
 
 
 def esd_figure(evals: np.ndarray, row: dict, alpha_column: str, threshold: float = 0.0) -> Figure:
