@@ -3,8 +3,9 @@
 Each function takes plain data (a DataFrame of table rows, an array of eigenvalues) and returns
 the SVG: sharp on any screen (a 2x phone or laptop display blurs a PNG drawn at 1x), and smaller
 than a PNG at 2x (19 kB against 57 kB for a spectrum). Text stays text (``svg.fonttype`` none),
-drawn in the reader's sans-serif font. Text that comes from a checkpoint (module kinds in legends and heatmap rows) goes through
-``_label``: shortened, printable, and with ``$`` escaped so it is never parsed as mathtext.
+drawn in the reader's sans-serif font. Text that comes from a checkpoint (module kinds in
+legends and heatmap rows) goes through ``_label``: shortened, printable, and with ``$`` escaped
+so it is never parsed as mathtext.
 """
 
 from __future__ import annotations
