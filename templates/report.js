@@ -40,8 +40,22 @@
     var target = location.hash && document.getElementById(location.hash.slice(1));
     if (target) {
       var group = target.closest("details");
-      if (group) { group.open = true; target.scrollIntoView(); }
+      if (group) { group.open = true; }
+      var row = target.closest("tr");
+      if (row && row.classList.contains("status-skipped")) {
+        document.querySelector("table.sortable").classList.remove("hide-skipped");
+      }
+      target.scrollIntoView({ block: "center" });
     }
+  }
+  var toggle = document.getElementById("toggle-skipped");
+  if (toggle) {
+    var label = toggle.textContent;
+    toggle.addEventListener("click", function () {
+      var hidden = document.querySelector("table.sortable").classList.toggle("hide-skipped");
+      toggle.setAttribute("aria-pressed", String(!hidden));
+      toggle.textContent = hidden ? label : label.replace("Show", "Hide");
+    });
   }
   window.addEventListener("hashchange", reveal);
   reveal();

@@ -28,7 +28,7 @@ from esdtool.analysis.roles import module_kind
 from esdtool.errors import OptionError
 from esdtool.io.atomic import atomic_write, check_output_file
 from esdtool.io.table import COLUMNS, load_metrics
-from esdtool.render import MAX_PLOTS, plots
+from esdtool.render import MAX_PLOTS, glance, plots
 from esdtool.spectral import ALPHA_COLUMNS
 from esdtool.untrusted import printable
 from esdtool.version import __version__
@@ -39,10 +39,12 @@ if TYPE_CHECKING:  # the plan is drawn, never computed here
 # Table columns shown in the report: (column, label, kind, format).
 _TABLE = (
     ("name", "name", "text", None),
+    ("status", "status", "text", None),
+    ("rank", "rank", "number", "d"),
+    ("score", "score", "number", ".3f"),
     ("role", "role", "text", None),
     ("layer", "layer", "number", "d"),
     ("shape", "shape", "text", None),
-    ("status", "status", "text", None),
     ("alpha_median", "α median", "number", ".3f"),
     ("alpha_fix_finger", "α fix-finger", "number", ".3f"),
     ("alpha_ks", "α KS", "number", ".3f"),
@@ -53,8 +55,6 @@ _TABLE = (
     ("lambda_max", "λ max", "number", ".4g"),
     ("alpha_weighted", "α weighted", "number", ".3f"),
     ("entropy", "entropy", "number", ".3f"),
-    ("score", "score", "number", ".3f"),
-    ("rank", "rank", "number", "d"),
     ("lora_alpha", "lora_alpha", "number", "g"),
     ("reason", "note", "text", None),
 )
@@ -152,6 +152,9 @@ def render(
     style, script = _asset("report.css"), _asset("report.js")
     context = {
         "meta": {key: _text(meta.get(key)) for key in _META_KEYS},
+        "title": glance.title(meta),
+        "glance": _glance(allocation),
+        "skipped_rows": int((shown.status == "skipped").sum()),
         "version": __version__,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "totals": _totals(table),
@@ -301,6 +304,13 @@ def _overview(
     ]
 
 
+def _glance(allocation: Allocation | None) -> dict[str, Any] | None:
+    content = glance.glance(allocation)
+    if content is not None and content["figure"] is not None:
+        content["figure"] = base64.b64encode(content["figure"]).decode("ascii")
+    return content
+
+
 def _capped(table: pd.DataFrame, plotted: set[int], limit: int) -> tuple[pd.DataFrame, str]:
     """At most ``limit`` rows for the page's table, in table order: the plotted ones first, then
     the other analysed ones, then the skipped; and what was left out, in words ("" if none)."""
@@ -320,7 +330,7 @@ def _capped(table: pd.DataFrame, plotted: set[int], limit: int) -> tuple[pd.Data
 def _rows(table: pd.DataFrame, plotted: set[int]) -> list[dict[str, Any]]:
     rows = []
     for index, record in zip(table.index, table.to_dict("records"), strict=True):
-        record["shape"] = f"{record['rows']} x {record['cols']}" if _present(record["rows"]) else ""
+        record["shape"] = glance.shape_text(record["rows"], record["cols"])
         record["name"] = f"{record['name']}{_expert(record)}"
         cells = []
         for col, _, kind, fmt in _TABLE:

@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
 
 from esdtool.spectral.marchenko_pastur import mp_density
@@ -66,9 +67,15 @@ def by_depth(
 def heatmap(
     table: pd.DataFrame, column: str, title: str, cmap: str, integer: bool = False
 ) -> bytes:
-    """Median ``column`` over (module kind x layer); blank where a cell has no value."""
+    """Median ``column`` over (module kind x layer); blank where a cell has no value. Every
+    kind and layer of ``table`` gets its row and column, even with no value at all (a kind no
+    module of which got a rank shows as a blank row, not as a missing one)."""
     data = table.dropna(subset=["layer", "kind", column])
     grid = data.pivot_table(index="kind", columns="layer", values=column, aggfunc="median")
+    kinds = sorted(table.dropna(subset=["layer", "kind"])["kind"].unique())
+    layers = sorted(table.dropna(subset=["layer"])["layer"].unique())
+    if kinds and layers:
+        grid = grid.reindex(index=kinds, columns=layers)
     n_kinds, n_layers = grid.shape if grid.size else (1, 1)
     height = min(1.2 + 0.32 * n_kinds, 30)  # hundreds of kinds must not make a 5 MB image
     fig = Figure(figsize=(min(3 + 0.45 * n_layers, 16), height), layout="constrained")
@@ -89,9 +96,45 @@ def heatmap(
                     label = f"{value:.0f}" if integer else f"{value:.1f}"
                     shade = image.cmap(image.norm(value))
                     dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.55
-                    ax.text(j, i, label, ha="center", va="center", fontsize=6,
+                    ax.text(j, i, label, ha="center", va="center", fontsize=8,
                             color="white" if dark else "black")  # fmt: skip
     ax.set(title=title, xlabel="layer")
+    return _svg(fig)
+
+
+def score_map(plan: pd.DataFrame, title: str) -> bytes:
+    """The plan's score of every candidate, module kind x layer, adapted cells outlined and
+    labelled with their rank: why each module got what it got, in one figure."""
+    grid = plan.pivot_table(index="kind", columns="layer", values="score", aggfunc="median")
+    rank = plan.pivot_table(index="kind", columns="layer", values="rank", aggfunc="max")
+    kept = plan.pivot_table(index="kind", columns="layer", values="selected", aggfunc="max")
+    rank, kept = rank.reindex_like(grid), kept.reindex_like(grid)
+    n_kinds, n_layers = grid.shape if grid.size else (1, 1)
+    height = min(1.6 + 0.36 * n_kinds, 30)
+    fig = Figure(figsize=(min(3.5 + 0.5 * n_layers, 16), height), layout="constrained")
+    ax = fig.add_subplot()
+    if grid.size:
+        image = ax.imshow(
+            np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap="Blues",
+            vmin=0, vmax=1,
+        )  # fmt: skip
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="score")
+        step_y = max(1, n_kinds // 80)
+        ax.set_yticks(range(0, n_kinds, step_y), [_label(str(k)) for k in grid.index[::step_y]],
+                      fontsize=9)  # fmt: skip
+        step = max(1, n_layers // 24)
+        ax.set_xticks(range(0, n_layers, step), [str(int(v)) for v in grid.columns[::step]])
+        flags = kept.to_numpy(dtype=float)
+        ranks = rank.to_numpy(dtype=float)
+        for (i, j), flag in np.ndenumerate(flags):
+            if flag == 1:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="#d1495b"))
+                if grid.size <= 600 and not math.isnan(ranks[i, j]):
+                    shade = image.cmap(image.norm(grid.to_numpy(dtype=float)[i, j]))
+                    dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.55
+                    ax.text(j, i, f"r{ranks[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")  # fmt: skip
+    ax.set(title=title + " (outlined: adapted, with its rank)", xlabel="layer")
     return _svg(fig)
 
 
