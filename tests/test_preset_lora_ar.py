@@ -146,3 +146,52 @@ def test_allocate_preset_needs_the_preset_table(minilm_metrics, tmp_path, capsys
                             "lora-ar"], capsys)  # fmt: skip
     assert code == 2 and "analysed with no preset" in err and "Traceback" not in err
     assert not (tmp_path / "plan").exists()
+
+
+def test_overrides_are_said_and_recorded(minilm_dir, tmp_path, capsys):
+    """A preset with an explicit override is no longer the origin's plan: the plan says so in
+    its notes, its record and its report."""
+    table = tmp_path / "m.parquet"
+    code, _, err = run_cli(["analyze", minilm_dir, "-o", table, "--preset", "lora-ar",
+                            "--sigma-fit", "median", "-q"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(["allocate", table, "-o", tmp_path / "plan", "--preset", "lora-ar",
+                            "--select", "highest", "--task-type", "FEATURE_EXTRACTION"],
+                           capsys)  # fmt: skip
+    assert code == 0, err
+    assert "not lora-ar's own plan" in err and "sigma_fit='median' (analyze)" in err
+    record = json.loads((tmp_path / "plan" / "esdtool_plan.json").read_text())
+    assert record["preset_overrides"] == ["sigma_fit='median' (analyze)", "select='highest'"]
+    assert "not lora-ar&#39;s own plan" in (tmp_path / "plan" / "report.html").read_text()
+
+
+def test_one_linear_model_gets_no_plan(tmp_path, capsys):
+    """int(0.5 x 1) = 0 in the origin's code: GPT-2's only nn.Linear (its tied lm_head; its
+    Conv1D projections are not nn.Linear) gets no adapter there, and no silent one here."""
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    table = tmp_path / "m.parquet"
+    code, _, err = run_cli(["analyze", tmp_path / "gpt2", "-o", table, "--preset", "lora-ar",
+                            "-q"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(["allocate", table, "-o", tmp_path / "plan", "--preset", "lora-ar"],
+                           capsys)  # fmt: skip
+    assert code == 2 and "the plan adapts nothing" in err and "Traceback" not in err
+
+
+def test_depthwise_conv_is_analysed_from_its_pooled_spectrum(tmp_path):
+    """A depthwise kernel [64, 1, 7, 7] has M = 1 per position but 49 pooled eigenvalues: it is
+    a matrix to analyse (the origin plans ConvNeXt's), not a skipped row."""
+    import torch
+    from safetensors.torch import save_file
+
+    from esdtool import analyze
+
+    weight = torch.randn(64, 1, 7, 7, generator=torch.Generator().manual_seed(0))
+    save_file({"dw.weight": weight}, str(tmp_path / "m.safetensors"))
+    analyze(tmp_path / "m.safetensors", tmp_path / "m.parquet")
+    row = load_metrics(tmp_path / "m.parquet").set_index("name").loc["dw.weight"]
+    assert row["status"] == "ok" and row["num_evals"] == 49

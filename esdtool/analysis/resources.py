@@ -78,7 +78,10 @@ def skip_reason(
             return f"{len(info.shape)}-D tensor, not a matrix"
         return f"{len(info.shape)}-D tensor, no matrix view"
     M = min(view.rows, view.cols)
-    if min_evals > M:
+    if view.pooled:  # a conv kernel's kh*kw spectra are pooled into one
+        if min_evals > M * view.count:
+            return f"{M * view.count} pooled eigenvalues < min_evals = {min_evals}"
+    elif min_evals > M:
         return f"M = {M} < min_evals = {min_evals}"
     if budget is not None and (need := memory_needed(info, dtype)) > budget:
         return (

@@ -113,8 +113,14 @@ def analyze_tensor(
     if tensor.ndim == 3:
         return _analyze_experts(base, tensor, settings, device, dtype)
     started = time.perf_counter()
+    conv_norm = settings.conv_norm
+    if settings.preset == "lora-ar" and tensor.ndim == 4 and tensor.element_size() == 2:
+        # The origin scales a 16-bit kernel by sqrt(conv_norm) in its own dtype, rounding it
+        # again, before the float32 SVD (its adaptive_rank_assignment.py line 87).
+        tensor = tensor * math.sqrt(conv_norm)
+        conv_norm = 1.0
     (matrix,) = matrices_of(tensor)
-    evals, finite = checked_spectrum(matrix, dtype, settings.conv_norm)
+    evals, finite = checked_spectrum(matrix, dtype, conv_norm)
     sides = None
     if settings.spike_rule == "lora-ar" and tensor.ndim == 4:
         # The origin's conv quirk: M and N over the reshaped (kh*kw, out, in) tensor's three

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from esdtool.analysis.settings import PRESETS as ANALYSIS_PRESETS
 from esdtool.errors import OptionError
 from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.source import resolve_source
@@ -19,6 +20,7 @@ from esdtool.plan.peft_config import (
     check_peft_options,
     write_plan_files,
 )
+from esdtool.plan.ranks import PRESETS as ALLOCATION_PRESETS
 from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks
 from esdtool.plan.verify import build_meta_model, linear_modules, raise_problems, verify_plan
 from esdtool.render import MAX_PLOTS
@@ -85,7 +87,7 @@ def allocate(
     check_report_options(settings.alpha_column, max_plots)  # even with --no-report: -1 is no count
     table = load_metrics(metrics)
     meta = table.attrs["esdtool"]
-    _check_preset(Path(metrics), settings, meta)
+    overrides = _check_preset(Path(metrics), settings, meta)
     needs_model = verify or settings.candidates == "model"
     model_dir = model_directory(meta) if needs_model else None
     modules = None
@@ -96,6 +98,11 @@ def allocate(
         allocation = allocate_ranks(table, settings, modules)
     except OptionError as exc:  # what the table lacks: name it
         raise OptionError(f"{metrics}: {exc}", hint=exc.hint) from None
+    if overrides:
+        allocation.notes.append(
+            f"not {settings.preset}'s own plan: options override the preset: "
+            + ", ".join(overrides)
+        )
     html = (
         render(table, allocation, settings.alpha_column, max_plots)[0].encode("utf-8")
         if report
@@ -106,6 +113,7 @@ def allocate(
         "source": meta.get("source"),
         "revision": meta.get("revision"),
         "allocate_settings": asdict(allocation.settings),
+        "preset_overrides": overrides,
         "budget_params": allocation.budget,
         "trainable_params": allocation.total_params,
         "esdtool_version": __version__,
@@ -129,18 +137,33 @@ def allocate(
     )
 
 
-def _check_preset(metrics: Path, settings: AllocateSettings, meta: dict[str, object]) -> None:
+def _check_preset(metrics: Path, settings: AllocateSettings, meta: dict[str, object]) -> list[str]:
     """A preset's plan needs the preset's analysis: the origin's plan cannot come out of
-    spikes counted another way."""
+    spikes counted another way. Returns the options that override the preset, in the table's
+    analysis or in ``settings`` ("sigma_fit=median"), for the plan's notes and record."""
+    if settings.preset is None:
+        return []
     analysed = meta.get("settings")
-    table_preset = analysed.get("preset") if isinstance(analysed, dict) else None
-    if settings.preset is not None and table_preset != settings.preset:
+    analysed = analysed if isinstance(analysed, dict) else {}
+    table_preset = analysed.get("preset")
+    if table_preset != settings.preset:
         raise OptionError(
             f"{metrics}: --preset {settings.preset} plans from a table analysed with --preset "
             f"{settings.preset}; this one was analysed with "
             + (f"--preset {table_preset}" if isinstance(table_preset, str) else "no preset"),
             hint=f"esdtool analyze SOURCE -o TABLE --preset {settings.preset}, then allocate",
         )
+    overrides = [
+        f"{key}={analysed.get(key)!r} (analyze)"
+        for key, value in ANALYSIS_PRESETS[settings.preset].items()
+        if analysed.get(key) != value
+    ]
+    overrides += [
+        f"{key}={getattr(settings, key)!r}"
+        for key, value in ALLOCATION_PRESETS[settings.preset].items()
+        if getattr(settings, key) != value
+    ]
+    return overrides
 
 
 def model_directory(meta: dict[str, object]) -> Path:

@@ -122,8 +122,8 @@ class AllocateSettings:
         if self.candidates not in ("role", "model"):
             problems.append(f"candidates must be role or model, not {self.candidates!r}")
         if self.candidates == "model" and self.targets is not None:
-            problems.append("--targets picks candidates by name; the model's Linear modules are "
-                            "the candidates of --preset lora-ar (give one)")  # fmt: skip
+            problems.append("--targets picks candidates by name, and --preset lora-ar takes "
+                            "every Linear of the model: drop one of them")  # fmt: skip
         if self.preset is not None and self.preset not in PRESETS:
             problems.append(f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         if self.targets is not None:
@@ -206,12 +206,25 @@ def _model_candidates(
     missing = [(m, t) for m, t in modules if t not in by_name.index]
     if missing:
         module, tensor = missing[0]
-        status = metrics.loc[metrics.name == tensor, "reason"]
-        why = f" ({status.iloc[0]})" if len(status) and isinstance(status.iloc[0], str) else ""
+        more = f"; {len(missing) - 1} more like it" if len(missing) > 1 else ""
+        row = metrics[metrics.name == tensor]
+        if row.empty:  # the model names its weights otherwise than the checkpoint does
+            raise OptionError(
+                f"module {module!r}: the table has no tensor {tensor!r}{more}",
+                hint="the model's parameter names differ from the checkpoint's tensor names "
+                "(transformers renames some architectures' modules on loading); the preset "
+                "cannot pair them. Analysed with --include/--exclude? Analyse every tensor.",
+            )
+        reason = row.reason.iloc[0]
+        if row.M.iloc[0] is not pd.NA and row.M.iloc[0] == 1 and row.N.iloc[0] is not pd.NA:
+            raise OptionError(
+                f"module {module!r} has one eigenvalue (a {row.rows.iloc[0]} x "
+                f"{row.cols.iloc[0]} weight){more}: Adaptive Rank LoRA's code crashes on such a "
+                "module (argmin of an empty KS search), so there is no plan of its to reproduce",
+                hint="plan without --preset (pick the modules with --targets)",
+            )
         raise OptionError(
-            f"module {module!r}: its weight {tensor!r} has no analysed row{why}"
-            + (f"; {len(missing) - 1} more like it" if len(missing) > 1 else ""),
-            hint="analyse every tensor (no --include/--exclude), with --preset lora-ar",
+            f"module {module!r}: its weight {tensor!r} has no spectrum ({reason}){more}"
         )
     rows = by_name.loc[[t for _, t in modules]].reset_index()
     rows["module"] = [m for m, _ in modules]
@@ -220,10 +233,11 @@ def _model_candidates(
         & rows[settings.spikes_column].notna()
     )
     if not usable.all():
-        module = rows.module[~usable].iloc[0]
+        bad = rows[~usable].iloc[0]
         raise OptionError(
-            f"module {module!r} has no {settings.alpha_column} or {settings.spikes_column}; "
-            "the preset's scores need every Linear"
+            f"module {bad.module!r} has no {settings.alpha_column} or {settings.spikes_column} "
+            f"(fit status {bad.fit_status}; e.g. all its eigenvalues are equal, as for an "
+            "identity or orthogonal matrix): the preset's scores need every Linear"
         )
     return rows, []
 
@@ -281,13 +295,22 @@ def allocate_ranks(
     settings = settings or AllocateSettings()
     df, dropped = candidates(metrics, settings, modules)
     if df.empty:
+        if settings.candidates == "model":
+            raise OptionError("no candidate modules: the model has no nn.Linear or nn.Conv2d")
         what = f"--targets {settings.targets!r}" if settings.targets else "role 'linear'"
         raise OptionError(f"no candidate modules: no analysed matrix matches {what}")
     alpha = df[settings.alpha_column].to_numpy(float)
     spikes = df[settings.spikes_column].to_numpy(float)
     score = scores(alpha, spikes, settings.w_hill, settings.w_mp_spikes)
     n = len(df)
-    k = max(1, math.floor(settings.top_n_percentile * n))
+    k = math.floor(settings.top_n_percentile * n)
+    if settings.candidates == "role":
+        k = max(1, k)
+    elif k == 0:  # the origin's int(p n) (L331): a model with one Linear gets no adapter
+        raise OptionError(
+            f"the plan adapts nothing: {n} candidate module(s) x --top-n-percentile "
+            f"{settings.top_n_percentile:g} rounds down to 0, as in Adaptive Rank LoRA's code"
+        )
     order = np.argsort(-score if settings.select == "highest" else score, kind="stable")
     selected = np.zeros(n, dtype=bool)
     selected[order[:k]] = True

@@ -156,10 +156,25 @@ def _short(value: object, limit: int = 80) -> str:
 
 
 def build_meta_model(model_dir: Path) -> Any:
-    """The model of ``model_dir``/config.json, instantiated on the meta device."""
+    """The model of ``model_dir``/config.json, instantiated on the meta device. transformers'
+    own warnings are held back meanwhile (they would break allocate's one-line errors)."""
+    transformers = require("checking a plan", "transformers", "peft")["transformers"]
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(
+            f"{model_dir}: no config.json beside the checkpoint, so the model cannot be built",
+            hint="keep the model's config.json next to its safetensors files",
+        )
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return _meta_model(transformers, model_dir)
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _meta_model(transformers: Any, model_dir: Path) -> Any:
     import torch
 
-    transformers = require("checking a plan", "transformers", "peft")["transformers"]
     try:
         config = transformers.AutoConfig.from_pretrained(str(model_dir))
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError...

@@ -97,7 +97,7 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
             {"kind": printable(k), "kept": int(n), "candidates": int(c)}
             for k, n, c in zip(kinds.kind, kinds.kept, kinds.candidates, strict=True)
         ],
-        "notes": dominance_notes(plan),
+        "notes": [printable(n) for n in allocation.notes] + dominance_notes(plan),
         "figure": figure,
     }
 
