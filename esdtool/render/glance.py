@@ -90,7 +90,7 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
     figure = None
     blocks = plan.dropna(subset=["layer"])
     if not blocks.empty:
-        figure = plots.score_map(blocks, f"score ({s.alpha_column}, {s.spikes_column})")
+        figure = plots.score_map(blocks, f"plan score ({s.alpha_column}, {s.spikes_column})")
     return {
         "rule": rule,
         "kinds": [

@@ -134,7 +134,7 @@ def score_map(plan: pd.DataFrame, title: str) -> bytes:
                     dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.55
                     ax.text(j, i, f"r{ranks[i, j]:.0f}", ha="center", va="center", fontsize=8,
                             color="white" if dark else "black")  # fmt: skip
-    ax.set(title=title + " (outlined: adapted, with its rank)", xlabel="layer")
+    ax.set(title=title, xlabel="layer")
     return _svg(fig)
 
 
