@@ -149,7 +149,7 @@ def test_each_spectrum_plot_draws_its_rows_fit_and_thresholds(minilm_table):
     slope = np.diff(np.log(y)) / np.diff(np.log(x))
     np.testing.assert_allclose(slope, -row["alpha_median"], rtol=1e-9)
     assert lines["MP edge"].get_xdata()[0] == pytest.approx(row["bulk_max"])
-    assert lines["TW threshold"].get_xdata()[0] == pytest.approx(row["tw_threshold"])
+    assert lines["spike threshold"].get_xdata()[0] == pytest.approx(row["tw_threshold"])
     assert ax.get_title(loc="left").startswith(f"α = {row['alpha_median']:.2f} (median)")
     assert f"spikes {row['num_spikes']}" in ax.get_title(loc="left")
     assert plots.esd(np.asarray(row["eigenvalues"]), row, "alpha_median").startswith(b"<?xml")

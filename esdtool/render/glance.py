@@ -82,6 +82,12 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
         f"{s.min_rank}..{s.max_rank} ({s.rank_scaling}) by score; lora_alpha = "
         f"{s.alpha_factor:g} x rank."
     )
+    if s.alpha_column != "alpha_ks":
+        rule += (
+            f" The plan's {s.alpha_column} is not on HTSR's 2-6 scale, which belongs to alpha_ks "
+            "(WeightWatcher's alpha, drawn with its band in the overview): read the plan's "
+            "scores against each other, not against that band."
+        )
     if allocation.budget:
         rule += (
             f" Ranks were scaled to a budget of {allocation.budget:,} trainable parameters "

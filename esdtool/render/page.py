@@ -245,8 +245,7 @@ def _gallery(
         if not matrices:
             continue
         alphas = rows[alpha_column].dropna()
-        method = alpha_column.removeprefix("alpha_").replace("_", "-")
-        summary = f"median α ({method}) {alphas.median():.2f}" if len(alphas) else ""
+        summary = f"{alpha_column} median {alphas.median():.2f}" if len(alphas) else ""
         title = "outside the blocks" if layer < 0 else f"layer {layer:g}"
         groups.append({"title": title, "summary": summary, "matrices": matrices})
     return groups, drawn

@@ -152,8 +152,9 @@ def esd_figure(evals: np.ndarray, row: dict, alpha_column: str, threshold: float
     ones would stretch the axis over many empty decades. Fixed margins and no minor ticks:
     constrained layout and log minor ticks cost 10x the drawing itself.
     """
-    fig = Figure(figsize=(5.4, 3.4))
-    fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.16)
+    fig = Figure(figsize=(5.4, 3.9))
+    # The legend sits below the axes, in two columns, where it cannot cover the histogram.
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.91, bottom=0.31)
     ax = fig.add_subplot()
     lam = np.asarray(evals, dtype=float)
     lam = lam[np.isfinite(lam) & (lam > max(threshold, 0.0))]  # a crafted table may hold inf
@@ -180,19 +181,20 @@ def esd_figure(evals: np.ndarray, row: dict, alpha_column: str, threshold: float
             x = np.geomspace(xmin, lam[-1], 50)
             y = tail.size / lam.size * (alpha - 1) / xmin * (x / xmin) ** -alpha
             ax.plot(x, y, color="#e76f51", lw=1.8, label=f"power law from xmin={xmin:.3g}")
-        for value, style, label in (
-            (row.get("bulk_max"), ":", "MP edge"),  # dotted grey vs dashed dark
-            (row.get("tw_threshold"), "--", "TW threshold"),
+        for value, style, color, label in (
+            (row.get("bulk_max"), ":", "#777777", "MP edge"),  # dotted grey vs dashed dark
+            (row.get("tw_threshold"), "--", "#264653", "spike threshold"),
         ):
             if _finite(value):
-                ax.axvline(value, color="#264653", ls=style, lw=1, label=label)
+                ax.axvline(value, color=color, ls=style, lw=1.2, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.minorticks_off()
         ax.xaxis.set_major_formatter(FuncFormatter(_decade))
         ax.yaxis.set_major_formatter(FuncFormatter(_decade))
         ax.set_ylim(bottom=floor)
-        ax.legend(fontsize=8, frameon=False, loc="lower left")
+        ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.45, -0.2),
+                  ncol=2)  # fmt: skip
     ax.set_ylabel("density", fontsize=9)
     ax.tick_params(labelsize=9)
     return fig
