@@ -331,6 +331,11 @@ def test_report_works_in_headless_chromium(minilm_plan, tmp_path):
         page.click("#expand")
         groups = page.evaluate("document.querySelectorAll('details.group').length")
         assert page.evaluate("document.querySelectorAll('details.group[open]').length") == groups
+        # Plots load lazily (each has its size reserved); load them all, then check each decodes.
+        page.evaluate(
+            "Promise.all([...document.querySelectorAll('#spectra img')]"
+            ".map(i => { i.loading = 'eager'; return i.decode(); }))"
+        )
         assert page.evaluate(
             "[...document.querySelectorAll('#spectra img')].every(i => i.naturalWidth > 0)"
         )

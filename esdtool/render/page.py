@@ -1,7 +1,7 @@
 """The HTML report: one self-contained file a person can open and read (the CLI's twin).
 
 The page is rendered with Jinja2 from ``templates/report.html.j2`` with autoescape on, so every
-string from a checkpoint or a table (tensor names, metadata) is escaped text. Plots are PNGs
+string from a checkpoint or a table (tensor names, metadata) is escaped text. Plots are SVGs
 inlined as data URIs, the style sheet and script are inlined too, and a Content-Security-Policy
 allows nothing to be fetched and only that script (by its hash) to run. Nothing read from the
 table ever becomes a file path: the only file written is ``output``.
@@ -13,6 +13,7 @@ import base64
 import hashlib
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -238,6 +239,7 @@ def _gallery(
                     "index": index,
                     "name": printable(record["name"]) + _expert(record),
                     "svg": base64.b64encode(svg).decode("ascii"),
+                    "size": _svg_size(svg),
                     "rank": int(rank) if _present(rank) else None,
                 }
             )
@@ -301,6 +303,13 @@ def _overview(
         {"svg": base64.b64encode(svg).decode("ascii"), "title": title, "caption": caption}
         for svg, title, caption in figures
     ]
+
+
+def _svg_size(svg: bytes) -> tuple[int, int] | None:
+    """The CSS pixel size matplotlib writes on the SVG root (in pt: 72 an inch, 96 px), so the
+    page reserves each plot's box before it loads and links land where they point."""
+    found = re.search(rb'<svg[^>]*\swidth="([\d.]+)pt" height="([\d.]+)pt"', svg[:2000])
+    return (round(float(found[1]) * 4 / 3), round(float(found[2]) * 4 / 3)) if found else None
 
 
 def _glance(allocation: Allocation | None) -> dict[str, Any] | None:

@@ -49,7 +49,7 @@ def by_depth(
     table: pd.DataFrame, column: str, title: str, ylabel: str, band: tuple[float, float] | None
 ) -> bytes:
     """``column`` against layer index, one line per module kind (median over experts)."""
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")  # legible at a phone's width
     ax = fig.add_subplot()
     data = table.dropna(subset=["layer", "kind", column])
     if band is not None:
@@ -59,8 +59,8 @@ def by_depth(
         ax.plot(series.index, series.values, marker="o", ms=3, lw=1.2, label=_label(kind))
     ax.set(title=title, xlabel="layer", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    if data["kind"].nunique():
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    if data["kind"].nunique():  # below the axes: a legend at the side halves the plot on a phone
+        fig.legend(loc="outside lower center", fontsize=8, frameon=False, ncol=2)
     return _svg(fig)
 
 
