@@ -134,6 +134,14 @@ class Sidecar:
             raise
         return side
 
+    @classmethod
+    def none(cls) -> Sidecar:
+        """A sidecar that keeps nothing and writes nothing (a run with no output file)."""
+        side = cls(Path(os.devnull), "")
+        side._write_line = lambda record: None  # type: ignore[method-assign]
+        side.remove = side.close  # type: ignore[method-assign]
+        return side
+
     @property
     def kept_rows(self) -> int:
         return sum(len(rows) for rows in self.kept.values())

@@ -12,6 +12,7 @@ import datetime as _dt
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +21,8 @@ import torch
 
 from esdtool.analysis import distributed
 from esdtool.analysis.distributed import matrix_cost
-from esdtool.analysis.resources import memory_budget, resolve_device
+from esdtool.analysis.memory import describe, is_in_memory, named_tensors, tensor_info
+from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
 from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
 from esdtool.analysis.rows import analyze_tensor, header_row
 from esdtool.analysis.settings import AnalyzeSettings
@@ -30,7 +32,7 @@ from esdtool.errors import AnalysisInterrupted, CheckpointError, OptionError, Ou
 from esdtool.io.atomic import check_output_file
 from esdtool.io.checkpoint import Checkpoint, open_checkpoint, prefetched
 from esdtool.io.source import ResolvedSource, resolve_source
-from esdtool.io.table import MatrixRow, write_metrics
+from esdtool.io.table import MatrixRow, metrics_frame, write_metrics
 from esdtool.spectral.spectra import auto_dtype
 from esdtool.version import __version__
 
@@ -63,9 +65,12 @@ class AnalyzeResult:
     device:   where spectra were computed.
     quantization: one line per kind of quantized weight dequantized (or skipped because its
               format cannot be decoded); empty for plain checkpoints.
+    table:    the metrics table itself: the DataFrame :func:`~esdtool.load_metrics` gives for
+              the parquet file (the same columns, dtypes and ``attrs["esdtool"]``), also when
+              no file was written.
     """
 
-    output: Path
+    output: Path | None
     rows: int
     analysed: int
     skipped: int
@@ -78,11 +83,12 @@ class AnalyzeResult:
     revision: str | None = None
     resumed: int = 0
     quantization: list[str] = field(default_factory=list)
+    table: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the CLI's ``--json`` output)."""
         return {
-            "output": str(self.output),
+            "output": None if self.output is None else str(self.output),
             "source": self.source,
             "revision": self.revision,
             "rows": self.rows,
@@ -103,20 +109,26 @@ class AnalyzeResult:
 
 
 def analyze(
-    source: str | os.PathLike[str],
-    output: str | os.PathLike[str],
+    source: str | os.PathLike[str] | torch.nn.Module | Mapping[str, torch.Tensor],
+    output: str | os.PathLike[str] | None = None,
     settings: AnalyzeSettings | None = None,
     *,
     revision: str | None = None,
     token: str | None = None,
     progress: ProgressHook | None = None,
     resume: bool = True,
+    weights: str = "base",
 ) -> AnalyzeResult:
-    """Analyse every selected tensor of ``source`` and write the metrics table to ``output``.
+    """Analyse every selected tensor of ``source``; the table is ``result.table`` and, when
+    ``output`` is given, the parquet file written there.
 
     ``source`` is a .safetensors file, a model directory (single file or sharded with an
-    index), or a hub id. All headers are checked before any computing starts, so a damaged
-    checkpoint fails fast; a tensor that fails later gets an ``error`` row and the rest go on.
+    index), a hub id, or a model already in memory: a ``torch.nn.Module`` (its parameters, by
+    their ``named_parameters`` names) or a state dict. Of a PEFT model, ``weights="base"``
+    reads the frozen base weights and ``"merged"`` each adapted weight plus its LoRA update.
+    In-memory tensors are analysed one at a time where they live. For files, all headers are
+    checked before any computing starts, so a damaged checkpoint fails fast; a tensor that
+    fails later gets an ``error`` row and the rest go on.
 
     Each finished tensor's rows are appended to a sidecar next to ``output``; a run that was
     killed or interrupted resumes from it when started again with the same output, checkpoint
@@ -129,7 +141,10 @@ def analyze(
     """
     settings = settings or AnalyzeSettings()
     started = time.perf_counter()
-    output = check_output_file(output)  # before a download or a sidecar: -o /dev/null, -o dir/
+    if output is not None:  # before a download or a sidecar: -o /dev/null, -o dir/
+        output = check_output_file(output)
+    if is_in_memory(source):
+        return _analyze_memory(source, output, settings, progress, weights, started)
     world = distributed.join(settings.device)
     try:
         device = resolve_device(distributed.rank_device(settings.device, world))
@@ -140,7 +155,8 @@ def analyze(
         resolved = resolve_source(source, revision=revision, token=token)
         if world.main:
             distributed.barrier(world)
-        check_output_file(output, resolved.files)  # never the checkpoint itself
+        if output is not None:
+            check_output_file(output, resolved.files)  # never the checkpoint itself
         with open_checkpoint(resolved.files, index=resolved.index) as ckpt:
             names = list(filter(settings.selects, ckpt.keys()))
             if not ckpt.keys():
@@ -154,7 +170,11 @@ def analyze(
             infos = {n: ckpt.info(n) for n in ckpt.keys()}  # noqa: SIM118 (not a dict)
             layout = layout_of(infos, scheme, ckpt.get_tensor)
             _check_something_analysable(ckpt, names, layout, settings, resolved.source)
-            side = _open_sidecar(Path(output), resolved, settings, world, resume, progress)
+            side = (
+                _open_sidecar(Path(output), resolved, settings, world, resume, progress)
+                if output is not None
+                else Sidecar.none()
+            )
             try:
                 mine = _analyze_names(ckpt, names, layout, settings, device, progress, world, side)
             except KeyboardInterrupt:
@@ -166,17 +186,21 @@ def analyze(
                 ) from None
             metadata = _metadata(resolved, ckpt, settings, device, world, layout)
         rows = distributed.gather_rows(world, mine)
+        table = None
         if rows is not None:  # rank 0: the table, in the checkpoint's order
             position = {name: i for i, name in enumerate(names)}
             rows.sort(key=lambda r: (position[r.name], -1 if r.slice is None else r.slice))
-            write_metrics(rows, Path(output), metadata)
+            if output is not None:
+                write_metrics(rows, Path(output), metadata)
+            table = metrics_frame(rows, metadata)
         distributed.barrier(world)  # the table exists before any rank returns
         side.remove()
         seconds = time.perf_counter() - started
-        result = _summarise(rows if rows is not None else mine, Path(output), seconds, device)
+        out = None if output is None else Path(output)
+        result = _summarise(rows if rows is not None else mine, out, seconds, device)
         return replace(
             result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows,
-            quantization=layout.summary(names, settings.raw_codes),
+            quantization=layout.summary(names, settings.raw_codes), table=table,
         )  # fmt: skip
     finally:
         distributed.leave(world)
@@ -314,8 +338,56 @@ def _metadata(
     }
 
 
+def _analyze_memory(
+    source: object,
+    output: Path | None,
+    settings: AnalyzeSettings,
+    progress: ProgressHook | None,
+    weights: str,
+    started: float,
+) -> AnalyzeResult:
+    """:func:`analyze` of a module or state dict: the same rows, one tensor at a time."""
+    device = resolve_device(settings.device)
+    if settings.dtype == "auto":
+        settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
+    budget = memory_budget(settings, device)
+    infos = [tensor_info(n, t) for n, t in named_tensors(source, "base") if settings.selects(n)]
+    if not infos:
+        raise OptionError("nothing to analyse: no tensor name passes --include/--exclude")
+    if progress:
+        progress.start(len(infos), sum(i.nbytes for i in infos))
+    rows: list[MatrixRow] = []
+    for name, tensor in named_tensors(source, weights):
+        if not settings.selects(name):
+            continue
+        info = tensor_info(name, tensor)
+        reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
+        if reason is not None:
+            rows.append(header_row(info, "skipped", reason))
+        else:
+            try:
+                rows.extend(analyze_tensor(info, tensor, settings, device))
+            except Exception as exc:  # one bad tensor must not lose the others' rows
+                rows.append(header_row(info, "error", f"{type(exc).__name__}: {exc}"))
+        del tensor
+        if progress:
+            progress.advance(name, info.nbytes)
+    metadata = {
+        "source_path": None, "revision": None, "files": [], "model_type": None,
+        "architectures": None, **describe(source, weights), "checkpoint_metadata": {},
+        "quantization_config": None, "esdtool_version": __version__,
+        "torch_version": torch.__version__, "settings": settings.to_dict(),
+        "device": str(device), "world_size": 1,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    if output is not None:
+        write_metrics(rows, Path(output), metadata)
+    result = _summarise(rows, output, time.perf_counter() - started, device)
+    return replace(result, source=metadata["source"], table=metrics_frame(rows, metadata))
+
+
 def _summarise(
-    rows: list[MatrixRow], output: Path, seconds: float, device: torch.device
+    rows: list[MatrixRow], output: Path | None, seconds: float, device: torch.device
 ) -> AnalyzeResult:
     def lines(status: str) -> list[str]:
         return [f"{r.shard}: tensor {r.name!r}: {r.reason}" for r in rows if r.status == status]

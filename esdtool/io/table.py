@@ -210,15 +210,35 @@ class MatrixRow:
         }
 
 
-def write_metrics(rows: Sequence[MatrixRow], path: Path, metadata: dict[str, Any]) -> Path:
-    """Write ``rows`` and ``metadata`` to ``path`` atomically."""
+def _arrow(rows: Sequence[MatrixRow], metadata: dict[str, Any]) -> pa.Table:
     flat = [row.columns() for row in rows]
     arrays = [_column([row[f.name] for row in flat], f.type) for f in SCHEMA]
     table = pa.Table.from_arrays(arrays, schema=SCHEMA)
     meta = {"schema_version": SCHEMA_VERSION, **metadata}
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+
+def write_metrics(rows: Sequence[MatrixRow], path: Path, metadata: dict[str, Any]) -> Path:
+    """Write ``rows`` and ``metadata`` to ``path`` atomically."""
+    table = _arrow(rows, metadata)
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
+
+
+def metrics_frame(rows: Sequence[MatrixRow], metadata: dict[str, Any]) -> pd.DataFrame:
+    """``rows`` as the DataFrame :func:`load_metrics` would give for the file
+    :func:`write_metrics` writes: the same columns, dtypes and ``attrs["esdtool"]``."""
+    table = _arrow(rows, metadata)
+    frame = _pandas(table)
+    frame.attrs["esdtool"] = json.loads(table.schema.metadata[METADATA_KEY])
+    return frame
+
+
+def _pandas(table: pa.Table) -> pd.DataFrame:
+    import pandas as pd
+
+    # Nullable integers, so that counts stay integers where skipped rows have none.
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
 
 _NUMPY = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64}
@@ -359,8 +379,7 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
     import pandas as pd
 
     try:
-        # Nullable integers, so that counts stay integers where skipped rows have none.
-        df = pq.read_table(path).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+        df = _pandas(pq.read_table(path))
     except (pa.ArrowException, OSError) as exc:
         raise MetricsSchemaError(f"{path}: unreadable parquet data ({exc})") from exc
     for name in _ADDED:  # an older table: the column as null, in its place

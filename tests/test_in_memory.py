@@ -1,0 +1,86 @@
+"""esdtool.analyze on models already in memory (issue 17): a torch module, a PEFT-wrapped one
+(base or merged weights) or a state dict gives the same table as the checkpoint on disk, and
+``output=None`` writes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from esdtool import AnalyzeSettings, analyze, load_metrics
+
+transformers = pytest.importorskip("transformers")
+
+SETTINGS = AnalyzeSettings(dtype="float64", device="cpu")
+
+
+def _same(a, b, columns=("status", "alpha_ks", "alpha_median", "lambda_max", "num_spikes")):
+    a, b = a.set_index("name"), b.set_index("name")
+    common = a.index.intersection(b.index)
+    assert len(common) >= len(b) - 1, set(b.index) - set(common)
+    for column in columns:
+        x, y = a.loc[common, column], b.loc[common, column]
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x.to_numpy(float), y.to_numpy(float), rtol=1e-12)
+        else:
+            assert list(x) == list(y), column
+
+
+def test_module_equals_its_checkpoint(minilm_dir, minilm_table, tmp_path):
+    model = transformers.AutoModel.from_pretrained(minilm_dir)
+    before = set(tmp_path.iterdir())
+    result = analyze(model, settings=SETTINGS)
+    assert result.output is None and set(tmp_path.iterdir()) == before
+    table = result.table
+    assert list(table.columns) == list(minilm_table.columns)
+    assert (table.dtypes == minilm_table.dtypes).all()
+    assert table.attrs["esdtool"]["source_kind"] == "memory"
+    assert (
+        table.attrs["esdtool"]["schema_version"] == minilm_table.attrs["esdtool"]["schema_version"]
+    )
+    _same(table, minilm_table)  # position_ids is a buffer, not a parameter: one row fewer
+
+
+def test_state_dict_and_output_file(minilm_dir, minilm_table, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(minilm_dir / "model.safetensors"))
+    result = analyze(state, tmp_path / "m.parquet", SETTINGS)
+    written = load_metrics(tmp_path / "m.parquet")
+    assert result.table.drop(columns=["seconds"]).equals(written.drop(columns=["seconds"]))
+    _same(written, minilm_table)
+
+
+def test_peft_base_and_merged_weights(tiny_causal_lm):
+    """'base' reads the frozen weights; 'merged' each adapted weight plus its update, which
+    must be what PEFT's own merge_and_unload gives."""
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    plain = analyze(base, settings=SETTINGS).table
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(0)
+    wrapped = peft.get_peft_model(copy.deepcopy(base), config)
+    as_base = analyze(wrapped, settings=SETTINGS, weights="base").table
+    _same(as_base, plain)
+    assert "(base weights)" in as_base.attrs["esdtool"]["source"]
+    merged = analyze(wrapped, settings=SETTINGS, weights="merged").table
+    reference = analyze(copy.deepcopy(wrapped).merge_and_unload(), settings=SETTINGS).table
+    _same(merged, reference)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (
+        merged.set_index("name").loc[q, "lambda_max"]
+        != plain.set_index("name").loc[q, "lambda_max"]
+    )
+
+
+def test_bad_in_memory_input_is_one_error():
+    from esdtool.errors import OptionError
+
+    with pytest.raises(OptionError, match="maps names to tensors"):
+        analyze({"w": [1, 2, 3]})
+    with pytest.raises(OptionError, match="weights must be one of base, merged"):
+        analyze({"w": torch.ones(20, 20)}, weights="adapters")
