@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from esdtool.analysis import AnalyzeResult, AnalyzeSettings, analyze
     from esdtool.io.table import SCHEMA_VERSION, load_metrics
     from esdtool.plan import AllocateResult, AllocateSettings, allocate
-    from esdtool.render import ReportResult, report
+    from esdtool.render import ReportResult, plot_esd, report
     from esdtool.training import FinetuneResult, FinetuneSettings, finetune
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "analyze",
     "finetune",
     "load_metrics",
+    "plot_esd",
     "report",
 ]
 
@@ -48,6 +49,7 @@ _WHERE = {
     "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table",
     "SCHEMA_VERSION": "io.table", "allocate": "plan.directory", "AllocateResult": "plan.directory",
     "AllocateSettings": "plan.ranks", "report": "render.page", "ReportResult": "render.page",
+    "plot_esd": "render.page",
     "finetune": "training.recipe", "FinetuneResult": "training.recipe",
     "FinetuneSettings": "training.recipe",
 }  # fmt: skip

@@ -84,3 +84,34 @@ def test_bad_in_memory_input_is_one_error():
         analyze({"w": [1, 2, 3]})
     with pytest.raises(OptionError, match="weights must be one of base, merged"):
         analyze({"w": torch.ones(20, 20)}, weights="adapters")
+
+
+def test_notebook_twins(minilm_dir, tmp_path):
+    """The loop in Python without files: analyze -> allocate -> report, then save each."""
+    peft = pytest.importorskip("peft")
+    from esdtool import allocate, plot_esd, report
+
+    model = transformers.AutoModel.from_pretrained(minilm_dir)
+    table = analyze(model, settings=SETTINGS).table
+    plan = allocate(table, task_type="FEATURE_EXTRACTION")
+    assert plan.config is None and not any(tmp_path.iterdir())
+    assert len(plan.rank_pattern) == 18 and set(plan.alpha_pattern) == set(plan.rank_pattern)
+    config = plan.to_lora_config()
+    assert isinstance(config, peft.LoraConfig) and config.rank_pattern == plan.rank_pattern
+    wrapped = peft.get_peft_model(model, config)
+    adapted = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+               for n, _ in wrapped.named_modules() if n.endswith("lora_A.default")}  # fmt: skip
+    assert len(adapted) == 18
+    saved = plan.save(tmp_path / "plan")
+    assert saved.config.is_file() and (tmp_path / "plan" / "report.html").is_file()
+    page = report(table, allocation=plan.allocation)
+    assert page.output is None and page._repr_html_().startswith("<iframe srcdoc=")
+    assert "Plan at a glance" in page.html
+    assert page.save(tmp_path / "r.html").read_text() == page.html
+    name = "encoder.layer.0.attention.self.query.weight"
+    figure = plot_esd(table, name)
+    assert figure.axes and figure.axes[0].get_xscale() == "log"
+    from esdtool.errors import OptionError
+
+    with pytest.raises(OptionError, match="no analysed row"):
+        plot_esd(table, "nope")

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,9 +66,9 @@ class AnalyzeResult:
     device:   where spectra were computed.
     quantization: one line per kind of quantized weight dequantized (or skipped because its
               format cannot be decoded); empty for plain checkpoints.
-    table:    the metrics table itself: the DataFrame :func:`~esdtool.load_metrics` gives for
-              the parquet file (the same columns, dtypes and ``attrs["esdtool"]``), also when
-              no file was written.
+    table:    (property) the metrics table itself: the DataFrame :func:`~esdtool.load_metrics`
+              gives for the parquet file (the same columns, dtypes and ``attrs["esdtool"]``),
+              also when no file was written.
     """
 
     output: Path | None
@@ -83,7 +84,14 @@ class AnalyzeResult:
     revision: str | None = None
     resumed: int = 0
     quantization: list[str] = field(default_factory=list)
-    table: Any = field(default=None, repr=False, compare=False)
+    _table: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def table(self) -> Any:
+        """The table as a pandas DataFrame (built on first use: the CLI never needs pandas)."""
+        if callable(self._table):
+            object.__setattr__(self, "_table", self._table())
+        return self._table
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the CLI's ``--json`` output)."""
@@ -192,7 +200,7 @@ def analyze(
             rows.sort(key=lambda r: (position[r.name], -1 if r.slice is None else r.slice))
             if output is not None:
                 write_metrics(rows, Path(output), metadata)
-            table = metrics_frame(rows, metadata)
+            table = partial(metrics_frame, rows, metadata)
         distributed.barrier(world)  # the table exists before any rank returns
         side.remove()
         seconds = time.perf_counter() - started
@@ -200,7 +208,7 @@ def analyze(
         result = _summarise(rows if rows is not None else mine, out, seconds, device)
         return replace(
             result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows,
-            quantization=layout.summary(names, settings.raw_codes), table=table,
+            quantization=layout.summary(names, settings.raw_codes), _table=table,
         )  # fmt: skip
     finally:
         distributed.leave(world)
@@ -383,7 +391,7 @@ def _analyze_memory(
     if output is not None:
         write_metrics(rows, Path(output), metadata)
     result = _summarise(rows, output, time.perf_counter() - started, device)
-    return replace(result, source=metadata["source"], table=metrics_frame(rows, metadata))
+    return replace(result, source=metadata["source"], _table=partial(metrics_frame, rows, metadata))
 
 
 def _summarise(

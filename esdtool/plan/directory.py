@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from esdtool.analysis.settings import PRESETS as ANALYSIS_PRESETS
 from esdtool.errors import OptionError
+from esdtool.extras import require
 from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.source import resolve_source
 from esdtool.io.table import load_metrics
@@ -18,6 +23,7 @@ from esdtool.plan.peft_config import (
     PLAN_RECORD,
     REPORT_NAME,
     check_peft_options,
+    lora_config_dict,
     write_plan_files,
 )
 from esdtool.plan.ranks import PRESETS as ALLOCATION_PRESETS
@@ -31,19 +37,46 @@ from esdtool.version import __version__
 
 @dataclass(frozen=True)
 class AllocateResult:
-    """The plan and where it was written."""
+    """The plan, and where it was written (None when nothing was).
+
+    allocation:  every candidate's score, selection and rank (:class:`Allocation`).
+    lora_config: the adapter_config.json content; ``rank_pattern`` / ``alpha_pattern`` are its
+                 per-module ranks and alphas, ``to_lora_config()`` PEFT's ``LoraConfig``.
+    """
 
     allocation: Allocation
-    config: Path
-    csv: Path
+    config: Path | None
+    csv: Path | None
     report: Path | None = None
+    lora_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    _save: Callable[[Path], AllocateResult] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def rank_pattern(self) -> dict[str, int]:
+        return dict(self.lora_config.get("rank_pattern", {}))
+
+    @property
+    def alpha_pattern(self) -> dict[str, float]:
+        return dict(self.lora_config.get("alpha_pattern", {}))
+
+    def to_lora_config(self) -> Any:
+        """The plan as PEFT's own ``LoraConfig``, for ``get_peft_model(model, config)``."""
+        peft = require("a LoraConfig", "peft")["peft"]
+        known = {f.name for f in fields(peft.LoraConfig)}
+        return peft.LoraConfig(**{k: v for k, v in self.lora_config.items() if k in known})
+
+    def save(self, outdir: str | os.PathLike[str]) -> AllocateResult:
+        """Write the plan directory (adapter_config.json, allocation.csv, esdtool_plan.json,
+        report.html) to ``outdir``, as :func:`allocate` with ``outdir`` does."""
+        assert self._save is not None
+        return self._save(Path(outdir))
 
     def summary(self) -> dict[str, object]:
         """Modules adapted, rank histogram, trainable parameters vs uniform LoRA."""
         kept = self.allocation.kept
         return {
-            "config": str(self.config),
-            "csv": str(self.csv),
+            "config": str(self.config) if self.config else None,
+            "csv": str(self.csv) if self.csv else None,
             "report": str(self.report) if self.report else None,
             "candidates": len(self.allocation.table),
             "adapted": len(kept),
@@ -60,8 +93,8 @@ class AllocateResult:
 
 
 def allocate(
-    metrics: str | os.PathLike[str],
-    outdir: str | os.PathLike[str],
+    metrics: str | os.PathLike[str] | pd.DataFrame,
+    outdir: str | os.PathLike[str] | None = None,
     settings: AllocateSettings | None = None,
     *,
     task_type: str | None = "CAUSAL_LM",
@@ -72,8 +105,10 @@ def allocate(
     report: bool = True,
     max_plots: int = MAX_PLOTS,
 ) -> AllocateResult:
-    """Read ``metrics`` (an esdtool table), plan ranks, write adapter_config.json,
-    allocation.csv, esdtool_plan.json and (``report``) report.html into ``outdir``.
+    """Plan ranks from ``metrics`` (an esdtool table: a parquet path, or the DataFrame
+    ``analyze(...).table`` or ``load_metrics`` gives) and, when ``outdir`` is given, write
+    adapter_config.json, allocation.csv, esdtool_plan.json and (``report``) report.html there
+    (``result.save(outdir)`` writes them later).
 
     Everything is validated and computed before anything is written, and the directory is
     built beside ``outdir`` and swapped in whole: a failure or a kill leaves the old plan or the
@@ -82,12 +117,15 @@ def allocate(
     another rank or alpha than planned.
     """
     settings = settings or AllocateSettings()
-    check_output_dir(outdir, [Path(metrics)])
+    in_memory = isinstance(metrics, pd.DataFrame)
+    where = Path("<table>") if in_memory else Path(metrics)  # type: ignore[arg-type]
+    if outdir is not None:
+        check_output_dir(outdir, [] if in_memory else [where])
     check_peft_options(task_type, lora_dropout)
     check_report_options(settings.alpha_column, max_plots)  # even with --no-report: -1 is no count
-    table = load_metrics(metrics)
-    meta = table.attrs["esdtool"]
-    overrides = _check_preset(Path(metrics), settings, meta)
+    table = metrics if in_memory else load_metrics(where)  # type: ignore[assignment]
+    meta = table.attrs.get("esdtool") or {}
+    overrides = _check_preset(where, settings, meta)
     needs_model = verify or settings.candidates == "model"
     model_dir = model_directory(meta) if needs_model else None
     modules = None
@@ -97,7 +135,7 @@ def allocate(
     try:
         allocation = allocate_ranks(table, settings, modules)
     except OptionError as exc:  # what the table lacks: name it
-        raise OptionError(f"{metrics}: {exc}", hint=exc.hint) from None
+        raise OptionError(f"{where}: {exc}", hint=exc.hint) from None
     if overrides:
         allocation.notes.append(
             f"not {settings.preset}'s own plan: options override the preset: "
@@ -109,7 +147,7 @@ def allocate(
         else None
     )
     record = {
-        "metrics": str(Path(metrics).resolve()),
+        "metrics": None if in_memory else str(where.resolve()),
         "source": meta.get("source"),
         "revision": meta.get("revision"),
         "allocate_settings": asdict(allocation.settings),
@@ -119,22 +157,33 @@ def allocate(
         "esdtool_version": __version__,
     }
 
-    def build(directory: Path) -> None:
-        write_plan_files(
-            allocation, directory, record, task_type=task_type, lora_dropout=lora_dropout,
-            use_rslora=use_rslora, use_dora=use_dora, base_model=meta.get("source"),
-        )  # fmt: skip
-        if verify and model_dir is not None:  # checked in the new directory, first
-            problems = verify_plan(directory, model_dir)
-            raise_problems(problems, Path(outdir), model_dir)
-        if html is not None:
-            (directory / REPORT_NAME).write_bytes(html)
+    config = lora_config_dict(
+        allocation, task_type=task_type, lora_dropout=lora_dropout, use_rslora=use_rslora,
+        use_dora=use_dora, base_model=meta.get("source"),
+    )  # fmt: skip
 
-    out = Path(outdir)
-    atomic_dir(out, build, PLAN_FILES, marker=PLAN_RECORD)
-    return AllocateResult(
-        allocation, out / CONFIG_NAME, out / CSV_NAME, out / REPORT_NAME if report else None
-    )
+    def save(out: Path) -> AllocateResult:
+        def build(directory: Path) -> None:
+            write_plan_files(
+                allocation, directory, record, task_type=task_type, lora_dropout=lora_dropout,
+                use_rslora=use_rslora, use_dora=use_dora, base_model=meta.get("source"),
+            )  # fmt: skip
+            if verify and model_dir is not None:  # checked in the new directory, first
+                problems = verify_plan(directory, model_dir)
+                raise_problems(problems, out, model_dir)
+            if html is not None:
+                (directory / REPORT_NAME).write_bytes(html)
+
+        check_output_dir(out, [] if in_memory else [where])
+        atomic_dir(out, build, PLAN_FILES, marker=PLAN_RECORD)
+        return AllocateResult(
+            allocation, out / CONFIG_NAME, out / CSV_NAME, out / REPORT_NAME if report else None,
+            config, save,
+        )  # fmt: skip
+
+    if outdir is None:
+        return AllocateResult(allocation, None, None, None, config, save)
+    return save(Path(outdir))
 
 
 def _check_preset(metrics: Path, settings: AllocateSettings, meta: dict[str, object]) -> list[str]:

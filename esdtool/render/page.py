@@ -14,7 +14,7 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -75,23 +75,40 @@ _COLUMN_DOCS = {name: doc for name, _, doc in COLUMNS}
 
 @dataclass(frozen=True)
 class ReportResult:
-    """Where the report went and what it holds."""
+    """The report: its HTML, where it went (None when nothing was written) and what it holds.
+    In a notebook the result shows the page inline (``_repr_html_``); ``save`` writes it."""
 
-    output: Path
+    output: Path | None
     plotted: int
     omitted: int
     size_bytes: int
+    html: str = field(default="", repr=False, compare=False)
+
+    def _repr_html_(self) -> str:
+        """The same self-contained page, in a frame sized for a notebook cell."""
+        return (
+            f'<iframe srcdoc="{markupsafe.escape(self.html)}" title="esdtool report" '
+            'style="width: 100%; height: 720px; border: 1px solid #dde3e8"></iframe>'
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the page to ``path`` (atomically; never over a table or a model's files)."""
+        target = check_output_file(path)
+        data = self.html.encode("utf-8")
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+        return target
 
 
 def report(
     metrics: str | os.PathLike[str] | pd.DataFrame,
-    output: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
     *,
     allocation: Allocation | None = None,
     alpha_column: str | None = None,
     max_plots: int = MAX_PLOTS,
 ) -> ReportResult:
-    """Write the HTML report of a metrics table (a path or a loaded table) to ``output``.
+    """The HTML report of a metrics table (a path or a loaded table), written to ``output``
+    when given (in a notebook, the returned result displays inline).
 
     With ``allocation`` the report also shows the LoRA plan: ranks by depth, each module's
     score, rank and lora_alpha. ``alpha_column`` picks the fit drawn on each spectrum (default:
@@ -102,13 +119,34 @@ def report(
         alpha_column = allocation.settings.alpha_column if allocation else "alpha_median"
     check_options(alpha_column, max_plots)
     inputs = [] if isinstance(metrics, pd.DataFrame) else [Path(metrics)]
-    path = check_output_file(output, inputs)
+    path = check_output_file(output, inputs) if output is not None else None
     table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
-    check_output_file(output, _model_files(table.attrs.get("esdtool")))  # nor the analysed model
+    if output is not None:
+        check_output_file(output, _model_files(table.attrs.get("esdtool")))  # nor the model
     html, plotted, omitted = render(table, allocation, alpha_column, max_plots)
     data = html.encode("utf-8")
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    return ReportResult(path, plotted, omitted, len(data))
+    if path is not None:
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return ReportResult(path, plotted, omitted, len(data), html)
+
+
+def plot_esd(
+    table: pd.DataFrame, name: str, alpha_column: str = "alpha_median", expert: int | None = None
+) -> Any:
+    """The spectrum plot of tensor ``name`` (expert ``expert`` of a 3-D tensor) as a
+    matplotlib Figure: the report's plot, to show or save in a notebook."""
+    check_options(alpha_column, 0)
+    rows = table[(table["name"] == name) & (table["status"] == "ok")]
+    if expert is not None:
+        rows = rows[rows["slice"] == expert]
+    if rows.empty:
+        raise OptionError(f"no analysed row named {name!r}" + (
+            f" (expert {expert})" if expert is not None else ""))  # fmt: skip
+    record = rows.iloc[0].to_dict()
+    meta = table.attrs.get("esdtool", {})
+    settings = meta.get("settings", {}) if isinstance(meta, dict) else {}
+    threshold = _float(settings.get("eig_threshold") if isinstance(settings, dict) else None, 0.0)
+    return plots.esd_figure(np.asarray(record["eigenvalues"]), record, alpha_column, threshold)
 
 
 def _model_files(meta: object) -> list[Path]:
