@@ -78,46 +78,14 @@ def run_subprocess(args: list[str], env: dict[str, str] | None = None, **kw):
     )
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
 def build_tiny_causal_lm(directory: Path, initializer_range: float = 0.5) -> Path:
     """A 2-layer Llama with its own small byte-level BPE tokenizer (300 tokens, a chat template),
-    saved as safetensors: a complete model directory that needs no download."""
-    transformers = pytest.importorskip("transformers")
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    saved as safetensors: a complete model directory that needs no download (the one
+    ``python -m esdtool.training.tiny`` makes)."""
+    pytest.importorskip("transformers")
+    from esdtool.training.tiny import make_tiny_causal_lm
 
-    corpus = [f"Q: what is {a} plus {b}? A: {a + b}." for a in range(20) for b in range(20)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>",
-    )  # fmt: skip
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
-        initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return make_tiny_causal_lm(directory, initializer_range=initializer_range)
 
 
 def make_hf_cache(home, repo_id: str, model_dir, commit: str = "a" * 40):

@@ -142,3 +142,28 @@ def test_other_seed_other_initial_adapter(tiny_causal_lm, plan, tmp_path):
     for key in lora_a:
         assert weights[7][key].shape == weights[8][key].shape
         assert abs(weights[7][key] - weights[8][key]).max() > 1e-3, key
+
+
+def test_an_encoder_is_refused_in_one_line(minilm_dir, minilm_metrics, tmp_path, capsys):
+    """finetune trains causal LMs: the demo encoder gets that one line, whichever task type
+    its plan names, not a hint to re-plan that leads nowhere."""
+    from esdtool import allocate
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    for task in ("FEATURE_EXTRACTION", "CAUSAL_LM"):
+        plan = tmp_path / task
+        allocate(minilm_metrics, plan, task_type=task)
+        code, _, err = run_cli(["finetune", minilm_dir, "--adapter-config", plan, "--data", data,
+                                "-o", tmp_path / "run"], capsys)  # fmt: skip
+        assert code == 2 and "not a causal LM; finetune trains causal LMs" in err, err
+        assert err.count("Error:") == 1 and "re-run esdtool allocate" not in err
+
+
+def test_the_offline_tiny_model_says_it_is_random(tmp_path):
+    import json
+
+    from esdtool.training.tiny import make_tiny_causal_lm
+
+    out = make_tiny_causal_lm(tmp_path / "tiny")
+    assert "RANDOM WEIGHTS" in json.loads((out / "config.json").read_text())["esdtool_note"]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()

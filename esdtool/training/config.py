@@ -120,12 +120,14 @@ def prepare(
             return None
 
     check(_check_output_dir, output_dir, plan_dir, model)
+    resolved = check(resolve_source, model, revision, token, also=TOKENIZER_PATTERNS)
+    if resolved is not None:
+        _check_causal_lm(model, resolved.config)  # the root cause: say it alone
     if settings.qlora:
         check(_check_qlora)
     config = check(_load_plan, stack["peft"], plan_dir, settings)
     loaded = check(load_training_data, data)
     evaluation = check(load_training_data, eval_data) if eval_data is not None else None
-    resolved = check(resolve_source, model, revision, token, also=TOKENIZER_PATTERNS)
     model_dir = resolved.files[0].parent if resolved is not None else None
     tokenizer = check(_load_tokenizer, stack["transformers"], model_dir) if model_dir else None
     chat = loaded is not None and loaded[1] == "messages"
@@ -157,6 +159,27 @@ def prepare(
         data_format=loaded[1],
         model_dir=model_dir,
         tokenizer=tokenizer,
+    )
+
+
+_CAUSAL = ("ForCausalLM", "LMHeadModel")
+
+
+def _check_causal_lm(model: object, config: dict[str, Any] | None) -> None:
+    """finetune trains causal LMs: an encoder (MiniLM, BERT) or a classifier is refused in one
+    line, before a plan written for it sends the user round in circles."""
+    architectures = (config or {}).get("architectures")
+    if not isinstance(architectures, list) or not architectures:
+        return  # nothing said: transformers decides when it loads
+    if any(isinstance(a, str) and a.endswith(_CAUSAL) for a in architectures):
+        return
+    kind = (config or {}).get("model_type")
+    raise ModelLoadError(
+        f"{model}: a {kind} model ({', '.join(map(str, architectures))}), not a causal LM; "
+        "finetune trains causal LMs (decoders such as Llama, Qwen or Mistral)",
+        hint="for this model apply the plan in your own training loop "
+        "(esdtool.allocate(table).to_lora_config() with peft.get_peft_model); to try finetune "
+        "offline, make a tiny causal LM as docs/tutorial.md shows",
     )
 
 

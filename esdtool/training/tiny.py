@@ -1,0 +1,73 @@
+"""A tiny causal LM made on the spot, for trying every command offline: a 2-layer Llama with
+RANDOM weights and a small byte-level BPE tokenizer (with a chat template) trained on
+arithmetic sentences. Its spectra and plans mean nothing; it only lets ``analyze``,
+``allocate`` and ``finetune`` run end to end without the hub.
+
+    python -m esdtool.training.tiny ./tiny-lm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from esdtool.extras import require
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+NOTE = "RANDOM WEIGHTS: a stand-in made by esdtool.training.tiny for trying the commands offline"
+
+
+def make_tiny_causal_lm(
+    directory: str | os.PathLike[str], *, seed: int = 0, initializer_range: float = 0.5
+) -> Path:
+    """Save a 2-layer Llama (hidden 64) with random weights and its tokenizer to ``directory``
+    (created; its files are replaced), marked as random in config.json and a README.md."""
+    stack = require("making a tiny causal LM", "transformers", "tokenizers")
+    transformers = stack["transformers"]
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [f"Q: what is {a} plus {b}? A: {a + b}." for a in range(20) for b in range(20)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>",
+    )  # fmt: skip
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+        initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    out = Path(directory)
+    transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    saved["esdtool_note"] = NOTE
+    (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    (out / "README.md").write_text(f"# {NOTE}\n")
+    return out
+
+
+if __name__ == "__main__":  # python -m esdtool.training.tiny DIR
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m esdtool.training.tiny DIRECTORY")
+    make_tiny_causal_lm(sys.argv[1])
