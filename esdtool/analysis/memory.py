@@ -3,14 +3,22 @@ read as named tensors one at a time where they live (no copy of the whole model)
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
+from esdtool.analysis.rows import analyze_tensor, header_row
+from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.errors import OptionError
 from esdtool.io.checkpoint import TensorInfo
+from esdtool.io.table import MatrixRow
+from esdtool.spectral.spectra import auto_dtype
+from esdtool.version import __version__
 
 WEIGHTS = ("base", "merged")
 MEMORY = Path("<memory>")  # the shard every in-memory row names
@@ -103,3 +111,44 @@ def _peft_tensors(model: Any, weights: str) -> Iterator[tuple[str, torch.Tensor]
                     delta = module.get_delta_weight(adapter).detach()
                     tensor = tensor + delta.to(tensor.dtype)
         yield clean, tensor
+
+
+def analyze_memory(
+    source: object, settings: AnalyzeSettings, progress: Any, weights: str
+) -> tuple[list[MatrixRow], dict[str, Any], torch.device]:
+    """The rows of every selected tensor of an in-memory ``source``, the table's metadata, and
+    the device the spectra were computed on."""
+    device = resolve_device(settings.device)
+    if settings.dtype == "auto":
+        settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
+    budget = memory_budget(settings, device)
+    infos = [tensor_info(n, t) for n, t in named_tensors(source, "base") if settings.selects(n)]
+    if not infos:
+        raise OptionError("nothing to analyse: no tensor name passes --include/--exclude")
+    if progress:
+        progress.start(len(infos), sum(i.nbytes for i in infos))
+    rows: list[MatrixRow] = []
+    for name, tensor in named_tensors(source, weights):
+        if not settings.selects(name):
+            continue
+        info = tensor_info(name, tensor)
+        reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
+        if reason is not None:
+            rows.append(header_row(info, "skipped", reason))
+        else:
+            try:
+                rows.extend(analyze_tensor(info, tensor, settings, device))
+            except Exception as exc:  # one bad tensor must not lose the others' rows
+                rows.append(header_row(info, "error", f"{type(exc).__name__}: {exc}"))
+        del tensor
+        if progress:
+            progress.advance(name, info.nbytes)
+    metadata = {
+        "source_path": None, "revision": None, "files": [], "model_type": None,
+        "architectures": None, **describe(source, weights), "checkpoint_metadata": {},
+        "quantization_config": None, "esdtool_version": __version__,
+        "torch_version": torch.__version__, "settings": settings.to_dict(),
+        "device": str(device), "world_size": 1,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    return rows, metadata, device

@@ -22,8 +22,9 @@ import torch
 
 from esdtool.analysis import distributed
 from esdtool.analysis.distributed import matrix_cost
-from esdtool.analysis.memory import describe, is_in_memory, named_tensors, tensor_info
-from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
+from esdtool.analysis.memory import analyze_memory, is_in_memory
+from esdtool.analysis.progress import TqdmProgress
+from esdtool.analysis.resources import memory_budget, resolve_device
 from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
 from esdtool.analysis.rows import analyze_tensor, header_row
 from esdtool.analysis.settings import AnalyzeSettings
@@ -123,7 +124,7 @@ def analyze(
     *,
     revision: str | None = None,
     token: str | None = None,
-    progress: ProgressHook | None = None,
+    progress: ProgressHook | bool | None = None,
     resume: bool = True,
     weights: str = "base",
 ) -> AnalyzeResult:
@@ -134,7 +135,9 @@ def analyze(
     index), a hub id, or a model already in memory: a ``torch.nn.Module`` (its parameters, by
     their ``named_parameters`` names) or a state dict. Of a PEFT model, ``weights="base"``
     reads the frozen base weights and ``"merged"`` each adapted weight plus its LoRA update.
-    In-memory tensors are analysed one at a time where they live. For files, all headers are
+    In-memory tensors are analysed one at a time where they live. ``progress=True`` draws a
+    progress bar (a widget in Jupyter, text in a terminal); a hook receives the progress
+    instead; the default draws nothing. For files, all headers are
     checked before any computing starts, so a damaged checkpoint fails fast; a tensor that
     fails later gets an ``error`` row and the rest go on.
 
@@ -147,6 +150,14 @@ def analyze(
     tensors on its own device and rank 0 writes the whole table, the same rows as one process
     would write. Every rank returns its own share's summary.
     """
+    if progress is True:
+        bar = TqdmProgress()
+        try:
+            return analyze(source, output, settings, revision=revision, token=token,
+                           progress=bar, resume=resume, weights=weights)  # fmt: skip
+        finally:
+            bar.close()
+    progress = progress or None
     settings = settings or AnalyzeSettings()
     started = time.perf_counter()
     if output is not None:  # before a download or a sidecar: -o /dev/null, -o dir/
@@ -355,39 +366,7 @@ def _analyze_memory(
     started: float,
 ) -> AnalyzeResult:
     """:func:`analyze` of a module or state dict: the same rows, one tensor at a time."""
-    device = resolve_device(settings.device)
-    if settings.dtype == "auto":
-        settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
-    budget = memory_budget(settings, device)
-    infos = [tensor_info(n, t) for n, t in named_tensors(source, "base") if settings.selects(n)]
-    if not infos:
-        raise OptionError("nothing to analyse: no tensor name passes --include/--exclude")
-    if progress:
-        progress.start(len(infos), sum(i.nbytes for i in infos))
-    rows: list[MatrixRow] = []
-    for name, tensor in named_tensors(source, weights):
-        if not settings.selects(name):
-            continue
-        info = tensor_info(name, tensor)
-        reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
-        if reason is not None:
-            rows.append(header_row(info, "skipped", reason))
-        else:
-            try:
-                rows.extend(analyze_tensor(info, tensor, settings, device))
-            except Exception as exc:  # one bad tensor must not lose the others' rows
-                rows.append(header_row(info, "error", f"{type(exc).__name__}: {exc}"))
-        del tensor
-        if progress:
-            progress.advance(name, info.nbytes)
-    metadata = {
-        "source_path": None, "revision": None, "files": [], "model_type": None,
-        "architectures": None, **describe(source, weights), "checkpoint_metadata": {},
-        "quantization_config": None, "esdtool_version": __version__,
-        "torch_version": torch.__version__, "settings": settings.to_dict(),
-        "device": str(device), "world_size": 1,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    rows, metadata, device = analyze_memory(source, settings, progress, weights)
     if output is not None:
         write_metrics(rows, Path(output), metadata)
     result = _summarise(rows, output, time.perf_counter() - started, device)
