@@ -104,7 +104,7 @@ def test_notebook_twins(minilm_dir, tmp_path):
     assert len(adapted) == 18
     saved = plan.save(tmp_path / "plan")
     assert saved.config.is_file() and (tmp_path / "plan" / "report.html").is_file()
-    page = report(table, allocation=plan.allocation)
+    page = report(table, plan=plan)
     assert page.output is None and page._repr_html_().startswith("<iframe srcdoc=")
     assert "Plan at a glance" in page.html
     assert page.save(tmp_path / "r.html").read_text() == page.html

@@ -103,6 +103,7 @@ def report(
     metrics: str | os.PathLike[str] | pd.DataFrame,
     output: str | os.PathLike[str] | None = None,
     *,
+    plan: Any = None,
     allocation: Allocation | None = None,
     alpha_column: str | None = None,
     max_plots: int = MAX_PLOTS,
@@ -110,11 +111,14 @@ def report(
     """The HTML report of a metrics table (a path or a loaded table), written to ``output``
     when given (in a notebook, the returned result displays inline).
 
-    With ``allocation`` the report also shows the LoRA plan: ranks by depth, each module's
+    With ``plan`` (what :func:`esdtool.allocate` returns) or its ``allocation`` the report
+    also shows the LoRA plan: ranks by depth, each module's
     score, rank and lora_alpha. ``alpha_column`` picks the fit drawn on each spectrum (default:
     the plan's, else alpha_median). At most ``max_plots`` spectra are drawn, the rest are
     counted, so a model with thousands of experts still gives a file a browser can open.
     """
+    if plan is not None:
+        allocation = plan.allocation
     if alpha_column is None:
         alpha_column = allocation.settings.alpha_column if allocation else "alpha_median"
     check_options(alpha_column, max_plots)
