@@ -115,3 +115,23 @@ def test_notebook_twins(minilm_dir, tmp_path):
 
     with pytest.raises(OptionError, match="no analysed row"):
         plot_esd(table, "nope")
+
+
+def test_a_file_source_with_no_output_writes_nothing(minilm_dir, minilm_table, tmp_path):
+    """A path analysed with output=None: the same table, no parquet, no resume sidecar; an
+    interrupt says that nothing is kept rather than naming a sidecar."""
+    from esdtool.errors import AnalysisInterrupted
+
+    result = analyze(minilm_dir, settings=SETTINGS)
+    assert result.output is None and not any(minilm_dir.glob("*.partial*"))
+    _same(result.table, minilm_table)
+
+    class Stop:
+        def start(self, tensors, nbytes):
+            pass
+
+        def advance(self, name, nbytes):
+            raise KeyboardInterrupt
+
+    with pytest.raises(AnalysisInterrupted, match="no row is kept"):
+        analyze(minilm_dir, settings=SETTINGS, progress=Stop())

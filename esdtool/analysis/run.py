@@ -198,6 +198,11 @@ def analyze(
                 mine = _analyze_names(ckpt, names, layout, settings, device, progress, world, side)
             except KeyboardInterrupt:
                 side.close()
+                if output is None:  # nothing was being written, so nothing is kept
+                    raise AnalysisInterrupted(
+                        "interrupted; no output file was asked for, so no row is kept",
+                        hint="give an output file to make a long run resumable",
+                    ) from None
                 done = len(side.kept) + side.appended
                 raise AnalysisInterrupted(
                     f"interrupted; {done} finished tensor(s) kept in {side.path}",
