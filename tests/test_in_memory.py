@@ -135,3 +135,57 @@ def test_a_file_source_with_no_output_writes_nothing(minilm_dir, minilm_table, t
 
     with pytest.raises(AnalysisInterrupted, match="no row is kept"):
         analyze(minilm_dir, settings=SETTINGS, progress=Stop())
+
+
+def _tiny_peft(tiny_causal_lm, **config):
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False, **config)  # fmt: skip
+    return peft.get_peft_model(base, lora)
+
+
+def test_merged_weights_refuse_what_is_not_a_sum(tiny_causal_lm):
+    """DoRA's merge rescales by its magnitude: 'merged' refuses it rather than add B A alone."""
+    from esdtool.errors import OptionError
+
+    wrapped = _tiny_peft(tiny_causal_lm, use_dora=True)
+    with pytest.raises(OptionError, match="DoRA"):
+        analyze(wrapped, settings=SETTINGS, weights="merged")
+    with pytest.raises(OptionError, match="for a PEFT model"):
+        analyze({"w": torch.ones(20, 20)}, weights="merged")
+
+
+def test_merged_adapters_disabled_adapters_and_modules_to_save(tiny_causal_lm):
+    """An adapter already merged is not added twice; disabled adapters are not added; a
+    modules_to_save copy stands in for its original, under the original's name."""
+    from esdtool.errors import OptionError
+
+    wrapped = _tiny_peft(tiny_causal_lm, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        wrapped.base_model.model.lm_head.modules_to_save["default"].weight.mul_(3.0)
+    reference = analyze(copy.deepcopy(wrapped).merge_and_unload(), settings=SETTINGS).table
+    merged = analyze(wrapped, settings=SETTINGS, weights="merged").table
+    _same(merged, reference)
+    assert "lm_head.weight" in set(merged.name) and not merged.name.str.contains("modules_to").any()
+    wrapped.merge_adapter()
+    _same(analyze(wrapped, settings=SETTINGS, weights="merged").table, reference)
+    with pytest.raises(OptionError, match="merged into the base weights"):
+        analyze(wrapped, settings=SETTINGS, weights="base")
+    wrapped.unmerge_adapter()
+    plain = analyze(wrapped, settings=SETTINGS, weights="base").table
+    with wrapped.disable_adapter():
+        _same(analyze(wrapped, settings=SETTINGS, weights="merged").table, plain)
+
+
+def test_a_model_on_the_meta_device_is_one_error(tiny_causal_lm):
+    from esdtool.errors import OptionError
+
+    config = transformers.AutoConfig.from_pretrained(tiny_causal_lm)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(OptionError, match="meta device"):
+        analyze(model)
+    with pytest.raises(OptionError, match="holds no tensor"):
+        analyze({})

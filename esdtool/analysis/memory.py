@@ -71,6 +71,8 @@ def named_tensors(source: object, weights: str = "base") -> Iterator[tuple[str, 
     """
     if weights not in WEIGHTS:
         raise OptionError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    if weights == "merged" and not _is_peft(source):
+        raise OptionError("weights='merged' is for a PEFT model; this has no adapters to merge")
     if isinstance(source, Mapping):
         for name, tensor in source.items():
             if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
@@ -91,26 +93,81 @@ def _is_peft(model: object) -> bool:
 
 
 def _peft_tensors(model: Any, weights: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base model's weights of a PEFT model, named as in the base model."""
+    """The base model's weights of a PEFT model, named as in the base model.
+
+    "base": the frozen weights (refused when adapters are merged into them: the base weights
+    are gone). "merged": each LoRA layer's weight plus PEFT's ``get_delta_weight`` of its
+    active adapters (none when adapters are disabled; as they are when already merged), and a
+    ``modules_to_save`` copy in place of its original. Tuners whose merge is more than a sum
+    (DoRA's magnitude, LoHa, LoKr, IA3, LoRA on embeddings) are refused, never approximated.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
     base = model.get_base_model()
-    adapters = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            adapters[name] = module
+    modules = dict(base.named_modules())
+    tuners = {n: m for n, m in modules.items() if isinstance(m, BaseTunerLayer)}
+    wrappers = {n: m for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
+    if weights == "base" and any(getattr(m, "merged", False) for m in tuners.values()):
+        raise OptionError(
+            "the adapters are merged into the base weights (merge_adapter()): the base weights "
+            "are not in the model",
+            hint="unmerge_adapter() first, or analyse weights='merged'",
+        )
+    deltas: dict[str, list[Any]] = {}
+    if weights == "merged":
+        for name, layer in tuners.items():
+            if layer.merged or layer.disable_adapters:
+                continue  # the weight already holds the update, or the adapters are off
+            active = list(layer.active_adapters)
+            unsupported = not isinstance(layer, LoraLayer) or any(
+                a in getattr(layer, "lora_embedding_A", {}) or layer.use_dora.get(a, False)
+                for a in active
+            )
+            if unsupported:
+                raise OptionError(
+                    f"weights='merged' adds LoRA updates, and {name} is a "
+                    f"{type(layer).__name__} (DoRA, LoHa, LoKr, IA3 and LoRA on embeddings "
+                    "merge otherwise)",
+                    hint="merge a copy with PEFT (model.merge_and_unload()) and analyse that",
+                )
+            deltas[name] = [(layer, a) for a in active if a in layer.lora_A]
     for name, param in base.named_parameters():
-        parts = name.split(".")
-        if any(p.startswith(("lora_", "hada_", "lokr_", "oft_", "vera_")) for p in parts):
+        clean = _base_name(name, tuners, wrappers, weights)
+        if clean is None:
             continue
-        clean = ".".join(p for p in parts if p != "base_layer")
         tensor = param.detach()
-        owner = ".".join(parts[:-2]) if "base_layer" in parts else None
-        if weights == "merged" and owner in adapters and parts[-1] == "weight":
-            module = adapters[owner]
-            for adapter in module.active_adapters:
-                if adapter in getattr(module, "lora_A", {}):
-                    delta = module.get_delta_weight(adapter).detach()
-                    tensor = tensor + delta.to(tensor.dtype)
+        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        if owner in deltas and name.endswith(".weight"):
+            for layer, adapter in deltas[owner]:
+                tensor = tensor + layer.get_delta_weight(adapter).detach().to(tensor.dtype)
         yield clean, tensor
+
+
+def _base_name(
+    name: str, tuners: dict[str, Any], wrappers: dict[str, Any], weights: str
+) -> str | None:
+    """The base model's name of a PEFT model's parameter, or None for an adapter's own
+    parameter (LoRA's A and B, a modules_to_save copy not in use)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        path, rest = ".".join(parts[:cut]), parts[cut:]
+        if path in tuners:
+            if rest[0] != "base_layer":
+                return None  # lora_A, lora_B, lora_magnitude_vector, ...
+            return ".".join(parts[:cut] + rest[1:])
+        if path in wrappers:
+            wrapper = wrappers[path]
+            if rest[0] == "original_module":
+                use = weights == "base" or wrapper.disable_adapters or not wrapper.active_adapters
+                return ".".join(parts[:cut] + rest[1:]) if use else None
+            if rest[0] == "modules_to_save" and weights == "merged" and len(rest) > 2:
+                active = wrapper.active_adapters
+                if not wrapper.disable_adapters and active and rest[1] == active[0]:
+                    return ".".join(parts[:cut] + rest[2:])
+            return None
+    return name
 
 
 def analyze_memory(
@@ -122,7 +179,19 @@ def analyze_memory(
     if settings.dtype == "auto":
         settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
     budget = memory_budget(settings, device)
-    infos = [tensor_info(n, t) for n, t in named_tensors(source, "base") if settings.selects(n)]
+    infos, count = [], 0
+    for name, tensor in named_tensors(source, weights):
+        count += 1
+        if tensor.is_meta:
+            raise OptionError(
+                "the model's weights are on the meta device (not loaded, or offloaded): there "
+                "is nothing to measure",
+                hint="analyse the checkpoint's files instead: esdtool.analyze('path/to/model')",
+            )
+        if settings.selects(name):
+            infos.append(tensor_info(name, tensor))
+    if not count:
+        raise OptionError("nothing to analyse: the model or state dict holds no tensor")
     if not infos:
         raise OptionError("nothing to analyse: no tensor name passes --include/--exclude")
     if progress:
