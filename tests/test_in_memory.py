@@ -189,3 +189,28 @@ def test_a_model_on_the_meta_device_is_one_error(tiny_causal_lm):
         analyze(model)
     with pytest.raises(OptionError, match="holds no tensor"):
         analyze({})
+
+
+def test_report_and_tiny_model_never_overwrite(minilm_dir, minilm_metrics, tmp_path):
+    """ReportResult.save refuses the table and the model, as report(output=) does; the tiny
+    model refuses a directory of someone else's files; a frame that is no table is one error."""
+    import pandas as pd
+
+    from esdtool import allocate, plot_esd, report
+    from esdtool.errors import MetricsSchemaError, OutputError
+    from esdtool.training.tiny import make_tiny_causal_lm
+
+    page = report(minilm_metrics)
+    with pytest.raises(OutputError):
+        page.save(minilm_metrics)
+    with pytest.raises(OutputError):
+        page.save(minilm_dir / "model.safetensors")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not empty"):
+        make_tiny_causal_lm(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    for call in (lambda: report(pd.DataFrame()), lambda: allocate(pd.DataFrame()),
+                 lambda: plot_esd(pd.DataFrame({"name": []}), "x")):  # fmt: skip
+        with pytest.raises(MetricsSchemaError, match="not an esdtool metrics table"):
+            call()

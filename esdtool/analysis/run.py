@@ -158,6 +158,8 @@ def analyze(
         finally:
             bar.close()
     progress = progress or None
+    if progress is not None and not callable(getattr(progress, "advance", None)):
+        raise OptionError(f"progress must be True, None or a progress hook, not {progress!r}")
     settings = settings or AnalyzeSettings()
     started = time.perf_counter()
     if output is not None:  # before a download or a sidecar: -o /dev/null, -o dir/

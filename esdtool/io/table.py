@@ -369,6 +369,20 @@ def _check_values(path: Path, df: pd.DataFrame) -> None:
         )
 
 
+def check_frame(df: pd.DataFrame) -> None:
+    """A DataFrame handed to allocate, report or plot_esd is an esdtool metrics table: every
+    column of the schema (but those added in later versions) is there."""
+    missing = [c for c in COLUMN_NAMES if c not in df.columns and c not in _ADDED]
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise MetricsSchemaError(
+            f"not an esdtool metrics table: columns {shown} are missing",
+            hint="pass what esdtool.analyze(...).table or esdtool.load_metrics(path) gives",
+        )
+
+
 def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a metrics table into pandas, checking that it is one this esdtool understands.
 

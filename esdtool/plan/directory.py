@@ -15,7 +15,7 @@ from esdtool.errors import OptionError
 from esdtool.extras import require
 from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.source import resolve_source
-from esdtool.io.table import load_metrics
+from esdtool.io.table import check_frame, load_metrics
 from esdtool.plan.peft_config import (
     CONFIG_NAME,
     CSV_NAME,
@@ -124,6 +124,7 @@ def allocate(
     check_peft_options(task_type, lora_dropout)
     check_report_options(settings.alpha_column, max_plots)  # even with --no-report: -1 is no count
     table = metrics if in_memory else load_metrics(where)  # type: ignore[assignment]
+    check_frame(table)
     meta = table.attrs.get("esdtool") or {}
     overrides = _check_preset(where, settings, meta)
     needs_model = verify or settings.candidates == "model"
@@ -157,16 +158,17 @@ def allocate(
         "esdtool_version": __version__,
     }
 
+    base_model = None if meta.get("source_kind") == "memory" else meta.get("source")
     config = lora_config_dict(
         allocation, task_type=task_type, lora_dropout=lora_dropout, use_rslora=use_rslora,
-        use_dora=use_dora, base_model=meta.get("source"),
+        use_dora=use_dora, base_model=base_model,
     )  # fmt: skip
 
     def save(out: Path) -> AllocateResult:
         def build(directory: Path) -> None:
             write_plan_files(
                 allocation, directory, record, task_type=task_type, lora_dropout=lora_dropout,
-                use_rslora=use_rslora, use_dora=use_dora, base_model=meta.get("source"),
+                use_rslora=use_rslora, use_dora=use_dora, base_model=base_model,
             )  # fmt: skip
             if verify and model_dir is not None:  # checked in the new directory, first
                 problems = verify_plan(directory, model_dir)
@@ -219,6 +221,12 @@ def model_directory(meta: dict[str, object]) -> Path:
     """The directory holding the analysed model's config.json: the absolute ``source_path`` the
     table recorded for a local model (never the source re-read against today's current
     directory), the hub cache's snapshot at the recorded commit for a hub id."""
+    if meta.get("source_kind") == "memory":
+        raise OptionError(
+            "the plan needs the analysed model's files (--verify, --preset lora-ar), and this "
+            "table was made from a model in memory",
+            hint="save the model (save_pretrained) and analyse that directory",
+        )
     if meta.get("source_kind") in ("file", "directory"):
         path = meta.get("source_path")
         if not isinstance(path, str) or not os.path.isabs(path):

@@ -28,7 +28,7 @@ import pandas as pd
 from esdtool.analysis.roles import module_kind
 from esdtool.errors import OptionError
 from esdtool.io.atomic import atomic_write, check_output_file
-from esdtool.io.table import COLUMNS, load_metrics
+from esdtool.io.table import COLUMNS, check_frame, load_metrics
 from esdtool.render import MAX_PLOTS, glance, plots
 from esdtool.spectral import ALPHA_COLUMNS
 from esdtool.untrusted import printable
@@ -83,6 +83,7 @@ class ReportResult:
     omitted: int
     size_bytes: int
     html: str = field(default="", repr=False, compare=False)
+    protect: tuple[Path, ...] = field(default=(), repr=False, compare=False)
 
     def _repr_html_(self) -> str:
         """The same self-contained page, in a frame sized for a notebook cell."""
@@ -92,8 +93,8 @@ class ReportResult:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the page to ``path`` (atomically; never over a table or a model's files)."""
-        target = check_output_file(path)
+        """Write the page to ``path`` (atomically; never over its table or its model's files)."""
+        target = check_output_file(path, list(self.protect))
         data = self.html.encode("utf-8")
         atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
         return target
@@ -117,21 +118,25 @@ def report(
     the plan's, else alpha_median). At most ``max_plots`` spectra are drawn, the rest are
     counted, so a model with thousands of experts still gives a file a browser can open.
     """
-    if plan is not None:
-        allocation = plan.allocation
+    if plan is not None:  # what allocate returns, or its allocation
+        allocation = getattr(plan, "allocation", plan)
+        if not hasattr(allocation, "settings") or not hasattr(allocation, "table"):
+            raise OptionError(f"plan must be what esdtool.allocate returns, not {type(plan)}")
     if alpha_column is None:
         alpha_column = allocation.settings.alpha_column if allocation else "alpha_median"
     check_options(alpha_column, max_plots)
     inputs = [] if isinstance(metrics, pd.DataFrame) else [Path(metrics)]
     path = check_output_file(output, inputs) if output is not None else None
     table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
+    check_frame(table)
+    protect = [*inputs, *_model_files(table.attrs.get("esdtool"))]
     if output is not None:
-        check_output_file(output, _model_files(table.attrs.get("esdtool")))  # nor the model
+        check_output_file(output, protect)  # nor the table, nor the model
     html, plotted, omitted = render(table, allocation, alpha_column, max_plots)
     data = html.encode("utf-8")
     if path is not None:
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    return ReportResult(path, plotted, omitted, len(data), html)
+    return ReportResult(path, plotted, omitted, len(data), html, tuple(protect))
 
 
 def plot_esd(
@@ -140,6 +145,7 @@ def plot_esd(
     """The spectrum plot of tensor ``name`` (expert ``expert`` of a 3-D tensor) as a
     matplotlib Figure: the report's plot, to show or save in a notebook."""
     check_options(alpha_column, 0)
+    check_frame(table)
     rows = table[(table["name"] == name) & (table["status"] == "ok")]
     if expert is not None:
         rows = rows[rows["slice"] == expert]

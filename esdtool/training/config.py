@@ -174,6 +174,12 @@ def _check_causal_lm(model: object, config: dict[str, Any] | None) -> None:
     if any(isinstance(a, str) and a.endswith(_CAUSAL) for a in architectures):
         return
     kind = (config or {}).get("model_type")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    generation = any(isinstance(a, str) and a.endswith("ForConditionalGeneration")
+                     for a in architectures)  # fmt: skip
+    if generation and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return  # e.g. Gemma 3: AutoModelForCausalLM loads it
     raise ModelLoadError(
         f"{model}: a {kind} model ({', '.join(map(str, architectures))}), not a causal LM; "
         "finetune trains causal LMs (decoders such as Llama, Qwen or Mistral)",

@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from esdtool.errors import EsdtoolError, OutputError
 from esdtool.extras import require
+from esdtool.untrusted import printable
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -26,7 +28,18 @@ def make_tiny_causal_lm(
     directory: str | os.PathLike[str], *, seed: int = 0, initializer_range: float = 0.5
 ) -> Path:
     """Save a 2-layer Llama (hidden 64) with random weights and its tokenizer to ``directory``
-    (created; its files are replaced), marked as random in config.json and a README.md."""
+    (new, empty, or an earlier tiny model's), marked as random in config.json and a README.md.
+    A directory holding anything else is refused: its files would be replaced."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file, not a directory")
+    readme = out / "README.md"
+    ours = readme.is_file() and NOTE in readme.read_text(errors="replace")
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise OutputError(
+            f"{out}: is not empty, and the tiny model's files would replace what is there",
+            hint="give a new or empty directory",
+        )
     stack = require("making a tiny causal LM", "transformers", "tokenizers")
     transformers = stack["transformers"]
     import torch
@@ -57,8 +70,10 @@ def make_tiny_causal_lm(
         initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    out = Path(directory)
-    transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    try:
+        transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the model ({exc.strerror or exc})") from exc
     tokenizer.save_pretrained(out)
     saved = json.loads((out / "config.json").read_text())
     saved["esdtool_note"] = NOTE
@@ -70,4 +85,8 @@ def make_tiny_causal_lm(
 if __name__ == "__main__":  # python -m esdtool.training.tiny DIR
     if len(sys.argv) != 2:
         sys.exit("usage: python -m esdtool.training.tiny DIRECTORY")
-    make_tiny_causal_lm(sys.argv[1])
+    try:
+        make_tiny_causal_lm(sys.argv[1])
+    except EsdtoolError as exc:  # one line, exit 2, as the CLI's errors
+        print(f"Error: {printable(exc)}", file=sys.stderr)
+        sys.exit(2)
