@@ -20,6 +20,7 @@ from esdtool.version import __version__
 
 if TYPE_CHECKING:
     from esdtool.analysis import AnalyzeResult, AnalyzeSettings, analyze
+    from esdtool.comparison import CompareResult, compare
     from esdtool.io.table import SCHEMA_VERSION, load_metrics
     from esdtool.plan import AllocateResult, AllocateSettings, allocate
     from esdtool.render import ReportResult, plot_esd, report
@@ -31,12 +32,14 @@ __all__ = [
     "AllocateSettings",
     "AnalyzeResult",
     "AnalyzeSettings",
+    "CompareResult",
     "FinetuneResult",
     "FinetuneSettings",
     "ReportResult",
     "__version__",
     "allocate",
     "analyze",
+    "compare",
     "finetune",
     "load_metrics",
     "plot_esd",
@@ -49,7 +52,7 @@ _WHERE = {
     "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table",
     "SCHEMA_VERSION": "io.table", "allocate": "plan.directory", "AllocateResult": "plan.directory",
     "AllocateSettings": "plan.ranks", "report": "render.page", "ReportResult": "render.page",
-    "plot_esd": "render.page",
+    "plot_esd": "render.page", "compare": "comparison.diff", "CompareResult": "comparison.diff",
     "finetune": "training.recipe", "FinetuneResult": "training.recipe",
     "FinetuneSettings": "training.recipe",
 }  # fmt: skip

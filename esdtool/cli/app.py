@@ -12,6 +12,7 @@ import typer
 
 from esdtool.cli import allocate as allocate_cmd
 from esdtool.cli import analyze as analyze_cmd
+from esdtool.cli import compare as compare_cmd
 from esdtool.cli import finetune as finetune_cmd
 from esdtool.cli import report as report_cmd
 from esdtool.cli._console import print_error
@@ -31,6 +32,7 @@ for _name, _module in (
     ("analyze", analyze_cmd),
     ("allocate", allocate_cmd),
     ("report", report_cmd),
+    ("compare", compare_cmd),
     ("finetune", finetune_cmd),
 ):
     app.command(_name, help=_module.HELP, epilog=_module.EXAMPLES, no_args_is_help=True)(

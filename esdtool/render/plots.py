@@ -46,7 +46,12 @@ def _label(text: str, limit: int = 40) -> str:
 
 
 def by_depth(
-    table: pd.DataFrame, column: str, title: str, ylabel: str, band: tuple[float, float] | None
+    table: pd.DataFrame,
+    column: str,
+    title: str,
+    ylabel: str,
+    band: tuple[float, float] | None,
+    xlabel: str = "layer",
 ) -> bytes:
     """``column`` against layer index, one line per module kind (median over experts)."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")  # legible at a phone's width
@@ -57,7 +62,7 @@ def by_depth(
     for kind, group in data.groupby("kind", sort=True):
         series = group.groupby("layer")[column].median()
         ax.plot(series.index, series.values, marker="o", ms=3, lw=1.2, label=_label(kind))
-    ax.set(title=title, xlabel="layer", ylabel=ylabel)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if data["kind"].nunique():  # below the axes: a legend at the side halves the plot on a phone
         fig.legend(loc="outside lower center", fontsize=8, frameon=False, ncol=2)

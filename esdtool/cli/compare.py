@@ -1,0 +1,55 @@
+"""`esdtool compare`: two or more metrics tables in, per-module changes out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from esdtool.cli._console import hush, out, safe
+from esdtool.cli._options import JsonOpt, QuietOpt
+
+HELP = (
+    "Compare metrics tables of one model family (base and fine-tuned, checkpoints over "
+    "training), module by module: every alpha, the spike count, stable rank and norms side by "
+    "side and their change from the first table to the last.\n\n"
+    "Writes OUTDIR/comparison.csv and OUTDIR/report.html (the changes by depth; with three "
+    "tables or more, alpha_ks table by table)."
+)
+
+EXAMPLES = """[bold]Examples[/bold]
+
+  esdtool compare base.parquet tuned.parquet -o compare
+
+  esdtool compare step-100.parquet step-500.parquet step-1000.parquet -o compare --json"""
+
+
+def compare(
+    tables: Annotated[
+        list[Path],
+        typer.Argument(help="Two or more tables written by esdtool analyze.", show_default=False),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Directory to write the comparison to.")
+    ] = Path("compare"),
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    from esdtool.comparison import compare as run_compare
+
+    hush(quiet or as_json)
+    result = run_compare(tables, output)
+    summary = result.summary()
+    if as_json:
+        print(json.dumps(summary))
+    elif not quiet:
+        delta = summary["delta"]["alpha_ks"]
+        missing = sum(summary["unmatched"].values())
+        out.print(
+            f"Compared {summary['modules_compared']} modules of {len(tables)} tables "
+            f"({missing} unmatched); alpha_ks change median {delta['median']:.3g}, largest "
+            f"{delta['max_abs']:.3g}. Wrote {safe(str(output))}/comparison.csv and report.html",
+            markup=False,
+        )

@@ -1,0 +1,215 @@
+"""Per-module changes between metrics tables of one model family: rows matched by module (and
+expert), every alpha, the spike count, stable rank and norms side by side, and their change from
+the first table to the last; a CSV and a self-contained page with the changes by depth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from esdtool.analysis.roles import module_kind
+from esdtool.errors import MetricsSchemaError, OptionError
+from esdtool.io.atomic import atomic_dir, check_output_dir
+from esdtool.io.table import check_frame, load_metrics
+from esdtool.render import plots
+from esdtool.untrusted import printable
+from esdtool.version import __version__
+
+METRICS = ("alpha_median", "alpha_fix_finger", "alpha_ks", "num_spikes", "stable_rank",
+           "lambda_max", "spectral_norm", "frobenius_norm")  # fmt: skip
+CSV_NAME, REPORT_NAME, RECORD_NAME = "comparison.csv", "report.html", "esdtool_compare.json"
+FILES = (CSV_NAME, REPORT_NAME, RECORD_NAME)
+# Fewer modules in common than this share of the smaller table: not one model family.
+MIN_SHARED = 0.5
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """The comparison: one row per module (and expert) found in any table.
+
+    table:     module, slice, layer, kind, rows, cols, then ``<metric>@<label>`` per table and
+               ``delta_<metric>`` (last table minus first), ``in_all`` (False: missing from a
+               table, or not analysed there; its values are blank where it is absent).
+    labels:    one label per table, in order.
+    unmatched: per label, the modules analysed in that table but missing from another.
+    output:    the directory written, or None.
+    """
+
+    table: pd.DataFrame = field(repr=False)
+    labels: list[str]
+    unmatched: dict[str, list[str]]
+    output: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        both = self.table[self.table.in_all]
+        change = {
+            m: {
+                "median": _float(both[f"delta_{m}"].median()),
+                "max_abs": _float(both[f"delta_{m}"].abs().max()),
+            }
+            for m in METRICS
+        }
+        return {
+            "output": None if self.output is None else str(self.output),
+            "tables": self.labels,
+            "modules_compared": len(both),
+            "unmatched": {k: len(v) for k, v in self.unmatched.items()},
+            "delta": change,
+        }
+
+
+def compare(
+    tables: Sequence[str | os.PathLike[str] | pd.DataFrame],
+    outdir: str | os.PathLike[str] | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+) -> CompareResult:
+    """Compare two or more metrics tables of one model family (paths or DataFrames), module by
+    module; with ``outdir``, write comparison.csv, report.html and esdtool_compare.json there.
+
+    Rows are matched by (module, expert). A module analysed in some tables only is kept with
+    blanks and ``in_all`` False, and listed in ``unmatched``. Tables of different models are
+    refused: a module whose matrix shape differs between tables, or fewer than half of the
+    smaller table's modules in common.
+    """
+    if len(tables) < 2:
+        raise OptionError("compare needs two tables or more")
+    paths = [Path(t) for t in tables if not isinstance(t, pd.DataFrame)]
+    if outdir is not None:
+        check_output_dir(outdir, paths)
+    frames = [t if isinstance(t, pd.DataFrame) else load_metrics(t) for t in tables]
+    for frame in frames:
+        check_frame(frame)
+    names = list(labels) if labels is not None else [
+        Path(t).stem if not isinstance(t, pd.DataFrame) else f"table{i + 1}"
+        for i, t in enumerate(tables)
+    ]  # fmt: skip
+    if len(names) != len(frames) or len(set(names)) != len(names):
+        names = [f"{n}#{i + 1}" for i, n in enumerate(names)][: len(frames)]
+    merged = _join(frames, names)
+    unmatched = {
+        label: sorted(merged.module[~merged.in_all & merged[f"alpha_ks@{label}"].notna()])
+        for label in names
+    }
+    result = CompareResult(merged, names, unmatched)
+    if outdir is None:
+        return result
+    out = Path(outdir)
+    html = _page(result, frames).encode("utf-8")
+    record = {"tables": [str(p.resolve()) for p in paths], "labels": names,
+              "esdtool_version": __version__}  # fmt: skip
+
+    def build(directory: Path) -> None:
+        merged.to_csv(directory / CSV_NAME, index=False)
+        (directory / REPORT_NAME).write_bytes(html)
+        (directory / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+    atomic_dir(out, build, FILES, marker=RECORD_NAME)
+    return CompareResult(merged, names, unmatched, out)
+
+
+def _join(frames: list[pd.DataFrame], labels: list[str]) -> pd.DataFrame:
+    """One row per (module, expert) of any table, the tables' values side by side."""
+    keyed = []
+    for frame in frames:
+        ok = frame[frame.status == "ok"].copy()
+        ok["slice"] = ok["slice"].fillna(-1).astype(int)
+        ok = ok.drop_duplicates(["module", "slice"])
+        keyed.append(ok.set_index(["module", "slice"]))
+    shared = set(keyed[0].index)
+    for k in keyed[1:]:
+        shared &= set(k.index)
+    smallest = min(len(k) for k in keyed)
+    if smallest == 0:
+        raise MetricsSchemaError("a table has no analysed row to compare")
+    if len(shared) < MIN_SHARED * smallest:
+        raise OptionError(
+            f"the tables share {len(shared)} of {smallest} analysed modules: not one model "
+            "family (compare checkpoints of the same architecture)"
+        )
+    for k, label in zip(keyed[1:], labels[1:], strict=True):
+        common = sorted(shared)
+        a, b = keyed[0].loc[common, ["rows", "cols"]], k.loc[common, ["rows", "cols"]]
+        differ = (a.to_numpy() != b.to_numpy()).any(axis=1)
+        if differ.any():
+            module = common[int(differ.argmax())][0]
+            raise OptionError(
+                f"module {printable(module)!r} is {a.iloc[int(differ.argmax())].tolist()} in "
+                f"{labels[0]} and {b.iloc[int(differ.argmax())].tolist()} in {label}: not the "
+                "same model"
+            )
+    index = sorted(set().union(*(set(k.index) for k in keyed)))
+    out = pd.DataFrame(index=pd.MultiIndex.from_tuples(index, names=["module", "slice"]))
+    first = keyed[0].reindex(out.index)
+    for k in keyed[1:]:
+        first = first.combine_first(k.reindex(out.index)[["layer", "rows", "cols"]])
+    out["layer"] = first["layer"]
+    out["rows"], out["cols"] = first["rows"], first["cols"]
+    for k, label in zip(keyed, labels, strict=True):
+        values = k.reindex(out.index)
+        for metric in METRICS:
+            out[f"{metric}@{label}"] = values[metric].astype(float)
+    for metric in METRICS:
+        out[f"delta_{metric}"] = out[f"{metric}@{labels[-1]}"] - out[f"{metric}@{labels[0]}"]
+    out["in_all"] = out.index.isin(list(shared))
+    out = out.reset_index()
+    out["slice"] = out["slice"].where(out["slice"] >= 0)
+    out.insert(3, "kind", [module_kind(str(m)) for m in out.module])
+    return out
+
+
+def _float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if number != number else number
+
+
+def _page(result: CompareResult, frames: list[pd.DataFrame]) -> str:
+    import jinja2
+
+    table = result.table[result.table.in_all].dropna(subset=["layer", "kind"])
+    figures = []
+    for metric in ("alpha_ks", "alpha_median", "num_spikes", "stable_rank", "spectral_norm"):
+        if table.empty:
+            break
+        svg = plots.by_depth(table, f"delta_{metric}", f"change of {metric} by depth",
+                             f"{metric} change", None)  # fmt: skip
+        figures.append({"svg": base64.b64encode(svg).decode(), "title": metric,
+                        "caption": f"{metric}, {result.labels[-1]} minus {result.labels[0]}, "
+                                   "median per module kind"})  # fmt: skip
+    if len(result.labels) >= 3 and not table.empty:
+        long = pd.concat([
+            pd.DataFrame({"layer": i, "kind": table.kind, "alpha_ks": table[f"alpha_ks@{lab}"]})
+            for i, lab in enumerate(result.labels)
+        ])  # fmt: skip
+        svg = plots.by_depth(long, "alpha_ks", "alpha_ks over the tables", "alpha_ks", None,
+                             xlabel="table (in the order given)")  # fmt: skip
+        figures.append({"svg": base64.b64encode(svg).decode(), "title": "trajectories",
+                        "caption": "median alpha_ks per module kind, table by table: "
+                                   + " -> ".join(result.labels)})  # fmt: skip
+    top = result.table[result.table.in_all].copy()
+    top = top.reindex(top["delta_alpha_ks"].abs().sort_values(ascending=False).index).head(30)
+    columns = ["module", *[f"alpha_ks@{lab}" for lab in result.labels], "delta_alpha_ks",
+               "delta_num_spikes", "delta_stable_rank"]  # fmt: skip
+    rows = [[printable(v) if isinstance(v, str) else f"{v:.4g}" for v in r]
+            for r in top[columns].itertuples(index=False)]  # fmt: skip
+    metas = [f.attrs.get("esdtool") or {} for f in frames]
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    page = resources.files("esdtool.templates").joinpath("compare.html.j2").read_text("utf-8")
+    return env.from_string(page).render(
+        labels=result.labels, version=__version__, figures=figures, columns=columns, rows=rows,
+        compared=int(result.table.in_all.sum()),
+        unmatched=[(k, v) for k, v in result.unmatched.items() if v],
+        tables=[{"label": lab, "source": printable(m.get("source", "?"))}
+                for lab, m in zip(result.labels, metas, strict=True)],
+    )  # fmt: skip
