@@ -73,5 +73,8 @@ def test_other_models_are_refused(minilm_metrics, tiny_llama, tmp_path, capsys):
         compare([minilm_metrics, reshaped])
     with pytest.raises(OptionError, match="two tables or more"):
         compare([minilm_metrics])
+    with pytest.raises(OptionError, match="1 labels for 2 tables"):
+        compare([minilm_metrics, minilm_metrics], labels=["x"])
+    assert compare([minilm_metrics, minilm_metrics], labels=["x", "x"]).labels == ["x#1", "x#2"]
     assert not math.isnan(compare([minilm_metrics, minilm_metrics]).summary()["delta"][
         "alpha_ks"]["max_abs"])  # fmt: skip

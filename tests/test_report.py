@@ -293,6 +293,11 @@ def _chromium() -> str:
     return path
 
 
+# Headless Chromium with no network, sync or first-run chatter (the layout tests share them).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
 def test_report_works_in_headless_chromium(minilm_plan, tmp_path):
     """Open the real file: no console errors (a CSP violation would be one), sorting and the
     gallery buttons work; the screenshot is kept for a person to look at."""
@@ -301,11 +306,7 @@ def test_report_works_in_headless_chromium(minilm_plan, tmp_path):
 
     messages: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1300, "height": 900})
         page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))

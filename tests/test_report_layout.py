@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_report import _chromium
+from test_report import CHROMIUM_ARGS, _chromium
 
 from esdtool.plan.directory import allocate
 
@@ -35,11 +35,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        chromium = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 

@@ -92,8 +92,10 @@ def compare(
         Path(t).stem if not isinstance(t, pd.DataFrame) else f"table{i + 1}"
         for i, t in enumerate(tables)
     ]  # fmt: skip
-    if len(names) != len(frames) or len(set(names)) != len(names):
-        names = [f"{n}#{i + 1}" for i, n in enumerate(names)][: len(frames)]
+    if len(names) != len(frames):
+        raise OptionError(f"{len(names)} labels for {len(frames)} tables: give one per table")
+    if len(set(names)) != len(names):  # two tables of one name: number them
+        names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
     merged = _join(frames, names)
     unmatched = {
         label: sorted(merged.module[~merged.in_all & merged[f"alpha_ks@{label}"].notna()])
