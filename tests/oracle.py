@@ -163,6 +163,10 @@ def row(W: np.ndarray) -> dict:
         entropy=float(-np.sum(p * np.log(p)) / math.log(len(x))),
         mp_softrank=out["bulk_max"] / ev[-1],
         matrix_rank=int(np.sum(ev > ev[-1] * N * np.finfo(np.float64).eps)),
+        # fewest top eigenvalues holding 90% of the sum, by a plain loop over them
+        effective_rank=next(
+            k for k in range(1, ev.size + 1) if ev[::-1][:k].sum() >= 0.9 * ev.sum() * (1 - 1e-12)
+        ),
         num_nonzero=len(x),
     )
     out["evals"] = ev

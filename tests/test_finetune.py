@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -58,6 +59,24 @@ def test_cli_loop_trains_and_saves_the_planned_adapter(tiny_causal_lm, plan, tmp
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert trainable == result["trainable_params"]
     assert trainable == int(pd.read_csv(plan / "allocation.csv").params.sum())
+
+    # The run read its adapter back: one row per adapted module, planned rank = the plan's,
+    # spectrum = that of PEFT's own delta weight, and the summary's share from those rows.
+    from esdtool import load_metrics
+
+    table = load_metrics(out / "adapter_metrics.parquet")
+    rows = table[table.lora_rank.notna()].set_index("module")
+    assert rows.lora_rank.astype(int).to_dict() == planned
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules()}
+    for module, row in rows.iterrows():
+        delta = layers[module].get_delta_weight("default").detach().double().numpy()
+        truth = np.sort(np.linalg.svd(delta, compute_uv=False) ** 2)
+        np.testing.assert_allclose(row.eigenvalues, truth, rtol=1e-4, atol=1e-5 * truth[-1])
+    used = int(rows.effective_rank.sum())
+    assert result["rank_use"] == [len(rows), int(rows.lora_rank.sum()), used]
+    assert 0 < used <= int(rows.lora_rank.sum())
+    assert 'id="usage"' in (out / "adapter_report.html").read_text()
+    assert not list(out.glob(".*.partial"))  # the resume file went with the table
 
 
 ALPACA_HEAD = (
@@ -246,6 +265,9 @@ def test_two_processes_under_torchrun_train_one_adapter(tiny_causal_lm, plan, tm
     run = json.loads((out / "esdtool_run.json").read_text())
     assert run["world_size"] == 2
     assert (out / "adapter_model.safetensors").is_file()
+    # both ranks analysed the saved adapter; rank 0 wrote its table and report
+    assert result["rank_use"] and result["rank_use"][1] == sum(result["ranks"].values())
+    assert (out / "adapter_metrics.parquet").is_file() and (out / "adapter_report.html").is_file()
 
 
 def test_finetune_needs_its_extra_named(monkeypatch, tmp_path):

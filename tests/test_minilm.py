@@ -48,6 +48,7 @@ def test_metrics_equal_float64_reference(minilm_table, minilm_weights):
                     "log_norm", "alpha_weighted", "log_alpha_norm", "entropy"):  # fmt: skip
             assert row[col] == pytest.approx(expected[col], rel=1e-6), (name, col)
         assert row["matrix_rank"] == expected["matrix_rank"], name
+        assert row["effective_rank"] == expected["effective_rank"], name
         assert row["num_nonzero"] == expected["num_nonzero"], name
         assert _spikes_agree(row["num_spikes"], expected, expected["evals"]), name
         assert row["num_spikes_bulk"] == expected["num_spikes_bulk"], name
@@ -71,7 +72,7 @@ def test_float32_path_keeps_every_alpha_within_1e_3(minilm_dir, minilm_table, tm
 
 def test_table_metadata_records_how_it_was_made(minilm_table, minilm_dir):
     meta = minilm_table.attrs["esdtool"]
-    assert meta["schema_version"] == 2
+    assert meta["schema_version"] == 3
     assert meta["source"] == str(minilm_dir)
     assert meta["settings"]["dtype"] == "float64"  # "auto" resolved: float64 on a CPU
     assert meta["model_type"] == "bert"

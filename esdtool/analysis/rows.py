@@ -13,6 +13,7 @@ from esdtool.analysis.roles import block_index, infer_role, module_name
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.io.checkpoint import TensorInfo
 from esdtool.io.table import MatrixRow
+from esdtool.spectral.lowrank import lowrank_eigenvalues
 from esdtool.spectral.metrics import spectrum_metrics
 from esdtool.spectral.spectra import (
     auto_dtype,
@@ -33,6 +34,9 @@ def header_row(
     *,
     module: str | None = None,
     quantization: str | None = None,
+    adapter: str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
 ) -> MatrixRow:
     """A row from the header alone: what every row has, with no spectrum (skipped, error).
     ``module`` overrides the module name read off the tensor name (a quantized weight's codes
@@ -57,6 +61,9 @@ def header_row(
         reason=reason,
         seconds=0.0,
         quantization=quantization,
+        adapter=adapter,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
 
 
@@ -154,3 +161,41 @@ def _analyze_experts(
         seconds = (time.perf_counter() - started) / len(chunk)  # the batch's time, shared out
         out.extend(replace(row, device=str(device), seconds=seconds) for row in chunk)
     return out
+
+
+def analyze_update(
+    base: MatrixRow,
+    factors: dict[str, torch.Tensor],
+    scaling: float,
+    settings: AnalyzeSettings,
+    device: torch.device,
+) -> list[MatrixRow]:
+    """The row of a LoRA update scaling * B A from its factors (``factors["A"]`` [r, in],
+    ``factors["B"]`` [out, r]), never formed: its eigenvalues come from an r x r problem
+    (:func:`~esdtool.spectral.lowrank.lowrank_eigenvalues`), always in float64, and its
+    metrics are those of a low-rank spectrum (no power-law or MP fit)."""
+    started = time.perf_counter()
+    # float64 first: FP8 factors have no isfinite of their own, and the QR wants float64 anyway
+    A, B = (factors[k].to(device, non_blocking=True).to(torch.float64) for k in ("A", "B"))
+    finite = bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
+    if not finite:
+        return [replace(base, status="nonfinite", reason="NaN or Inf entries in lora_A or lora_B",
+                        device=str(device))]  # fmt: skip
+    assert base.M is not None and base.N is not None
+    evals = lowrank_eigenvalues(B, A, scaling, base.M)
+    top = float(evals[-1])
+    if not math.isfinite(top):
+        return [replace(base, status="skipped", device=str(device),
+                        reason="eigenvalues overflow float64 (scaling * B A is too large to "
+                        "measure); rescale the factors")]  # fmt: skip
+    metrics = spectrum_metrics(evals, base.M, base.N, eig_threshold=settings.eig_threshold,
+                               low_rank=True)  # fmt: skip
+    row = replace(
+        base,
+        status="zero" if metrics.lambda_max == 0 else "ok",
+        eigenvalues=evals.float().cpu().numpy(),
+        metrics=metrics,
+        device=str(device),
+        seconds=time.perf_counter() - started,
+    )
+    return [row]

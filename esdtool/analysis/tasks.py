@@ -9,7 +9,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from esdtool.adapters import AdapterLayout, LowRankUpdate
+from esdtool.adapters.layout import strip_prefix
 from esdtool.analysis.resources import skip_reason
+from esdtool.analysis.roles import module_name
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.dequant import Layout, QuantizedWeight
 from esdtool.io.checkpoint import Checkpoint, TensorInfo
@@ -26,6 +29,8 @@ class Task:
     weight:  the quantized weight to dequantize first, or None for a plain tensor.
     module:  the module name of the row when it is not the tensor name without ``.weight``.
     label:   the ``quantization`` column.
+    update:  a LoRA module's low-rank update, analysed from its factors, or None.
+    adapter: the ``adapter`` column (rows of an adapter).
     """
 
     info: TensorInfo
@@ -35,6 +40,8 @@ class Task:
     weight: QuantizedWeight | None = None
     module: str | None = None
     label: str | None = None
+    update: LowRankUpdate | None = None
+    adapter: str | None = None
 
 
 def plan_tasks(
@@ -43,9 +50,12 @@ def plan_tasks(
     layout: Layout,
     settings: AnalyzeSettings,
     budget: int | None,
+    adapter: AdapterLayout | None = None,
 ) -> list[Task]:
     """A :class:`Task` for each of ``names`` (``budget``: bytes one tensor may use, or None to
-    ignore memory)."""
+    ignore memory); ``adapter``: the layout of a PEFT adapter's file."""
+    if adapter is not None:
+        return [_adapter_task(ckpt, ckpt.info(name), adapter, settings, budget) for name in names]
     tasks = []
     for name in names:
         info = ckpt.info(name)
@@ -64,6 +74,33 @@ def plan_tasks(
             task = Task(info, info.nbytes, "skipped" if reason else None, reason)
         tasks.append(task)
     return tasks
+
+
+def _adapter_task(
+    ckpt: Checkpoint,
+    info: TensorInfo,
+    adapter: AdapterLayout,
+    settings: AnalyzeSettings,
+    budget: int | None,
+) -> Task:
+    """A tensor of an adapter: a LoRA update (its row takes the update's shape and needs only
+    the factors in memory), a part noted from the headers, or a weight saved in full."""
+    update = adapter.updates.get(info.name)
+    if update is not None:
+        nbytes = sum(ckpt.info(n).nbytes for _, n in update.parts())
+        row = replace(info, shape=update.shape)
+        reason = skip_reason(row, settings.min_evals, None, settings.dtype)
+        return Task(row, nbytes, "skipped" if reason else None, reason, None, update.module,
+                    None, update, update.label)  # fmt: skip
+    note = adapter.notes.get(info.name)
+    if note is not None:
+        status, reason, kind = note
+        module = module_name(strip_prefix(info.name))
+        return Task(info, info.nbytes, status, reason, module=module, adapter=kind)
+    module, label = adapter.full[info.name]
+    reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
+    return Task(info, info.nbytes, "skipped" if reason else None, reason,
+                module=module, adapter=label)  # fmt: skip
 
 
 def _quantized(
@@ -107,7 +144,10 @@ def _count(weight: QuantizedWeight) -> int:
 
 
 def read_task(ckpt: Checkpoint, task: Task) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The stored tensor of a plain task, or the parts of a quantized one by role."""
+    """The stored tensor of a plain task, or the parts of a quantized weight or a LoRA update
+    by role."""
+    if task.update is not None:
+        return {role: ckpt.get_tensor(name) for role, name in task.update.parts()}
     if task.weight is None:
         return ckpt.get_tensor(task.info.name)
     return {role: ckpt.get_tensor(name) for role, name in task.weight.parts}

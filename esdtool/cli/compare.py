@@ -45,11 +45,19 @@ def compare(
     if as_json:
         print(json.dumps(summary))
     elif not quiet:
-        delta = summary["delta"]["alpha_ks"]
+        # alpha_ks where the tables have it; a LoRA adapter's rows have none: their norms
+        metric = next((m for m in ("alpha_ks", "frobenius_norm")
+                       if summary["delta"][m]["median"] is not None), "alpha_ks")  # fmt: skip
+        delta = summary["delta"][metric]
         missing = sum(summary["unmatched"].values())
+        change = (
+            f"{metric} change median {delta['median']:.3g}, largest {delta['max_abs']:.3g}"
+            if delta["median"] is not None
+            else "no metric in common to compare"
+        )
         out.print(
             f"Compared {summary['modules_compared']} modules of {len(tables)} tables "
-            f"({missing} unmatched); alpha_ks change median {delta['median']:.3g}, largest "
-            f"{delta['max_abs']:.3g}. Wrote {safe(str(output))}/comparison.csv and report.html",
+            f"({missing} unmatched); {change}. Wrote {safe(str(output))}/comparison.csv and "
+            "report.html",
             markup=False,
         )

@@ -181,4 +181,13 @@ def _print_summary(result: FinetuneResult) -> None:
         if result.eval_loss is not None:
             table.add_row("eval loss", f"{result.eval_loss:.4f}")
         table.add_row("adapter saved to", Text(safe(str(result.output_dir))))
+        if result.rank_use is not None:
+            modules, planned, used = result.rank_use
+            share = f" ({100 * used / planned:.0f}%)" if planned else ""
+            table.add_row(
+                "planned rank used",
+                f"{used} of {planned}{share} over {modules} modules (adapter_report.html)",
+            )
+        if result.analysis_error is not None:
+            table.add_row("adapter analysis", Text(f"failed: {safe(result.analysis_error)}"))
     out.print(table)

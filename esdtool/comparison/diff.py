@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from esdtool.analysis.roles import module_kind
@@ -24,7 +25,7 @@ from esdtool.untrusted import printable
 from esdtool.version import __version__
 
 METRICS = ("alpha_median", "alpha_fix_finger", "alpha_ks", "num_spikes", "stable_rank",
-           "lambda_max", "spectral_norm", "frobenius_norm")  # fmt: skip
+           "effective_rank", "lambda_max", "spectral_norm", "frobenius_norm")  # fmt: skip
 CSV_NAME, REPORT_NAME, RECORD_NAME = "comparison.csv", "report.html", "esdtool_compare.json"
 FILES = (CSV_NAME, REPORT_NAME, RECORD_NAME)
 # Fewer modules in common than this share of the smaller table: not one model family.
@@ -98,7 +99,8 @@ def compare(
         names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
     merged = _join(frames, names)
     unmatched = {
-        label: sorted(merged.module[~merged.in_all & merged[f"alpha_ks@{label}"].notna()])
+        # lambda_max: every analysed row has one (a LoRA update's row has no alpha)
+        label: sorted(merged.module[~merged.in_all & merged[f"lambda_max@{label}"].notna()])
         for label in names
     }
     result = CompareResult(merged, names, unmatched)
@@ -157,8 +159,9 @@ def _join(frames: list[pd.DataFrame], labels: list[str]) -> pd.DataFrame:
     out["rows"], out["cols"] = first["rows"], first["cols"]
     for k, label in zip(keyed, labels, strict=True):
         values = k.reindex(out.index)
-        for metric in METRICS:
-            out[f"{metric}@{label}"] = values[metric].astype(float)
+        for metric in METRICS:  # a DataFrame of an older table may lack effective_rank
+            column = values[metric] if metric in values else pd.Series(np.nan, index=out.index)
+            out[f"{metric}@{label}"] = column.astype(float)
     for metric in METRICS:
         out[f"delta_{metric}"] = out[f"{metric}@{labels[-1]}"] - out[f"{metric}@{labels[0]}"]
     out["in_all"] = out.index.isin(list(shared))

@@ -28,10 +28,10 @@ from esdtool.spectral.metrics import SpectrumMetrics
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added after version 1, with the version that added them: an older table reads as if
 # they were null.
-_ADDED = {"quantization": 2}
+_ADDED = {"quantization": 2, "adapter": 3, "lora_rank": 3, "lora_alpha": 3, "effective_rank": 3}
 METADATA_KEY = b"esdtool"
 
 _f64, _i64, _str = pa.float64(), pa.int64(), pa.string()
@@ -53,6 +53,15 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         "how a quantized weight was stored and dequantized before analysis (e.g. 'fp8_e4m3 "
         "block 128x128', 'gptq int4 g128', 'mxfp4'); null for plain weights",
     ),
+    (
+        "adapter",
+        _str,
+        "rows of a PEFT adapter: 'lora' or 'dora' (with ' rslora') for a module's update "
+        "scaling * B A, 'modules_to_save' or 'trainable_tokens' for a weight saved in full, "
+        "'lora_B', 'dora_magnitude' or 'lora_bias' for parts; null for a model's weights",
+    ),
+    ("lora_rank", _i64, "r of the module's LoRA update (its planned rank); null otherwise"),
+    ("lora_alpha", _f64, "lora_alpha resolved for the module (alpha_pattern or the default)"),
     ("rows", _i64, "size of the matrix's first dimension (out features)"),
     ("cols", _i64, "size of the matrix's second dimension (in features)"),
     ("M", _i64, "min(rows, cols): number of eigenvalues per matrix"),
@@ -108,6 +117,12 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         "entropy of lambda / sum lambda over nonzero eigenvalues, in [0, 1]",
     ),
     ("matrix_rank", _i64, "numerical rank: lambda > lambda_max * N * eps(dtype)"),
+    (
+        "effective_rank",
+        _i64,
+        "fewest largest eigenvalues holding 90% of sum lambda (the squared Frobenius norm); of "
+        "a LoRA update, the part of its rank it uses",
+    ),
     ("seconds", _f64, "wall time spent on this row"),
     ("device", _str, "device the spectrum was computed on"),
 )
@@ -124,7 +139,8 @@ class MatrixRow:
     the analysis to this module; :meth:`columns` is the one place they become table columns.
 
     name, module, slice, role, layer, shard, dtype, rows, cols, status, reason, seconds,
-    device, quantization: the columns of the same names (see ``COLUMNS``).
+    device, quantization, adapter, lora_rank, lora_alpha: the columns of the same names (see
+    ``COLUMNS``).
     eigenvalues: float32 eigenvalues ascending, None when no spectrum was computed.
     metrics:     the spectrum's numbers, None when no spectrum was computed or it was not finite.
     """
@@ -145,6 +161,9 @@ class MatrixRow:
     seconds: float = math.nan
     device: str | None = None
     quantization: str | None = None
+    adapter: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
 
     @property
     def M(self) -> int | None:
@@ -179,6 +198,9 @@ class MatrixRow:
             "shard": self.shard,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            "adapter": self.adapter,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
             "rows": self.rows,
             "cols": self.cols,
             "M": M,
@@ -205,6 +227,7 @@ class MatrixRow:
             "log_alpha_norm": m.log_alpha_norm if m else nan,
             "entropy": m.entropy if m else nan,
             "matrix_rank": m.matrix_rank if m else None,
+            "effective_rank": m.effective_rank if m else None,
             "seconds": self.seconds,
             "device": self.device,
         }
@@ -396,9 +419,11 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
         df = _pandas(pq.read_table(path))
     except (pa.ArrowException, OSError) as exc:
         raise MetricsSchemaError(f"{path}: unreadable parquet data ({exc})") from exc
+    types = {name: dtype for name, dtype, _ in COLUMNS}
     for name in _ADDED:  # an older table: the column as null, in its place
         if name not in df.columns:
-            df.insert(COLUMN_NAMES.index(name), name, pd.Series([None] * len(df), dtype=object))
+            dtype = {_i64: "Int64", _f64: "float64"}.get(types[name], "object")
+            df.insert(COLUMN_NAMES.index(name), name, pd.Series([None] * len(df), dtype=dtype))
     _check_values(path, df)
     df.attrs["esdtool"] = meta
     return df

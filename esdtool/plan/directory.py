@@ -126,6 +126,13 @@ def allocate(
     table = metrics if in_memory else load_metrics(where)  # type: ignore[assignment]
     check_frame(table)
     meta = table.attrs.get("esdtool") or {}
+    if meta.get("adapter"):
+        raise OptionError(
+            f"{where}: is the table of a trained LoRA adapter (its weight changes), not of a "
+            "model; ranks are planned from the base model's table",
+            hint="esdtool analyze BASE_MODEL -o metrics.parquet, then allocate that table; "
+            "esdtool report shows how this adapter used its ranks",
+        )
     overrides = _check_preset(where, settings, meta)
     needs_model = verify or settings.candidates == "model"
     model_dir = model_directory(meta) if needs_model else None

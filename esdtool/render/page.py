@@ -29,7 +29,7 @@ from esdtool.analysis.roles import module_kind
 from esdtool.errors import OptionError
 from esdtool.io.atomic import atomic_write, check_output_file
 from esdtool.io.table import COLUMNS, check_frame, load_metrics
-from esdtool.render import MAX_PLOTS, glance, plots
+from esdtool.render import MAX_PLOTS, glance, plots, usage
 from esdtool.spectral import ALPHA_COLUMNS
 from esdtool.untrusted import printable
 from esdtool.version import __version__
@@ -195,6 +195,7 @@ def render(
     table = _with_plan(table.reset_index(drop=True), allocation)
     ok = table[table.status == "ok"]
 
+    lora = usage.section(table)
     gallery, plotted = _gallery(table, ok, alpha_column, threshold, max_plots)
     plotted_rows = {m["index"] for g in gallery for m in g["matrices"]}
     shown, hidden = _capped(table, plotted_rows, MAX_TABLE_ROWS)
@@ -209,7 +210,9 @@ def render(
         "totals": _totals(table),
         "settings": _settings(settings_meta, allocation),
         "plan": _plan(allocation, settings_meta.get("preset")),
-        "overview": _overview(ok, allocation, alpha_column),
+        # An adapter's updates have no power-law fits: its overview is planned vs used rank.
+        "overview": [] if lora else _overview(ok, allocation, alpha_column),
+        "usage": lora,
         "gallery": gallery,
         "gallery_count": plotted,
         "omitted": len(ok) - plotted,
@@ -251,7 +254,9 @@ def _with_plan(table: pd.DataFrame, allocation: Allocation | None) -> pd.DataFra
     """The table with score / rank / lora_alpha / selected joined on module (blank when no
     plan or not a candidate) and the module kind used to group by depth."""
     table = table.copy()
-    table["kind"] = [module_kind(str(n)) for n in table["name"]]
+    # By module, not tensor name: a quantized weight's codes tensor (q_proj.qweight) and a LoRA
+    # update's lora_A belong to their module's kind.
+    table["kind"] = [module_kind(str(n)) for n in table["module"]]
     for col in ("score", "rank", "lora_alpha"):
         table[col] = np.nan
     table["selected"] = False

@@ -70,11 +70,17 @@ def by_depth(
 
 
 def heatmap(
-    table: pd.DataFrame, column: str, title: str, cmap: str, integer: bool = False
+    table: pd.DataFrame,
+    column: str,
+    title: str,
+    cmap: str,
+    integer: bool = False,
+    scale: tuple[float, float] | None = None,
 ) -> bytes:
     """Median ``column`` over (module kind x layer); blank where a cell has no value. Every
     kind and layer of ``table`` gets its row and column, even with no value at all (a kind no
-    module of which got a rank shows as a blank row, not as a missing one)."""
+    module of which got a rank shows as a blank row, not as a missing one). ``scale``: fixed
+    colour limits (a share in [0, 1]) instead of the data's range."""
     data = table.dropna(subset=["layer", "kind", column])
     grid = data.pivot_table(index="kind", columns="layer", values=column, aggfunc="median")
     kinds = sorted(table.dropna(subset=["layer", "kind"])["kind"].unique())
@@ -87,7 +93,10 @@ def heatmap(
     ax = fig.add_subplot()
     if grid.size:
         image = ax.imshow(
-            np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap
+            np.ma.masked_invalid(grid.to_numpy(dtype=float)),
+            aspect="auto",
+            cmap=cmap,
+            **({"vmin": scale[0], "vmax": scale[1]} if scale else {}),
         )
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
         step_y = max(1, n_kinds // 80)
@@ -161,13 +170,20 @@ def esd_figure(evals: np.ndarray, row: dict, alpha_column: str, threshold: float
     # The legend sits below the axes, in two columns, where it cannot cover the histogram.
     fig.subplots_adjust(left=0.13, right=0.97, top=0.91, bottom=0.31)
     ax = fig.add_subplot()
+    low_rank = row.get("fit_status") == "low_rank"  # a LoRA update: its r eigenvalues, all
     lam = np.asarray(evals, dtype=float)
-    lam = lam[np.isfinite(lam) & (lam > max(threshold, 0.0))]  # a crafted table may hold inf
+    floor_at = 0.0 if low_rank else max(threshold, 0.0)
+    lam = lam[np.isfinite(lam) & (lam > floor_at)]  # a crafted table may hold inf
     method = alpha_column.removeprefix("alpha_")
     alpha, xmin = row.get(alpha_column), row.get(f"xmin_{method}")
     spikes = row.get("num_spikes")
     head = f"α = {alpha:.2f} ({method})" if _finite(alpha) else f"α: no fit ({method})"
     head += f" · spikes {int(spikes)}" if spikes is not None and not pd.isna(spikes) else ""
+    if low_rank:
+        used, r = row.get("effective_rank"), row.get("lora_rank")
+        head = "low-rank update" + (
+            f" · effective rank {int(used)} of r = {int(r)}" if _finite(used) and _finite(r) else ""
+        )
     ax.set_title(head, fontsize=11, loc="left")
     ax.set_xlabel("eigenvalue λ", fontsize=9)
     if lam.size >= 2 and lam[-1] > lam[0]:
@@ -198,8 +214,9 @@ def esd_figure(evals: np.ndarray, row: dict, alpha_column: str, threshold: float
         ax.xaxis.set_major_formatter(FuncFormatter(_decade))
         ax.yaxis.set_major_formatter(FuncFormatter(_decade))
         ax.set_ylim(bottom=floor)
-        ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.45, -0.2),
-                  ncol=2)  # fmt: skip
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.45, -0.2),
+                      ncol=2)  # fmt: skip
     ax.set_ylabel("density", fontsize=9)
     ax.tick_params(labelsize=9)
     return fig

@@ -36,6 +36,8 @@ class SpectrumMetrics:
     entropy:           entropy of lambda / sum lambda over the nonzero set, in [0, 1].
     matrix_rank:       eigenvalues above lambda_max * N * eps(dtype).
     num_nonzero:       eigenvalues above eig_threshold (the set the fits use).
+    effective_rank:    the fewest largest eigenvalues whose sum is at least 90% of sum lambda
+                       (of the squared Frobenius norm); 0 for a zero matrix.
     """
 
     median: PowerLawFit
@@ -54,6 +56,7 @@ class SpectrumMetrics:
     entropy: float
     matrix_rank: int
     num_nonzero: int
+    effective_rank: int = 0
 
     def fit(self, method: str) -> PowerLawFit:
         """The fit of ``method`` ("median", "fix_finger" or "ks")."""
@@ -86,11 +89,18 @@ def spectrum_metrics(
     weighted_alpha: str = "ks",
     spike_rule: str = "tw",
     mp_sides: tuple[int, int] | None = None,
+    low_rank: bool = False,
 ) -> SpectrumMetrics:
     """All metrics of one spectrum: ``evals`` holds the eigenvalues lambda ascending (M of them,
     or several M-sized spectra pooled), for a matrix of min side M and max side N. The keyword
     arguments are the analysis settings of the same names (method.md sections 3-5); ``mp_sides``
-    (M, N) replaces the matrix's sides in the MP fit (the lora-ar preset's conv rule)."""
+    (M, N) replaces the matrix's sides in the MP fit (the lora-ar preset's conv rule).
+
+    ``low_rank``: the spectrum is a low-rank update's (a LoRA adapter's s B A, at most r nonzero
+    eigenvalues): it has no bulk and no tail for the heavy-tail quantities to describe, so the
+    power-law fits, the MP fit and the spike counts are not computed (fit_status ``low_rank``;
+    alphas, xmins, KS distances, alpha_weighted and log_alpha_norm NaN, spike counts null).
+    The norms, ranks and entropy are computed as for any matrix."""
     evals64 = evals.to(torch.float64)
     total = float(evals64.sum())
     lambda_max = float(evals64[-1])
@@ -100,14 +110,27 @@ def spectrum_metrics(
     nonzero = evals64[evals64 > eig_threshold]
     if nonzero.numel() == 0:  # all below the threshold: use every positive one (log 0 is no data)
         nonzero = evals64[evals64 > 0]
+    eps = torch.finfo(evals.dtype).eps
+    zero_tol = lambda_max * N * eps  # below it an eigenvalue is numerically 0 (matrix_rank)
+    if low_rank:
+        # The nonzero set by the numerical rank's relative tolerance, not the absolute
+        # eig_threshold: a small update (lambda < 1e-5 is common) would otherwise count the
+        # rounding noise of its unused directions, and its entropy would depend on lora_alpha.
+        nonzero = evals64[evals64 > zero_tol]
+        nan = math.nan
+        none = PowerLawFit.failed("low_rank")
+        return _common(
+            evals64, nonzero, total, lambda_max, zero_tol,
+            median=none, fix_finger=none, ks=none, fit_status="low_rank",
+            spikes=SpikeCount(nan, nan, nan, None, None, nan),
+            alpha_weighted=nan, log_alpha_norm=nan,
+        )  # fmt: skip
     fits = {method: fit(nonzero) for method, fit in ALPHA_FITS.items()}
     failed = [f"{m}:{fit.status}" for m, fit in fits.items() if fit.status != "ok"]
     fit_M, fit_N = mp_sides or (M, N)
     spikes = count_spikes(
         evals64, fit_M, fit_N, sigma_fit=sigma_fit, tw_quantile_level=tw_quantile, rule=spike_rule
     )
-    eps = torch.finfo(evals.dtype).eps
-    zero_tol = lambda_max * N * eps  # below it an eigenvalue is numerically 0 (matrix_rank)
     if float(evals64[evals64.numel() // 2]) <= zero_tol:
         # Over half the spectrum is numerically 0 (rank < M/2): the median fit has no bulk to
         # measure and every nonzero eigenvalue would count as a spike. Say so, count none.
@@ -115,25 +138,57 @@ def spectrum_metrics(
         failed.append("mp:median_zero")
 
     alpha = fits[weighted_alpha].alpha
+    return _common(
+        evals64, nonzero, total, lambda_max, zero_tol,
+        **fits, fit_status=";".join(failed) if failed else "ok", spikes=spikes,
+        alpha_weighted=alpha * math.log10(lambda_max),
+        log_alpha_norm=_log10_sum_pow(nonzero, alpha),
+    )  # fmt: skip
+
+
+# Share of sum lambda the effective rank's eigenvalues hold.
+EFFECTIVE_RANK_SHARE = 0.9
+
+
+def effective_rank(evals: torch.Tensor) -> int:
+    """The fewest largest eigenvalues (``evals`` ascending, float64) whose sum reaches
+    EFFECTIVE_RANK_SHARE of the total; 0 when the total is 0. A relative slack of 1e-12 keeps
+    k equal eigenvalues of which exactly 90% suffice from needing one more by rounding."""
+    total = float(evals.sum())
+    if total <= 0:
+        return 0
+    held = torch.cumsum(evals.flip(0), 0)
+    need = EFFECTIVE_RANK_SHARE * total * (1 - 1e-12)
+    k = int(torch.searchsorted(held, torch.tensor([need], dtype=held.dtype))[0]) + 1
+    return min(k, evals.numel())
+
+
+def _common(
+    evals64: torch.Tensor,
+    nonzero: torch.Tensor,
+    total: float,
+    lambda_max: float,
+    zero_tol: float,
+    **fitted: object,
+) -> SpectrumMetrics:
+    """The metrics every nonzero spectrum has, with ``fitted`` (the fits, their status, the
+    spikes and the alpha-weighted norms)."""
     p = nonzero / float(nonzero.sum())
     R = nonzero.numel()
     return SpectrumMetrics(
-        **fits,
-        fit_status=";".join(failed) if failed else "ok",
-        spikes=spikes,
+        **fitted,  # type: ignore[arg-type]
         lambda_max=lambda_max,
         spectral_norm=math.sqrt(lambda_max),
         log_spectral_norm=math.log10(lambda_max),
         frobenius_norm=math.sqrt(total),
         log_norm=math.log10(total),
         stable_rank=total / lambda_max,
-        alpha_weighted=alpha * math.log10(lambda_max),
-        log_alpha_norm=_log10_sum_pow(nonzero, alpha),
         entropy=float(-(p * torch.log(p)).sum()) / math.log(R) if R > 1 else 0.0,
         # Numerical rank of the Gram matrix the eigenvalues came from (numpy's matrix_rank rule
         # applied to lambda, the resolution a Gram eigensolver in this precision has).
         matrix_rank=int((evals64 > zero_tol).sum()),
         num_nonzero=int(nonzero.numel()),
+        effective_rank=effective_rank(evals64),
     )
 
 

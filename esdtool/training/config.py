@@ -195,6 +195,8 @@ _RUN_FILES = {
     "adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.bin",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "esdtool_run.json",
+    # The saved adapter read back (recipe._read_back), and its resume file while that runs.
+    "adapter_metrics.parquet", "adapter_report.html", ".adapter_metrics.parquet.partial",
 }  # fmt: skip
 
 

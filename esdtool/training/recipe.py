@@ -6,7 +6,9 @@ input first and lists every problem): **setup** loads the model from safetensors
 applies the plan with ``peft.get_peft_model``, checked again on the loaded model; **train** is
 TRL's SFTTrainer, so the same call runs as one process or under ``accelerate launch`` /
 ``torchrun`` (DDP through the Trainer); **save** writes the adapter and a run record (only the
-main process writes files).
+main process writes files); **read back** analyses the saved adapter (every process shares the
+work, as ``esdtool analyze`` does under torchrun) into adapter_metrics.parquet and
+adapter_report.html, so the run says how much of the planned rank the training used.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from esdtool.errors import ModelLoadError
+from esdtool.errors import EsdtoolError, ModelLoadError
 from esdtool.plan.peft_config import PLAN_RECORD
 from esdtool.plan.verify import adapted_modules, apply_plan, plan_problems, raise_problems
 from esdtool.training.config import FinetuneSettings, Prepared, prepare
@@ -27,11 +29,18 @@ from esdtool.version import __version__
 __all__ = ["FinetuneResult", "FinetuneSettings", "finetune"]
 
 RUN_RECORD = "esdtool_run.json"
+ADAPTER_METRICS = "adapter_metrics.parquet"
+ADAPTER_REPORT = "adapter_report.html"
 
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """What a run did: steps, losses, parameters, ranks, where the adapter went."""
+    """What a run did: steps, losses, parameters, ranks, where the adapter went.
+
+    rank_use: (modules, planned rank, used rank) of the saved adapter: the sum of the adapted
+    modules' r and of their updates' effective ranks (adapter_metrics.parquet has each one).
+    analysis_error: why the saved adapter could not be analysed (the adapter is saved anyway).
+    """
 
     output_dir: Path
     data_format: str
@@ -44,10 +53,15 @@ class FinetuneResult:
     eval_loss: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     dry_run: bool = False
+    adapter_metrics: Path | None = None
+    rank_use: tuple[int, int, int] | None = None
+    analysis_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["output_dir"] = str(self.output_dir)
+        if self.adapter_metrics is not None:
+            data["adapter_metrics"] = str(self.adapter_metrics)
         return data
 
 
@@ -102,6 +116,7 @@ def finetune(
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
+    metrics, rank_use, error = _read_back(outdir)
     result = FinetuneResult(
         outdir, run.data_format, ranks, trainable, total,
         steps=int(trainer.state.global_step),
@@ -109,6 +124,7 @@ def finetune(
         final_loss=losses[-1][1] if losses else None,
         eval_loss=eval_loss,
         losses=losses,
+        adapter_metrics=metrics, rank_use=rank_use, analysis_error=error,
     )  # fmt: skip
     if trainer.is_world_process_zero():
         record = {
@@ -127,6 +143,22 @@ def finetune(
         }
         (outdir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return result
+
+
+def _read_back(outdir: Path) -> tuple[Path | None, tuple[int, int, int] | None, str | None]:
+    """Analyse the adapter just saved in ``outdir`` (every process takes a share): its table
+    and its report there. A failure is returned as text, never raised: the trained adapter is
+    already safe."""
+    from esdtool.analysis import analyze
+    from esdtool.render import report
+
+    try:
+        analysed = analyze(outdir, outdir / ADAPTER_METRICS, resume=False)
+        if analysed.table is not None:  # the process that gathered every row (rank 0)
+            report(analysed.table, outdir / ADAPTER_REPORT)
+    except EsdtoolError as exc:
+        return None, None, str(exc)
+    return outdir / ADAPTER_METRICS, analysed.rank_use, None
 
 
 def _setup(run: Prepared, settings: FinetuneSettings, plan_dir: Path, model: object) -> Any:

@@ -1,0 +1,23 @@
+"""The ``adapters`` stage: trained PEFT LoRA adapters read as the weight changes they make.
+
+:func:`~esdtool.adapters.config.read_adapter_config` checks adapter_config.json and resolves each
+module's r and lora_alpha as PEFT does; :func:`~esdtool.adapters.layout.adapter_layout` pairs,
+from headers alone, every ``lora_A`` with its ``lora_B`` (and DoRA magnitude) into one
+:class:`~esdtool.adapters.layout.LowRankUpdate`, whose spectrum comes from an r x r problem
+(:mod:`esdtool.spectral.lowrank`).
+"""
+
+from typing import TYPE_CHECKING
+
+from esdtool._lazy import lazy_getattr
+
+if TYPE_CHECKING:
+    from esdtool.adapters.config import AdapterConfig, read_adapter_config
+    from esdtool.adapters.layout import AdapterLayout, LowRankUpdate, adapter_layout
+
+_WHERE = {"AdapterConfig": "config", "read_adapter_config": "config",
+          "AdapterLayout": "layout", "LowRankUpdate": "layout",
+          "adapter_layout": "layout"}  # fmt: skip
+__all__ = ["AdapterConfig", "AdapterLayout", "LowRankUpdate", "adapter_layout",
+           "read_adapter_config"]  # fmt: skip
+__getattr__ = lazy_getattr(__name__, _WHERE)
