@@ -55,6 +55,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_floor.py
 	$(BIN)/python benchmarks/bench_scaling.py
 	$(BIN)/python benchmarks/bench_dequant.py
+	$(BIN)/python benchmarks/bench_hub_overlap.py
+	$(BIN)/python benchmarks/bench_lowrank.py
 	@echo "GPU: run benchmarks/bench_gpu.py on a CUDA machine"
 
 # Mutants of esdtool/spectral/*.py and esdtool/plan/ranks.py, each run against the fast tests

@@ -48,7 +48,7 @@ __all__ = [
 
 
 _WHERE = {
-    "analyze": "analysis.run", "AnalyzeResult": "analysis.run",
+    "analyze": "analysis.run", "AnalyzeResult": "analysis.result",
     "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table",
     "SCHEMA_VERSION": "io.table", "allocate": "plan.directory", "AllocateResult": "plan.directory",
     "AllocateSettings": "plan.ranks", "report": "render.page", "ReportResult": "render.page",

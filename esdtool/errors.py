@@ -61,6 +61,11 @@ class OutputError(EsdtoolError):
     """An output file or directory cannot be written."""
 
 
+class TransferError(EsdtoolError):
+    """Reading from the hub failed again after every retry (a dropped connection, 5xx errors);
+    the finished rows are safe in the resume sidecar."""
+
+
 class AnalysisInterrupted(EsdtoolError):
     """Ctrl-C during an analysis: the finished rows are safe in the resume sidecar."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 
 class TqdmProgress:
-    """A :class:`~esdtool.analysis.run.ProgressHook` over bytes read, with tensors done."""
+    """A :class:`~esdtool.analysis.result.ProgressHook` over bytes read, with tensors done."""
 
     def __init__(self) -> None:
         from tqdm.auto import tqdm

@@ -9,112 +9,44 @@ progress through an optional hook and never prints.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from esdtool.adapters import AdapterLayout, adapter_layout, read_adapter_config
 from esdtool.analysis import distributed
 from esdtool.analysis.distributed import matrix_cost
 from esdtool.analysis.memory import analyze_memory, is_in_memory
 from esdtool.analysis.progress import TqdmProgress
 from esdtool.analysis.resources import memory_budget, resolve_device
+from esdtool.analysis.result import AnalyzeResult, ProgressHook, summarise
 from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
-from esdtool.analysis.rows import analyze_tensor, header_row
+from esdtool.analysis.rows import analyze_tensor, analyze_update, header_row
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.analysis.tasks import Task, materialize, plan_tasks, read_task
 from esdtool.dequant import Layout, layout_of, read_scheme
-from esdtool.errors import AnalysisInterrupted, CheckpointError, OptionError, OutputError
+from esdtool.errors import (
+    AnalysisInterrupted,
+    CheckpointError,
+    OptionError,
+    OutputError,
+    TransferError,
+)
 from esdtool.io.atomic import check_output_file
-from esdtool.io.checkpoint import Checkpoint, open_checkpoint, prefetched
-from esdtool.io.source import ResolvedSource, resolve_source
+from esdtool.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, prefetched
+from esdtool.io.remote import cached_identity, open_hub, wants_hub
+from esdtool.io.source import ADAPTER_CONFIG, ResolvedSource, resolve_source
 from esdtool.io.table import MatrixRow, metrics_frame, write_metrics
 from esdtool.spectral.spectra import auto_dtype
 from esdtool.version import __version__
 
 __all__ = ["AnalyzeResult", "AnalyzeSettings", "ProgressHook", "analyze"]
-
-
-class ProgressHook(Protocol):
-    """Receives progress from :func:`analyze` (the CLI draws a rich bar from it)."""
-
-    def start(self, total_tensors: int, total_bytes: int) -> None: ...
-
-    def advance(self, name: str, nbytes: int) -> None: ...
-
-    def note(self, message: str) -> None:
-        """Something the user should know now (e.g. that a run resumes)."""
-
-
-@dataclass(frozen=True)
-class AnalyzeResult:
-    """What one analysis produced.
-
-    output:   the parquet file written.
-    rows:     rows in the table (every selected tensor, or matrix of a 3-D tensor).
-    analysed: rows with a spectrum (status ok or zero).
-    skipped:  rows skipped with a reason.
-    errors:   one line per row that failed to be read or computed (status error).
-    warnings: one line per matrix with NaN/Inf entries (status nonfinite).
-    seconds:  wall time of the whole analysis.
-    slowest:  (name, seconds) of the slowest row, or None.
-    device:   where spectra were computed.
-    quantization: one line per kind of quantized weight dequantized (or skipped because its
-              format cannot be decoded); empty for plain checkpoints.
-    table:    (property) the metrics table itself: the DataFrame :func:`~esdtool.load_metrics`
-              gives for the parquet file (the same columns, dtypes and ``attrs["esdtool"]``),
-              also when no file was written.
-    """
-
-    output: Path | None
-    rows: int
-    analysed: int
-    skipped: int
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    slowest: tuple[str, float] | None = None
-    device: str = "cpu"
-    source: str = ""
-    revision: str | None = None
-    resumed: int = 0
-    quantization: list[str] = field(default_factory=list)
-    _table: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def table(self) -> Any:
-        """The table as a pandas DataFrame (built on first use: the CLI never needs pandas)."""
-        if callable(self._table):
-            object.__setattr__(self, "_table", self._table())
-        return self._table
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (the CLI's ``--json`` output)."""
-        return {
-            "output": None if self.output is None else str(self.output),
-            "source": self.source,
-            "revision": self.revision,
-            "rows": self.rows,
-            "analysed": self.analysed,
-            "skipped": self.skipped,
-            "errors": self.errors,
-            "warnings": self.warnings,
-            "seconds": round(self.seconds, 3),
-            "slowest": (
-                {"name": self.slowest[0], "seconds": round(self.slowest[1], 4)}
-                if self.slowest
-                else None
-            ),
-            "device": self.device,
-            "resumed_rows": self.resumed,
-            "quantization": self.quantization,
-        }
 
 
 def analyze(
@@ -127,6 +59,7 @@ def analyze(
     progress: ProgressHook | bool | None = None,
     resume: bool = True,
     weights: str = "base",
+    stream: bool = False,
 ) -> AnalyzeResult:
     """Analyse every selected tensor of ``source``; the table is ``result.table`` and, when
     ``output`` is given, the parquet file written there.
@@ -149,12 +82,19 @@ def analyze(
     Under ``torchrun`` (WORLD_SIZE > 1) each process computes a cost-balanced share of the
     tensors on its own device and rank 0 writes the whole table, the same rows as one process
     would write. Every rank returns its own share's summary.
+
+    A hub id is analysed while it downloads: shard headers first, then the shards into the HF
+    cache on a background thread, in the order the analysis reads them. ``stream=True`` reads
+    each tensor with an HTTP range request instead and stores nothing but the table (and the
+    resume sidecar). A transfer that fails after its retries raises :class:`TransferError`,
+    keeping the finished rows for the next run.
     """
     if progress is True:
         bar = TqdmProgress()
         try:
             return analyze(source, output, settings, revision=revision, token=token,
-                           progress=bar, resume=resume, weights=weights)  # fmt: skip
+                           progress=bar, resume=resume, weights=weights,
+                           stream=stream)  # fmt: skip
         finally:
             bar.close()
     progress = progress or None
@@ -173,12 +113,12 @@ def analyze(
             settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
         if not world.main:
             distributed.barrier(world)  # rank 0 fetches a hub snapshot first; we reuse it
-        resolved = resolve_source(source, revision=revision, token=token)
+        resolved, opened = _open(source, revision, token, stream, progress)
         if world.main:
             distributed.barrier(world)
         if output is not None:
             check_output_file(output, resolved.files)  # never the checkpoint itself
-        with open_checkpoint(resolved.files, index=resolved.index) as ckpt:
+        with opened as ckpt:
             names = list(filter(settings.selects, ckpt.keys()))
             if not ckpt.keys():
                 raise CheckpointError(f"{resolved.source}: holds no tensors")
@@ -190,14 +130,17 @@ def analyze(
             scheme = read_scheme(resolved.config, f"{resolved.source}: config.json")
             infos = {n: ckpt.info(n) for n in ckpt.keys()}  # noqa: SIM118 (not a dict)
             layout = layout_of(infos, scheme, ckpt.get_tensor)
-            _check_something_analysable(ckpt, names, layout, settings, resolved.source)
+            adapter = _adapter_layout(resolved, infos)
+            _check_something_analysable(ckpt, names, layout, settings, resolved.source, adapter)
+            hub = getattr(ckpt, "identity", None) or cached_identity(resolved)  # a hub id
             side = (
-                _open_sidecar(Path(output), resolved, settings, world, resume, progress)
+                _open_sidecar(Path(output), resolved, settings, world, resume, progress, hub)
                 if output is not None
                 else Sidecar.none()
             )
             try:
-                mine = _analyze_names(ckpt, names, layout, settings, device, progress, world, side)
+                mine = _analyze_names(ckpt, names, layout, settings, device, progress, world, side,
+                                      adapter)  # fmt: skip
             except KeyboardInterrupt:
                 side.close()
                 if output is None:  # nothing was being written, so nothing is kept
@@ -210,7 +153,15 @@ def analyze(
                     f"interrupted; {done} finished tensor(s) kept in {side.path}",
                     hint="run the same command again to resume (--no-resume starts over)",
                 ) from None
-            metadata = _metadata(resolved, ckpt, settings, device, world, layout)
+            except TransferError as exc:
+                side.close()
+                kept = (
+                    "no output file was asked for, so no row is kept"
+                    if output is None
+                    else f"{len(side.kept) + side.appended} finished tensor(s) kept in {side.path}"
+                )
+                raise TransferError(f"{exc}; {kept}", exc.hint) from exc
+            metadata = _metadata(resolved, ckpt, settings, device, world, layout, adapter)
         rows = distributed.gather_rows(world, mine)
         table = None
         if rows is not None:  # rank 0: the table, in the checkpoint's order
@@ -223,7 +174,7 @@ def analyze(
         side.remove()
         seconds = time.perf_counter() - started
         out = None if output is None else Path(output)
-        result = _summarise(rows if rows is not None else mine, out, seconds, device)
+        result = summarise(rows if rows is not None else mine, out, seconds, device)
         return replace(
             result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows,
             quantization=layout.summary(names, settings.raw_codes), _table=table,
@@ -241,12 +192,13 @@ def _analyze_names(
     progress: ProgressHook | None,
     world: distributed.World,
     side: Sidecar,
+    adapter: AdapterLayout | None = None,
 ) -> list[MatrixRow]:
     """Rows of this process's share of ``names``. Tensors (every part of a quantized weight)
     are read one ahead by a reader thread while the current one computes. Tensors the sidecar
     already holds are not computed again; new ones are appended to it. Rank 0 also writes the
     rows decided from headers alone."""
-    tasks = plan_tasks(ckpt, names, layout, settings, memory_budget(settings, device))
+    tasks = plan_tasks(ckpt, names, layout, settings, memory_budget(settings, device), adapter)
     work = [i for i, t in enumerate(tasks) if t.status is None]
     shares = distributed.partition([matrix_cost(tasks[i].info.shape) for i in work], world.size)
     work = [work[j] for j in shares[world.rank]]
@@ -264,14 +216,26 @@ def _analyze_names(
             if progress:
                 progress.advance(tasks[i].info.name, tasks[i].nbytes)
     todo = [tasks[i] for i in work if tasks[i].info.name not in side.kept]
+    # Shard by shard (the table is put back in the checkpoint's order at the end): a hub
+    # download then feeds the analysis from its first shard on.
+    shard_rank = {path.name: i for i, path in enumerate(ckpt.files)}
+    todo.sort(key=lambda task: shard_rank.get(task.info.shard.name, 0))
+    ckpt.will_read(n for task in todo for n in _names_read(task))
     read = lambda task: read_task(ckpt, task)  # noqa: E731
     for task, stored in prefetched(todo, read, pin=device.type == "cuda"):
+        if isinstance(stored, TransferError):  # the hub is gone: stop, keeping the rows
+            raise stored
         try:
             if isinstance(stored, Exception):
                 raise stored
-            tensor = materialize(task, stored, device)
-            new = analyze_tensor(task.info, tensor, settings, device, _row(task, "ok"))
-            del tensor
+            if task.update is not None:
+                assert isinstance(stored, dict)
+                new = analyze_update(_row(task, "ok"), stored, task.update.scaling, settings,
+                                     device)  # fmt: skip
+            else:
+                tensor = materialize(task, stored, device)
+                new = analyze_tensor(task.info, tensor, settings, device, _row(task, "ok"))
+                del tensor
             if not new:  # every selected tensor gets a row, or the run says why it has none
                 raise RuntimeError("no matrix came out of it")
         except Exception as exc:  # one bad tensor must not lose the others' rows
@@ -284,10 +248,37 @@ def _analyze_names(
     return rows
 
 
+def _open(
+    source: str | os.PathLike[str],
+    revision: str | None,
+    token: str | None,
+    stream: bool,
+    progress: ProgressHook | None,
+) -> tuple[ResolvedSource, Checkpoint]:
+    """The source and its open checkpoint: a hub id read as it arrives (downloaded alongside,
+    or streamed), anything else (and a hub id offline) as local files."""
+    if wants_hub(source, stream):
+        fetched = getattr(progress, "fetched", None)
+        hub = open_hub(os.fspath(source), revision, token, stream=stream, on_fetch=fetched)
+        if hub is not None:
+            return hub
+    resolved = resolve_source(source, revision=revision, token=token)
+    return resolved, open_checkpoint(resolved.files, index=resolved.index)
+
+
+def _names_read(task: Task) -> list[str]:
+    """The stored tensors a task reads (every part of a quantized weight or a LoRA update)."""
+    parts = task.weight.parts if task.weight else task.update.parts() if task.update else []
+    return [task.info.name, *(n for _, n in parts)]
+
+
 def _row(task: Task, status: str, reason: str | None = None) -> MatrixRow:
+    update = task.update
     return header_row(
-        task.info, status, reason or task.reason, module=task.module, quantization=task.label
-    )
+        task.info, status, reason or task.reason, module=task.module, quantization=task.label,
+        adapter=task.adapter, lora_rank=update.rank if update else None,
+        lora_alpha=update.alpha if update else None,
+    )  # fmt: skip
 
 
 def _check_something_analysable(
@@ -296,9 +287,10 @@ def _check_something_analysable(
     layout: Layout,
     settings: AnalyzeSettings,
     source: str,
+    adapter: AdapterLayout | None = None,
 ) -> None:
     """Fail before any work when no selected tensor can have a spectrum, saying why."""
-    tasks = plan_tasks(ckpt, names, layout, settings, None)
+    tasks = plan_tasks(ckpt, names, layout, settings, None, adapter)
     if all(t.status is not None for t in tasks):
         sample = "; ".join(f"{t.info.name}: {t.reason}" for t in tasks[:3])
         raise OptionError(
@@ -308,6 +300,18 @@ def _check_something_analysable(
         )
 
 
+def _adapter_layout(
+    resolved: ResolvedSource, infos: Mapping[str, TensorInfo]
+) -> AdapterLayout | None:
+    """The layout of a PEFT adapter's file, its config checked; None for a model."""
+    if resolved.adapter_config is None:
+        return None
+    where = f"{Path(resolved.files[0]).parent / ADAPTER_CONFIG}"
+    if resolved.kind == "hub":
+        where = f"{resolved.source}: {ADAPTER_CONFIG}"
+    return adapter_layout(infos, read_adapter_config(resolved.adapter_config, where))
+
+
 def _open_sidecar(
     output: Path,
     resolved: ResolvedSource,
@@ -315,12 +319,18 @@ def _open_sidecar(
     world: distributed.World,
     resume: bool,
     progress: ProgressHook | None,
+    hub: dict[str, str] | None = None,
 ) -> Sidecar:
     path = sidecar_path(output, world.rank, world.size)
     # config.json's quantization_config decides how weights decode: a changed one is another run.
     quantization = (resolved.config or {}).get("quantization_config")
-    extra = {"world": world.size, "quantization_config": quantization}
-    digest = fingerprint(list(resolved.files), settings.to_dict(), extra)
+    # adapter_config.json decides every adapter row's scaling: a changed one is another run.
+    extra = {"world": world.size, "quantization_config": quantization,
+             "adapter_config": resolved.adapter_config}  # fmt: skip
+    if hub is not None:  # a hub checkpoint read as it arrives: repo, commit, headers
+        extra["hub"] = hub
+    files = list(resolved.files) if hub is None else []
+    digest = fingerprint(files, settings.to_dict(), extra)
     try:
         side = Sidecar.open(path, digest, resume=resume)
     except OSError as exc:
@@ -341,6 +351,7 @@ def _metadata(
     device: torch.device,
     world: distributed.World,
     layout: Layout,
+    adapter: AdapterLayout | None = None,
 ) -> dict[str, Any]:
     config = resolved.config or {}
     local = resolved.kind in ("file", "directory")
@@ -355,6 +366,9 @@ def _metadata(
         "checkpoint_metadata": ckpt.metadata(),
         # As found in config.json (untrusted: rendered escaped, never interpreted further).
         "quantization_config": layout.scheme.raw if layout.scheme else None,
+        # A PEFT adapter's config (untrusted, as found); None for a model. Its rows are the
+        # modules' weight changes (the adapter, lora_rank, lora_alpha columns).
+        "adapter": dict(adapter.config.raw) if adapter else None,
         "esdtool_version": __version__,
         "torch_version": torch.__version__,
         "settings": settings.to_dict(),
@@ -376,26 +390,5 @@ def _analyze_memory(
     rows, metadata, device = analyze_memory(source, settings, progress, weights)
     if output is not None:
         write_metrics(rows, Path(output), metadata)
-    result = _summarise(rows, output, time.perf_counter() - started, device)
+    result = summarise(rows, output, time.perf_counter() - started, device)
     return replace(result, source=metadata["source"], _table=partial(metrics_frame, rows, metadata))
-
-
-def _summarise(
-    rows: list[MatrixRow], output: Path | None, seconds: float, device: torch.device
-) -> AnalyzeResult:
-    def lines(status: str) -> list[str]:
-        return [f"{r.shard}: tensor {r.name!r}: {r.reason}" for r in rows if r.status == status]
-
-    timed = [r for r in rows if r.status == "ok" and not math.isnan(r.seconds)]
-    slowest = max(timed, key=lambda r: r.seconds, default=None)
-    return AnalyzeResult(
-        output=output,
-        rows=len(rows),
-        analysed=sum(r.status in ("ok", "zero") for r in rows),
-        skipped=sum(r.status == "skipped" for r in rows),
-        errors=lines("error"),
-        warnings=lines("nonfinite"),
-        seconds=seconds,
-        slowest=(slowest.name, slowest.seconds) if slowest else None,
-        device=str(device),
-    )

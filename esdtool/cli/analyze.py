@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TransferSpeedColumn,
@@ -37,17 +38,20 @@ EXAMPLES = """[bold]Examples[/bold]
 
   esdtool analyze meta-llama/Llama-3.2-1B --revision main -o llama.parquet --include 'layers\\.'
 
+  esdtool analyze meta-llama/Llama-3.1-70B --stream -o llama70b.parquet
+
   HF_HUB_OFFLINE=1 esdtool analyze org/name -o m.parquet --json"""
 
 
 class _RichProgress:
-    """ProgressHook drawing one bar over bytes, with tensors done and the bytes/s rate."""
+    """ProgressHook drawing one bar over bytes analysed, with tensors done and the bytes/s
+    rate, and for a hub id a second one over bytes fetched, with its own rate."""
 
     def __init__(self) -> None:
         self.bar = Progress(
-            TextColumn("[bold blue]analyze"),
+            TextColumn("[bold blue]{task.description:7}"),
             BarColumn(),
-            TextColumn("{task.fields[done]}/{task.fields[tensors]} tensors"),
+            TextColumn("{task.fields[count]}"),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
@@ -56,19 +60,29 @@ class _RichProgress:
             transient=True,
             disable=not err.is_terminal,
         )
-        self.task = self.bar.add_task("bytes", total=None, current="", done=0, tensors="?")
+        self.task = self.bar.add_task("analyze", total=None, current="", count="")
+        self.fetch: TaskID | None = None
         self.done = 0
+        self.tensors = 0
 
     def start(self, total_tensors: int, total_bytes: int) -> None:
-        self.bar.update(self.task, total=total_bytes, tensors=total_tensors)
+        self.tensors = total_tensors
+        self.bar.update(self.task, total=total_bytes, count=f"0/{total_tensors} tensors")
         self.bar.start()
+
+    def fetched(self, nbytes: int) -> None:
+        """Bytes received from the hub (from a reader or download thread)."""
+        if self.fetch is None:
+            self.fetch = self.bar.add_task("fetch", total=None, current="", count="")
+        self.bar.update(self.fetch, advance=nbytes)
 
     def close(self) -> None:
         self.bar.stop()
 
     def advance(self, name: str, nbytes: int) -> None:
         self.done += 1
-        self.bar.update(self.task, advance=nbytes, done=self.done, current=safe(name)[-60:])
+        count = f"{self.done}/{self.tensors} tensors"
+        self.bar.update(self.task, advance=nbytes, count=count, current=safe(name)[-60:])
 
     def note(self, message: str) -> None:
         err.print(f"Note: {safe(message)}", markup=False, style="yellow", soft_wrap=True)
@@ -195,6 +209,15 @@ def analyze(
             help="Reuse the rows a killed or interrupted run with the same output left.",
         ),
     ] = True,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Hub ids: read each tensor with an HTTP range request and store nothing but "
+            "the table (for a disk smaller than the model, or a one-off look). Default: download "
+            "into the HF cache while the analysis runs.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -214,7 +237,7 @@ def analyze(
     hook = None if (quiet or as_json or not main_rank) else _RichProgress()
     try:
         result = run_analyze(
-            source, output, settings, revision=revision, progress=hook, resume=resume
+            source, output, settings, revision=revision, progress=hook, resume=resume, stream=stream
         )
     finally:
         if hook is not None:
@@ -247,6 +270,10 @@ def _print_summary(result: AnalyzeResult) -> None:
         table.add_row("errors / non-finite", f"{len(result.errors)} / {len(result.warnings)}")
     for line in result.quantization:
         table.add_row("quantized", Text(safe(line)))
+    if result.rank_use:
+        modules, planned, used = result.rank_use
+        share = f" ({100 * used / planned:.0f}%)" if planned else ""
+        table.add_row("LoRA rank used", f"{used} of {planned} planned{share}, {modules} modules")
     table.add_row("device", result.device)
     table.add_row("time", f"{result.seconds:.2f} s")
     if result.resumed:

@@ -80,23 +80,41 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(
-                    f"{path}: {size} bytes is too short to be a safetensors file",
-                    hint="the file is empty or truncated; download it again",
-                )
-            n = int.from_bytes(prefix, "little")
-            if n > size - 8:
-                raise CheckpointError(
-                    f"{path}: header length {n} is larger than the file ({size} bytes); "
-                    "not a safetensors file, or truncated"
-                )
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: header of {n} bytes exceeds the 100 MB limit")
+            n = header_length(f.read(8), size, path)
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return check_header(raw, size, path)
+
+
+def header_length(prefix: bytes, size: int, where: object) -> int:
+    """The header length the first 8 bytes of a ``size``-byte safetensors file give, checked
+    against the file size and safetensors' 100 MB limit (``where`` names the file in errors)."""
+    if len(prefix) < 8:
+        raise CheckpointError(
+            f"{where}: {size} bytes is too short to be a safetensors file",
+            hint="the file is empty or truncated; download it again",
+        )
+    n = int.from_bytes(prefix[:8], "little")
+    if n > size - 8:
+        raise CheckpointError(
+            f"{where}: header length {n} is larger than the file ({size} bytes); "
+            "not a safetensors file, or truncated"
+        )
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{where}: header of {n} bytes exceeds the 100 MB limit")
+    return n
+
+
+def check_header(
+    raw: bytes, size: int, shard: Path, where: object = None
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Every check of :func:`read_header` on a header already in memory: ``raw`` is its JSON
+    bytes, ``size`` the whole file's size, ``shard`` what each :class:`TensorInfo` records. A
+    header fetched from the hub is as untrusted as a local one, so both go through here;
+    ``where`` names the file in errors (default: ``shard``)."""
+    path = shard if where is None else where
+    n = len(raw)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -121,7 +139,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     data_size = size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        tensors[name] = _tensor_info(path, name, entry, data_size)
+        tensors[name] = _tensor_info(path, shard, name, entry, data_size)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
     for (_, end_a, name_a), (begin_b, _, name_b) in itertools.pairwise(spans):
         if begin_b < end_a:
@@ -145,7 +163,7 @@ def _json_kind(value: object) -> str:
     return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+def _tensor_info(path: object, shard: Path, name: str, entry: object, data_size: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
@@ -180,7 +198,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
             f"{where}: {dtype} x {shape} needs {math.prod(shape) * itemsize} bytes, "
             f"data_offsets span {end - begin}"
         )
-    return TensorInfo(name, dtype, tuple(shape), path, begin, end)
+    return TensorInfo(name, dtype, tuple(shape), shard, begin, end)
 
 
 def _fits_int64(shape: list[int]) -> bool:
@@ -266,6 +284,11 @@ class Checkpoint:
 
     def info(self, name: str) -> TensorInfo:
         return self._tensors[name]
+
+    def will_read(self, names: Iterable[str]) -> None:
+        """The tensors about to be read, in that order: a hub checkpoint downloads their shards
+        in this order (:mod:`esdtool.io.remote`); local files need nothing."""
+        return None
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor into CPU memory (as stored; no upcast)."""

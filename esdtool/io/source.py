@@ -20,6 +20,8 @@ from esdtool.errors import CheckpointError, PickleRefusedError, ShardMissingErro
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -44,6 +46,9 @@ class ResolvedSource:
     revision: the hub commit hash for hub ids, else None.
     index:    the shard index the files came from (sharded checkpoints), else None; pass it
               to :func:`esdtool.io.checkpoint.open_checkpoint` to check it against the shards.
+    adapter_config: the parsed adapter_config.json of a PEFT adapter (a directory or hub repo
+              holding adapter_model.safetensors and no model weights, or that file itself),
+              unchecked beyond being a JSON object; None for a model.
     """
 
     source: str
@@ -52,6 +57,7 @@ class ResolvedSource:
     config: dict[str, Any] | None
     revision: str | None
     index: ShardIndex | None = None
+    adapter_config: dict[str, Any] | None = None
 
 
 # What training needs beside the weights (tokenizer, chat template, generation defaults).
@@ -101,15 +107,18 @@ def resolve_source(
                 files, index = _files_in_dir(path)
             except PermissionError as exc:
                 raise SourceError(f"{text}: cannot list the directory ({exc.strerror})") from exc
-            return ResolvedSource(text, "directory", files, _config(path), None, index)
+            return ResolvedSource(text, "directory", files, _config(path), None, index,
+                                  _adapter_config(files, index))  # fmt: skip
         if path.is_file():
             _refuse_pickle(path)
-            return ResolvedSource(text, "file", (path,), _config(path.parent), None)
+            return ResolvedSource(text, "file", (path,), _config(path.parent), None,
+                                  adapter_config=_adapter_config((path,), None))  # fmt: skip
         raise SourceError(f"{text}: not a regular file or directory")
     if is_hub_id(text):
         snapshot, commit = _download(text, revision, token, also)
         files, index = _files_in_dir(snapshot)
-        return ResolvedSource(text, "hub", files, _config(snapshot), commit, index)
+        return ResolvedSource(text, "hub", files, _config(snapshot), commit, index,
+                              _adapter_config(files, index))  # fmt: skip
     raise SourceError(
         f"{text}: no such file or directory",
         hint="pass a .safetensors file, a model directory, or a hub id such as org/name",
@@ -132,6 +141,8 @@ def _files_in_dir(directory: Path) -> tuple[tuple[Path, ...], ShardIndex | None]
         return _shards_from_index(index), index
     if (directory / SINGLE_NAME).is_file():
         return (directory / SINGLE_NAME,), None
+    if (directory / ADAPTER_WEIGHTS).is_file():  # a PEFT adapter (its config is checked later)
+        return (directory / ADAPTER_WEIGHTS,), None
     found = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
     if found:
         return tuple(found), None
@@ -145,12 +156,14 @@ def _files_in_dir(directory: Path) -> tuple[tuple[Path, ...], ShardIndex | None]
     raise SourceError(f"{directory}: no .safetensors files in this directory")
 
 
-def read_index(path: Path) -> ShardIndex:
+def read_index(path: Path, content: bytes | None = None) -> ShardIndex:
     """Read and check a shard index: JSON, an object with a non-empty weight_map whose every
-    value is a plain file name (names come from an untrusted file: never a path)."""
+    value is a plain file name (names come from an untrusted file: never a path). ``content``:
+    the index's bytes already in memory (a streamed hub repo); ``path`` then only names it."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_text(encoding="utf-8") if content is None else content.decode("utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError too
         raise CheckpointError(f"{path}: not a readable JSON index ({exc})") from exc
     except RecursionError as exc:  # "[[[[..." nested too deeply for the parser
         raise CheckpointError(f"{path}: not a readable JSON index (nested too deeply)") from exc
@@ -197,9 +210,35 @@ def _config(directory: Path) -> dict[str, Any] | None:
     path = directory / "config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON,
+        return None  # or an integer of more digits than Python converts
     return data if isinstance(data, dict) else None
+
+
+def _adapter_config(files: tuple[Path, ...], index: ShardIndex | None) -> dict[str, Any] | None:
+    """The adapter_config.json beside a lone adapter_model.safetensors, parsed; None for a
+    model. An adapter whose config cannot be read is an error: without it r and lora_alpha,
+    hence every number of the table, are unknown."""
+    if index is not None or len(files) != 1 or files[0].name != ADAPTER_WEIGHTS:
+        return None
+    path = files[0].parent / ADAPTER_CONFIG
+    if not path.is_file():
+        raise CheckpointError(
+            f"{files[0]}: a PEFT adapter's weights without its {ADAPTER_CONFIG} beside them: "
+            "its r and lora_alpha, hence every number, are unknown",
+            hint=f"put the adapter's {ADAPTER_CONFIG} next to it (PEFT's save_pretrained writes "
+            "both)",
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError,
+        # and integers of more digits than Python converts
+        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from exc
+    except RecursionError as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file (nested too deeply)") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
 
 
 def _download(
@@ -221,11 +260,13 @@ def _download(
         )
 
     try:
-        snapshot = fetch(["config.json", INDEX_NAME])
+        snapshot = fetch(["config.json", INDEX_NAME, ADAPTER_CONFIG])
         index_path = snapshot / INDEX_NAME
         if index_path.is_file():
             shards = sorted(set(read_index(index_path).weight_map.values()))
             snapshot = fetch([INDEX_NAME, "config.json", *shards, *also])
+        elif (snapshot / ADAPTER_CONFIG).is_file() and not (snapshot / "config.json").is_file():
+            snapshot = fetch([ADAPTER_CONFIG, ADAPTER_WEIGHTS, *also])
         else:
             snapshot = fetch(["config.json", "*.safetensors", *also])
     except LocalEntryNotFoundError as exc:

@@ -1,0 +1,378 @@
+"""Hub checkpoints analysed while they arrive: downloaded alongside the analysis (the default
+for a hub id), or streamed tensor by tensor with nothing stored (``--stream``).
+
+Both read every shard's header first, with two byte-range requests each (the 8-byte length,
+then the JSON), and check it exactly as a local header is checked (:func:`check_header`): a
+header from the network is as untrusted as a file. Then:
+
+- :class:`DownloadingCheckpoint` fetches whole shards into the HF cache with ``hf_hub_download``
+  on a background thread, in the order the analysis will read them (:meth:`will_read`), so the
+  first tensors are computed while later shards are still downloading. A tensor waits for its
+  shard, whose header is then checked again on disk and must equal the one planned from.
+- :class:`StreamedCheckpoint` reads each tensor with one range request into memory (the reader
+  thread of :func:`esdtool.io.checkpoint.prefetched` keeps one tensor ahead: that is the
+  read-ahead bound) and writes nothing to disk.
+
+Both look like :class:`~esdtool.io.checkpoint.Checkpoint` (``keys``, ``metadata``, ``info``,
+``get_tensor``, ``files``), so the analysis code is the same; ``identity`` (repo, commit and a
+digest of the headers) stands in for the file facts in the resume fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esdtool.errors import (
+    CheckpointError,
+    OptionError,
+    PickleRefusedError,
+    ShardMissingError,
+    SourceError,
+)
+from esdtool.io.checkpoint import (
+    MAX_HEADER_BYTES,
+    Checkpoint,
+    TensorInfo,
+    check_header,
+    header_length,
+    natural_key,
+)
+from esdtool.io.hub import HubRepo, OnFetch, call_hub, resolve_commit, serves_ranges
+from esdtool.io.source import (
+    ADAPTER_WEIGHTS,
+    INDEX_NAME,
+    PICKLE_SUFFIXES,
+    SINGLE_NAME,
+    ResolvedSource,
+    ShardIndex,
+    is_hub_id,
+    read_index,
+)
+
+_HEADER_WORKERS = 8  # shard headers fetched at once
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) forbids reaching the hub."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return constants.is_offline_mode() or flag
+
+
+def wants_hub(source: object, stream: bool) -> bool:
+    """Whether ``source`` is read from the hub as it arrives (a hub id that is not a local
+    path, with the hub reachable); ``stream`` on anything else is refused with the reason."""
+    text = os.fspath(source) if isinstance(source, str | os.PathLike) else None
+    hub = text is not None and is_hub_id(text) and not Path(text).expanduser().exists()
+    if stream and not hub:
+        what = text or type(source).__name__
+        raise OptionError(f"{what}: --stream reads hub ids (org/name) only")
+    if stream and hub_offline():
+        raise SourceError(
+            f"{text}: --stream reads from the hub, but HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE, or drop --stream to read the model from the local HF cache",
+        )
+    if hub and not serves_ranges():  # huggingface_hub < 1.0: the download-then-analyse road
+        if stream:
+            import huggingface_hub
+
+            raise OptionError(
+                f"{text}: --stream needs huggingface_hub >= 1.0 (this is "
+                f"{huggingface_hub.__version__})",
+                hint="pip install -U huggingface_hub, or drop --stream",
+            )
+        return False
+    return hub and not hub_offline()
+
+
+def open_hub(
+    repo_id: str,
+    revision: str | None,
+    token: str | None,
+    *,
+    stream: bool,
+    on_fetch: OnFetch | None = None,
+) -> tuple[ResolvedSource, Checkpoint] | None:
+    """The source and an open checkpoint for a hub id, or None when the overlapped download
+    has nothing to gain (no shard index, or every shard already in the cache): the caller then
+    takes the plain :func:`~esdtool.io.source.resolve_source` road."""
+    if stream:
+        return _open_streamed(repo_id, revision, token, on_fetch)
+    snapshot, commit = _index_snapshot(repo_id, revision, token)
+    index_path = snapshot / INDEX_NAME
+    if not index_path.is_file():
+        return None
+    index = read_index(index_path)
+    shards = tuple(dict.fromkeys(index.weight_map.values()))
+    if all((snapshot / s).is_file() for s in shards):
+        return None
+    ckpt = DownloadingCheckpoint(HubRepo(repo_id, commit, token, on_fetch), shards, index)
+    files = tuple(snapshot / s for s in shards)
+    return ResolvedSource(repo_id, "hub", files, _json_object(index_path.parent / "config.json"),
+                          commit, index), ckpt  # fmt: skip
+
+
+def _index_snapshot(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, str]:
+    """config.json and the shard index into the HF cache (as huggingface_hub keeps them): the
+    snapshot folder and its commit."""
+    import huggingface_hub
+    from huggingface_hub.utils import tqdm
+
+    class Quiet(tqdm):  # two small files: the analysis draws its own progress
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    def fetch() -> Path:
+        patterns = ["config.json", INDEX_NAME, "adapter_config.json"]
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, revision=revision, token=token, allow_patterns=patterns, tqdm_class=Quiet
+        ))  # fmt: skip
+
+    snapshot = call_hub(fetch, repo_id, revision, f"{repo_id}/{INDEX_NAME}", INDEX_NAME)
+    return snapshot, snapshot.name
+
+
+def _open_streamed(
+    repo_id: str, revision: str | None, token: str | None, on_fetch: OnFetch | None
+) -> tuple[ResolvedSource, Checkpoint]:
+    """--stream: the commit and file list from the hub API, config.json and the index into
+    memory, the shard headers by range requests; nothing touches the disk."""
+    commit, names = resolve_commit(repo_id, revision, token)
+    repo = HubRepo(repo_id, commit, token, on_fetch)
+    config = _json_object_bytes(repo.read_all("config.json")) if "config.json" in names else None
+    index = None
+    if INDEX_NAME in names:
+        index = read_index(Path(repo.where(INDEX_NAME)), repo.read_all(INDEX_NAME))
+        shards = tuple(dict.fromkeys(index.weight_map.values()))
+        for shard in shards:
+            if shard not in names:
+                raise ShardMissingError(
+                    f"{repo.where(INDEX_NAME)}: names shard {shard!r}, which is not in the repo "
+                    f"at {commit}"
+                )
+    elif SINGLE_NAME in names:
+        shards = (SINGLE_NAME,)
+    elif ADAPTER_WEIGHTS in names:  # the order resolve_source reads a folder in
+        raise OptionError(
+            f"{repo_id}: a PEFT adapter repo; --stream reads models",
+            hint="drop --stream (an adapter is small enough to download)",
+        )
+    else:
+        shards = tuple(sorted(n for n in names if n.endswith(".safetensors") and "/" not in n))
+    if not shards:
+        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise PickleRefusedError(
+                f"{repo_id}: holds only pickled checkpoints ({', '.join(pickles[:3])}); "
+                "esdtool never unpickles",
+                hint="use a repo with safetensors weights",
+            )
+        raise SourceError(f"{repo_id}: no .safetensors files in the repo at {commit}")
+    ckpt = StreamedCheckpoint(repo, shards, index)
+    files = tuple(Path(s) for s in shards)
+    return ResolvedSource(repo_id, "hub", files, config, commit, index), ckpt
+
+
+class HubCheckpoint(Checkpoint):
+    """The headers of a hub checkpoint's shards, checked; see the module docstring."""
+
+    def __init__(self, repo: HubRepo, shards: Iterable[str], index: ShardIndex | None) -> None:
+        self.repo = repo
+        shards = tuple(shards)
+        self.files = tuple(Path(s) for s in shards)
+        self._tensors: dict[str, TensorInfo] = {}
+        self._metadata: dict[str, str] = {}
+        self._data_start: dict[str, int] = {}
+        self._shard_metadata: dict[str, dict[str, str]] = {}
+        with ThreadPoolExecutor(_HEADER_WORKERS, thread_name_prefix="esdtool-header") as pool:
+            headers = list(pool.map(self._header, shards))
+        for shard, (tensors, metadata, start, _, _) in zip(shards, headers, strict=True):
+            self._data_start[shard] = start
+            self._shard_metadata[shard] = metadata
+            for name, info in tensors.items():
+                if name in self._tensors:
+                    raise CheckpointError(
+                        f"{repo.where(shard)}: tensor {name!r} is also in "
+                        f"{self._tensors[name].shard}"
+                    )
+                self._tensors[name] = info
+            for k, v in metadata.items():
+                self._metadata.setdefault(k, v)
+        if index is not None:
+            self._check_index(index)
+        self._order = sorted(self._tensors, key=natural_key)
+        facts = [(shard, size, raw) for shard, (*_, size, raw) in zip(shards, headers, strict=True)]
+        self.identity = hub_identity(repo.repo_id, repo.commit, facts)
+
+    def _header(self, shard: str) -> tuple[dict[str, TensorInfo], dict[str, str], int, int, bytes]:
+        """(tensors, metadata, where the data starts, the file size, the raw header)."""
+        where = self.repo.where(shard)
+        prefix, size = self.repo.read(shard, 0, 8)
+        n = header_length(bytes(prefix), size, where)
+        raw = bytes(self.repo.read(shard, 8, 8 + n)[0]) if n else b""
+        tensors, metadata = check_header(raw, size, Path(shard), where)
+        return tensors, metadata, 8 + n, size, raw
+
+
+class StreamedCheckpoint(HubCheckpoint):
+    """--stream: each tensor one range request, into memory only."""
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self._tensors[name]
+        shard = info.shard.name
+        if info.nbytes == 0:
+            return tensor_from_bytes(bytearray(), info, self.repo.where(shard))
+        start = self._data_start[shard]
+        data, _ = self.repo.read(shard, start + info.begin, start + info.end)
+        return tensor_from_bytes(data, info, self.repo.where(shard))
+
+
+class DownloadingCheckpoint(HubCheckpoint):
+    """The default road for a hub id: shards downloaded into the HF cache on a background
+    thread while the tensors of the shards already there are analysed."""
+
+    def __init__(self, repo: HubRepo, shards: Iterable[str], index: ShardIndex | None) -> None:
+        super().__init__(repo, shards, index)
+        self._shards: dict[str, Future[Checkpoint]] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def will_read(self, names: Iterable[str]) -> None:
+        for shard in dict.fromkeys(self._tensors[n].shard.name for n in names):
+            self._shard(shard)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The tensor, once its shard is in the cache (read from there like a local file)."""
+        return self._shard(self._tensors[name].shard.name).result().get_tensor(name)
+
+    def _shard(self, shard: str) -> Future[Checkpoint]:
+        """The future of ``shard``'s local checkpoint; a shard not asked for yet joins the
+        end of the queue (one download at a time: the first shard lands soonest)."""
+        with self._lock:
+            if shard not in self._shards:
+                self._shards[shard] = Future()
+                self._queue.put(shard)
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._download_all, name="esdtool-download", daemon=True
+                    )
+                    self._thread.start()
+            return self._shards[shard]
+
+    def _download_all(self) -> None:
+        while (shard := self._queue.get()) is not None:
+            future = self._shards[shard]
+            if self._closed:  # the analysis is over (or stopped): fetch no more
+                future.cancel()
+                continue
+            try:
+                future.set_result(self._download(shard))
+            except BaseException as exc:  # handed to every tensor of the shard
+                future.set_exception(exc)
+
+    def _download(self, shard: str) -> Checkpoint:
+        """``shard`` in the cache, opened (its header checked by read_header and safetensors)
+        and compared with the header the analysis was planned from."""
+        path = self.repo.download(shard)
+        local = Checkpoint([path])
+        planned = [n for n, i in self._tensors.items() if i.shard.name == shard]
+        same = _facts(local, local.keys()) == _facts(self, planned)
+        if not same or local.metadata() != self._shard_metadata[shard]:
+            raise CheckpointError(
+                f"{path}: the downloaded shard's header differs from the one fetched from "
+                f"{self.repo.where(shard)} at {self.repo.commit}",
+                hint="the cached file is damaged or stale; delete it and run again",
+            )
+        return local
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed = True  # the download under way finishes; no other starts
+        self._queue.put(None)
+        return None
+
+
+def hub_identity(
+    repo_id: str, commit: str, headers: list[tuple[str, int, bytes]]
+) -> dict[str, str]:
+    """What the resume fingerprint keeps of a hub checkpoint: repo, commit, and a digest of
+    every shard's (name, size, raw header). The same whichever road read it (streamed,
+    downloaded alongside, or from the cache), so a rerun resumes on any of them."""
+    digest = hashlib.sha256(f"{repo_id}\0{commit}".encode())
+    for shard, size, raw in headers:
+        digest.update(f"\0{shard}\0{size}\0".encode() + raw)
+    return {"repo": repo_id, "commit": commit, "headers": digest.hexdigest()}
+
+
+def cached_identity(resolved: ResolvedSource) -> dict[str, str] | None:
+    """:func:`hub_identity` of a hub id read from the HF cache (None for other sources)."""
+    if resolved.kind != "hub" or resolved.revision is None:
+        return None
+    headers = []
+    for path in resolved.files:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(min(n, MAX_HEADER_BYTES))
+        headers.append((path.name, path.stat().st_size, raw))
+    return hub_identity(resolved.source, resolved.revision, headers)
+
+
+def _facts(ckpt: Checkpoint, names: Iterable[str]) -> dict[str, tuple[object, ...]]:
+    """What two headers of one shard must agree on: each tensor's dtype, shape and offsets."""
+    return {n: (i.dtype, i.shape, i.begin, i.end) for n in names for i in [ckpt.info(n)]}
+
+
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
+}  # fmt: skip
+
+
+def tensor_from_bytes(data: bytearray, info: TensorInfo, where: str) -> torch.Tensor:
+    """The tensor ``info`` describes, over ``data`` (its little-endian bytes, no copy), with
+    the dtype ``safetensors.safe_open`` gives it; a dtype torch lacks is refused as safe_open
+    refuses it."""
+    dtype = getattr(torch, _TORCH_DTYPES.get(info.dtype, ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(
+            f"{where}: cannot read tensor {info.name!r} (dtype {info.dtype} is not understood "
+            f"by torch {torch.__version__})"
+        )
+    shape = list(info.shape)
+    if info.dtype == "F4":  # two 4-bit values per byte, as safetensors gives them
+        shape[-1] //= 2
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        return _json_object_bytes(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _json_object_bytes(data: bytes) -> dict[str, Any] | None:
+    """Parsed JSON object, or None (config.json only feeds model_type and architectures, and
+    the quantization scheme, which is checked on its own)."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None

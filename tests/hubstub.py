@@ -1,0 +1,318 @@
+"""A local stand-in for the Hugging Face Hub, for tests that must never touch the internet.
+
+A threaded ``http.server`` on 127.0.0.1 (an ephemeral port) serves a folder of repos
+(``ROOT/org/name/<files>``, one fake commit per repo) through the endpoints huggingface_hub
+calls, answering the way huggingface.co does:
+
+- ``GET /api/models/{repo}[/revision/{rev}]``: the model info (``sha``, ``siblings``);
+- ``GET /api/models/{repo}/tree/{rev}``: the file listing snapshot_download reads;
+- ``HEAD``/``GET /{repo}/resolve/{rev}/{file}``: ``X-Repo-Commit``, ``ETag`` (the sha256),
+  ``Content-Length``, ``Accept-Ranges``; ``Range: bytes=a-b`` gives 206 with ``Content-Range``;
+- refusals with the hub's ``X-Error-Code``: 401 (private repo, no or a wrong token), 403
+  ``GatedRepo``, 404 ``RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound``.
+
+Bytes of response bodies are counted per file (``served``); ``rate`` throttles every body to
+that many bytes per second, all connections together (one shared link); ``faults`` injects
+failures into matching GETs: a connection dropped after N body bytes, a 500, a body truncated
+(an honest but short Content-Length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+def commit_of(repo_id: str) -> str:
+    """The fake 40-hex commit of a repo (the same every run)."""
+    return hashlib.sha1(repo_id.encode()).hexdigest()
+
+
+@dataclass
+class Fault:
+    """One injected failure of a GET whose path contains ``match`` and whose range starts at or
+    after ``min_start`` (``min_start=1``: never a header's first bytes).
+
+    kind:  "drop" (close the connection after ``after`` body bytes), "500", or "truncate"
+           (announce and send only ``after`` bytes of the body).
+    times: how many requests it hits.
+    whole: only GETs of a whole file (no Range: hf_hub_download's), never a range request.
+    """
+
+    kind: str
+    match: str = ".safetensors"
+    after: int = 0
+    times: int = 1
+    min_start: int = 0
+    whole: bool = False
+
+
+class HubStub:
+    """The server; use as a context manager (see the module docstring)."""
+
+    def __init__(self, root: Path, rate: float | None = None) -> None:
+        self.root = Path(root)
+        self.rate = rate  # bytes per second, all bodies together; None: unlimited
+        self.faults: list[Fault] = []
+        self.served: Counter[str] = Counter()  # file name -> body bytes sent
+        self.requests: list[tuple[str, str, str | None, int]] = []  # method, path, range, status
+        self.private: dict[str, str] = {}  # repo id -> the token it needs
+        self.gated: set[str] = set()
+        self._lock = threading.Lock()
+        self._link = threading.Lock()  # the throttled link: one chunk at a time
+        self._next = 0.0
+        stub = self
+
+        class Handler(_Handler):
+            hub = stub
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HubStub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add_repo(self, repo_id: str, files: Path) -> Path:
+        """Copy the files of folder ``files`` in as repo ``repo_id``; the repo's folder."""
+        import shutil
+
+        target = self.root / repo_id
+        target.mkdir(parents=True, exist_ok=True)
+        for f in Path(files).iterdir():
+            if f.is_file():
+                shutil.copy(f, target / f.name)
+        return target
+
+    def served_bytes(self, suffix: str = ".safetensors") -> int:
+        with self._lock:
+            return sum(n for name, n in self.served.items() if name.endswith(suffix))
+
+    def take_fault(self, path: str, start: int, ranged: bool) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.whole and ranged:
+                    continue
+                if fault.times > 0 and fault.match in path and start >= fault.min_start:
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def throttle(self, nbytes: int) -> None:
+        """Wait until the shared link has room for ``nbytes`` more. A sleep that overslept is
+        made up by the next chunks (up to 50 ms of credit, a link's buffer), so a busy CPU
+        does not slow the link down."""
+        if not self.rate:
+            return
+        with self._link:
+            now = time.monotonic()
+            self._next = max(self._next, now - 0.05) + nbytes / self.rate
+            wait = self._next - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def count(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            self.served[name] += nbytes
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: HubStub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:  # quiet
+        return None
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _serve(self, body: bool) -> None:
+        path = unquote(urlsplit(self.path).path)
+        api = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/(revision|tree)/([^/]+))?/?", path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if api:
+            repo_id, kind, rev = api[1], api[2] or "revision", api[3] or "main"
+            if self._refused(repo_id, rev):
+                return
+            if kind == "tree":
+                return self._json(self._tree(repo_id), body)
+            return self._json(self._info(repo_id), body)
+        if resolve:
+            repo_id, rev, name = resolve[1], resolve[2], resolve[3]
+            if self._refused(repo_id, rev):
+                return
+            return self._file(repo_id, name, body)
+        if path == "/_stub/served":  # the counts, for a stub run in its own process
+            return self._json(dict(self.hub.served), body)
+        self._error(404, "RepoNotFound", "no such route")
+
+    def _refused(self, repo_id: str, rev: str) -> bool:
+        """Answer a refusal as the hub does; True when one was sent."""
+        hub = self.hub
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if not (hub.root / repo_id).is_dir():
+            self._error(401 if not token else 404, "RepoNotFound", "Repository not found")
+            return True
+        if repo_id in hub.private and token != hub.private[repo_id]:
+            if token:
+                self._error(401, None, "Invalid credentials in Authorization header")
+            else:
+                self._error(401, "RepoNotFound", "Repository not found")
+            return True
+        if repo_id in hub.gated:
+            self._error(403, "GatedRepo", "Access to this model is restricted")
+            return True
+        if rev not in ("main", commit_of(repo_id)):
+            self._error(404, "RevisionNotFound", "Invalid rev id")
+            return True
+        return False
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _info(self, repo_id: str) -> dict:
+        files = sorted(p.name for p in (self.hub.root / repo_id).iterdir() if p.is_file())
+        return {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": commit_of(repo_id),
+            "private": repo_id in self.hub.private,
+            "gated": False,
+            "siblings": [{"rfilename": f} for f in files],
+        }
+
+    def _tree(self, repo_id: str) -> list[dict]:
+        entries = []
+        for p in sorted((self.hub.root / repo_id).iterdir()):
+            if p.is_file():
+                sha = _sha256(p)
+                lfs = {"oid": sha, "size": p.stat().st_size, "pointerSize": 134}
+                entries.append({"type": "file", "oid": sha[:40], "size": p.stat().st_size,
+                                "path": p.name, "lfs": lfs})  # fmt: skip
+        return entries
+
+    def _json(self, data: object, body: bool) -> None:
+        raw = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        if body:
+            self.wfile.write(raw)
+        self._log(200)
+
+    def _file(self, repo_id: str, name: str, body: bool) -> None:
+        path = self.hub.root / repo_id / name
+        if "/" in name or not path.is_file():
+            return self._error(404, "EntryNotFound", "Entry not found")
+        size = path.stat().st_size
+        start, end, status = 0, size, 200
+        wanted = self.headers.get("Range")
+        if wanted:
+            match = _RANGE.fullmatch(wanted.strip())
+            if match is None or int(match[1]) >= size:
+                return self._error(416, None, "Range Not Satisfiable")
+            start = int(match[1])
+            end = min(size, int(match[2]) + 1) if match[2] else size
+            status = 206
+        fault = self.hub.take_fault(path.name, start, bool(wanted)) if body else None
+        if fault is not None and fault.kind == "500":
+            return self._error(500, None, "Internal Error (injected)")
+        length = end - start
+        if fault is not None and fault.kind == "truncate":
+            length = min(length, fault.after)
+        self.send_response(status)
+        self.send_header("X-Repo-Commit", commit_of(repo_id))
+        self.send_header("ETag", f'"{_sha256(path)}"')
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(length))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        self._log(status)
+        if not body:
+            return
+        limit = fault.after if fault is not None and fault.kind == "drop" else length
+        with open(path, "rb") as f:
+            f.seek(start)
+            sent = 0
+            while sent < min(length, limit):
+                chunk = f.read(min(1 << 16, min(length, limit) - sent))
+                self.hub.throttle(len(chunk))
+                try:
+                    self.wfile.write(chunk)
+                except OSError:  # the client went away
+                    break
+                self.hub.count(path.name, len(chunk))
+                sent += len(chunk)
+        if fault is not None and fault.kind == "drop":
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # mid-body: the client sees a broken stream
+
+    def _error(self, status: int, code: str | None, message: str) -> None:
+        raw = json.dumps({"error": message}).encode()
+        self.send_response(status)
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(raw)
+        self._log(status)
+
+    def _log(self, status: int) -> None:
+        with self.hub._lock:
+            self.hub.requests.append((self.command, self.path, self.headers.get("Range"), status))
+
+
+_SHA: dict[tuple[str, float], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    key = (str(path), path.stat().st_mtime)
+    if key not in _SHA:
+        _SHA[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _SHA[key]
+
+
+def main() -> None:
+    """``python tests/hubstub.py ROOT [--rate BYTES_PER_S]``: serve ROOT in this process (a
+    benchmark runs the hub apart from the client, as the real one is); prints the endpoint,
+    serves until stdin closes."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--rate", type=float, default=None)
+    args = parser.parse_args()
+    with HubStub(args.root, rate=args.rate) as stub:
+        print(stub.endpoint, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

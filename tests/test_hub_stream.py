@@ -1,0 +1,458 @@
+"""Hub ids read as they arrive, against a local stand-in for the Hub (tests/hubstub.py): never
+the internet. The default road downloads shards into the HF cache while the analysis runs;
+``--stream`` reads each tensor with a range request and stores no shard. Both must give the
+table the local analysis of the same files gives (every column but the timings), survive
+dropped connections, 5xx errors and truncated bodies, and end a hopeless transfer with one line
+that keeps the finished rows for the next run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from esdtool import analyze, load_metrics
+from helpers import run_cli, write_tensors
+from hubstub import Fault, HubStub, commit_of
+
+REPO = "tiny-org/tiny-llama"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The stand-in on 127.0.0.1, HF_ENDPOINT pointing at it, a fresh HF_HOME, no token, and
+    retries that wait milliseconds instead of seconds."""
+    from huggingface_hub import constants
+
+    from esdtool.io import hub as hub_module
+
+    home = tmp_path / "hf-home"
+    with HubStub(tmp_path / "hub-repos") as stub:
+        endpoint = stub.endpoint
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setenv("HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setattr(hub_module, "BACKOFF_S", 0.001)
+        stub.home = home
+        yield stub
+
+
+@pytest.fixture(scope="module")
+def local_table(tiny_llama_sharded, tmp_path_factory):
+    """The local analysis of the same files: what every hub road must reproduce."""
+    out = tmp_path_factory.mktemp("local") / "m.parquet"
+    return load_metrics(analyze(tiny_llama_sharded, out).output)
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def assert_same_table(table: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Every column but the wall time of each row, exactly."""
+    pd.testing.assert_frame_equal(table.drop(columns="seconds"), expected.drop(columns="seconds"))
+
+
+def hub_run(args: list, capsys) -> tuple[int, dict | None, str]:
+    code, out, err = run_cli(["analyze", *args, "--json"], capsys)
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def one_line(err: str, *parts: str) -> None:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, (part, err)
+
+
+def shards_in_cache(home: Path) -> list[Path]:
+    return [p for p in home.rglob("*") if p.is_file() and p.stat().st_size > 4096]
+
+
+def test_stream_equals_local_stores_nothing_and_fetches_each_byte_once(
+    hub, tiny_llama_sharded, local_table, tmp_path, capsys
+):
+    hub.add_repo(REPO, tiny_llama_sharded)
+    out = tmp_path / "s.parquet"
+    code, summary, err = hub_run([REPO, "--stream", "-o", out], capsys)
+    assert code == 0, err
+    table = load_metrics(out)
+    assert_same_table(table, local_table)
+    assert summary["revision"] == commit_of(REPO) == table.attrs["esdtool"]["revision"]
+    assert table.attrs["esdtool"]["source_kind"] == "hub"
+    assert not list(hub.home.rglob("*.safetensors")) and not shards_in_cache(hub.home)
+    assert hub.served_bytes() <= 1.1 * checkpoint_bytes(tiny_llama_sharded)
+    ranges = [r for m, p, r, s in hub.requests if p.endswith(".safetensors") and m == "GET"]
+    assert ranges and all(r is not None for r in ranges)  # never a whole shard
+    assert not out.with_name(f".{out.name}.partial").exists()
+
+
+def test_default_hub_road_overlaps_download_and_fills_the_cache(
+    hub, tiny_llama_sharded, local_table, tmp_path
+):
+    """Throttled to ~1 s of download: tensors of the first shards are analysed before the last
+    shard's bytes have all been sent (the rows decided from headers alone aside)."""
+    hub.add_repo(REPO, tiny_llama_sharded)
+    hub.rate = checkpoint_bytes(tiny_llama_sharded) / 1.0
+    last_byte: list[float] = []
+    count = hub.count
+
+    def counted(name: str, nbytes: int) -> None:
+        count(name, nbytes)
+        last_byte.append(time.monotonic())
+
+    hub.count = counted
+
+    class Hook:
+        def __init__(self) -> None:
+            self.advanced: list[float] = []
+            self.fetched_bytes = 0
+
+        def start(self, total_tensors: int, total_bytes: int) -> None: ...
+
+        def advance(self, name: str, nbytes: int) -> None:
+            self.advanced.append(time.monotonic())
+
+        def fetched(self, nbytes: int) -> None:
+            self.fetched_bytes += nbytes
+
+    hook = Hook()
+    result = analyze(REPO, tmp_path / "d.parquet", progress=hook)
+    table = load_metrics(result.output)
+    assert_same_table(table, local_table)
+    skipped = int((table.status != "ok").sum())
+    assert sum(t < last_byte[-1] for t in hook.advanced) > skipped
+    snapshot = hub.home / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots"
+    cached = sorted(p.name for p in (snapshot / commit_of(REPO)).glob("*.safetensors"))
+    assert cached == sorted(p.name for p in tiny_llama_sharded.glob("*.safetensors"))
+    assert hook.fetched_bytes >= checkpoint_bytes(tiny_llama_sharded)
+    assert hub.served_bytes() <= 1.1 * checkpoint_bytes(tiny_llama_sharded)
+
+    hub.served.clear()  # a second run reuses the cache: the plain local road, no shard fetched
+    again = analyze(REPO, tmp_path / "again.parquet")
+    assert_same_table(load_metrics(again.output), local_table)
+    assert hub.served_bytes() == 0
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "download"])
+def test_dropped_connections_5xx_and_truncated_bodies_are_survived(
+    hub, tiny_llama_sharded, local_table, tmp_path, capsys, stream
+):
+    hub.add_repo(REPO, tiny_llama_sharded)
+    hub.faults += [
+        Fault("drop", after=1000, min_start=1),  # mid-tensor (stream) or mid-shard
+        Fault("500", times=2),
+        Fault("truncate", after=500, min_start=1),
+        Fault("drop", after=0),
+    ]
+    out = tmp_path / "f.parquet"
+    code, _, err = hub_run([REPO, "-o", out, *(["--stream"] if stream else [])], capsys)
+    assert code == 0, err
+    assert all(f.times == 0 for f in hub.faults), hub.faults  # every fault did happen
+    assert_same_table(load_metrics(out), local_table)
+
+
+def _data_start(shard: Path) -> int:
+    with open(shard, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_exhausted_retries_stop_in_one_line_keeping_rows_and_the_rerun_resumes(
+    hub, tiny_llama_sharded, local_table, tmp_path, capsys
+):
+    hub.add_repo(REPO, tiny_llama_sharded)
+    index = json.loads((tiny_llama_sharded / "model.safetensors.index.json").read_text())
+    last = tiny_llama_sharded / list(dict.fromkeys(index["weight_map"].values()))[-1]
+    hub.faults.append(Fault("500", match=last.name, times=10**6, min_start=_data_start(last)))
+    out = tmp_path / "r.parquet"
+    code, _, err = hub_run([REPO, "--stream", "-o", out], capsys)
+    assert code == 2
+    one_line(err, last.name, "HTTP 500", "finished tensor(s) kept in", ".r.parquet.partial",
+             "run the same command again")  # fmt: skip
+    sidecar = out.with_name(".r.parquet.partial")
+    kept = sidecar.read_text().count("\n") - 1
+    assert kept > 0 and not out.exists()
+    first_run = hub.served_bytes()
+
+    hub.faults.clear()
+    hub.served.clear()
+    code, summary, err = hub_run([REPO, "--stream", "-o", out], capsys)
+    assert code == 0, err
+    assert summary["resumed_rows"] >= kept
+    assert_same_table(load_metrics(out), local_table)
+    resumed = hub.served_bytes()
+    hub.served.clear()
+    code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "full.parquet"], capsys)
+    assert code == 0, err
+    assert resumed < hub.served_bytes() and first_run > 0  # the rerun fetched only what was left
+
+
+def test_a_failed_download_keeps_its_rows_and_resumes_on_either_road(
+    hub, tiny_llama_sharded, local_table, tmp_path, capsys
+):
+    """The default road fails for good on the last shard it downloads; the rows of the shards
+    before it are kept, and a --stream rerun resumes from them (the fingerprint is the repo,
+    commit and headers, whichever road read them)."""
+    hub.add_repo(REPO, tiny_llama_sharded)
+    index = json.loads((tiny_llama_sharded / "model.safetensors.index.json").read_text())
+    last = list(dict.fromkeys(index["weight_map"].values()))[-1]
+    hub.faults.append(Fault("500", match=last, times=10**6, whole=True))
+    out = tmp_path / "d.parquet"
+    code, _, err = hub_run([REPO, "-o", out], capsys)
+    assert code == 2
+    one_line(err, last, "500", "finished tensor(s) kept in")
+    kept = out.with_name(".d.parquet.partial").read_text().count("\n") - 1
+    assert kept > 0
+
+    hub.faults.clear()
+    code, summary, err = hub_run([REPO, "--stream", "-o", out], capsys)
+    assert code == 0, err
+    assert summary["resumed_rows"] >= kept
+    assert_same_table(load_metrics(out), local_table)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "download"])
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("gated", "gated repository"),
+        ("private", "no such repository on the hub, or it is private"),
+        ("bad-token", "refused the token (HTTP 401)"),
+        ("missing", "no such repository on the hub"),
+        ("revision", "revision 'v9' not found"),
+    ],
+)
+def test_refusals_are_one_line_each(
+    hub, tiny_llama_sharded, tmp_path, capsys, monkeypatch, stream, case, expected
+):
+    hub.add_repo(REPO, tiny_llama_sharded)
+    repo, extra = REPO, []
+    if case == "gated":
+        hub.gated.add(REPO)
+    elif case in ("private", "bad-token"):
+        hub.private[REPO] = "hf_right"
+        if case == "bad-token":
+            monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    elif case == "missing":
+        repo = "tiny-org/absent"
+    else:
+        extra = ["--revision", "v9"]
+    args = [repo, "-o", tmp_path / "x.parquet", *extra, *(["--stream"] if stream else [])]
+    code, _, err = hub_run(args, capsys)
+    assert code == 2
+    one_line(err, repo, expected)
+    assert not hub.served_bytes()
+
+
+def test_a_private_repo_streams_with_its_token(hub, tiny_llama_sharded, local_table, tmp_path,
+                                               capsys, monkeypatch):  # fmt: skip
+    hub.add_repo(REPO, tiny_llama_sharded)
+    hub.private[REPO] = "hf_right"
+    monkeypatch.setenv("HF_TOKEN", "hf_right")
+    code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "p.parquet"], capsys)
+    assert code == 0, err
+    assert_same_table(load_metrics(tmp_path / "p.parquet"), local_table)
+
+
+def test_stream_is_refused_offline_and_for_local_paths(
+    hub, tiny_llama_sharded, tmp_path, capsys, monkeypatch
+):
+    from huggingface_hub import constants
+
+    hub.add_repo(REPO, tiny_llama_sharded)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "o.parquet"], capsys)
+    assert code == 2
+    one_line(err, REPO, "HF_HUB_OFFLINE is set", "drop --stream")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    code, _, err = hub_run([tiny_llama_sharded, "--stream", "-o", tmp_path / "o.parquet"], capsys)
+    assert code == 2
+    one_line(err, "--stream reads hub ids")
+    assert not hub.requests
+
+
+def test_a_remote_header_gets_every_local_check(hub, tmp_path, capsys):
+    """Headers come from the network: an overlap a local file is refused for is refused here in
+    the same words (only the file's name differs)."""
+    import struct
+
+    header = json.dumps({
+        "a": {"dtype": "F32", "shape": [16, 16], "data_offsets": [0, 1024]},
+        "b": {"dtype": "F32", "shape": [16, 16], "data_offsets": [512, 1536]},
+    }).encode()  # fmt: skip
+    repo = tmp_path / "bad"
+    repo.mkdir()
+    (repo / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(1536))
+    hub.add_repo("org/bad", repo)
+    code, _, local_err = run_cli(["analyze", repo, "-o", tmp_path / "l.parquet"], capsys)
+    code_hub, _, hub_err = hub_run(["org/bad", "--stream", "-o", tmp_path / "h.parquet"], capsys)
+    assert code == code_hub == 2
+    one_line(hub_err, "org/bad/model.safetensors", "data of tensors 'a' and 'b' overlap")
+    assert local_err.split("model.safetensors", 1)[1] == hub_err.split("model.safetensors", 1)[1]
+
+
+def test_streamed_tensors_have_safe_opens_dtypes_and_values(tmp_path):
+    """tensor_from_bytes against safetensors' own reader, dtype by dtype."""
+    from esdtool.io.checkpoint import read_header
+    from esdtool.io.remote import tensor_from_bytes
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=gen)
+    tensors = {
+        "f32": base, "f16": base.half(), "bf16": base.bfloat16(), "f64": base.double(),
+        "i8": (base * 20).to(torch.int8), "u8": (base.abs() * 20).to(torch.uint8),
+        "i64": (base * 1e6).to(torch.int64), "bool": base > 0,
+        "f8": base.to(torch.float8_e4m3fn), "f8e5": base.to(torch.float8_e5m2),
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+    }  # fmt: skip
+    path = tmp_path / "dtypes.safetensors"
+    save_file(tensors, str(path))
+    infos, _ = read_header(path)
+    raw = path.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    with safe_open(str(path), framework="pt") as f:
+        for name, info in infos.items():
+            data = bytearray(raw[start + info.begin : start + info.end])
+            ours, theirs = tensor_from_bytes(data, info, str(path)), f.get_tensor(name)
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+            as_bytes = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731 (bit for bit)
+            assert torch.equal(as_bytes(ours), as_bytes(theirs)), name
+
+
+def test_fp8_checkpoint_with_scales_in_another_shard_streams(hub, tmp_path, capsys):
+    """Fine-grained FP8: codes in one shard, their block scales in the next; the streamed rows
+    are the local rows (the weights decoded from parts fetched separately)."""
+    gen = torch.Generator().manual_seed(1)
+    model = tmp_path / "fp8"
+    model.mkdir()
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    codes, scales, weight_map = {}, {}, {}
+    for i in range(3):
+        name = f"model.layers.{i}.mlp.up_proj"
+        codes[f"{name}.weight"] = (torch.randn(160, 96, generator=gen) * 100).to(
+            torch.float8_e4m3fn
+        )
+        scales[f"{name}.weight_scale_inv"] = torch.rand(2, 1, generator=gen) + 0.01
+        weight_map[f"{name}.weight"], weight_map[f"{name}.weight_scale_inv"] = first, second
+    save_file(codes, str(model / first))
+    save_file(scales, str(model / second))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    quant = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config = {"model_type": "llama", "quantization_config": quant}
+    (model / "config.json").write_text(json.dumps(config))
+    hub.add_repo("org/fp8", model)
+    local = load_metrics(analyze(model, tmp_path / "l.parquet").output)
+    assert (local.status == "ok").sum() == 3 and local.quantization.notna().any()
+    code, _, err = hub_run(["org/fp8", "--stream", "-o", tmp_path / "s.parquet"], capsys)
+    assert code == 0, err
+    assert_same_table(load_metrics(tmp_path / "s.parquet"), local)
+    assert local[local.status == "ok"].alpha_ks.notna().all()
+
+
+def test_a_single_file_repo_streams_and_downloads(hub, tmp_path, capsys):
+    """No shard index: --stream reads model.safetensors by ranges; the default road downloads
+    it whole (nothing to overlap) through the plain hub road."""
+    gen = torch.Generator().manual_seed(2)
+    model = tmp_path / "one"
+    model.mkdir()
+    write_tensors(model / "model.safetensors",
+                  {f"layers.{i}.w.weight": torch.randn(40, 56, generator=gen).numpy()
+                   for i in range(2)})  # fmt: skip
+    hub.add_repo("org/one", model)
+    local = load_metrics(analyze(model, tmp_path / "l.parquet").output)
+    commit = commit_of("org/one")
+    for args in (["--stream"], [], ["--stream", "--revision", commit]):
+        out = tmp_path / f"o{len(args)}.parquet"
+        code, summary, err = hub_run(["org/one", "-o", out, *args], capsys)
+        assert code == 0, err
+        assert_same_table(load_metrics(out), local)
+        assert summary["revision"] == commit
+
+
+def test_a_downloaded_shard_must_match_the_header_planned_from(
+    hub, tiny_llama_sharded, tmp_path, monkeypatch
+):
+    """The default road plans from headers fetched by range, then reads the downloaded file:
+    a file whose header says otherwise (a stale or damaged cache entry) gives error rows naming
+    it, never numbers from other bytes."""
+    from esdtool.io.hub import HubRepo
+
+    hub.add_repo(REPO, tiny_llama_sharded)
+    real = HubRepo.download
+    other = write_tensors(tmp_path / "other.safetensors", {"x": torch.zeros(3, 3).numpy()})
+    damaged = sorted(p.name for p in tiny_llama_sharded.glob("*.safetensors"))[0]
+
+    def download(self, filename):
+        path = real(self, filename)
+        return other if filename == damaged else path
+
+    monkeypatch.setattr(HubRepo, "download", download)
+    result = analyze(REPO, tmp_path / "m.parquet")
+    assert result.errors and all("differs from the one fetched" in e for e in result.errors)
+    table = load_metrics(result.output)
+    rows = table[table.shard == damaged]
+    assert rows.status.isin(["error", "skipped"]).all() and (rows.status == "error").any()
+    assert (table[table.shard != damaged].status != "error").all()
+
+
+def test_an_adapter_repo_downloads_and_is_refused_by_stream(hub, tmp_path, capsys):
+    """A PEFT adapter repo (with a stray config.json, as some hold): the default road analyses
+    its updates as the directory does; --stream refuses it in one line rather than reading its
+    factors as a model's matrices."""
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "adapter"
+    repo.mkdir()
+    torch.manual_seed(0)
+    save_file(
+        {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(8, 64),
+         "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(48, 8)},
+        str(repo / "adapter_model.safetensors"),
+    )  # fmt: skip
+    (repo / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (repo / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    hub.add_repo("org/adapter", repo)
+    code, _, err = hub_run(["org/adapter", "--stream", "-o", tmp_path / "s.parquet"], capsys)
+    assert code == 2
+    one_line(err, "org/adapter", "PEFT adapter", "drop --stream")
+    code, summary, err = hub_run(["org/adapter", "-o", tmp_path / "d.parquet"], capsys)
+    assert code == 0, err
+    table = load_metrics(tmp_path / "d.parquet")
+    assert table.lora_rank.tolist()[0] == 8 and table.adapter.tolist()[0] == "lora"
+    assert summary["lora"]["planned_rank"] == 8
+
+
+def test_an_old_huggingface_hub_takes_the_download_road(
+    hub, tiny_llama_sharded, local_table, tmp_path, capsys, monkeypatch
+):
+    """huggingface_hub < 1.0 (a requests session, no byte-range streaming): --stream says what
+    it needs in one line; the default road downloads first and gives the same table."""
+    from esdtool.io import remote
+
+    monkeypatch.setattr(remote, "serves_ranges", lambda: False)
+    hub.add_repo(REPO, tiny_llama_sharded)
+    code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "s.parquet"], capsys)
+    assert code == 2
+    one_line(err, REPO, "needs huggingface_hub >= 1.0")
+    code, _, err = hub_run([REPO, "-o", tmp_path / "d.parquet"], capsys)
+    assert code == 0, err
+    assert_same_table(load_metrics(tmp_path / "d.parquet"), local_table)
+    ranges = [r for m, p, r, s in hub.requests if p.endswith(".safetensors") and m == "GET"]
+    assert ranges and all(r is None for r in ranges)  # whole files: no header range reads
