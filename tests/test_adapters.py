@@ -294,7 +294,8 @@ def test_pattern_keys_match_as_peft_matches_them():
     # Regular-expression keys go to RE2 (linear time), with PEFT's answer; (a+)+ is the
     # classic catastrophic-backtracking key, here on a path made to trigger it.
     regexes = (r"layers\.\d+\.q_proj", "q_proj|k_proj", "(a+)+", "layers.[0-3].q", "q?",
-               "a{2}", "^a^b", "a$b", r"self_attn\.(q|k)_proj", r"layers\.1\d*\..*proj")  # fmt: skip
+               "a{2}", "^a^b", "a$b", r"self_attn\.(q|k)_proj",
+               r"layers\.1\d*\..*proj")  # fmt: skip
     for key in regexes:
         assert not is_literal(key), key
         for path in [*paths, "layers.1.self_attn.k_proj", "aa", "a.aa"]:
