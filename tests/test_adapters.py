@@ -529,3 +529,23 @@ def test_compare_cli_on_adapter_tables_summarises_norms(base, tmp_path, capsys):
     )
     assert code == 0, stderr
     assert "frobenius_norm change median" in stdout
+
+
+def test_an_adapter_in_memory_gives_the_rows_of_its_saved_files(base, tmp_path):
+    """analyze(peft_model, weights="adapter"): a notebook reads its trained adapter without
+    saving it; the rows equal those of the directory save_pretrained writes."""
+    from esdtool import analyze
+    from esdtool.errors import OptionError
+
+    model = _adapter(base, tmp_path / "a", use_dora=True, modules_to_save=["pooler.dense"])
+    memory = analyze(model, weights="adapter").table
+    files = analyze(tmp_path / "a").table
+    columns = ["name", "module", "status", "adapter", "lora_rank", "lora_alpha", "rows",
+               "cols", "effective_rank", "lambda_max", "stable_rank", "alpha_ks"]  # fmt: skip
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(memory[columns], files[columns])
+    assert memory.attrs["esdtool"]["adapter"]["use_dora"] is True
+    assert memory.attrs["esdtool"]["peft_weights"] == "adapter"
+    with pytest.raises(OptionError, match="for a PEFT model"):
+        analyze(base, weights="adapter")

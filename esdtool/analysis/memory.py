@@ -4,6 +4,7 @@ read as named tensors one at a time where they live (no copy of the whole model)
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -11,16 +12,19 @@ from typing import Any
 
 import torch
 
+from esdtool.adapters import adapter_layout, read_adapter_config
 from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
-from esdtool.analysis.rows import analyze_tensor, header_row
+from esdtool.analysis.rows import analyze_tensor, analyze_update, header_row
 from esdtool.analysis.settings import AnalyzeSettings
+from esdtool.analysis.tasks import plan_tasks, read_task, task_row
+from esdtool.dequant import Layout
 from esdtool.errors import OptionError
-from esdtool.io.checkpoint import TensorInfo
+from esdtool.io.checkpoint import TensorInfo, natural_key
 from esdtool.io.table import MatrixRow
 from esdtool.spectral.spectra import auto_dtype
 from esdtool.version import __version__
 
-WEIGHTS = ("base", "merged")
+WEIGHTS = ("base", "merged", "adapter")
 MEMORY = Path("<memory>")  # the shard every in-memory row names
 # torch dtypes by the safetensors names the table's dtype column uses.
 _NAMES = {
@@ -67,12 +71,13 @@ def named_tensors(source: object, weights: str = "base") -> Iterator[tuple[str, 
     under their ``named_parameters`` names (a tied weight once). A PEFT model gives its base
     model's weights under the base model's names: ``weights="base"`` the frozen weights as they
     are, ``"merged"`` each adapted weight plus its LoRA update (PEFT's own ``get_delta_weight``),
-    never the adapter matrices themselves (their spectra are a plan's business, not a model's).
+    never the adapter matrices themselves (``weights="adapter"`` reads those, as updates:
+    :func:`analyze_memory`).
     """
     if weights not in WEIGHTS:
         raise OptionError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
-    if weights == "merged" and not _is_peft(source):
-        raise OptionError("weights='merged' is for a PEFT model; this has no adapters to merge")
+    if weights in ("merged", "adapter") and not _is_peft(source):
+        raise OptionError(f"weights={weights!r} is for a PEFT model; this has no adapters")
     if isinstance(source, Mapping):
         for name, tensor in source.items():
             if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
@@ -179,6 +184,35 @@ def analyze_memory(
     if settings.dtype == "auto":
         settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
     budget = memory_budget(settings, device)
+    adapter_meta = None
+    if weights not in WEIGHTS:
+        raise OptionError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    if weights == "adapter":
+        if not _is_peft(source):
+            raise OptionError("weights='adapter' is for a PEFT model; this has no adapters")
+        rows, adapter_meta = _adapter_rows(source, settings, progress, device, budget)
+    else:
+        rows = _tensor_rows(source, weights, settings, progress, device, budget)
+    metadata = {
+        "source_path": None, "revision": None, "files": [], "model_type": None,
+        "architectures": None, **describe(source, weights), "checkpoint_metadata": {},
+        "quantization_config": None, "adapter": adapter_meta, "esdtool_version": __version__,
+        "torch_version": torch.__version__, "settings": settings.to_dict(),
+        "device": str(device), "world_size": 1,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    return rows, metadata, device
+
+
+def _tensor_rows(
+    source: object,
+    weights: str,
+    settings: AnalyzeSettings,
+    progress: Any,
+    device: torch.device,
+    budget: int | None,
+) -> list[MatrixRow]:
+    """The rows of every selected named tensor (weights "base" or "merged")."""
     infos, count = [], 0
     for name, tensor in named_tensors(source, weights):
         count += 1
@@ -212,12 +246,73 @@ def analyze_memory(
         del tensor
         if progress:
             progress.advance(name, info.nbytes)
-    metadata = {
-        "source_path": None, "revision": None, "files": [], "model_type": None,
-        "architectures": None, **describe(source, weights), "checkpoint_metadata": {},
-        "quantization_config": None, "esdtool_version": __version__,
-        "torch_version": torch.__version__, "settings": settings.to_dict(),
-        "device": str(device), "world_size": 1,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
-    return rows, metadata, device
+    return rows
+
+
+def _plain(value: object) -> object:
+    """JSON for what a PEFT config holds besides JSON: sets, enums."""
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return getattr(value, "value", str(value))
+
+
+class _StateDict:
+    """An adapter's state dict with the two methods task planning reads a checkpoint by."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.infos = {name: tensor_info(name, t) for name, t in tensors.items()}
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def _adapter_rows(
+    model: Any, settings: AnalyzeSettings, progress: Any, device: torch.device, budget: int | None
+) -> tuple[list[MatrixRow], dict[str, Any]]:
+    """weights="adapter": the active LoRA adapter's rows exactly as ``analyze`` reads them from
+    the directory ``save_pretrained`` would write (PEFT's own state dict and config), and the
+    config for the table's metadata."""
+    from peft import get_peft_model_state_dict
+
+    active = list(getattr(model, "active_adapters", None) or [model.active_adapter])
+    if len(active) != 1:
+        raise OptionError(
+            f"weights='adapter' reads one adapter; {len(active)} are active ({active})",
+            hint="model.set_adapter(name) first",
+        )
+    name = active[0]
+    # As save_pretrained writes it (sets as sorted lists, enums as their values).
+    raw = json.loads(json.dumps(model.peft_config[name].to_dict(), default=_plain))
+    config = read_adapter_config(raw, f"<in-memory adapter {name!r}>")
+    state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    tensors = _StateDict(state)
+    layout = adapter_layout(tensors.infos, config)
+    names = sorted((n for n in state if settings.selects(n)), key=natural_key)  # as files
+    if not names:
+        raise OptionError("nothing to analyse: no adapter tensor name passes --include/--exclude")
+    tasks = plan_tasks(tensors, names, Layout(), settings, budget, layout)  # type: ignore[arg-type]
+    if progress:
+        progress.start(len(tasks), sum(t.nbytes for t in tasks))
+    rows: list[MatrixRow] = []
+    for task in tasks:
+        try:
+            if task.status is not None:
+                rows.append(task_row(task, task.status))
+            elif task.update is not None:
+                factors = read_task(tensors, task)  # type: ignore[arg-type]
+                assert isinstance(factors, dict)
+                rows.extend(analyze_update(task_row(task, "ok"), factors, task.update.scaling,
+                                           settings, device))  # fmt: skip
+            else:
+                tensor = tensors.get_tensor(task.info.name)
+                rows.extend(analyze_tensor(task.info, tensor, settings, device,
+                                           task_row(task, "ok")))  # fmt: skip
+        except Exception as exc:  # one bad tensor must not lose the others' rows
+            rows.append(task_row(task, "error", f"{type(exc).__name__}: {exc}"))
+        if progress:
+            progress.advance(task.info.name, task.nbytes)
+    return rows, dict(config.raw)

@@ -27,9 +27,9 @@ from esdtool.analysis.progress import TqdmProgress
 from esdtool.analysis.resources import memory_budget, resolve_device
 from esdtool.analysis.result import AnalyzeResult, ProgressHook, summarise
 from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
-from esdtool.analysis.rows import analyze_tensor, analyze_update, header_row
+from esdtool.analysis.rows import analyze_tensor, analyze_update
 from esdtool.analysis.settings import AnalyzeSettings
-from esdtool.analysis.tasks import Task, materialize, plan_tasks, read_task
+from esdtool.analysis.tasks import Task, materialize, plan_tasks, read_task, task_row
 from esdtool.dequant import Layout, layout_of, read_scheme
 from esdtool.errors import (
     AnalysisInterrupted,
@@ -67,7 +67,8 @@ def analyze(
     ``source`` is a .safetensors file, a model directory (single file or sharded with an
     index), a hub id, or a model already in memory: a ``torch.nn.Module`` (its parameters, by
     their ``named_parameters`` names) or a state dict. Of a PEFT model, ``weights="base"``
-    reads the frozen base weights and ``"merged"`` each adapted weight plus its LoRA update.
+    reads the frozen base weights, ``"merged"`` each adapted weight plus its LoRA update, and
+    ``"adapter"`` the active adapter's updates (one row per module, as for its saved files).
     In-memory tensors are analysed one at a time where they live. ``progress=True`` draws a
     progress bar (a widget in Jupyter, text in a terminal); a hook receives the progress
     instead; the default draws nothing. For files, all headers are
@@ -206,7 +207,7 @@ def _analyze_names(
     if progress:
         mine = sorted(work + header_only)
         progress.start(len(mine), sum(tasks[i].nbytes for i in mine))
-    rows = [_row(tasks[i], tasks[i].status or "skipped") for i in header_only]
+    rows = [task_row(tasks[i], tasks[i].status or "skipped") for i in header_only]
     if progress:
         for i in header_only:
             progress.advance(tasks[i].info.name, tasks[i].nbytes)
@@ -230,16 +231,16 @@ def _analyze_names(
                 raise stored
             if task.update is not None:
                 assert isinstance(stored, dict)
-                new = analyze_update(_row(task, "ok"), stored, task.update.scaling, settings,
+                new = analyze_update(task_row(task, "ok"), stored, task.update.scaling, settings,
                                      device)  # fmt: skip
             else:
                 tensor = materialize(task, stored, device)
-                new = analyze_tensor(task.info, tensor, settings, device, _row(task, "ok"))
+                new = analyze_tensor(task.info, tensor, settings, device, task_row(task, "ok"))
                 del tensor
             if not new:  # every selected tensor gets a row, or the run says why it has none
                 raise RuntimeError("no matrix came out of it")
         except Exception as exc:  # one bad tensor must not lose the others' rows
-            new = [_row(task, "error", f"{type(exc).__name__}: {exc}")]
+            new = [task_row(task, "error", f"{type(exc).__name__}: {exc}")]
         del stored
         side.append(new)
         rows.extend(new)
@@ -270,15 +271,6 @@ def _names_read(task: Task) -> list[str]:
     """The stored tensors a task reads (every part of a quantized weight or a LoRA update)."""
     parts = task.weight.parts if task.weight else task.update.parts() if task.update else []
     return [task.info.name, *(n for _, n in parts)]
-
-
-def _row(task: Task, status: str, reason: str | None = None) -> MatrixRow:
-    update = task.update
-    return header_row(
-        task.info, status, reason or task.reason, module=task.module, quantization=task.label,
-        adapter=task.adapter, lora_rank=update.rank if update else None,
-        lora_alpha=update.alpha if update else None,
-    )  # fmt: skip
 
 
 def _check_something_analysable(

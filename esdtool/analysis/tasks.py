@@ -13,9 +13,11 @@ from esdtool.adapters import AdapterLayout, LowRankUpdate
 from esdtool.adapters.layout import strip_prefix
 from esdtool.analysis.resources import skip_reason
 from esdtool.analysis.roles import module_name
+from esdtool.analysis.rows import header_row
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.dequant import Layout, QuantizedWeight
 from esdtool.io.checkpoint import Checkpoint, TensorInfo
+from esdtool.io.table import MatrixRow
 
 
 @dataclass(frozen=True)
@@ -169,3 +171,13 @@ def materialize(
             f"dequantized to {list(dense.shape)}, expected {list(task.weight.shape)}"
         )
     return dense
+
+
+def task_row(task: Task, status: str, reason: str | None = None) -> MatrixRow:
+    """The header facts of ``task``'s row with ``status`` (and ``reason``, else its own)."""
+    update = task.update
+    return header_row(
+        task.info, status, reason or task.reason, module=task.module, quantization=task.label,
+        adapter=task.adapter, lora_rank=update.rank if update else None,
+        lora_alpha=update.alpha if update else None,
+    )  # fmt: skip
