@@ -29,6 +29,11 @@ class SourceError(EsdtoolError):
     """The SOURCE argument names nothing esdtool can read (missing path, unknown hub id)."""
 
 
+class HubRefusedError(SourceError):
+    """The hub refused a request (401, 403, 404: gated, private, gone, a revoked token). During
+    an analysis it stops the run like a :class:`TransferError`, keeping the finished rows."""
+
+
 class PickleRefusedError(SourceError):
     """Only pickled checkpoints (.bin/.pt/...) were found; esdtool never unpickles."""
 
@@ -59,6 +64,11 @@ class PlanMismatchError(EsdtoolError):
 
 class OutputError(EsdtoolError):
     """An output file or directory cannot be written."""
+
+
+class HubCacheError(OutputError):
+    """A shard cannot be written into the HF cache (a full disk, no permission, a damaged cache
+    folder); like a :class:`TransferError` it stops an analysis, keeping the finished rows."""
 
 
 class TransferError(EsdtoolError):

@@ -6,15 +6,20 @@ calls, answering the way huggingface.co does:
 
 - ``GET /api/models/{repo}[/revision/{rev}]``: the model info (``sha``, ``siblings``);
 - ``GET /api/models/{repo}/tree/{rev}``: the file listing snapshot_download reads;
-- ``HEAD``/``GET /{repo}/resolve/{rev}/{file}``: ``X-Repo-Commit``, ``ETag`` (the sha256),
-  ``Content-Length``, ``Accept-Ranges``; ``Range: bytes=a-b`` gives 206 with ``Content-Range``;
+- ``HEAD``/``GET /{repo}/resolve/{rev}/{file}``: ``X-Repo-Commit``, ``ETag`` (the sha256; for
+  a ``.safetensors`` file also ``X-Linked-Etag`` and ``X-Linked-Size``, as the hub sends for LFS
+  files), ``Content-Length``, ``Accept-Ranges``; ``Range: bytes=a-b`` gives 206 with
+  ``Content-Range``;
 - refusals with the hub's ``X-Error-Code``: 401 (private repo, no or a wrong token), 403
   ``GatedRepo``, 404 ``RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound``.
 
 Bytes of response bodies are counted per file (``served``); ``rate`` throttles every body to
 that many bytes per second, all connections together (one shared link); ``faults`` injects
 failures into matching GETs: a connection dropped after N body bytes, a 500, a body truncated
-(an honest but short Content-Length).
+(an honest but short Content-Length), a refusal (401, 403 GatedRepo, 404 EntryNotFound).
+``ignore_ranges`` answers every GET with 200 and the whole file (a server without range
+support); ``announce`` makes a file's answer claim another Content-Length (the real body is
+sent, then the connection closed).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ class Fault:
     """One injected failure of a GET whose path contains ``match`` and whose range starts at or
     after ``min_start`` (``min_start=1``: never a header's first bytes).
 
-    kind:  "drop" (close the connection after ``after`` body bytes), "500", or "truncate"
-           (announce and send only ``after`` bytes of the body).
+    kind:  "drop" (close the connection after ``after`` body bytes), "500", "truncate"
+           (announce and send only ``after`` bytes of the body), or a refusal as the hub
+           answers it: "401" (a token it refuses), "403" (GatedRepo), "404" (EntryNotFound).
     times: how many requests it hits.
     whole: only GETs of a whole file (no Range: hf_hub_download's), never a range request.
     """
@@ -68,6 +74,8 @@ class HubStub:
         self.requests: list[tuple[str, str, str | None, int]] = []  # method, path, range, status
         self.private: dict[str, str] = {}  # repo id -> the token it needs
         self.gated: set[str] = set()
+        self.ignore_ranges = False  # answer a Range request with 200 and the whole file
+        self.announce: dict[str, int] = {}  # file name -> the Content-Length its answer claims
         self._lock = threading.Lock()
         self._link = threading.Lock()  # the throttled link: one chunk at a time
         self._next = 0.0
@@ -76,7 +84,7 @@ class HubStub:
         class Handler(_Handler):
             hub = stub
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -99,6 +107,12 @@ class HubStub:
             if f.is_file():
                 shutil.copy(f, target / f.name)
         return target
+
+    def replace(self, repo_id: str, name: str, data: bytes) -> None:
+        """Put other bytes at the same URL (the same commit): a misbehaving mirror or proxy."""
+        path = self.root / repo_id / name
+        path.write_bytes(data)
+        _SHA.pop(str(path), None)
 
     def served_bytes(self, suffix: str = ".safetensors") -> int:
         with self._lock:
@@ -130,6 +144,16 @@ class HubStub:
     def count(self, name: str, nbytes: int) -> None:
         with self._lock:
             self.served[name] += nbytes
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up mid-answer (as one does on a 200 to a range request) is no
+        error of the stub's; anything else is printed as usual."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -227,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", "Entry not found")
         size = path.stat().st_size
         start, end, status = 0, size, 200
-        wanted = self.headers.get("Range")
+        wanted = None if self.hub.ignore_ranges else self.headers.get("Range")
         if wanted:
             match = _RANGE.fullmatch(wanted.strip())
             if match is None or int(match[1]) >= size:
@@ -238,14 +262,23 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.hub.take_fault(path.name, start, bool(wanted)) if body else None
         if fault is not None and fault.kind == "500":
             return self._error(500, None, "Internal Error (injected)")
+        refusals = {"401": None, "403": "GatedRepo", "404": "EntryNotFound"}
+        if fault is not None and fault.kind in refusals:
+            return self._error(int(fault.kind), refusals[fault.kind], "Refused (injected)")
         length = end - start
         if fault is not None and fault.kind == "truncate":
             length = min(length, fault.after)
         self.send_response(status)
         self.send_header("X-Repo-Commit", commit_of(repo_id))
         self.send_header("ETag", f'"{_sha256(path)}"')
+        if name.endswith(".safetensors"):
+            self.send_header("X-Linked-Etag", f'"{_sha256(path)}"')
+            self.send_header("X-Linked-Size", str(size))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(length))
+        announced = self.hub.announce.get(name)
+        self.send_header("Content-Length", str(length if announced is None else announced))
+        if announced is not None:
+            self.close_connection = True
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
@@ -253,11 +286,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         limit = fault.after if fault is not None and fault.kind == "drop" else length
+        step = 4096 if self.hub.rate else 1 << 16  # a throttled link trickles, as a real one
         with open(path, "rb") as f:
             f.seek(start)
             sent = 0
             while sent < min(length, limit):
-                chunk = f.read(min(1 << 16, min(length, limit) - sent))
+                chunk = f.read(min(step, min(length, limit) - sent))
                 self.hub.throttle(len(chunk))
                 try:
                     self.wfile.write(chunk)
@@ -288,14 +322,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.requests.append((self.command, self.path, self.headers.get("Range"), status))
 
 
-_SHA: dict[tuple[str, float], str] = {}
+_SHA: dict[str, tuple[tuple[int, int], str]] = {}
 
 
 def _sha256(path: Path) -> str:
-    key = (str(path), path.stat().st_mtime)
-    if key not in _SHA:
-        _SHA[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _SHA[key]
+    stat = path.stat()
+    key = (stat.st_mtime_ns, stat.st_size)
+    if _SHA.get(str(path), (None,))[0] != key:
+        _SHA[str(path)] = (key, hashlib.sha256(path.read_bytes()).hexdigest())
+    return _SHA[str(path)][1]
 
 
 def main() -> None:

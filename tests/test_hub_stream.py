@@ -399,8 +399,8 @@ def test_a_downloaded_shard_must_match_the_header_planned_from(
     other = write_tensors(tmp_path / "other.safetensors", {"x": torch.zeros(3, 3).numpy()})
     damaged = sorted(p.name for p in tiny_llama_sharded.glob("*.safetensors"))[0]
 
-    def download(self, filename):
-        path = real(self, filename)
+    def download(self, filename, stop=None):
+        path = real(self, filename, stop)
         return other if filename == damaged else path
 
     monkeypatch.setattr(HubRepo, "download", download)
@@ -456,3 +456,287 @@ def test_an_old_huggingface_hub_takes_the_download_road(
     assert_same_table(load_metrics(tmp_path / "d.parquet"), local_table)
     ranges = [r for m, p, r, s in hub.requests if p.endswith(".safetensors") and m == "GET"]
     assert ranges and all(r is None for r in ranges)  # whole files: no header range reads
+
+
+# -- the review's defects: hostile or changing servers, refusals and stops mid-run -----------
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_small_file_announcing_a_huge_length_is_refused_before_it_is_read(
+    hub, tiny_llama_sharded, tmp_path, capsys, name
+):
+    """config.json and the index are read into memory: a Content-Length of a petabyte is
+    refused in one line naming the file, not allocated."""
+    hub.add_repo(REPO, tiny_llama_sharded)
+    hub.announce[name] = 10**15
+    code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "a.parquet"], capsys)
+    assert code == 2
+    one_line(err, f"{REPO}/{name}", "announces 1000000000000000 bytes", "at most 64 MB")
+
+
+def test_a_server_without_byte_ranges_takes_the_download_road(
+    hub, tiny_llama_sharded, local_table, tmp_path, capsys
+):
+    """A mirror that answers Range with 200 and the whole file: the default road downloads
+    first and analyses after (the plain road); only --stream is refused, its hint for it."""
+    hub.add_repo(REPO, tiny_llama_sharded)
+    hub.ignore_ranges = True
+    code, _, err = hub_run([REPO, "-o", tmp_path / "d.parquet"], capsys)
+    assert code == 0, err
+    assert_same_table(load_metrics(tmp_path / "d.parquet"), local_table)
+    code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "s.parquet"], capsys)
+    assert code == 2
+    one_line(err, "not 206 Partial Content", "--stream needs an endpoint", "drop --stream")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "download"])
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [("401", "(HTTP 401)"), ("403", "gated repository"), ("404", "not found at")],
+)
+def test_a_refusal_mid_run_stops_in_one_line_keeping_the_rows(
+    hub, tiny_llama_sharded, local_table, tmp_path, capsys, stream, status, expected
+):
+    """The headers were read, then the hub refuses the last shard's data (a token revoked, a
+    repo gone gated, a file gone): one line saying which, exit 2, the finished rows kept for
+    the rerun, never a table of error rows."""
+    hub.add_repo(REPO, tiny_llama_sharded)
+    index = json.loads((tiny_llama_sharded / "model.safetensors.index.json").read_text())
+    last = list(dict.fromkeys(index["weight_map"].values()))[-1]
+    if stream:
+        start = _data_start(tiny_llama_sharded / last)
+        hub.faults.append(Fault(status, match=last, times=10**6, min_start=start))
+    else:
+        hub.faults.append(Fault(status, match=last, times=10**6, whole=True))
+    out = tmp_path / "r.parquet"
+    code, _, err = hub_run([REPO, "-o", out, *(["--stream"] if stream else [])], capsys)
+    assert code == 2
+    one_line(err, expected, f"HTTP {status}", "finished tensor(s) kept in", ".r.parquet.partial")
+    kept = out.with_name(".r.parquet.partial").read_text().count("\n") - 1
+    assert kept > 0 and not out.exists()
+
+    hub.faults.clear()
+    code, summary, err = hub_run([REPO, "-o", out, *(["--stream"] if stream else [])], capsys)
+    assert code == 0, err
+    assert summary["resumed_rows"] >= kept
+    assert_same_table(load_metrics(out), local_table)
+
+
+def test_ctrl_c_stops_the_download_under_way(hub, tiny_llama_sharded, tmp_path, monkeypatch):
+    """Ctrl-C mid-run on the default road: the shard being downloaded stops at its next chunk
+    (it is not fetched to its end), at once (the reader thread waiting for that shard is let
+    go, not joined until a timeout), and no esdtool thread is left when analyze returns."""
+    import threading
+
+    from huggingface_hub import constants
+
+    from esdtool.errors import AnalysisInterrupted
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # a chunk: 1/32 of a shard
+    hub.add_repo(REPO, tiny_llama_sharded)
+    hub.rate = checkpoint_bytes(tiny_llama_sharded) / 8.0  # ~0.7 s a shard
+
+    class Hook:
+        advanced = 0
+        served_then = 0
+        when = 0.0
+
+        def start(self, total_tensors: int, total_bytes: int) -> None: ...
+
+        def advance(self, name: str, nbytes: int) -> None:
+            self.advanced += 1
+            if self.advanced == 7:  # past the rows decided from headers: mid-run
+                self.served_then, self.when = hub.served_bytes(), time.monotonic()
+                raise KeyboardInterrupt
+
+        def fetched(self, nbytes: int) -> None: ...
+
+    hook = Hook()
+    with pytest.raises(AnalysisInterrupted):
+        analyze(REPO, tmp_path / "i.parquet", progress=hook)
+    assert time.monotonic() - hook.when < 2.0  # the threads' join timeouts are 5 s
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("esdtool")]
+    assert not alive
+    time.sleep(0.3)
+    shard = min(p.stat().st_size for p in tiny_llama_sharded.glob("*.safetensors"))
+    assert hub.served_bytes() - hook.served_then < shard / 4  # what was in flight, no more
+
+
+def _compressed_tensors_model(folder: Path, shards: int = 6) -> Path:
+    """A pack-quantized compressed-tensors checkpoint: int32 codes, scales and the two-number
+    weight_shape of one weight per shard."""
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        w = f"model.layers.{i}.mlp.up_proj"
+        parts = {
+            f"{w}.weight_packed": torch.randint(-(2**31), 2**31 - 1, (256, 32), generator=gen,
+                                                dtype=torch.int32),
+            f"{w}.weight_scale": torch.rand(256, 1, generator=gen) + 0.01,
+            f"{w}.weight_shape": torch.tensor([256, 256]),
+        }  # fmt: skip
+        save_file(parts, str(folder / shard))
+        weight_map.update(dict.fromkeys(parts, shard))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    group = {"weights": {"num_bits": 4, "type": "int", "strategy": "channel"}}
+    quant = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+             "config_groups": {"g": group}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                    "quantization_config": quant}))  # fmt: skip
+    return folder
+
+
+def test_a_compressed_tensors_checkpoint_is_analysed_while_it_downloads(hub, tmp_path):
+    """Planning reads every weight_shape: by range, not by waiting for every shard, so the
+    analysis starts before the last shard's bytes are sent."""
+    model = _compressed_tensors_model(tmp_path / "ct")
+    local = load_metrics(analyze(model, tmp_path / "l.parquet").output)
+    assert (local.status == "ok").sum() == 6
+    hub.add_repo("org/ct", model)
+    hub.rate = checkpoint_bytes(model) / 1.5
+    last_byte: list[float] = []
+    count = hub.count
+
+    def counted(name: str, nbytes: int) -> None:
+        count(name, nbytes)
+        last_byte.append(time.monotonic())
+
+    hub.count = counted
+
+    class Hook:
+        def __init__(self) -> None:
+            self.started = float("inf")
+            self.advanced: list[float] = []
+
+        def start(self, total_tensors: int, total_bytes: int) -> None:
+            self.started = time.monotonic()
+
+        def advance(self, name: str, nbytes: int) -> None:
+            self.advanced.append(time.monotonic())
+
+        def fetched(self, nbytes: int) -> None: ...
+
+    hook = Hook()
+    result = analyze("org/ct", tmp_path / "h.parquet", progress=hook)
+    assert_same_table(load_metrics(result.output), local)
+    assert hook.started < last_byte[-1]
+    skipped = int((local.status != "ok").sum())
+    assert sum(t < last_byte[-1] for t in hook.advanced) > skipped
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "download"])
+@pytest.mark.parametrize("change", ["same-header", "truncated"])
+def test_a_file_replaced_after_its_header_was_read_gives_errors_not_numbers(
+    hub, tiny_llama_sharded, local_table, tmp_path, stream, change
+):
+    """After planning, the server serves another version of the last shard at the same commit
+    URL: other values under the same header (same size), or the file cut short. Its tensors
+    get error rows saying the file changed, never numbers from the other bytes nor a raw
+    RuntimeError; the other shards' rows are the local ones."""
+    hub.add_repo(REPO, tiny_llama_sharded)
+    index = json.loads((tiny_llama_sharded / "model.safetensors.index.json").read_text())
+    last = list(dict.fromkeys(index["weight_map"].values()))[-1]
+    original = (tiny_llama_sharded / last).read_bytes()
+    start = _data_start(tiny_llama_sharded / last)
+    other = original[:start] + bytes(b ^ 0x5A for b in original[start:])
+    if change == "truncated":
+        other = original[:-100]
+
+    class Hook:
+        def start(self, total_tensors: int, total_bytes: int) -> None:
+            hub.replace(REPO, last, other)
+
+        def advance(self, name: str, nbytes: int) -> None: ...
+
+        def fetched(self, nbytes: int) -> None: ...
+
+    result = analyze(REPO, tmp_path / "c.parquet", progress=Hook(), stream=stream)
+    table = load_metrics(result.output)
+    changed = table.shard == last
+    assert (table[changed].status == "error").any()
+    assert not (table[changed].status == "ok").any()
+    words = "changed since its header was read" if stream else "differs from the one fetched"
+    assert result.errors and all(words in e for e in result.errors), result.errors
+    assert not any("RuntimeError" in e for e in result.errors)
+    assert_same_table(table[~changed], local_table[~changed])
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_naming_it_without_retries(
+    hub, tiny_llama_sharded, tmp_path
+):
+    """A local error while hf_hub_download writes the HF cache (here: a file where its blobs
+    folder belongs; a full disk or a permission problem alike) is no network failure: no
+    retries, no "check the connection", one error naming the cache, the rows kept."""
+    from esdtool.errors import OutputError
+
+    hub.add_repo(REPO, tiny_llama_sharded)
+    blobs = hub.home / "hub" / f"models--{REPO.replace('/', '--')}" / "blobs"
+
+    class Hook:
+        def start(self, total_tensors: int, total_bytes: int) -> None:
+            blobs.rename(blobs.with_name("blobs.moved"))
+            blobs.write_text("not a folder")
+
+        def advance(self, name: str, nbytes: int) -> None: ...
+
+        def fetched(self, nbytes: int) -> None: ...
+
+    with pytest.raises(OutputError) as raised:
+        analyze(REPO, tmp_path / "o.parquet", progress=Hook())
+    message = str(raised.value)
+    assert "cannot write it into the HF cache at" in message and str(hub.home / "hub") in message
+    assert "finished tensor(s) kept in" in message
+    assert "connection" not in (raised.value.hint or "")
+    heads = [p for m, p, r, s in hub.requests if m == "HEAD" and p.endswith(".safetensors")]
+    assert heads and len(set(heads)) == len(heads), heads  # no shard tried twice
+
+
+def test_the_fetch_bar_is_made_once_whatever_the_threads():
+    """fetched() comes from several threads at once (header readers, the download): one fetch
+    bar, hidden until bytes arrive, counting every byte."""
+    import threading
+
+    from esdtool.cli.analyze import _RichProgress
+
+    progress = _RichProgress()
+    add_task = progress.bar.add_task
+
+    def slow_add_task(*args, **kwargs):  # a busy rich lock: widens any race
+        time.sleep(0.01)
+        return add_task(*args, **kwargs)
+
+    progress.bar.add_task = slow_add_task
+    barrier = threading.Barrier(8)
+
+    def fetch() -> None:
+        barrier.wait()
+        progress.fetched(100)
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bars = [t for t in progress.bar.tasks if t.description == "fetch"]
+    assert len(bars) == 1 and bars[0].completed == 800 and bars[0].visible
+    local = _RichProgress()  # a local source fetches nothing: no fetch bar shows
+    assert not [t for t in local.bar.tasks if t.visible and t.description == "fetch"]
+
+
+def test_the_library_progress_bar_shows_bytes_fetched(hub, tiny_llama_sharded, local_table):
+    """analyze(..., progress=True) draws tqdm bars: the analysis's, and one of the bytes fetched,
+    which counts every byte the stand-in served."""
+    from esdtool.analysis.progress import TqdmProgress
+
+    hub.add_repo(REPO, tiny_llama_sharded)
+    bar = TqdmProgress()
+    try:
+        result = analyze(REPO, stream=True, progress=bar)
+    finally:
+        bar.close()
+    assert_same_table(result.table, local_table)
+    assert bar.fetch is not None and bar.fetch.n == hub.served_bytes(suffix="")  # every file
+    assert bar.bar.n == bar.bar.total > 0

@@ -4,19 +4,30 @@ nothing unless asked (the CLI draws its own rich bar)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 
 class TqdmProgress:
-    """A :class:`~esdtool.analysis.result.ProgressHook` over bytes read, with tensors done."""
+    """A :class:`~esdtool.analysis.result.ProgressHook` over bytes read, with tensors done, and
+    for a hub id a second bar of the bytes fetched (each with its rate)."""
 
     def __init__(self) -> None:
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
         self.bar: Any = None
+        self.fetch: Any = None
+        self._lock = threading.Lock()  # fetched() is called from reader and download threads
         self.done = 0
         self.total = 0
+
+    def fetched(self, nbytes: int) -> None:
+        """Bytes received from the hub (a retried attempt's bytes count too: they came)."""
+        with self._lock:
+            if self.fetch is None:
+                self.fetch = self._tqdm(unit="B", unit_scale=True, desc="fetch")
+            self.fetch.update(nbytes)
 
     def start(self, total_tensors: int, total_bytes: int) -> None:
         self.total = total_tensors
@@ -33,5 +44,6 @@ class TqdmProgress:
             self.bar.write(message)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        for bar in (self.bar, self.fetch):
+            if bar is not None:
+                bar.close()

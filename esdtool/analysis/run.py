@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -34,6 +34,8 @@ from esdtool.dequant import Layout, layout_of, read_scheme
 from esdtool.errors import (
     AnalysisInterrupted,
     CheckpointError,
+    HubCacheError,
+    HubRefusedError,
     OptionError,
     OutputError,
     TransferError,
@@ -47,6 +49,12 @@ from esdtool.spectral.spectra import auto_dtype
 from esdtool.version import __version__
 
 __all__ = ["AnalyzeResult", "AnalyzeSettings", "ProgressHook", "analyze"]
+
+# Reading a hub checkpoint can fail for every tensor still to come: the transfer (after its
+# retries), the hub refusing (a revoked token, a repo gone gated or private, a file gone), the
+# HF cache unwritable. Each stops the run in one line, keeping the finished rows for a rerun,
+# rather than giving every tensor left the same error row.
+_FATAL_READS = (TransferError, HubRefusedError, HubCacheError)
 
 
 def analyze(
@@ -87,8 +95,10 @@ def analyze(
     A hub id is analysed while it downloads: shard headers first, then the shards into the HF
     cache on a background thread, in the order the analysis reads them. ``stream=True`` reads
     each tensor with an HTTP range request instead and stores nothing but the table (and the
-    resume sidecar). A transfer that fails after its retries raises :class:`TransferError`,
-    keeping the finished rows for the next run.
+    resume sidecar). A transfer that fails after its retries raises :class:`TransferError`, a
+    request the hub refuses :class:`~esdtool.errors.HubRefusedError`, a shard the HF cache
+    cannot hold :class:`~esdtool.errors.HubCacheError`; each keeps the finished rows for the
+    next run.
     """
     if progress is True:
         bar = TqdmProgress()
@@ -154,14 +164,14 @@ def analyze(
                     f"interrupted; {done} finished tensor(s) kept in {side.path}",
                     hint="run the same command again to resume (--no-resume starts over)",
                 ) from None
-            except TransferError as exc:
+            except _FATAL_READS as exc:
                 side.close()
                 kept = (
                     "no output file was asked for, so no row is kept"
                     if output is None
                     else f"{len(side.kept) + side.appended} finished tensor(s) kept in {side.path}"
                 )
-                raise TransferError(f"{exc}; {kept}", exc.hint) from exc
+                raise type(exc)(f"{exc}; {kept}", exc.hint) from exc
             metadata = _metadata(resolved, ckpt, settings, device, world, layout, adapter)
         rows = distributed.gather_rows(world, mine)
         table = None
@@ -223,8 +233,29 @@ def _analyze_names(
     todo.sort(key=lambda task: shard_rank.get(task.info.shard.name, 0))
     ckpt.will_read(n for task in todo for n in _names_read(task))
     read = lambda task: read_task(ckpt, task)  # noqa: E731
-    for task, stored in prefetched(todo, read, pin=device.type == "cuda"):
-        if isinstance(stored, TransferError):  # the hub is gone: stop, keeping the rows
+    reads = prefetched(todo, read, pin=device.type == "cuda")
+    try:
+        _analyze_reads(reads, settings, device, progress, side, rows)
+    except BaseException:  # Ctrl-C, a fatal read: a hub download stops first, so the reader
+        ckpt.close()  # thread waiting on it is let go before it is joined
+        raise
+    finally:
+        reads.close()
+    return rows
+
+
+def _analyze_reads(
+    reads: Iterator[tuple[Task, Any]],
+    settings: AnalyzeSettings,
+    device: torch.device,
+    progress: ProgressHook | None,
+    side: Sidecar,
+    rows: list[MatrixRow],
+) -> None:
+    """Each task's rows from its stored tensors (or its read error), into ``rows`` and the
+    sidecar."""
+    for task, stored in reads:
+        if isinstance(stored, _FATAL_READS):  # the hub is gone: stop, keeping the rows
             raise stored
         try:
             if isinstance(stored, Exception):
@@ -246,7 +277,6 @@ def _analyze_names(
         rows.extend(new)
         if progress:
             progress.advance(task.info.name, task.nbytes)
-    return rows
 
 
 def _open(

@@ -45,7 +45,9 @@ EXAMPLES = """[bold]Examples[/bold]
 
 class _RichProgress:
     """ProgressHook drawing one bar over bytes analysed, with tensors done and the bytes/s
-    rate, and for a hub id a second one over bytes fetched, with its own rate."""
+    rate, and for a hub id a second one over bytes fetched, with its own rate (hidden until
+    the first bytes arrive). Bytes fetched count every byte received, those of an attempt
+    later retried too, so after a dropped connection the count exceeds the checkpoint."""
 
     def __init__(self) -> None:
         self.bar = Progress(
@@ -61,7 +63,11 @@ class _RichProgress:
             disable=not err.is_terminal,
         )
         self.task = self.bar.add_task("analyze", total=None, current="", count="")
-        self.fetch: TaskID | None = None
+        # Made here, not on the first fetched(): that is called from several threads at once
+        # (the header readers, the download thread), and rich's update() is thread-safe.
+        self.fetch: TaskID = self.bar.add_task(
+            "fetch", total=None, current="", count="", visible=False
+        )
         self.done = 0
         self.tensors = 0
 
@@ -71,10 +77,8 @@ class _RichProgress:
         self.bar.start()
 
     def fetched(self, nbytes: int) -> None:
-        """Bytes received from the hub (from a reader or download thread)."""
-        if self.fetch is None:
-            self.fetch = self.bar.add_task("fetch", total=None, current="", count="")
-        self.bar.update(self.fetch, advance=nbytes)
+        """Bytes received from the hub (from a reader or download thread), retried ones too."""
+        self.bar.update(self.fetch, advance=nbytes, visible=True)
 
     def close(self) -> None:
         self.bar.stop()

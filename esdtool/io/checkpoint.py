@@ -299,6 +299,11 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own SafetensorError or OSError
             raise CheckpointError(f"{info.shard}: cannot read tensor {name!r} ({exc})") from exc
 
+    def close(self) -> None:
+        """Stop what reads ahead (a hub checkpoint's download); no further tensor is needed.
+        Safe to call more than once; leaving the ``with`` block calls it."""
+        return None
+
     def __enter__(self) -> Checkpoint:
         return self
 
@@ -308,7 +313,7 @@ class Checkpoint:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        return None
+        self.close()
 
 
 def _check_safe_open(path: Path) -> None:
@@ -345,6 +350,15 @@ def prefetched(
             return {k: v.pin_memory() for k, v in value.items()}
         return value.pin_memory()
 
+    def offer(entry: Any) -> None:
+        """Into the queue, unless the consumer has stopped (and will never take it)."""
+        while not stop.is_set():
+            try:
+                queued.put(entry, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def reader() -> None:
         for item in items:
             if stop.is_set():
@@ -354,13 +368,8 @@ def prefetched(
                 entry: Any = (item, pinned(value) if pin else value)
             except Exception as exc:
                 entry = (item, exc)
-            while not stop.is_set():
-                try:
-                    queued.put(entry, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-        queued.put(None)
+            offer(entry)
+        offer(None)  # a blocking put here would hang for good once the consumer is gone
 
     thread = threading.Thread(target=reader, name="esdtool-reader", daemon=True)
     thread.start()

@@ -8,10 +8,17 @@ header from the network is as untrusted as a file. Then:
 - :class:`DownloadingCheckpoint` fetches whole shards into the HF cache with ``hf_hub_download``
   on a background thread, in the order the analysis will read them (:meth:`will_read`), so the
   first tensors are computed while later shards are still downloading. A tensor waits for its
-  shard, whose header is then checked again on disk and must equal the one planned from.
+  shard, whose size and header are then checked again on disk and must equal the ones planned
+  from; a small tensor (under :data:`SMALL_READ` bytes: a ``weight_shape``) read while the
+  analysis is planned, before any shard is queued, is read by a range request instead of
+  waiting for its whole shard.
 - :class:`StreamedCheckpoint` reads each tensor with one range request into memory (the reader
   thread of :func:`esdtool.io.checkpoint.prefetched` keeps one tensor ahead: that is the
   read-ahead bound) and writes nothing to disk.
+
+Every range read of tensor data must come from the version of the shard its header was read
+from (:class:`~esdtool.io.hub.FileVersion`: the size and ETag of the header's answers), else the
+tensor's row is an error saying the file changed.
 
 Both look like :class:`~esdtool.io.checkpoint.Checkpoint` (``keys``, ``metadata``, ``info``,
 ``get_tensor``, ``files``), so the analysis code is the same; ``identity`` (repo, commit and a
@@ -47,7 +54,15 @@ from esdtool.io.checkpoint import (
     header_length,
     natural_key,
 )
-from esdtool.io.hub import HubRepo, OnFetch, call_hub, resolve_commit, serves_ranges
+from esdtool.io.hub import (
+    FileVersion,
+    HubRepo,
+    OnFetch,
+    RangesNotServed,
+    call_hub,
+    resolve_commit,
+    serves_ranges,
+)
 from esdtool.io.source import (
     ADAPTER_WEIGHTS,
     INDEX_NAME,
@@ -60,6 +75,8 @@ from esdtool.io.source import (
 )
 
 _HEADER_WORKERS = 8  # shard headers fetched at once
+SMALL_READ = 64 * 2**10  # the default road reads a tensor this small by range, not waiting
+_JOIN_S = 5.0  # how long closing waits for the download thread to stop
 
 
 def hub_offline() -> bool:
@@ -105,7 +122,8 @@ def open_hub(
     on_fetch: OnFetch | None = None,
 ) -> tuple[ResolvedSource, Checkpoint] | None:
     """The source and an open checkpoint for a hub id, or None when the overlapped download
-    has nothing to gain (no shard index, or every shard already in the cache): the caller then
+    has nothing to gain (no shard index, or every shard already in the cache) or cannot be
+    had (the endpoint serves no byte ranges, so no header can be read ahead): the caller then
     takes the plain :func:`~esdtool.io.source.resolve_source` road."""
     if stream:
         return _open_streamed(repo_id, revision, token, on_fetch)
@@ -117,7 +135,10 @@ def open_hub(
     shards = tuple(dict.fromkeys(index.weight_map.values()))
     if all((snapshot / s).is_file() for s in shards):
         return None
-    ckpt = DownloadingCheckpoint(HubRepo(repo_id, commit, token, on_fetch), shards, index)
+    try:
+        ckpt = DownloadingCheckpoint(HubRepo(repo_id, commit, token, on_fetch), shards, index)
+    except RangesNotServed:  # a mirror without range support: download first, then analyse
+        return None
     files = tuple(snapshot / s for s in shards)
     return ResolvedSource(repo_id, "hub", files, _json_object(index_path.parent / "config.json"),
                           commit, index), ckpt  # fmt: skip
@@ -195,10 +216,12 @@ class HubCheckpoint(Checkpoint):
         self._metadata: dict[str, str] = {}
         self._data_start: dict[str, int] = {}
         self._shard_metadata: dict[str, dict[str, str]] = {}
+        self._versions: dict[str, FileVersion] = {}
         with ThreadPoolExecutor(_HEADER_WORKERS, thread_name_prefix="esdtool-header") as pool:
             headers = list(pool.map(self._header, shards))
-        for shard, (tensors, metadata, start, _, _) in zip(shards, headers, strict=True):
+        for shard, (tensors, metadata, start, version, _) in zip(shards, headers, strict=True):
             self._data_start[shard] = start
+            self._versions[shard] = version
             self._shard_metadata[shard] = metadata
             for name, info in tensors.items():
                 if name in self._tensors:
@@ -212,30 +235,40 @@ class HubCheckpoint(Checkpoint):
         if index is not None:
             self._check_index(index)
         self._order = sorted(self._tensors, key=natural_key)
-        facts = [(shard, size, raw) for shard, (*_, size, raw) in zip(shards, headers, strict=True)]
+        facts = [(shard, v.size, raw) for shard, (*_, v, raw) in zip(shards, headers, strict=True)]
         self.identity = hub_identity(repo.repo_id, repo.commit, facts)
 
-    def _header(self, shard: str) -> tuple[dict[str, TensorInfo], dict[str, str], int, int, bytes]:
-        """(tensors, metadata, where the data starts, the file size, the raw header)."""
+    def _header(
+        self, shard: str
+    ) -> tuple[dict[str, TensorInfo], dict[str, str], int, FileVersion, bytes]:
+        """(tensors, metadata, where the data starts, the file's version, the raw header)."""
         where = self.repo.where(shard)
-        prefix, size = self.repo.read(shard, 0, 8)
-        n = header_length(bytes(prefix), size, where)
-        raw = bytes(self.repo.read(shard, 8, 8 + n)[0]) if n else b""
-        tensors, metadata = check_header(raw, size, Path(shard), where)
-        return tensors, metadata, 8 + n, size, raw
+        prefix, version = self.repo.read(shard, 0, 8, tail_ok=True)
+        n = header_length(bytes(prefix), version.size, where)
+        raw = bytes(self.repo.read(shard, 8, 8 + n, version=version)[0]) if n else b""
+        tensors, metadata = check_header(raw, version.size, Path(shard), where)
+        return tensors, metadata, 8 + n, version, raw
+
+    def _read_range(self, name: str) -> torch.Tensor:
+        """One tensor by one range request, into memory. Bytes of another version of the
+        shard than the header's (another size or ETag: a mirror or proxy serving a file
+        replaced at the same URL) are a CheckpointError, the tensor's error row: every row
+        computed stays one of the version planned from, and a finished run leaves no sidecar,
+        so a rerun reads the new version afresh rather than mixing the two in one table."""
+        info = self._tensors[name]
+        shard = info.shard.name
+        if info.nbytes == 0:
+            return tensor_from_bytes(bytearray(), info, self.repo.where(shard))
+        start, version = self._data_start[shard], self._versions[shard]
+        data, _ = self.repo.read(shard, start + info.begin, start + info.end, version=version)
+        return tensor_from_bytes(data, info, self.repo.where(shard))
 
 
 class StreamedCheckpoint(HubCheckpoint):
     """--stream: each tensor one range request, into memory only."""
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        info = self._tensors[name]
-        shard = info.shard.name
-        if info.nbytes == 0:
-            return tensor_from_bytes(bytearray(), info, self.repo.where(shard))
-        start = self._data_start[shard]
-        data, _ = self.repo.read(shard, start + info.begin, start + info.end)
-        return tensor_from_bytes(data, info, self.repo.where(shard))
+        return self._read_range(name)
 
 
 class DownloadingCheckpoint(HubCheckpoint):
@@ -248,20 +281,35 @@ class DownloadingCheckpoint(HubCheckpoint):
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._stop = threading.Event()  # set on closing: the download under way stops too
 
     def will_read(self, names: Iterable[str]) -> None:
         for shard in dict.fromkeys(self._tensors[n].shard.name for n in names):
             self._shard(shard)
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        """The tensor, once its shard is in the cache (read from there like a local file)."""
-        return self._shard(self._tensors[name].shard.name).result().get_tensor(name)
+        """The tensor, once its shard is in the cache (read from there like a local file).
+        A small one of a shard not queued for download (by :meth:`will_read`) is read by a
+        range request instead: compressed-tensors' ``weight_shape``, read for every weight
+        while the analysis is planned, would otherwise queue and wait for every shard before
+        the first tensor is analysed. Tensors of a queued shard wait for it (read twice,
+        their bytes would be fetched twice)."""
+        info = self._tensors[name]
+        shard = info.shard.name
+        with self._lock:
+            queued = shard in self._shards
+        if info.nbytes < SMALL_READ and not queued:
+            return self._read_range(name)
+        return self._shard(shard).result().get_tensor(name)
 
     def _shard(self, shard: str) -> Future[Checkpoint]:
         """The future of ``shard``'s local checkpoint; a shard not asked for yet joins the
         end of the queue (one download at a time: the first shard lands soonest)."""
         with self._lock:
+            if shard not in self._shards and self._stop.is_set():  # closed: nothing starts
+                future: Future[Checkpoint] = Future()
+                future.cancel()
+                return future
             if shard not in self._shards:
                 self._shards[shard] = Future()
                 self._queue.put(shard)
@@ -275,7 +323,7 @@ class DownloadingCheckpoint(HubCheckpoint):
     def _download_all(self) -> None:
         while (shard := self._queue.get()) is not None:
             future = self._shards[shard]
-            if self._closed:  # the analysis is over (or stopped): fetch no more
+            if self._stop.is_set():  # the analysis is over (or stopped): fetch no more
                 future.cancel()
                 continue
             try:
@@ -285,8 +333,26 @@ class DownloadingCheckpoint(HubCheckpoint):
 
     def _download(self, shard: str) -> Checkpoint:
         """``shard`` in the cache, opened (its header checked by read_header and safetensors)
-        and compared with the header the analysis was planned from."""
-        path = self.repo.download(shard)
+        and compared with the size and header the analysis was planned from."""
+        path = self.repo.download(shard, self._stop)
+        version = self._versions[shard]
+        size, planned_size = path.stat().st_size, version.size
+        if size != planned_size:
+            raise CheckpointError(
+                f"{path}: the downloaded shard differs from the one fetched from "
+                f"{self.repo.where(shard)} at {self.repo.commit}: {size} bytes, not the "
+                f"{planned_size} its header was read from",
+                hint="the file changed on the server, or the cached file is damaged; delete it "
+                "and run again",
+            )
+        blob = path.resolve()  # the HF cache names a blob by the ETag it downloaded
+        if version.linked and blob.parent.name == "blobs" and blob.name != version.etag:
+            raise CheckpointError(
+                f"{path}: the downloaded shard differs from the one fetched from "
+                f"{self.repo.where(shard)} at {self.repo.commit}: ETag {blob.name}, not the "
+                f"{version.etag} its header was read from",
+                hint="the file changed on the server; run again once it serves one version",
+            )
         local = Checkpoint([path])
         planned = [n for n, i in self._tensors.items() if i.shard.name == shard]
         same = _facts(local, local.keys()) == _facts(self, planned)
@@ -298,10 +364,18 @@ class DownloadingCheckpoint(HubCheckpoint):
             )
         return local
 
-    def __exit__(self, *exc: object) -> None:
-        self._closed = True  # the download under way finishes; no other starts
+    def close(self) -> None:
+        """The download under way stops at its next chunk (a reader waiting on it gets an
+        error at once), no other starts, and the thread is joined (for :data:`_JOIN_S` at
+        most: a read blocked on a silent server ends with the hub's download timeout)."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            thread = self._thread
         self._queue.put(None)
-        return None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_JOIN_S)
 
 
 def hub_identity(
