@@ -444,9 +444,9 @@ def test_an_old_huggingface_hub_takes_the_download_road(
 ):
     """huggingface_hub < 1.0 (a requests session, no byte-range streaming): --stream says what
     it needs in one line; the default road downloads first and gives the same table."""
-    from esdtool.io import remote
+    from esdtool.io import hub_source
 
-    monkeypatch.setattr(remote, "serves_ranges", lambda: False)
+    monkeypatch.setattr(hub_source, "serves_ranges", lambda: False)
     hub.add_repo(REPO, tiny_llama_sharded)
     code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "s.parquet"], capsys)
     assert code == 2
@@ -740,3 +740,18 @@ def test_the_library_progress_bar_shows_bytes_fetched(hub, tiny_llama_sharded, l
     assert_same_table(result.table, local_table)
     assert bar.fetch is not None and bar.fetch.n == hub.served_bytes(suffix="")  # every file
     assert bar.bar.n == bar.bar.total > 0
+
+
+def test_a_config_json_python_cannot_parse_is_ignored_not_a_crash(hub, tmp_path, capsys):
+    """config.json only names the model (and its quantization, checked on its own): one with an
+    integer of 5000 digits (JSON allows it, Python refuses to convert it) reads as no config,
+    as a local one does."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_tensors(repo / "model.safetensors", {"w": torch.randn(32, 48).numpy()})
+    (repo / "config.json").write_text('{"model_type": "x", "n": ' + "9" * 5000 + "}")
+    hub.add_repo("org/odd-config", repo)
+    code, summary, err = hub_run(["org/odd-config", "--stream", "-o", tmp_path / "s.parquet"],
+                                 capsys)  # fmt: skip
+    assert code == 0, err
+    assert load_metrics(tmp_path / "s.parquet").attrs["esdtool"]["model_type"] is None

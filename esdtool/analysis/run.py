@@ -42,7 +42,8 @@ from esdtool.errors import (
 )
 from esdtool.io.atomic import check_output_file
 from esdtool.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, prefetched
-from esdtool.io.remote import cached_identity, open_hub, wants_hub
+from esdtool.io.hub_source import open_hub, wants_hub
+from esdtool.io.remote import cached_identity
 from esdtool.io.source import ADAPTER_CONFIG, ResolvedSource, resolve_source
 from esdtool.io.table import MatrixRow, metrics_frame, write_metrics
 from esdtool.spectral.spectra import auto_dtype
