@@ -751,7 +751,7 @@ def test_a_config_json_python_cannot_parse_is_ignored_not_a_crash(hub, tmp_path,
     write_tensors(repo / "model.safetensors", {"w": torch.randn(32, 48).numpy()})
     (repo / "config.json").write_text('{"model_type": "x", "n": ' + "9" * 5000 + "}")
     hub.add_repo("org/odd-config", repo)
-    code, summary, err = hub_run(["org/odd-config", "--stream", "-o", tmp_path / "s.parquet"],
-                                 capsys)  # fmt: skip
+    code, _, err = hub_run(["org/odd-config", "--stream", "-o", tmp_path / "s.parquet"],
+                           capsys)  # fmt: skip
     assert code == 0, err
     assert load_metrics(tmp_path / "s.parquet").attrs["esdtool"]["model_type"] is None
