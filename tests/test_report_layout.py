@@ -295,3 +295,39 @@ def test_links_bring_their_target_into_view(opened, tmp_path):
     p.js(f"location.hash = '#{skipped}'")
     wait_in_view(p, f"#{skipped}")
     assert p.page.locator("#toggle-skipped").get_attribute("aria-pressed") == "true"
+
+
+@pytest.fixture(scope="module")
+def adapter_report(minilm_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter's report (planned vs used rank) on MiniLM: a random trained-like adapter
+    with long module names in a wide table."""
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+
+    from esdtool import analyze, report
+
+    work = tmp_path_factory.mktemp("adapter-layout")
+    model = transformers.AutoModel.from_pretrained(minilm_dir)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"])
+    lora = peft.get_peft_model(model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    lora.save_pretrained(work / "adapter")
+    report(analyze(work / "adapter").table, work / "report.html")
+    return work / "report.html"
+
+
+@pytest.mark.parametrize("width", [PHONE, LAPTOP])
+def test_an_adapter_report_never_scrolls_sideways(browser, adapter_report, width, tmp_path):
+    p = Opened(browser, adapter_report, width)
+    try:
+        assert p.js("document.querySelector('#usage') !== null")
+        assert_no_sideways_scrolling(p)
+        assert p.js(BROKEN_WORDS, "#usage p, #usage td") == []
+        shoot(p, "adapter", tmp_path)
+    finally:
+        p.close()
