@@ -80,7 +80,7 @@ def heatmap(
     """Median ``column`` over (module kind x layer); blank where a cell has no value. Every
     kind and layer of ``table`` gets its row and column, even with no value at all (a kind no
     module of which got a rank shows as a blank row, not as a missing one). ``scale``: fixed
-    colour limits (a share in [0, 1]) instead of the data's range."""
+    colour limits (a share in [0, 1]) instead of the data's range, and labels to 2 decimals."""
     data = table.dropna(subset=["layer", "kind", column])
     grid = data.pivot_table(index="kind", columns="layer", values=column, aggfunc="median")
     kinds = sorted(table.dropna(subset=["layer", "kind"])["kind"].unique())
@@ -107,7 +107,7 @@ def heatmap(
         if grid.size <= 600:
             for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
                 if not math.isnan(value):
-                    label = f"{value:.0f}" if integer else f"{value:.1f}"
+                    label = f"{value:.0f}" if integer else f"{value:.{2 if scale else 1}f}"
                     shade = image.cmap(image.norm(value))
                     dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.55
                     ax.text(j, i, label, ha="center", va="center", fontsize=8,
