@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 HELP = (
     "Compute every weight matrix's eigenvalue spectrum, power-law alphas and spike counts.\n\n"
     "SOURCE is a .safetensors file, a model directory (model.safetensors or a sharded "
-    "model.safetensors.index.json), or a Hugging Face hub id such as org/name."
+    "model.safetensors.index.json), or a Hugging Face hub id such as org/name. A PEFT LoRA "
+    "adapter (adapter_config.json + adapter_model.safetensors, a directory or hub id) gives "
+    "one row per adapted module for its weight change scaling * B A, with lora_rank and "
+    "effective_rank."
 )
 
 EXAMPLES = """[bold]Examples[/bold]
@@ -40,7 +43,9 @@ EXAMPLES = """[bold]Examples[/bold]
 
   esdtool analyze meta-llama/Llama-3.1-70B --stream -o llama70b.parquet
 
-  HF_HUB_OFFLINE=1 esdtool analyze org/name -o m.parquet --json"""
+  HF_HUB_OFFLINE=1 esdtool analyze org/name -o m.parquet --json
+
+  esdtool analyze ./run -o adapter.parquet      # a trained LoRA adapter: planned vs used rank"""
 
 
 class _RichProgress:
