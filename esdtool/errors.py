@@ -80,3 +80,10 @@ class AnalysisInterrupted(EsdtoolError):
     """Ctrl-C during an analysis: the finished rows are safe in the resume sidecar."""
 
     exit_code = 130
+
+
+def listed(names: list[str], limit: int) -> str:
+    """The first ``limit`` of ``names`` joined by commas, and how many more there are (a
+    message names a few of many, never a thousand)."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -549,3 +549,18 @@ def test_an_adapter_in_memory_gives_the_rows_of_its_saved_files(base, tmp_path):
     assert memory.attrs["esdtool"]["peft_weights"] == "adapter"
     with pytest.raises(OptionError, match="for a PEFT model"):
         analyze(base, weights="adapter")
+
+
+def test_factors_past_the_memory_budget_are_skipped_saying_so(tmp_path):
+    """The budget counts an update's factors and their float64 copies (never the product,
+    which is not formed): twice the stored float64 factors (2 x 2 x 256 x 8 bytes) and 24 bytes
+    per factor element (24 x 512): 20,480 bytes here."""
+    from esdtool import analyze
+    from esdtool.analysis import AnalyzeSettings
+
+    adapter = _factors(tmp_path / "a", 64, 64, np.ones(4), alpha=8)
+    budget = 20_000  # bytes: just under what the update needs
+    row = analyze(adapter, settings=AnalyzeSettings(max_tensor_gb=budget / 1e9)).table.iloc[0]
+    assert row.status == "skipped" and "needs about 2.05e-05 GB" in row.reason
+    row = analyze(adapter, settings=AnalyzeSettings(max_tensor_gb=21_000 / 1e9)).table.iloc[0]
+    assert row.status == "ok"

@@ -83,6 +83,38 @@ def shards_in_cache(home: Path) -> list[Path]:
     return [p for p in home.rglob("*") if p.is_file() and p.stat().st_size > 4096]
 
 
+def byte_times(hub: HubStub) -> list[float]:
+    """When each body chunk the stand-in sends goes out (``[-1]``: the last byte's time)."""
+    times: list[float] = []
+    count = hub.count
+
+    def counted(name: str, nbytes: int) -> None:
+        count(name, nbytes)
+        times.append(time.monotonic())
+
+    hub.count = counted
+    return times
+
+
+class TimedHook:
+    """A progress hook recording when the analysis started, when each tensor finished, and
+    the bytes fetched."""
+
+    def __init__(self) -> None:
+        self.started = float("inf")
+        self.advanced: list[float] = []
+        self.fetched_bytes = 0
+
+    def start(self, total_tensors: int, total_bytes: int) -> None:
+        self.started = time.monotonic()
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.advanced.append(time.monotonic())
+
+    def fetched(self, nbytes: int) -> None:
+        self.fetched_bytes += nbytes
+
+
 def test_stream_equals_local_stores_nothing_and_fetches_each_byte_once(
     hub, tiny_llama_sharded, local_table, tmp_path, capsys
 ):
@@ -108,29 +140,8 @@ def test_default_hub_road_overlaps_download_and_fills_the_cache(
     shard's bytes have all been sent (the rows decided from headers alone aside)."""
     hub.add_repo(REPO, tiny_llama_sharded)
     hub.rate = checkpoint_bytes(tiny_llama_sharded) / 1.0
-    last_byte: list[float] = []
-    count = hub.count
-
-    def counted(name: str, nbytes: int) -> None:
-        count(name, nbytes)
-        last_byte.append(time.monotonic())
-
-    hub.count = counted
-
-    class Hook:
-        def __init__(self) -> None:
-            self.advanced: list[float] = []
-            self.fetched_bytes = 0
-
-        def start(self, total_tensors: int, total_bytes: int) -> None: ...
-
-        def advance(self, name: str, nbytes: int) -> None:
-            self.advanced.append(time.monotonic())
-
-        def fetched(self, nbytes: int) -> None:
-            self.fetched_bytes += nbytes
-
-    hook = Hook()
+    last_byte = byte_times(hub)
+    hook = TimedHook()
     result = analyze(REPO, tmp_path / "d.parquet", progress=hook)
     table = load_metrics(result.output)
     assert_same_table(table, local_table)
@@ -597,29 +608,8 @@ def test_a_compressed_tensors_checkpoint_is_analysed_while_it_downloads(hub, tmp
     assert (local.status == "ok").sum() == 6
     hub.add_repo("org/ct", model)
     hub.rate = checkpoint_bytes(model) / 1.5
-    last_byte: list[float] = []
-    count = hub.count
-
-    def counted(name: str, nbytes: int) -> None:
-        count(name, nbytes)
-        last_byte.append(time.monotonic())
-
-    hub.count = counted
-
-    class Hook:
-        def __init__(self) -> None:
-            self.started = float("inf")
-            self.advanced: list[float] = []
-
-        def start(self, total_tensors: int, total_bytes: int) -> None:
-            self.started = time.monotonic()
-
-        def advance(self, name: str, nbytes: int) -> None:
-            self.advanced.append(time.monotonic())
-
-        def fetched(self, nbytes: int) -> None: ...
-
-    hook = Hook()
+    last_byte = byte_times(hub)
+    hook = TimedHook()
     result = analyze("org/ct", tmp_path / "h.parquet", progress=hook)
     assert_same_table(load_metrics(result.output), local)
     assert hook.started < last_byte[-1]
@@ -755,3 +745,19 @@ def test_a_config_json_python_cannot_parse_is_ignored_not_a_crash(hub, tmp_path,
                            capsys)  # fmt: skip
     assert code == 0, err
     assert load_metrics(tmp_path / "s.parquet").attrs["esdtool"]["model_type"] is None
+
+
+def test_a_tensor_in_two_shards_is_one_line_locally_and_from_the_hub(hub, tmp_path, capsys):
+    """Both roads merge shard headers through one mechanism (Checkpoint._merge): a name found
+    in two shards is refused naming both, never one silently shadowing the other."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_tensors(repo / "a.safetensors", {"w": torch.randn(16, 16).numpy()})
+    write_tensors(repo / "b.safetensors", {"w": torch.randn(16, 16).numpy()})
+    code, _, err = run_cli(["analyze", repo, "-o", tmp_path / "l.parquet"], capsys)
+    assert code == 2
+    one_line(err, "b.safetensors: tensor 'w' is also in", "a.safetensors")
+    hub.add_repo("org/twice", repo)
+    code, _, err = hub_run(["org/twice", "--stream", "-o", tmp_path / "s.parquet"], capsys)
+    assert code == 2
+    one_line(err, "org/twice/b.safetensors: tensor 'w' is also in", "a.safetensors")

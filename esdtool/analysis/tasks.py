@@ -92,6 +92,13 @@ def _adapter_task(
         nbytes = sum(ckpt.info(n).nbytes for _, n in update.parts())
         row = replace(info, shape=update.shape)
         reason = skip_reason(row, settings.min_evals, None, settings.dtype)
+        # Memory: the stored factors (read ahead too), their float64 copies and the thin QRs'
+        # (about two more float64 copies); the r x r core and M eigenvalues are small beside.
+        count = sum(math.prod(ckpt.info(n).shape) for _, n in update.parts())
+        need = 2 * nbytes + 24 * count
+        if reason is None and budget is not None and need > budget:
+            reason = (f"needs about {need / 1e9:.3g} GB to analyse, more than the "
+                      f"{budget / 1e9:.3g} GB budget (--max-tensor-gb)")  # fmt: skip
         return Task(row, nbytes, "skipped" if reason else None, reason, None, update.module,
                     None, update, update.label)  # fmt: skip
     note = adapter.notes.get(info.name)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from esdtool.errors import OutputError
+from esdtool.errors import OutputError, listed
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -62,9 +62,7 @@ def atomic_dir(
         if unmarked and not foreign and any(path.iterdir()):  # ours by name, but not by origin
             foreign = sorted(p.name for p in path.iterdir())
         if foreign:
-            shown = ", ".join(foreign[:3]) + (
-                f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            )
+            shown = listed(foreign, 3)
             raise OutputError(
                 f"{path}: holds files esdtool did not write ({shown}); it is not replaced",
                 hint="choose another output directory, or remove those files",

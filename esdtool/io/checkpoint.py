@@ -241,13 +241,25 @@ class Checkpoint:
         self.files = tuple(Path(f) for f in files)
         self._tensors: dict[str, TensorInfo] = {}
         self._metadata: dict[str, str] = {}
+        shards = []
         for path in self.files:
             tensors, metadata = read_header(path)
             _check_safe_open(path)
+            shards.append((str(path), tensors, metadata))
+        self._merge(shards, index)
+
+    def _merge(
+        self,
+        shards: Iterable[tuple[str, dict[str, TensorInfo], dict[str, str]]],
+        index: ShardIndex | None,
+    ) -> None:
+        """Every shard's (where, tensors, metadata) into one checkpoint: a tensor in two shards
+        is an error, the first shard's metadata wins, and ``index`` is checked."""
+        for where, tensors, metadata in shards:
             for name, info in tensors.items():
                 if name in self._tensors:
                     raise CheckpointError(
-                        f"{path}: tensor {name!r} is also in {self._tensors[name].shard}"
+                        f"{where}: tensor {name!r} is also in {self._tensors[name].shard}"
                     )
                 self._tensors[name] = info
             for k, v in metadata.items():

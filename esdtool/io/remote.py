@@ -45,7 +45,6 @@ from esdtool.io.checkpoint import (
     TensorInfo,
     check_header,
     header_length,
-    natural_key,
 )
 from esdtool.io.hub import (
     FileVersion,
@@ -75,22 +74,12 @@ class HubCheckpoint(Checkpoint):
         self._versions: dict[str, FileVersion] = {}
         with ThreadPoolExecutor(_HEADER_WORKERS, thread_name_prefix="esdtool-header") as pool:
             headers = list(pool.map(self._header, shards))
-        for shard, (tensors, metadata, start, version, _) in zip(shards, headers, strict=True):
+        for shard, (_, metadata, start, version, _) in zip(shards, headers, strict=True):
             self._data_start[shard] = start
             self._versions[shard] = version
             self._shard_metadata[shard] = metadata
-            for name, info in tensors.items():
-                if name in self._tensors:
-                    raise CheckpointError(
-                        f"{repo.where(shard)}: tensor {name!r} is also in "
-                        f"{self._tensors[name].shard}"
-                    )
-                self._tensors[name] = info
-            for k, v in metadata.items():
-                self._metadata.setdefault(k, v)
-        if index is not None:
-            self._check_index(index)
-        self._order = sorted(self._tensors, key=natural_key)
+        self._merge(((repo.where(shard), tensors, metadata) for shard, (tensors, metadata, *_)
+                     in zip(shards, headers, strict=True)), index)  # fmt: skip
         facts = [(shard, v.size, raw) for shard, (*_, v, raw) in zip(shards, headers, strict=True)]
         self.identity = hub_identity(repo.repo_id, repo.commit, facts)
 

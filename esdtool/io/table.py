@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esdtool.errors import MetricsSchemaError
+from esdtool.errors import MetricsSchemaError, listed
 from esdtool.io.atomic import atomic_write
 from esdtool.spectral import ALPHA_COLUMNS, ALPHA_METHODS
 from esdtool.spectral.metrics import SpectrumMetrics
@@ -397,9 +397,7 @@ def check_frame(df: pd.DataFrame) -> None:
     column of the schema (but those added in later versions) is there."""
     missing = [c for c in COLUMN_NAMES if c not in df.columns and c not in _ADDED]
     if missing:
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
+        shown = listed(missing, 5)
         raise MetricsSchemaError(
             f"not an esdtool metrics table: columns {shown} are missing",
             hint="pass what esdtool.analyze(...).table or esdtool.load_metrics(path) gives",

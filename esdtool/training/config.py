@@ -24,6 +24,7 @@ from esdtool.errors import (
     OptionError,
     OutputError,
     PlanMismatchError,
+    listed,
 )
 from esdtool.extras import require
 from esdtool.io.atomic import check_output_dir
@@ -219,9 +220,7 @@ def _check_output_dir(output_dir: Path, *inputs: Any) -> None:
         if names and not foreign and not runs and "esdtool_run.json" not in names:
             foreign = sorted(names)  # a run's file names, but no run wrote them
         if foreign:
-            shown = ", ".join(foreign[:3]) + (
-                f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            )
+            shown = listed(foreign, 3)
             raise OutputError(
                 f"{output_dir}: holds files a fine-tuning run did not write ({shown}); the run "
                 "would write among them",
