@@ -4,7 +4,8 @@
 module's r and lora_alpha as PEFT does; :func:`~esdtool.adapters.layout.adapter_layout` pairs,
 from headers alone, every ``lora_A`` with its ``lora_B`` (and DoRA magnitude) into one
 :class:`~esdtool.adapters.layout.LowRankUpdate`, whose spectrum comes from an r x r problem
-(:mod:`esdtool.spectral.lowrank`).
+(:mod:`esdtool.spectral.lowrank`). :func:`~esdtool.adapters.serving.config_serving` says which
+``--max-lora-rank`` a vLLM server needs to load an adapter (:class:`ServingCheck`).
 """
 
 from typing import TYPE_CHECKING
@@ -14,10 +15,12 @@ from esdtool._lazy import lazy_getattr
 if TYPE_CHECKING:
     from esdtool.adapters.config import AdapterConfig, read_adapter_config
     from esdtool.adapters.layout import AdapterLayout, LowRankUpdate, adapter_layout
+    from esdtool.adapters.serving import ServingCheck, config_serving, serving_check
 
 _WHERE = {"AdapterConfig": "config", "read_adapter_config": "config",
           "AdapterLayout": "layout", "LowRankUpdate": "layout",
-          "adapter_layout": "layout"}  # fmt: skip
-__all__ = ["AdapterConfig", "AdapterLayout", "LowRankUpdate", "adapter_layout",
-           "read_adapter_config"]  # fmt: skip
+          "adapter_layout": "layout", "ServingCheck": "serving",
+          "config_serving": "serving", "serving_check": "serving"}  # fmt: skip
+__all__ = ["AdapterConfig", "AdapterLayout", "LowRankUpdate", "ServingCheck", "adapter_layout",
+           "config_serving", "read_adapter_config", "serving_check"]  # fmt: skip
 __getattr__ = lazy_getattr(__name__, _WHERE)

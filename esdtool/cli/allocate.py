@@ -159,6 +159,9 @@ def allocate(
         print(json.dumps(result.summary()))
     elif not quiet:
         _print_summary(result)
+        if result.serving.warning:
+            err.print(f"Warning: {result.serving.warning}", markup=False, style="yellow",
+                      soft_wrap=True)  # fmt: skip
         for note in result.allocation.notes:
             err.print(f"Note: {safe(note)}", markup=False, style="yellow", soft_wrap=True)
 
@@ -176,6 +179,13 @@ def _print_summary(result: AllocateResult) -> None:
     table.add_row("same cost as", f"uniform r={s['equal_cost_rank']:.1f} on all candidates")
     if s["budget_params"] is not None:
         table.add_row("budget", f"{s['budget_params']:,}")
+    serving = result.serving
+    table.add_row(
+        "vLLM --max-lora-rank",
+        f"{serving.vllm_max_lora_rank} (largest rank {serving.largest_rank})"
+        if serving.fits
+        else f"none: largest rank {serving.largest_rank} is above every value vLLM accepts",
+    )
     written = [s["config"], s["csv"]] + ([s["report"]] if s["report"] else [])
     table.add_row("written", Text(", ".join(written)))
     out.print(table)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from esdtool.adapters.serving import ServingCheck, config_serving
 from esdtool.analysis.settings import PRESETS as ANALYSIS_PRESETS
 from esdtool.errors import OptionError
 from esdtool.extras import require
@@ -42,6 +43,8 @@ class AllocateResult:
     allocation:  every candidate's score, selection and rank (:class:`Allocation`).
     lora_config: the adapter_config.json content; ``rank_pattern`` / ``alpha_pattern`` are its
                  per-module ranks and alphas, ``to_lora_config()`` PEFT's ``LoraConfig``.
+    serving:     the ``--max-lora-rank`` a vLLM server needs to load the trained adapter
+                 (:class:`~esdtool.adapters.serving.ServingCheck`; ``fits`` False: none can).
     """
 
     allocation: Allocation
@@ -58,6 +61,10 @@ class AllocateResult:
     @property
     def alpha_pattern(self) -> dict[str, float]:
         return dict(self.lora_config.get("alpha_pattern", {}))
+
+    @property
+    def serving(self) -> ServingCheck:
+        return config_serving(self.lora_config)
 
     def to_lora_config(self) -> Any:
         """The plan as PEFT's own ``LoraConfig``, for ``get_peft_model(model, config)``."""
@@ -89,6 +96,7 @@ class AllocateResult:
             "equal_cost_rank": round(self.allocation.equal_cost_rank, 2),
             "budget_params": self.allocation.budget,
             "notes": list(self.allocation.notes),
+            "serving": self.serving.record(),
         }
 
 
@@ -154,6 +162,11 @@ def allocate(
         if report
         else None
     )
+    base_model = None if meta.get("source_kind") == "memory" else meta.get("source")
+    config = lora_config_dict(
+        allocation, task_type=task_type, lora_dropout=lora_dropout, use_rslora=use_rslora,
+        use_dora=use_dora, base_model=base_model,
+    )  # fmt: skip
     record = {
         "metrics": None if in_memory else str(where.resolve()),
         "source": meta.get("source"),
@@ -162,14 +175,9 @@ def allocate(
         "preset_overrides": overrides,
         "budget_params": allocation.budget,
         "trainable_params": allocation.total_params,
+        "serving": config_serving(config).record(),
         "esdtool_version": __version__,
     }
-
-    base_model = None if meta.get("source_kind") == "memory" else meta.get("source")
-    config = lora_config_dict(
-        allocation, task_type=task_type, lora_dropout=lora_dropout, use_rslora=use_rslora,
-        use_dora=use_dora, base_model=base_model,
-    )  # fmt: skip
 
     def save(out: Path) -> AllocateResult:
         def build(directory: Path) -> None:

@@ -1,6 +1,6 @@
 """What the reader sees first: the report's title, and the plan at a glance (why each module got
-its rank: the score figure, kept counts per module kind, the rule in one sentence, and a warning
-when the kept set is mostly one shape or one module kind)."""
+its rank: the score figure, kept counts per module kind, the rule in one sentence, a warning
+when the kept set is mostly one shape or one module kind, and the --max-lora-rank vLLM needs)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from esdtool.adapters.serving import serving_check
 from esdtool.analysis.roles import block_index, module_kind
 from esdtool.render import plots
 from esdtool.untrusted import printable
@@ -105,6 +106,8 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
         ],
         "notes": [printable(n) for n in allocation.notes] + dominance_notes(plan),
         "figure": figure,
+        # The kept ranks are the config's rank_pattern; its default r is their median.
+        "serving": serving_check(kept["rank"]).record(),
     }
 
 
