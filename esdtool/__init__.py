@@ -4,9 +4,12 @@ The library surface, one verb per command (each is the CLI command's twin):
 
 - :func:`analyze` reads a checkpoint tensor by tensor and writes a parquet metrics table;
 - :func:`load_metrics` reads such a table back, validated;
+- :func:`load_trajectory` reads a training trajectory (spectra_trajectory.parquet), validated;
 - :func:`allocate` turns a table into a PEFT LoRA plan directory;
 - :func:`report` writes the self-contained HTML report of a table;
-- :func:`finetune` trains the planned adapters (needs the ``finetune`` extra).
+- :func:`finetune` trains the planned adapters (needs the ``finetune`` extra);
+- :class:`SpectralCallback` and :class:`SystemMonitorCallback` watch any transformers Trainer:
+  the adapter's spectra, and what the run costs.
 
 Names are imported on first use, so ``import esdtool`` (and ``esdtool --help``) stays fast.
 """
@@ -22,9 +25,16 @@ if TYPE_CHECKING:
     from esdtool.analysis import AnalyzeResult, AnalyzeSettings, analyze
     from esdtool.comparison import CompareResult, compare
     from esdtool.io.table import SCHEMA_VERSION, load_metrics
+    from esdtool.io.trajectory import load_trajectory
     from esdtool.plan import AllocateResult, AllocateSettings, allocate
     from esdtool.render import ReportResult, plot_esd, report
-    from esdtool.training import FinetuneResult, FinetuneSettings, finetune
+    from esdtool.training import (
+        FinetuneResult,
+        FinetuneSettings,
+        SpectralCallback,
+        SystemMonitorCallback,
+        finetune,
+    )
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -42,6 +52,7 @@ __all__ = [
     "compare",
     "finetune",
     "load_metrics",
+    "load_trajectory",
     "plot_esd",
     "report",
 ]
@@ -50,6 +61,7 @@ __all__ = [
 _WHERE = {
     "analyze": "analysis.run", "AnalyzeResult": "analysis.result",
     "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table",
+    "load_trajectory": "io.trajectory",
     "SCHEMA_VERSION": "io.table", "allocate": "plan.directory", "AllocateResult": "plan.directory",
     "AllocateSettings": "plan.ranks", "report": "render.page", "ReportResult": "render.page",
     "plot_esd": "render.page", "compare": "comparison.diff", "CompareResult": "comparison.diff",

@@ -16,20 +16,27 @@ HELP = (
     "training), module by module: every alpha, the spike count, stable rank and norms side by "
     "side and their change from the first table to the last.\n\n"
     "Writes OUTDIR/comparison.csv and OUTDIR/report.html (the changes by depth; with three "
-    "tables or more, alpha_ks table by table)."
+    "tables or more, alpha_ks table by table, or effective_rank for LoRA adapters).\n\n"
+    "Given one spectra_trajectory.parquet (esdtool.SpectralCallback writes it while an adapter "
+    "trains), compares its steps, labelled 'step N'; a trajectory is compared on its own."
 )
 
 EXAMPLES = """[bold]Examples[/bold]
 
   esdtool compare base.parquet tuned.parquet -o compare
 
-  esdtool compare step-100.parquet step-500.parquet step-1000.parquet -o compare --json"""
+  esdtool compare step-100.parquet step-500.parquet step-1000.parquet -o compare --json
+
+  esdtool compare run/spectra_trajectory.parquet -o compare"""
 
 
 def compare(
     tables: Annotated[
         list[Path],
-        typer.Argument(help="Two or more tables written by esdtool analyze.", show_default=False),
+        typer.Argument(
+            help="Two or more tables written by esdtool analyze, or one training trajectory.",
+            show_default=False,
+        ),
     ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Directory to write the comparison to.")
@@ -56,7 +63,7 @@ def compare(
             else "no metric in common to compare"
         )
         out.print(
-            f"Compared {summary['modules_compared']} modules of {len(tables)} tables "
+            f"Compared {summary['modules_compared']} modules of {len(result.labels)} tables "
             f"({missing} unmatched); {change}. Wrote {safe(str(output))}/comparison.csv and "
             "report.html",
             markup=False,

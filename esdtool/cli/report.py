@@ -16,14 +16,19 @@ HELP = (
     "Write the HTML report of a metrics table: header, alpha and spikes by depth, a heatmap, "
     "one eigenvalue-spectrum plot per matrix and a sortable table of every row.\n\n"
     "One file with everything inlined: it opens offline and can be mailed or attached. "
-    "For the report with a LoRA plan, use esdtool allocate (it writes OUTDIR/report.html)."
+    "For the report with a LoRA plan, use esdtool allocate (it writes OUTDIR/report.html).\n\n"
+    "For a trained adapter's table, --trajectory adds the spectra_trajectory.parquet that "
+    "esdtool.SpectralCallback wrote while it trained: the share of planned rank used per layer "
+    "at every step, and the modules whose effective rank still grew at the last step."
 )
 
 EXAMPLES = """[bold]Examples[/bold]
 
   esdtool report metrics.parquet -o report.html
 
-  esdtool report metrics.parquet -o report.html --alpha-column alpha_ks --max-plots 200"""
+  esdtool report metrics.parquet -o report.html --alpha-column alpha_ks --max-plots 200
+
+  esdtool report adapter.parquet -o report.html --trajectory run/spectra_trajectory.parquet"""
 
 
 def report(
@@ -41,13 +46,24 @@ def report(
         ),
     ] = "alpha_median",
     max_plots: MaxPlotsOpt = MAX_PLOTS,
+    trajectory: Annotated[
+        Path | None,
+        typer.Option(
+            "--trajectory",
+            help="A spectra_trajectory.parquet of the adapter's training: adds the "
+            "'Training trajectory' section.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     from esdtool.render import report as write_report
 
     hush(quiet or as_json)
-    result = write_report(metrics, output, alpha_column=alpha_column, max_plots=max_plots)
+    result = write_report(
+        metrics, output, alpha_column=alpha_column, max_plots=max_plots, trajectory=trajectory
+    )
     summary = {
         "report": str(result.output),
         "spectra_plotted": result.plotted,

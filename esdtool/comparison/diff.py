@@ -1,6 +1,9 @@
 """Per-module changes between metrics tables of one model family: rows matched by module (and
 expert), every alpha, the spike count, stable rank and norms side by side, and their change from
-the first table to the last; a CSV and a self-contained page with the changes by depth."""
+the first table to the last; a CSV and a self-contained page with the changes by depth.
+
+A training trajectory (spectra_trajectory.parquet) compares on its own: its steps are the
+tables, labelled "step N"."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from esdtool.analysis.roles import module_kind
 from esdtool.errors import MetricsSchemaError, OptionError
 from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.table import check_frame, load_metrics
+from esdtool.io.trajectory import is_trajectory, load_trajectory, step_tables
 from esdtool.render import plots
 from esdtool.untrusted import printable
 from esdtool.version import __version__
@@ -39,7 +43,7 @@ class CompareResult:
     table:     module, slice, layer, kind, rows, cols, then ``<metric>@<label>`` per table and
                ``delta_<metric>`` (last table minus first), ``in_all`` (False: missing from a
                table, or not analysed there; its values are blank where it is absent).
-    labels:    one label per table, in order.
+    labels:    one label per table, in order ("step N" for the steps of a trajectory).
     unmatched: per label, the modules analysed in that table but missing from another.
     output:    the directory written, or None.
     """
@@ -76,23 +80,25 @@ def compare(
     """Compare two or more metrics tables of one model family (paths or DataFrames), module by
     module; with ``outdir``, write comparison.csv, report.html and esdtool_compare.json there.
 
-    Rows are matched by (module, expert). A module analysed in some tables only is kept with
-    blanks and ``in_all`` False, and listed in ``unmatched``. Tables of different models are
-    refused: a module whose matrix shape differs between tables, or fewer than half of the
-    smaller table's modules in common.
+    Rows are matched by (module, expert); a matrix counts where it was measured (``ok``, or
+    ``zero``: an all-zero matrix such as an untrained LoRA update, whose norms and effective
+    rank are 0). A module measured in some tables only is kept with blanks and ``in_all``
+    False, and listed in ``unmatched``. Tables of different models are refused: a module whose
+    matrix shape differs between tables, or fewer than half of the smaller table's modules in
+    common.
+
+    One training trajectory (a spectra_trajectory.parquet path, or what
+    :func:`~esdtool.io.trajectory.load_trajectory` gives) is compared on its own: its steps are
+    the tables, in step order, labelled "step N". A trajectory given with other tables is
+    refused (compare its steps, or tables, not both).
     """
-    if len(tables) < 2:
-        raise OptionError("compare needs two tables or more")
     paths = [Path(t) for t in tables if not isinstance(t, pd.DataFrame)]
     if outdir is not None:
         check_output_dir(outdir, paths)
-    frames = [t if isinstance(t, pd.DataFrame) else load_metrics(t) for t in tables]
+    frames, defaults, steps = _tables(tables)
     for frame in frames:
         check_frame(frame)
-    names = list(labels) if labels is not None else [
-        Path(t).stem if not isinstance(t, pd.DataFrame) else f"table{i + 1}"
-        for i, t in enumerate(tables)
-    ]  # fmt: skip
+    names = list(labels) if labels is not None else defaults
     if len(names) != len(frames):
         raise OptionError(f"{len(names)} labels for {len(frames)} tables: give one per table")
     if len(set(names)) != len(names):  # two tables of one name: number them
@@ -107,9 +113,9 @@ def compare(
     if outdir is None:
         return result
     out = Path(outdir)
-    html = _page(result, frames).encode("utf-8")
+    html = _page(result, frames, steps).encode("utf-8")
     record = {"tables": [str(p.resolve()) for p in paths], "labels": names,
-              "esdtool_version": __version__}  # fmt: skip
+              "steps": steps, "esdtool_version": __version__}  # fmt: skip
 
     def build(directory: Path) -> None:
         merged.to_csv(directory / CSV_NAME, index=False)
@@ -120,11 +126,41 @@ def compare(
     return CompareResult(merged, names, unmatched, out)
 
 
+def _tables(
+    tables: Sequence[str | os.PathLike[str] | pd.DataFrame],
+) -> tuple[list[pd.DataFrame], list[str], list[int] | None]:
+    """The tables to compare, their default labels and, for a trajectory, their steps: a
+    trajectory's steps ("step N"), or each table (a path's stem, "tableN" for a DataFrame)."""
+    trajectories = [t for t in tables if is_trajectory(t)]
+    if trajectories and len(tables) > 1:
+        raise OptionError(
+            f"{len(trajectories)} of the {len(tables)} inputs are training trajectories: compare "
+            "takes one trajectory on its own (its steps are the tables), or metrics tables",
+            hint="esdtool compare spectra_trajectory.parquet -o compare",
+        )
+    if trajectories:
+        source = tables[0]
+        trajectory = source if isinstance(source, pd.DataFrame) else load_trajectory(source)
+        pairs = step_tables(trajectory)
+        if len(pairs) < 2:
+            steps = ", ".join(str(s) for s, _ in pairs) or "none"
+            raise OptionError(
+                f"the trajectory holds one step ({steps}): compare needs two tables or more"
+            )
+        return [t for _, t in pairs], [f"step {s}" for s, _ in pairs], [s for s, _ in pairs]
+    if len(tables) < 2:
+        raise OptionError("compare needs two tables or more")
+    frames = [t if isinstance(t, pd.DataFrame) else load_metrics(t) for t in tables]
+    names = [Path(t).stem if not isinstance(t, pd.DataFrame) else f"table{i + 1}"
+             for i, t in enumerate(tables)]  # fmt: skip
+    return frames, names, None
+
+
 def _join(frames: list[pd.DataFrame], labels: list[str]) -> pd.DataFrame:
     """One row per (module, expert) of any table, the tables' values side by side."""
     keyed = []
     for frame in frames:
-        ok = frame[frame.status == "ok"].copy()
+        ok = frame[frame.status.isin(["ok", "zero"])].copy()
         ok["slice"] = ok["slice"].fillna(-1).astype(int)
         ok = ok.drop_duplicates(["module", "slice"])
         keyed.append(ok.set_index(["module", "slice"]))
@@ -179,33 +215,49 @@ def _float(value: object) -> float | None:
     return None if number != number else number
 
 
-def _page(result: CompareResult, frames: list[pd.DataFrame]) -> str:
+def _lead(frames: list[pd.DataFrame]) -> str:
+    """The metric the page follows: alpha_ks, or for LoRA adapters' tables (their updates have
+    no power-law fits) effective_rank."""
+    adapters = any("lora_rank" in f and f["lora_rank"].notna().any() for f in frames)
+    return "effective_rank" if adapters else "alpha_ks"
+
+
+def _page(result: CompareResult, frames: list[pd.DataFrame], steps: list[int] | None) -> str:
     import jinja2
 
     table = result.table[result.table.in_all].dropna(subset=["layer", "kind"])
+    lead = _lead(frames)
     figures = []
-    for metric in ("alpha_ks", "alpha_median", "num_spikes", "stable_rank", "spectral_norm"):
-        if table.empty:
-            break
+    for metric in ("alpha_ks", "alpha_median", "num_spikes", "stable_rank", "spectral_norm",
+                   "effective_rank"):  # fmt: skip
+        if table.empty or table[f"delta_{metric}"].isna().all():
+            continue  # nothing to draw (a LoRA update has no alphas)
         svg = plots.by_depth(table, f"delta_{metric}", f"change of {metric} by depth",
                              f"{metric} change", None)  # fmt: skip
         figures.append({"svg": base64.b64encode(svg).decode(), "title": metric,
                         "caption": f"{metric}, {result.labels[-1]} minus {result.labels[0]}, "
                                    "median per module kind"})  # fmt: skip
     if len(result.labels) >= 3 and not table.empty:
+        # x: the training step of a trajectory's tables, else each table's place in the order
+        where = steps if steps is not None else range(len(result.labels))
         long = pd.concat([
-            pd.DataFrame({"layer": i, "kind": table.kind, "alpha_ks": table[f"alpha_ks@{lab}"]})
-            for i, lab in enumerate(result.labels)
+            pd.DataFrame({"layer": x, "kind": table.kind, lead: table[f"{lead}@{lab}"]})
+            for x, lab in zip(where, result.labels, strict=True)
         ])  # fmt: skip
-        svg = plots.by_depth(long, "alpha_ks", "alpha_ks over the tables", "alpha_ks", None,
-                             xlabel="table (in the order given)")  # fmt: skip
+        xlabel = "training step" if steps is not None else "table (in the order given)"
+        svg = plots.by_depth(long, lead, f"{lead} over the tables", lead, None, xlabel=xlabel)
         figures.append({"svg": base64.b64encode(svg).decode(), "title": "trajectories",
-                        "caption": "median alpha_ks per module kind, table by table: "
+                        "caption": f"median {lead} per module kind, table by table: "
                                    + " -> ".join(result.labels)})  # fmt: skip
     top = result.table[result.table.in_all].copy()
-    top = top.reindex(top["delta_alpha_ks"].abs().sort_values(ascending=False).index).head(30)
-    columns = ["module", *[f"alpha_ks@{lab}" for lab in result.labels], "delta_alpha_ks",
-               "delta_num_spikes", "delta_stable_rank"]  # fmt: skip
+    top = top.reindex(top[f"delta_{lead}"].abs().sort_values(ascending=False).index).head(30)
+    # At most the first two and the last two tables side by side: a trajectory has many.
+    shown = result.labels if len(result.labels) <= 4 else [*result.labels[:2],
+                                                            *result.labels[-2:]]  # fmt: skip
+    # beside it: spikes for a model's matrices, the update's size for an adapter's (no spikes)
+    other = "delta_num_spikes" if lead == "alpha_ks" else "delta_frobenius_norm"
+    columns = ["module", *[f"{lead}@{lab}" for lab in shown], f"delta_{lead}", other,
+               "delta_stable_rank"]  # fmt: skip
     rows = [[printable(v) if isinstance(v, str) else f"{v:.4g}" for v in r]
             for r in top[columns].itertuples(index=False)]  # fmt: skip
     metas = [f.attrs.get("esdtool") or {} for f in frames]
@@ -213,6 +265,7 @@ def _page(result: CompareResult, frames: list[pd.DataFrame]) -> str:
     page = resources.files("esdtool.templates").joinpath("compare.html.j2").read_text("utf-8")
     return env.from_string(page).render(
         labels=result.labels, version=__version__, figures=figures, columns=columns, rows=rows,
+        lead=lead,
         compared=int(result.table.in_all.sum()),
         unmatched=[(k, v) for k, v in result.unmatched.items() if v],
         tables=[{"label": lab, "source": printable(m.get("source", "?"))}

@@ -299,35 +299,39 @@ def _column(values: list[Any], type_: pa.DataType) -> pa.Array:
     raise TypeError(f"no column builder for {type_}")
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The ``esdtool`` metadata of a metrics table, validated (no rows are read)."""
+def read_schema(
+    path: Path, kind: str = "metrics table", hint: str | None = None
+) -> tuple[pa.Schema, dict[str, Any]]:
+    """The parquet schema and ``esdtool`` metadata of a file esdtool wrote (no rows are read),
+    after the checks every such file passes: a file, parquet, with esdtool metadata of a schema
+    version this esdtool reads. Messages name the file and what it should be (``kind``);
+    ``hint`` says how such a file is made (default: by esdtool analyze)."""
     path = Path(path)
-    analyse_first = f"run esdtool analyze first: esdtool analyze {path} -o metrics.parquet"
+    analyse_first = hint or f"run esdtool analyze first: esdtool analyze {path} -o metrics.parquet"
     if path.is_dir():
         what = (
             "a model directory"
             if (path / "config.json").is_file() or any(path.glob("*.safetensors"))
             else "a directory"
         )
-        raise MetricsSchemaError(f"{path}: is {what}, not a metrics table", hint=analyse_first)
+        raise MetricsSchemaError(f"{path}: is {what}, not a {kind}", hint=analyse_first)
     if not path.is_file():
         raise MetricsSchemaError(f"{path}: no such file")
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
-        kind = "a safetensors checkpoint" if path.suffix == ".safetensors" else "not a parquet file"
-        if kind.startswith("a "):
-            raise MetricsSchemaError(f"{path}: is {kind}, not a metrics table",
+        if path.suffix == ".safetensors":
+            raise MetricsSchemaError(f"{path}: is a safetensors checkpoint, not a {kind}",
                                      hint=analyse_first) from exc  # fmt: skip
         raise MetricsSchemaError(
-            f"{path}: not a metrics table (not a parquet file)",
-            hint="esdtool analyze writes one: esdtool analyze SOURCE -o metrics.parquet",
+            f"{path}: not a {kind} (not a parquet file)",
+            hint=hint or "esdtool analyze writes one: esdtool analyze SOURCE -o metrics.parquet",
         ) from exc
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise MetricsSchemaError(
-            f"{path}: not an esdtool metrics table (no esdtool metadata)",
-            hint="make one with: esdtool analyze SOURCE -o metrics.parquet",
+            f"{path}: not an esdtool {kind} (no esdtool metadata)",
+            hint=hint or "make one with: esdtool analyze SOURCE -o metrics.parquet",
         )
     try:
         meta = json.loads(raw)
@@ -340,6 +344,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"{SCHEMA_VERSION}",
             hint="re-run esdtool analyze with this version",
         )
+    return schema, meta
+
+
+def check_columns(path: Path, schema: pa.Schema, version: int) -> None:
+    """Every column of the schema (but those added after ``version``) is in ``schema``, with
+    the schema's type."""
     missing = [
         name for name in COLUMN_NAMES if name not in schema.names and _ADDED.get(name, 1) <= version
     ]
@@ -352,6 +362,22 @@ def read_metadata(path: Path) -> dict[str, Any]:
     ]
     if wrong:
         raise MetricsSchemaError(f"{path}: column types differ from the schema: {'; '.join(wrong)}")
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``esdtool`` metadata of a metrics table, validated (no rows are read). A training
+    trajectory (spectra_trajectory.parquet, one table per step) is refused: its rows would
+    hold every module once per step."""
+    path = Path(path)
+    schema, meta = read_schema(path)
+    if "trajectory" in meta:
+        raise MetricsSchemaError(
+            f"{path}: is a training trajectory (one table per step), not a metrics table",
+            hint=f"read it with esdtool.load_trajectory, compare its steps with: esdtool "
+            f"compare {path} -o compare, or draw it with: esdtool report ADAPTER_TABLE "
+            f"--trajectory {path}",
+        )
+    check_columns(path, schema, meta["schema_version"])
     return meta
 
 
@@ -362,7 +388,9 @@ _ALPHA_RANGE = (1.0, 1e100)
 _MAX_SIDE = 1 << 31  # ranks * (rows + cols) must stay far inside int64
 
 
-def _check_values(path: Path, df: pd.DataFrame) -> None:
+def check_values(path: Path, df: pd.DataFrame, hint: str | None = None) -> None:
+    """Values no table esdtool writes can hold (null names, unknown statuses, alphas outside
+    (1, 1e100], negative counts, matrix sides out of range) are refused, all at once."""
     problems = []
     for name in ("name", "module", "status"):
         if df[name].isna().any():
@@ -388,7 +416,7 @@ def _check_values(path: Path, df: pd.DataFrame) -> None:
     if problems:
         raise MetricsSchemaError(
             f"{path}: not a table esdtool wrote: {'; '.join(problems)}",
-            hint="make one with: esdtool analyze SOURCE -o metrics.parquet",
+            hint=hint or "make one with: esdtool analyze SOURCE -o metrics.parquet",
         )
 
 
@@ -411,6 +439,15 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
     """
     path = Path(path)
     meta = read_metadata(path)
+    df = read_rows(path, meta["schema_version"])
+    check_values(path, df)
+    df.attrs["esdtool"] = meta
+    return df
+
+
+def read_rows(path: Path, version: int) -> pd.DataFrame:
+    """The rows of a file whose columns :func:`check_columns` passed, as pandas with nullable
+    integers; a column added after schema ``version`` is there, null, in its place."""
     import pandas as pd
 
     try:
@@ -418,10 +455,9 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
     except (pa.ArrowException, OSError) as exc:
         raise MetricsSchemaError(f"{path}: unreadable parquet data ({exc})") from exc
     types = {name: dtype for name, dtype, _ in COLUMNS}
-    for name in _ADDED:  # an older table: the column as null, in its place
+    for name in _ADDED:  # an older table: the column as null, after the one it follows
         if name not in df.columns:
             dtype = {_i64: "Int64", _f64: "float64"}.get(types[name], "object")
-            df.insert(COLUMN_NAMES.index(name), name, pd.Series([None] * len(df), dtype=dtype))
-    _check_values(path, df)
-    df.attrs["esdtool"] = meta
+            where = df.columns.get_loc(COLUMN_NAMES[COLUMN_NAMES.index(name) - 1]) + 1
+            df.insert(where, name, pd.Series([None] * len(df), dtype=dtype))
     return df

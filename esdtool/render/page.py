@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import math
 import os
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -29,9 +27,11 @@ from esdtool.analysis.roles import module_kind
 from esdtool.errors import OptionError
 from esdtool.io.atomic import atomic_write, check_output_file
 from esdtool.io.table import COLUMNS, check_frame, load_metrics
-from esdtool.render import MAX_PLOTS, glance, plots, usage
+from esdtool.io.trajectory import load_trajectory
+from esdtool.render import MAX_PLOTS, glance, header, plots, sections, usage
+from esdtool.render.trajectory import check as check_trajectory
+from esdtool.render.trajectory import section as trajectory_section
 from esdtool.spectral import ALPHA_COLUMNS
-from esdtool.untrusted import printable
 from esdtool.version import __version__
 
 if TYPE_CHECKING:  # the plan is drawn, never computed here
@@ -108,6 +108,7 @@ def report(
     allocation: Allocation | None = None,
     alpha_column: str | None = None,
     max_plots: int = MAX_PLOTS,
+    trajectory: str | os.PathLike[str] | pd.DataFrame | None = None,
 ) -> ReportResult:
     """The HTML report of a metrics table (a path or a loaded table), written to ``output``
     when given (in a notebook, the returned result displays inline).
@@ -117,6 +118,13 @@ def report(
     score, rank and lora_alpha. ``alpha_column`` picks the fit drawn on each spectrum (default:
     the plan's, else alpha_median). At most ``max_plots`` spectra are drawn, the rest are
     counted, so a model with thousands of experts still gives a file a browser can open.
+
+    With ``trajectory`` (spectra_trajectory.parquet's path, or what
+    :func:`esdtool.load_trajectory` gives), the report of a trained adapter's table adds a
+    "Training trajectory" section: the share of planned rank used per layer at every step
+    (sum of effective_rank over sum of min(lora_rank, M) of the layer's modules), and the
+    modules still climbing: those whose effective_rank at the last measured step is greater
+    than at the step measured just before it (:mod:`esdtool.render.trajectory`).
     """
     if plan is not None:  # what allocate returns, or its allocation
         allocation = getattr(plan, "allocation", plan)
@@ -125,14 +133,22 @@ def report(
     if alpha_column is None:
         alpha_column = allocation.settings.alpha_column if allocation else "alpha_median"
     check_options(alpha_column, max_plots)
-    inputs = [] if isinstance(metrics, pd.DataFrame) else [Path(metrics)]
+    inputs = [Path(t) for t in (metrics, trajectory) if t is not None
+              and not isinstance(t, pd.DataFrame)]  # fmt: skip
     path = check_output_file(output, inputs) if output is not None else None
     table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
     check_frame(table)
+    steps = None
+    if trajectory is not None:
+        steps = trajectory
+        if not isinstance(steps, pd.DataFrame):
+            steps = load_trajectory(steps)
+        check_frame(steps)
+        check_trajectory(steps, table)
     protect = [*inputs, *_model_files(table.attrs.get("esdtool"))]
     if output is not None:
         check_output_file(output, protect)  # nor the table, nor the model
-    html, plotted, omitted = render(table, allocation, alpha_column, max_plots)
+    html, plotted, omitted = render(table, allocation, alpha_column, max_plots, trajectory=steps)
     data = html.encode("utf-8")
     if path is not None:
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
@@ -184,9 +200,15 @@ def check_options(alpha_column: str, max_plots: int) -> None:
 
 
 def render(
-    table: pd.DataFrame, allocation: Allocation | None, alpha_column: str, max_plots: int
+    table: pd.DataFrame,
+    allocation: Allocation | None,
+    alpha_column: str,
+    max_plots: int,
+    *,
+    trajectory: pd.DataFrame | None = None,
 ) -> tuple[str, int, int]:
-    """The report's HTML, with how many spectra were drawn and how many left out."""
+    """The report's HTML, with how many spectra were drawn and how many left out
+    (``trajectory``: a checked training trajectory of the table's adapter, or None)."""
     meta = table.attrs.get("esdtool", {})
     meta = meta if isinstance(meta, dict) else {}
     settings_meta = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
@@ -196,23 +218,24 @@ def render(
     ok = table[table.status == "ok"]
 
     lora = usage.section(table)
-    gallery, plotted = _gallery(table, ok, alpha_column, threshold, max_plots)
+    gallery, plotted = sections.gallery(table, ok, alpha_column, threshold, max_plots)
     plotted_rows = {m["index"] for g in gallery for m in g["matrices"]}
     shown, hidden = _capped(table, plotted_rows, MAX_TABLE_ROWS)
     style, script = _asset("report.css"), _asset("report.js")
     context = {
-        "meta": {key: _text(meta.get(key)) for key in _META_KEYS},
+        "meta": {key: header.text(meta.get(key)) for key in _META_KEYS},
         "title": glance.title(meta),
         "glance": _glance(allocation),
         "skipped_rows": int((shown.status == "skipped").sum()),
         "version": __version__,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "totals": _totals(table),
-        "settings": _settings(settings_meta, allocation),
-        "plan": _plan(allocation, settings_meta.get("preset")),
+        "totals": header.totals(table),
+        "settings": header.settings(settings_meta, allocation),
+        "plan": header.plan(allocation, settings_meta.get("preset")),
         # An adapter's updates have no power-law fits: its overview is planned vs used rank.
-        "overview": [] if lora else _overview(ok, allocation, alpha_column),
+        "overview": [] if lora else sections.overview(ok, allocation, alpha_column),
         "usage": lora,
+        "trajectory": None if trajectory is None else trajectory_section(trajectory),
         "gallery": gallery,
         "gallery_count": plotted,
         "omitted": len(ok) - plotted,
@@ -272,99 +295,6 @@ def _with_plan(table: pd.DataFrame, allocation: Allocation | None) -> pd.DataFra
     return table
 
 
-def _gallery(
-    table: pd.DataFrame, ok: pd.DataFrame, alpha_column: str, threshold: float, max_plots: int
-) -> tuple[list[dict[str, Any]], int]:
-    """ESD plots grouped by block (one collapsible group per layer, one for the rest)."""
-    groups: list[dict[str, Any]] = []
-    drawn = 0
-    order = ok.assign(_layer=ok["layer"].fillna(-1)).sort_values("_layer", kind="stable")
-    for layer, rows in order.groupby("_layer", sort=True):
-        matrices = []
-        for index, row in rows.iterrows():
-            if drawn >= max_plots:
-                break
-            record = row.to_dict()
-            svg = plots.esd(np.asarray(record["eigenvalues"]), record, alpha_column, threshold)
-            rank = record.get("rank")
-            matrices.append(
-                {
-                    "index": index,
-                    "name": printable(record["name"]) + _expert(record),
-                    "svg": base64.b64encode(svg).decode("ascii"),
-                    "size": _svg_size(svg),
-                    "rank": int(rank) if _present(rank) else None,
-                }
-            )
-            drawn += 1
-        if not matrices:
-            continue
-        alphas = rows[alpha_column].dropna()
-        summary = f"{alpha_column} median {alphas.median():.2f}" if len(alphas) else ""
-        title = "outside the blocks" if layer < 0 else f"layer {layer:g}"
-        groups.append({"title": title, "summary": summary, "matrices": matrices})
-    return groups, drawn
-
-
-def _overview(
-    ok: pd.DataFrame, allocation: Allocation | None, alpha_column: str
-) -> list[dict[str, str]]:
-    blocks = ok.dropna(subset=["layer", "kind"])
-    if blocks.empty:
-        return []
-    # HTSR's 2-6 band was read off WeightWatcher's alpha, which is alpha_ks: the band goes on
-    # that plot only. The plan's own alpha (default alpha_median) sits on another scale.
-    figures = [
-        (
-            plots.by_depth(blocks, "alpha_ks", "alpha_ks by depth", "alpha", plots.WELL_TRAINED),
-            "alpha_ks by layer",
-            "Power-law exponent (KS xmin, WeightWatcher's alpha) per module kind. The shaded "
-            "band (2-6) is where HTSR puts well-trained layers; above 6 is close to random.",
-        )
-    ]
-    if alpha_column != "alpha_ks":
-        figures.append(
-            (
-                plots.by_depth(blocks, alpha_column, f"{alpha_column} by depth", "alpha", None),
-                f"{alpha_column} by layer",
-                f"The exponent the plan scores ({alpha_column}). It is not on HTSR's 2-6 scale and "
-                "depends on the matrix shape: compare module kinds along the depth, not to a band.",
-            )
-        )
-    figures += [
-        (
-            plots.by_depth(blocks, "num_spikes", "spikes by depth", "spikes", None),
-            "spikes by layer",
-            "Eigenvalues beyond the Tracy-Widom-corrected Marchenko-Pastur edge.",
-        ),
-        (
-            plots.heatmap(blocks, alpha_column, f"{alpha_column}: layer x module kind", "viridis"),
-            "alpha heatmap",
-            f"{alpha_column} for each module kind (rows) at each depth (columns).",
-        ),
-    ]
-    if allocation is not None and blocks["rank"].notna().any():
-        title = "LoRA rank: layer x module kind"
-        figures.append(
-            (
-                plots.heatmap(blocks, "rank", title, "magma_r", integer=True),
-                "rank allocation",
-                "Planned rank of each adapted module; blank cells get no adapter.",
-            )
-        )
-    return [
-        {"svg": base64.b64encode(svg).decode("ascii"), "title": title, "caption": caption}
-        for svg, title, caption in figures
-    ]
-
-
-def _svg_size(svg: bytes) -> tuple[int, int] | None:
-    """The CSS pixel size matplotlib writes on the SVG root (in pt: 72 an inch, 96 px), so the
-    page reserves each plot's box before it loads and links land where they point."""
-    found = re.search(rb'<svg[^>]*\swidth="([\d.]+)pt" height="([\d.]+)pt"', svg[:2000])
-    return (round(float(found[1]) * 4 / 3), round(float(found[2]) * 4 / 3)) if found else None
-
-
 def _glance(allocation: Allocation | None) -> dict[str, Any] | None:
     content = glance.glance(allocation)
     if content is not None and content["figure"] is not None:
@@ -392,86 +322,21 @@ def _rows(table: pd.DataFrame, plotted: set[int]) -> list[dict[str, Any]]:
     rows = []
     for index, record in zip(table.index, table.to_dict("records"), strict=True):
         record["shape"] = glance.shape_text(record["rows"], record["cols"])
-        record["name"] = f"{record['name']}{_expert(record)}"
+        record["name"] = f"{record['name']}{sections.expert(record)}"
         cells = []
         for col, _, kind, fmt in _TABLE:
             value = record.get(col)
-            if not _present(value):
+            if not sections.present(value):
                 cells.append({"text": "", "sort": None})
             elif kind == "number":
                 number = float(value)
                 text = format(int(number), "d") if fmt == "d" else format(number, fmt)
                 cells.append({"text": text, "sort": repr(number)})
             else:
-                cells.append({"text": _text(value), "sort": None})
+                cells.append({"text": header.text(value), "sort": None})
         css = f"status-{record['status']}" + (" selected" if record.get("selected") else "")
         rows.append({"index": index, "cells": cells, "css": css, "plotted": index in plotted})
     return rows
-
-
-def _totals(table: pd.DataFrame) -> dict[str, Any]:
-    counts = table["status"].value_counts()
-    other = [(str(s), int(n)) for s, n in counts.items() if s != "ok"]
-    # Quantized weights, one per stored tensor (a 3-D tensor's experts count once), by label.
-    quantized = table.dropna(subset=["quantization"]).drop_duplicates("name")
-    labels = [(str(k), int(n)) for k, n in quantized["quantization"].value_counts().items()]
-    undecoded = table["reason"].fillna("").str.contains("cannot dequantize", regex=False)
-    undecoded &= table["status"] == "skipped"
-    return {
-        "rows": len(table),
-        "ok": int(counts.get("ok", 0)),
-        "other": other,
-        "dequantized": [(_text(k), n) for k, n in labels if not k.startswith("raw codes")],
-        "raw_codes": [(_text(k), n) for k, n in labels if k.startswith("raw codes")],
-        "undecoded": int(undecoded.sum()),
-    }
-
-
-def _settings(analysis: dict[str, Any], allocation: Allocation | None) -> list[tuple]:
-    sections = [("analyze", [(str(k), _text(v)) for k, v in analysis.items()])]
-    if allocation is not None:
-        sections.append(
-            ("allocate", [(k, _text(v)) for k, v in asdict(allocation.settings).items()])
-        )
-    return sections
-
-
-def _plan(allocation: Allocation | None, analysis_preset: object) -> dict[str, Any] | None:
-    if allocation is None:
-        return None
-    kept = allocation.kept
-    s = allocation.settings
-    rule = (
-        f"{s.alpha_column} and {s.spikes_column} weighted {s.w_hill:g}/{s.w_mp_spikes:g}, the "
-        f"{s.select} {s.top_n_percentile:g} of the candidates kept, ranks {s.min_rank}.."
-        f"{s.max_rank} ({s.rank_scaling}), lora_alpha = {s.alpha_factor:g} r"
-    )
-    presets = f"analysis preset {_text(analysis_preset or 'none')}, allocation preset " + (
-        _text(s.preset or "none")
-    )
-    return {
-        "made_by": f"{rule}; {presets}",
-        "candidates": len(allocation.table),
-        "adapted": len(kept),
-        "rank_min": int(kept["rank"].min()),
-        "rank_max": int(kept["rank"].max()),
-        "trainable_params": allocation.total_params,
-        "equal_cost_rank": f"{allocation.equal_cost_rank:.1f}",
-        "alpha_column": s.alpha_column,
-        "spikes_column": s.spikes_column,
-        "select": s.select,
-    }
-
-
-def _expert(record: dict[str, Any]) -> str:
-    """ " [expert N]" for a matrix of a 3-D tensor, else ""."""
-    return f" [expert {int(record['slice'])}]" if _present(record.get("slice")) else ""
-
-
-def _present(value: object) -> bool:
-    if value is None or value is pd.NA:
-        return False
-    return not (isinstance(value, float) and math.isnan(value))
 
 
 def _float(value: object, default: float) -> float:
@@ -479,8 +344,3 @@ def _float(value: object, default: float) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return default
-
-
-def _text(value: object) -> str:
-    """Any table or metadata value as printable text (the template HTML-escapes it)."""
-    return "" if value is None else printable(value)

@@ -69,6 +69,45 @@ def by_depth(
     return _svg(fig)
 
 
+# More layers than this: one colour scale (a colour bar) instead of a legend entry per line.
+LEGEND_LAYERS = 12
+
+
+def share_over_steps(shares: pd.DataFrame, title: str) -> bytes:
+    """``share`` against ``step``, one line per ``layer`` (coloured by depth; a null layer, the
+    modules outside the blocks, in grey), the y axis from 0 to 1: the rows
+    :func:`esdtool.render.trajectory.rank_share_by_layer` gives."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    blocks = shares.dropna(subset=["layer"])
+    layers = sorted(int(v) for v in blocks["layer"].unique())
+    norm = Normalize(min(layers, default=0), max(max(layers, default=0), 1))
+    # viridis without its pale yellow end, which a white page swallows
+    cmap = ListedColormap(colormaps["viridis"](np.linspace(0, 0.85, 256)))
+    for layer in layers:
+        line = blocks[blocks["layer"] == layer]
+        ax.plot(line["step"], line["share"], marker="o", ms=3, lw=1.2, color=cmap(norm(layer)),
+                label=f"layer {layer}")  # fmt: skip
+    outside = shares[shares["layer"].isna()]
+    rest = []
+    if len(outside):
+        rest = ax.plot(outside["step"], outside["share"], marker="s", ms=3, lw=1.2, ls="--",
+                       color="#8a8f94", label="outside the blocks")  # fmt: skip
+    ax.set(title=title, xlabel="training step", ylabel="effective rank / min(lora_rank, M)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if len(layers) > LEGEND_LAYERS:
+        fig.colorbar(ScalarMappable(norm, cmap), ax=ax, fraction=0.04, pad=0.01, label="layer")
+    handles = rest if len(layers) > LEGEND_LAYERS else ax.get_lines()
+    if handles:  # below the axes, as by_depth's
+        fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False, ncol=4)
+    return _svg(fig)
+
+
 def heatmap(
     table: pd.DataFrame,
     column: str,
