@@ -46,6 +46,8 @@ __all__ = [
     "FinetuneResult",
     "FinetuneSettings",
     "ReportResult",
+    "SpectralCallback",
+    "SystemMonitorCallback",
     "__version__",
     "allocate",
     "analyze",
@@ -66,6 +68,7 @@ _WHERE = {
     "AllocateSettings": "plan.ranks", "report": "render.page", "ReportResult": "render.page",
     "plot_esd": "render.page", "compare": "comparison.diff", "CompareResult": "comparison.diff",
     "finetune": "training.recipe", "FinetuneResult": "training.recipe",
-    "FinetuneSettings": "training.recipe",
+    "FinetuneSettings": "training.recipe", "SpectralCallback": "training.spectral",
+    "SystemMonitorCallback": "training.monitor",
 }  # fmt: skip
 __getattr__ = lazy_getattr(__name__, _WHERE)

@@ -249,7 +249,7 @@ def test_two_processes_under_torchrun_train_one_adapter(tiny_causal_lm, plan, tm
         "--master-addr", "127.0.0.1", "--master-port", "29531",
         "-m", "esdtool", "finetune", str(tiny_causal_lm), "--adapter-config", str(plan),
         "--data", str(data), "-o", str(out), "--max-steps", "30", "--lr", "5e-3",
-        "--logging-steps", "1", "--batch-size", "2", "--json",
+        "--logging-steps", "1", "--batch-size", "2", "--json", "--spectral-every", "10",
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0 and "EADDRINUSE" in proc.stderr + proc.stdout:
@@ -268,6 +268,15 @@ def test_two_processes_under_torchrun_train_one_adapter(tiny_causal_lm, plan, tm
     # both ranks analysed the saved adapter; rank 0 wrote its table and report
     assert result["rank_use"] and result["rank_use"][1] == sum(result["ranks"].values())
     assert (out / "adapter_metrics.parquet").is_file() and (out / "adapter_report.html").is_file()
+    # the spectra watched on rank 0 only: one trajectory, its last step the saved adapter's rows
+    from esdtool import load_metrics, load_trajectory
+
+    trajectory = load_trajectory(out / "spectra_trajectory.parquet")
+    assert sorted(set(trajectory.step)) == [0, 10, 20, 30]
+    last = trajectory[trajectory.step == 30].set_index("module").effective_rank.sort_index()
+    saved = load_metrics(out / "adapter_metrics.parquet").set_index("module").effective_rank
+    pd.testing.assert_series_equal(last, saved.sort_index())
+    assert result["system"]["steps"] == 30
 
 
 def test_finetune_needs_its_extra_named(monkeypatch, tmp_path):

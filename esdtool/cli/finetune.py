@@ -34,6 +34,9 @@ EXAMPLES = """[bold]Examples[/bold]
 
   esdtool finetune ./my-model --adapter-config lora-plan --data train.jsonl --dry-run
 
+  esdtool finetune ./my-model --adapter-config lora-plan --data train.jsonl -o run \\
+    --warmup-steps 100 --lr-scheduler cosine --report-to tensorboard --spectral-every 50
+
   torchrun --nproc-per-node 4 -m esdtool finetune ./my-model --adapter-config lora-plan \\
     --data train.jsonl -o run --batch-size 8"""
 
@@ -113,6 +116,58 @@ def finetune(
     save_steps: Annotated[
         int, typer.Option("--save-steps", help="Save a resumable checkpoint every N steps.")
     ] = 500,
+    warmup_steps: Annotated[
+        int, typer.Option("--warmup-steps", help="Linear warmup from 0 to --lr over N steps.")
+    ] = 0,
+    warmup_ratio: Annotated[
+        float,
+        typer.Option(
+            "--warmup-ratio", help="Warmup over this share of the steps (not with --warmup-steps)."
+        ),
+    ] = 0.0,
+    lr_scheduler: Annotated[
+        str,
+        typer.Option(
+            "--lr-scheduler",
+            help="Learning-rate schedule after warmup: linear, cosine, cosine_with_restarts, "
+            "polynomial, constant, constant_with_warmup or inverse_sqrt.",
+        ),
+    ] = "linear",
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW's decoupled weight decay.")
+    ] = 0.0,
+    max_grad_norm: Annotated[
+        float, typer.Option("--max-grad-norm", help="Clip gradients to this norm (0: no clipping).")
+    ] = 1.0,
+    eval_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-steps",
+            help="Evaluate on --eval-data every N steps (default: every --save-steps).",
+            show_default=False,
+        ),
+    ] = None,
+    save_total_limit: Annotated[
+        int, typer.Option("--save-total-limit", help="Checkpoints kept (the oldest go first).")
+    ] = 2,
+    report_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--report-to",
+            help="Send the logs (loss, learning rate, system metrics, spectra) to tensorboard "
+            "(under OUTPUT_DIR/runs), wandb or mlflow; repeat or comma-separate; default none.",
+            show_default=False,
+        ),
+    ] = None,
+    spectral_every: Annotated[
+        int,
+        typer.Option(
+            "--spectral-every",
+            help="Every N steps, log the adapter's spectra (effective rank, share of the "
+            "planned rank used, lambda_max, stable rank per module) and keep them in "
+            "spectra_trajectory.parquet; 0: off.",
+        ),
+    ] = 0,
     resume_from_checkpoint: Annotated[
         str | None,
         typer.Option(
@@ -139,7 +194,10 @@ def finetune(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         max_length=max_length, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
         qlora=qlora, use_dora=dora, use_rslora=rslora, seed=seed, logging_steps=logging_steps,
-        save_steps=save_steps,
+        save_steps=save_steps, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
+        lr_scheduler=lr_scheduler, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        eval_steps=eval_steps, save_total_limit=save_total_limit,
+        report_to=",".join(report_to or []), spectral_every=spectral_every,
     )  # fmt: skip
     resume: str | bool | None = resume_from_checkpoint
     if resume == "last":
@@ -188,6 +246,23 @@ def _print_summary(result: FinetuneResult) -> None:
                 "planned rank used",
                 f"{used} of {planned}{share} over {modules} modules (adapter_report.html)",
             )
+        system = result.system or {}
+        if system:
+            table.add_row("time", _cost(system))
+        if result.trajectory is not None:
+            table.add_row("spectra over training", Text(safe(str(result.trajectory))))
         if result.analysis_error is not None:
             table.add_row("adapter analysis", Text(f"failed: {safe(result.analysis_error)}"))
     out.print(table)
+
+
+def _cost(system: dict) -> str:
+    """'12.3 s, 1,234 tokens/s, peak 2.10 GB (cuda allocator), GPU 87%'."""
+    parts = [f"{system['wall_seconds']:.1f} s"]
+    if system.get("tokens_per_second") is not None:
+        parts.append(f"{system['tokens_per_second']:,.0f} tokens/s")
+    if system.get("peak_memory_gb") is not None:
+        parts.append(f"peak {system['peak_memory_gb']:.2f} GB ({system['peak_memory_kind']})")
+    if system.get("gpu_utilization_mean") is not None:
+        parts.append(f"GPU {system['gpu_utilization_mean']:.0f}%")
+    return ", ".join(parts)

@@ -10,6 +10,7 @@ error; the recipe (:mod:`esdtool.training.recipe`) starts only from a clean :cla
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -33,11 +34,35 @@ from esdtool.plan.peft_config import CONFIG_NAME
 from esdtool.plan.verify import raise_problems, read_plan, verify_plan
 from esdtool.training.data import load_training_data
 
+# Learning-rate schedules finetune offers: transformers' ``SchedulerType`` names that need no
+# scheduler arguments beyond warmup (cosine_with_min_lr, warmup_stable_decay and
+# reduce_lr_on_plateau need settings or an evaluation loop of their own).
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt",
+)  # fmt: skip
+# Where logs go (transformers' reporting integrations), with the package each one needs and the
+# esdtool extra that installs it.
+REPORTERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """Training options. ``bf16`` None: on where the GPU supports it. ``use_dora`` /
-    ``use_rslora`` None: as the adapter config says."""
+    """Training options, with the meaning TRL's ``SFTConfig`` gives them. ``bf16`` None: on
+    where the GPU supports it. ``use_dora`` / ``use_rslora`` None: as the adapter config says.
+
+    warmup_steps / warmup_ratio: a linear warmup from 0 to ``lr`` over that many optimizer
+    steps, or that share of them (one or the other). lr_scheduler: one of :data:`SCHEDULERS`.
+    weight_decay: AdamW's decoupled weight decay. max_grad_norm: gradient clipping (0: none).
+    eval_steps: evaluate on the eval data every N steps (None: every ``save_steps``).
+    save_total_limit: checkpoints kept (the oldest go first). report_to: transformers'
+    integrations the logs go to (``tensorboard``, ``wandb``, ``mlflow``; empty: none).
+    spectral_every: every N steps, the adapter's spectra (:class:`SpectralCallback`; 0: off).
+    """
 
     epochs: float = 1.0
     max_steps: int = -1
@@ -54,8 +79,25 @@ class FinetuneSettings:
     logging_steps: int = 10
     save_steps: int = 500
     completion_only_loss: bool = True
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_steps: int | None = None
+    save_total_limit: int = 2
+    report_to: tuple[str, ...] = ()
+    spectral_every: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # "tensorboard" or "tensorboard,wandb"
+            names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+            object.__setattr__(self, "report_to", tuple(names))
+        else:
+            object.__setattr__(self, "report_to", tuple(self.report_to))
+        if self.report_to == ("none",):
+            object.__setattr__(self, "report_to", ())
+        unknown = [n for n in self.report_to if n not in REPORTERS]
         checks = [
             (math.isfinite(self.epochs) and self.epochs > 0,
              f"--epochs must be a finite number > 0, not {self.epochs}"),
@@ -69,6 +111,33 @@ class FinetuneSettings:
             (self.logging_steps >= 1,
              f"--logging-steps must be at least 1, not {self.logging_steps}"),
             (self.save_steps >= 1, f"--save-steps must be at least 1, not {self.save_steps}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, not {self.warmup_steps}"),
+            (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+             f"--warmup-ratio must lie in [0, 1), not {self.warmup_ratio}"),
+            (not (self.warmup_steps and self.warmup_ratio),
+             "--warmup-steps and --warmup-ratio both set: give one"),
+            (self.max_steps == -1 or self.warmup_steps < self.max_steps,
+             f"--warmup-steps {self.warmup_steps} is not below --max-steps {self.max_steps}: "
+             "the learning rate would never reach --lr"),
+            (self.lr_scheduler in SCHEDULERS,
+             f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}, not {self.lr_scheduler!r}"),
+            (self.lr_scheduler != "constant" or not (self.warmup_steps or self.warmup_ratio),
+             "--lr-scheduler constant has no warmup: use constant_with_warmup"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be a finite number >= 0, not {self.weight_decay}"),
+            (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+             f"--max-grad-norm must be a finite number >= 0 (0: no clipping), "
+             f"not {self.max_grad_norm}"),
+            (self.eval_steps is None or self.eval_steps >= 1,
+             f"--eval-steps must be at least 1, not {self.eval_steps}"),
+            (self.save_total_limit >= 1,
+             f"--save-total-limit must be at least 1, not {self.save_total_limit}"),
+            (not unknown,
+             f"--report-to takes {', '.join(REPORTERS)} or none, not {', '.join(unknown)}"),
+            (len(set(self.report_to)) == len(self.report_to),
+             f"--report-to names one integration twice ({', '.join(self.report_to)})"),
+            (self.spectral_every >= 0,
+             f"--spectral-every must be >= 0 (0: off), not {self.spectral_every}"),
         ]  # fmt: skip
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -143,6 +212,10 @@ def prepare(
         check(_check_resume, resume_from_checkpoint, output_dir, plan_dir)
     if settings.bf16:
         check(_check_bf16)
+    if settings.eval_steps is not None and eval_data is None:
+        problems.append(OptionError("--eval-steps needs --eval-data: there is nothing to evaluate"))
+    for name in settings.report_to:
+        check(_check_reporter, name)
     if config is not None and model_dir is not None:
         check(lambda: raise_problems(verify_plan(plan_dir, model_dir), plan_dir, model))
     if problems:
@@ -150,7 +223,8 @@ def prepare(
         if len(problems) == 1:
             raise first
         message = f"{len(problems)} problems: " + "; ".join(str(p) for p in problems)
-        raise type(first)(message, hint=first.hint)
+        hints = list(dict.fromkeys(p.hint for p in problems if p.hint))  # each once, in order
+        raise type(first)(message, hint="; ".join(hints) or None)
     assert config is not None and loaded is not None and model_dir is not None
     return Prepared(
         stack=stack,
@@ -198,6 +272,9 @@ _RUN_FILES = {
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "esdtool_run.json",
     # The saved adapter read back (recipe._read_back), and its resume file while that runs.
     "adapter_metrics.parquet", "adapter_report.html", ".adapter_metrics.parquet.partial",
+    # --report-to tensorboard's event files (transformers' default runs/<date>_<host>/), and
+    # --spectral-every's trajectory.
+    "runs", "spectra_trajectory.parquet",
 }  # fmt: skip
 
 
@@ -255,6 +332,41 @@ def _check_resume(resume: str | bool, output_dir: Path, plan_dir: Path) -> None:
             f"{checkpoint}: was trained with other ranks than {plan_dir / CONFIG_NAME}",
             hint="resume with the plan it was trained with, or start a new --output-dir",
         )
+
+
+def _check_reporter(name: str) -> None:
+    """--report-to NAME: its package is installed (one line naming the extra, not transformers'
+    error mid-setup), and W&B will not stop to ask for a login."""
+    package, extra = REPORTERS[name]
+    try:
+        importlib.import_module(package)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"--report-to {name} needs the {package} package, which is not installed",
+            hint=f"pip install 'esdtool[{extra}]' (or pip install {package})",
+        ) from exc
+    if name == "wandb" and not _wandb_can_log():
+        raise OptionError(
+            "--report-to wandb: no W&B login on this machine, and WANDB_MODE is not offline; "
+            "the run would stop to ask for an API key",
+            hint="wandb login (or WANDB_API_KEY=...), or WANDB_MODE=offline to log locally",
+        )
+
+
+def _wandb_can_log() -> bool:
+    """Whether wandb.init runs unattended: offline or disabled, or a key in the environment or
+    in ~/.netrc (where ``wandb login`` writes it)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_DISABLED", "").lower() == "true":
+        return True
+    try:
+        import netrc
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+        return netrc.netrc().authenticators(host.split("/")[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _check_bf16() -> None:

@@ -40,6 +40,9 @@ class FinetuneResult:
     rank_use: (modules, planned rank, used rank) of the saved adapter: the sum of the adapted
     modules' r and of their updates' effective ranks (adapter_metrics.parquet has each one).
     analysis_error: why the saved adapter could not be analysed (the adapter is saved anyway).
+    system: what the run cost (:class:`~esdtool.training.monitor.SystemSummary` as a dict:
+    wall time, peak memory, mean tokens/s and samples/s, mean GPU utilisation where a GPU is).
+    trajectory: spectra_trajectory.parquet, with --spectral-every.
     """
 
     output_dir: Path
@@ -56,12 +59,15 @@ class FinetuneResult:
     adapter_metrics: Path | None = None
     rank_use: tuple[int, int, int] | None = None
     analysis_error: str | None = None
+    system: dict[str, Any] | None = None
+    trajectory: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["output_dir"] = str(self.output_dir)
-        if self.adapter_metrics is not None:
-            data["adapter_metrics"] = str(self.adapter_metrics)
+        for key in ("adapter_metrics", "trajectory"):
+            if data[key] is not None:
+                data[key] = str(data[key])
         return data
 
 
@@ -105,7 +111,16 @@ def finetune(
     if dry_run:
         return result
 
-    trainer = _trainer(run, peft_model, outdir, settings, progress, callbacks or [])
+    from esdtool.training.monitor import SystemMonitorCallback
+    from esdtool.training.spectral import SpectralCallback
+
+    monitor = SystemMonitorCallback()
+    watchers: list[Any] = [monitor]
+    spectral = None
+    if settings.spectral_every:
+        spectral = SpectralCallback(settings.spectral_every, outdir)
+        watchers.append(spectral)
+    trainer = _trainer(run, peft_model, outdir, settings, progress, callbacks or [], watchers)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(outdir))  # adapter_config.json + adapter_model.safetensors + tokenizer
     eval_loss = None
@@ -116,7 +131,8 @@ def finetune(
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    metrics, rank_use, error = _read_back(outdir)
+    trajectory = spectral.output if spectral is not None else None
+    metrics, rank_use, error = _read_back(outdir, trajectory)
     result = FinetuneResult(
         outdir, run.data_format, ranks, trainable, total,
         steps=int(trainer.state.global_step),
@@ -125,6 +141,8 @@ def finetune(
         eval_loss=eval_loss,
         losses=losses,
         adapter_metrics=metrics, rank_use=rank_use, analysis_error=error,
+        system=monitor.summary.to_dict() if monitor.summary is not None else None,
+        trajectory=trajectory,
     )  # fmt: skip
     if trainer.is_world_process_zero():
         record = {
@@ -145,17 +163,19 @@ def finetune(
     return result
 
 
-def _read_back(outdir: Path) -> tuple[Path | None, tuple[int, int, int] | None, str | None]:
+def _read_back(
+    outdir: Path, trajectory: Path | None = None
+) -> tuple[Path | None, tuple[int, int, int] | None, str | None]:
     """Analyse the adapter just saved in ``outdir`` (every process takes a share): its table
-    and its report there. A failure is returned as text, never raised: the trained adapter is
-    already safe."""
+    and its report there (with the spectra over training, when they were watched). A failure
+    is returned as text, never raised: the trained adapter is already safe."""
     from esdtool.analysis import analyze
     from esdtool.render import report
 
     try:
         analysed = analyze(outdir, outdir / ADAPTER_METRICS, resume=False)
         if analysed.table is not None:  # the process that gathered every row (rank 0)
-            report(analysed.table, outdir / ADAPTER_REPORT)
+            report(analysed.table, outdir / ADAPTER_REPORT, trajectory=trajectory)
     except EsdtoolError as exc:
         return None, None, str(exc)
     return outdir / ADAPTER_METRICS, analysed.rank_use, None
@@ -213,15 +233,20 @@ def _trainer(
     settings: FinetuneSettings,
     progress: bool,
     callbacks: list[Any],
+    watchers: list[Any],
 ) -> Any:
     """TRL's SFTTrainer for the run (loss on completions only when records have a prompt)."""
     trl = run.stack["trl"]
     evaluation, fmt = run.evaluation, run.data_format
+    schedule = _schedule_args(trl.SFTConfig, settings)
     args = trl.SFTConfig(
         output_dir=str(outdir),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
         learning_rate=settings.lr,
+        lr_scheduler_type=settings.lr_scheduler,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
@@ -233,14 +258,16 @@ def _trainer(
         logging_steps=settings.logging_steps,
         logging_first_step=True,
         save_steps=settings.save_steps,
-        save_total_limit=2,
+        save_total_limit=settings.save_total_limit,
         eval_strategy="steps" if evaluation is not None else "no",
-        eval_steps=settings.save_steps if evaluation is not None else None,
-        report_to="none",
+        eval_steps=(settings.eval_steps or settings.save_steps) if evaluation is not None else None,
+        report_to=list(settings.report_to) or "none",
+        include_num_input_tokens_seen=_token_count_mode(),
         completion_only_loss=settings.completion_only_loss if fmt != "text" else None,
         dataset_text_field="text",
         packing=False,
         ddp_find_unused_parameters=False,
+        **schedule,
     )
     trainer = trl.SFTTrainer(
         model=model,
@@ -257,7 +284,29 @@ def _trainer(
     trainer.add_callback(_log_last_step_callback()())
     for callback in callbacks:
         trainer.add_callback(callback)
+    from esdtool.training.monitor import put_first
+
+    # esdtool's own watchers go first, so what they add to each log reaches the reporters.
+    for watcher in reversed(watchers):
+        put_first(trainer, watcher)
     return trainer
+
+
+def _schedule_args(config: type, settings: FinetuneSettings) -> dict[str, Any]:
+    """Warmup as this transformers takes it: ``warmup_ratio`` where the field exists (4.x),
+    else a float ``warmup_steps`` below 1 is the ratio (5.x)."""
+    fields = getattr(config, "__dataclass_fields__", {})
+    if settings.warmup_ratio and "warmup_ratio" in fields:
+        return {"warmup_ratio": settings.warmup_ratio, "warmup_steps": 0}
+    return {"warmup_steps": settings.warmup_ratio or settings.warmup_steps}
+
+
+def _token_count_mode() -> str | bool:
+    """Count input tokens without padding where transformers can (4.57 on), else all."""
+    import transformers
+    from packaging.version import Version
+
+    return "non_padding" if Version(transformers.__version__) >= Version("4.57") else True
 
 
 def _log_last_step_callback() -> type:
