@@ -165,6 +165,11 @@ def test_tokens_per_second_counts_the_tokens_trained_on(tiny_causal_lm, plan, tm
         (["--warmup-ratio", "1.5"], "--warmup-ratio must lie in [0, 1)"),
         (["--warmup-steps", "2", "--warmup-ratio", "0.1"], "both set"),
         (["--warmup-steps", "5", "--max-steps", "5"], "is not below --max-steps 5"),
+        # transformers warms up over ceil(0.8 x 4) = 4 steps: all of them
+        (
+            ["--warmup-ratio", "0.8", "--max-steps", "4"],
+            "--warmup-ratio 0.8 warms up over all --max-steps 4",
+        ),
         (["--lr-scheduler", "cosyne"], "--lr-scheduler must be one of linear, cosine"),
         (["--lr-scheduler", "constant", "--warmup-steps", "3"], "use constant_with_warmup"),
         (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
@@ -173,6 +178,17 @@ def test_tokens_per_second_counts_the_tokens_trained_on(tiny_causal_lm, plan, tm
         (["--save-total-limit", "0"], "--save-total-limit must be at least 1"),
         (["--report-to", "tensorbored"], "--report-to takes tensorboard, wandb, mlflow or none"),
         (["--report-to", "tensorboard,tensorboard"], "names one integration twice"),
+        (
+            ["--report-to", "none,tensorboard"],
+            "--report-to none turns reporting off: it cannot go with tensorboard",
+        ),
+        (["--report-to", "none", "--report-to", "wandb"], "it cannot go with wandb"),
+        # transformers' polynomial schedule decays to lr_end=1e-7 and refuses a lower --lr
+        # only once the model is loaded (ValueError in get_polynomial_decay_schedule_with_warmup)
+        (
+            ["--lr-scheduler", "polynomial", "--lr", "1e-7"],
+            "--lr-scheduler polynomial decays to 1e-07: --lr must be above it, not 1e-07",
+        ),
         (["--spectral-every", "-5"], "--spectral-every must be >= 0"),
     ],
 )
@@ -189,6 +205,16 @@ def test_bad_training_option_is_one_line_before_loading(args, message, tmp_path,
     line = stderr.strip().splitlines()[0]
     assert message in line and "no-model" not in line, stderr
     assert "Traceback" not in stderr and not out.exists()
+
+
+def test_report_to_off_in_the_library_as_on_the_command_line():
+    """FinetuneSettings(report_to=...) takes what transformers' report_to takes for "off" (None,
+    "none", an empty list) as the CLI's "none" and "", not a TypeError."""
+    from esdtool.training import FinetuneSettings
+
+    for off in (None, "none", "", [], ["none"], ("none", "none")):
+        assert FinetuneSettings(report_to=off).report_to == (), off
+    assert FinetuneSettings(report_to=["tensorboard"]).report_to == ("tensorboard",)
 
 
 def test_eval_steps_needs_eval_data_and_a_missing_reporter_names_its_extra(
@@ -378,6 +404,40 @@ def test_spectral_callback_refuses_what_it_cannot_read(tiny_causal_lm):
         check_model(model)
 
 
+def test_spectral_callback_refuses_a_model_wrapped_in_fsdp_1(tiny_causal_lm, tmp_path):
+    """FSDP 1, which accelerate launch gives with the FSDP config docs/finetune.md describes:
+    the Trainer hands callbacks the FullyShardedDataParallel wrapper, whose LoRA parameters are
+    plain ones (slices of a flat parameter; use_orig_params keeps their names) and whose state
+    dict is a collective. Refused in one line, as ZeRO-3 and FSDP 2 are; it passed, and the main
+    process went on to read the state dict alone. One gloo process on CPU, FSDP 1's own
+    wrapper."""
+    import peft
+    import torch
+    import torch.distributed as dist
+    import transformers
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from esdtool.errors import OptionError
+    from esdtool.training.spectral import check_model
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        wrapped = FullyShardedDataParallel(
+            model, use_orig_params=True, device_id=torch.device("cpu")
+        )
+        assert any("lora_A" in name for name, _ in wrapped.named_parameters())
+        with pytest.raises(OptionError) as caught:
+            check_model(wrapped)
+    finally:
+        dist.destroy_process_group()
+    message = str(caught.value)
+    assert "sharded (the model is wrapped in FullyShardedDataParallel)" in message, message
+    assert "\n" not in message
+
+
 @pytest.mark.slow
 def test_callback_in_a_plain_trainer_from_zero_to_the_saved_adapter(tiny_causal_lm, tmp_path):
     """SpectralCallback in a user's own transformers Trainer (not esdtool finetune): at step 0
@@ -431,3 +491,132 @@ def test_callback_in_a_plain_trainer_from_zero_to_the_saved_adapter(tiny_causal_
 
     trajectory = load_trajectory(out / "spectra_trajectory.parquet")
     assert sorted(set(trajectory.step)) == [0, 3, 5]
+
+
+def test_trajectory_spans_the_steps_a_run_trained_resumed_or_stopped_early(tiny_causal_lm,
+                                                                           tmp_path):  # fmt: skip
+    """The trajectory brackets what was trained: a run stopped early at step 2 of 4 (as
+    EarlyStoppingCallback stops it) ends with step 2, the adapter it leaves, equal to analyze of
+    that adapter saved; a run resumed from checkpoint-2 starts at step 2, from the checkpoint's
+    weights (equal to analyze of checkpoint-2), not at its first step after it."""
+    import peft
+    import torch
+    import transformers
+
+    from esdtool import SpectralCallback, analyze, load_trajectory
+
+    class StopAt2(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_causal_lm)
+    ids = [tokenizer(r["prompt"] + r["completion"])["input_ids"] for r in ARITHMETIC]
+    dataset = [{"input_ids": torch.tensor(i), "labels": torch.tensor(i)} for i in ids]
+
+    def trainer(out, callbacks, **options):
+        base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=4, per_device_train_batch_size=1, learning_rate=1e-2,
+            report_to="none", disable_tqdm=True, **options,
+        )  # fmt: skip
+        return transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                    callbacks=callbacks)  # fmt: skip
+
+    def same(table, saved):
+        columns = ["module", "status", "effective_rank", "lambda_max", "stable_rank"]
+        mine = table[columns].sort_values("module").reset_index(drop=True)
+        theirs = saved[columns].sort_values("module").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, theirs)
+
+    stopped = SpectralCallback(every=3)
+    run = trainer(tmp_path / "stopped", [StopAt2(), stopped], save_strategy="no")
+    run.train()
+    assert run.state.global_step == 2
+    assert [step for step, _ in stopped.trajectory] == [0, 2]
+    run.model.save_pretrained(tmp_path / "at-2")
+    same(stopped.trajectory[-1][1], analyze(tmp_path / "at-2").table)
+    assert sorted(set(load_trajectory(stopped.output).step)) == [0, 2]
+
+    out = tmp_path / "resumed"
+    trainer(out, [StopAt2()], save_strategy="steps", save_steps=2).train()
+    resumed = SpectralCallback(every=3)
+    trainer(out, [resumed], save_strategy="no").train(
+        resume_from_checkpoint=str(out / "checkpoint-2")
+    )
+    assert [step for step, _ in resumed.trajectory] == [2, 3, 4]
+    same(resumed.trajectory[0][1], analyze(out / "checkpoint-2").table)
+
+
+def test_a_callback_passed_and_attached_is_called_once(tiny_causal_lm, tmp_path):
+    """callbacks=[monitor] and then monitor.attach(trainer), as a user following both halves of
+    the docs does: the trainer holds each callback once, first. Held twice, the second on_log
+    read the CPU share over the microseconds since the first and logged 0.0 at every step."""
+    import peft
+    import torch
+    import transformers
+
+    from esdtool import SpectralCallback, SystemMonitorCallback
+
+    cpu = []
+
+    class Seen(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                cpu.append(logs["system/cpu_percent"])
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_causal_lm)
+    ids = [tokenizer(r["prompt"] + r["completion"])["input_ids"] for r in ARITHMETIC]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    monitor, spectral = SystemMonitorCallback(), SpectralCallback(every=5)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+        report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=model, args=args, callbacks=[monitor, spectral, Seen()],
+        train_dataset=[{"input_ids": torch.tensor(i), "labels": torch.tensor(i)} for i in ids],
+    )  # fmt: skip
+    spectral.attach(trainer)
+    monitor.attach(trainer)
+    held = trainer.callback_handler.callbacks
+    assert held[:2] == [monitor, spectral]
+    assert sum(c is monitor for c in held) == sum(c is spectral for c in held) == 1
+    trainer.train()
+    assert len(cpu) == 2 and all(v > 0 for v in cpu), cpu
+
+
+def test_settings_of_the_wrong_type_are_one_line_each():
+    """Library callers pass anything: None where an integer goes (transformers reads a None
+    save_total_limit as keep-all; here it is refused, not a raw TypeError), a string rate."""
+    from esdtool.errors import OptionError
+    from esdtool.training import FinetuneSettings
+
+    with pytest.raises(OptionError) as caught:
+        FinetuneSettings(save_total_limit=None, lr="1e-4", max_steps=True)
+    text = str(caught.value)
+    assert "save_total_limit must be an integer, not None" in text
+    assert "lr must be a number, not '1e-4'" in text and "max_steps must be an integer" in text
+
+
+def test_a_rerun_without_spectra_drops_the_earlier_runs_trajectory(tiny_causal_lm, plan,
+                                                                   tmp_path, capsys):  # fmt: skip
+    """A run directory reused without --spectral-every: the earlier run's
+    spectra_trajectory.parquet is removed, never left to pass for this run's; a trajectory
+    that cannot be written costs the run nothing but the file (the adapter is saved, the
+    summary says why)."""
+    data = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
+    out = tmp_path / "run"
+    _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "2", "--spectral-every", "1")
+    assert (out / "spectra_trajectory.parquet").is_file()
+    _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "2")
+    assert not (out / "spectra_trajectory.parquet").exists()
+
+    (out / "adapter_model.safetensors").unlink()
+    (out / "spectra_trajectory.parquet").mkdir()  # a directory where the file would go
+    result = _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "1",
+                       "--spectral-every", "1")  # fmt: skip
+    assert (out / "adapter_model.safetensors").is_file() and result["trajectory"] is None
+    assert "spectra_trajectory.parquet: not written" in result["analysis_error"]

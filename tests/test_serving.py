@@ -58,6 +58,34 @@ def test_the_default_r_counts_too():
     assert (check.largest_rank, check.vllm_max_lora_rank, check.fits) == (17, 32, True)
 
 
+def test_a_hand_edited_config_gets_peft_defaults_or_one_line():
+    """adapter_config.json is untrusted: an r left out is PEFT's default 8 and an empty or null
+    rank_pattern adds nothing; an r or a rank that is not a positive integer (8.5 would have
+    been truncated to 8, "16" taken as 16, a missing r a KeyError) is refused in one line naming
+    the file and every bad value."""
+    from esdtool.errors import CheckpointError
+
+    assert config_serving({}).largest_rank == 8
+    assert config_serving({"rank_pattern": {"^a": 9}}).vllm_max_lora_rank == 16
+    assert config_serving({"r": 4, "rank_pattern": {}}).largest_rank == 4
+    assert config_serving({"r": 4, "rank_pattern": None}).vllm_max_lora_rank == 8
+    for config, message in [
+        ({"r": None}, "r is None, not a positive integer"),
+        ({"r": 8.5}, "r is 8.5, not a positive integer"),
+        ({"r": True}, "r is True, not a positive integer"),
+        ({"r": 0}, "r is 0, not a positive integer"),
+        ({"r": 8, "rank_pattern": {"^a": 16, "^b": "16", "^c": 8.5}},
+         "rank_pattern['^b'] is '16', not a positive integer; rank_pattern['^c'] is 8.5"),
+        ({"r": 8, "rank_pattern": [16]}, "rank_pattern is list, not an object"),
+        ({"r": "\x1b[31m" + "9" * 100}, "r is '\\x1b[31m999"),
+    ]:  # fmt: skip
+        with pytest.raises(CheckpointError) as caught:
+            config_serving(config, "plan/adapter_config.json")
+        text = str(caught.value)
+        assert text.startswith("plan/adapter_config.json: ") and message in text, text
+        assert "\n" not in text and "\x1b" not in text and len(text) < 200
+
+
 @pytest.mark.parametrize(("largest", "needed"), BOUNDARIES)
 def test_minilm_plans_record_the_value_vllm_needs(minilm_metrics, tmp_path, largest, needed):
     """The real plan of MiniLM with --max-rank = the boundary: the highest score gets exactly

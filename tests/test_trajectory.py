@@ -277,8 +277,9 @@ def test_compare_of_a_trajectory_compares_its_steps(run, tmp_path, capsys):
                               capsys)  # fmt: skip
     assert code == 2 and stderr.count("\n") == 1 and "one trajectory on its own" in stderr
     one = write_trajectory(run["tables"][:1], tmp_path / "one.parquet", run["metadata"])
-    with pytest.raises(OptionError, match=r"holds one step \(0\): compare needs two"):
+    with pytest.raises(OptionError, match=r"holds one step \(0\): compare needs two") as caught:
         compare([one])
+    assert str(caught.value).startswith(f"{one}: ")
 
 
 def _shares_by_hand(tables) -> dict[tuple[int, int | None], float]:
@@ -387,3 +388,36 @@ def test_report_cli_trajectory_and_its_refusals(run, minilm_metrics, tmp_path, c
         )
         assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
     assert load_trajectory(run["path"]).step.nunique() == len(STEPS)  # not overwritten
+
+
+def test_a_run_that_diverged_keeps_its_trajectory_in_the_report(
+    run, tiny_causal_lm, tmp_path, capsys
+):
+    """Training that went to NaN leaves an adapter whose every update is 'nonfinite' (no
+    effective rank): its report still draws the trajectory that led there, as finetune's
+    read-back does with --spectral-every (it lost adapter_report.html and said "this table holds
+    no LoRA update"). The last step has no share of rank used (n/a)."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    config = peft.LoraConfig(r=8, lora_alpha=16, rank_pattern={"v_proj": 40},
+                             target_modules=["q_proj", "v_proj", "o_proj", "lm_head"])  # fmt: skip
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(float("nan"))
+    diverged = analyze(model, weights="adapter").table
+    updates = diverged[diverged.lora_rank.notna()]
+    assert len(updates) and set(updates.status) == {"nonfinite"}
+    path = write_trajectory([*run["tables"], (40, diverged)], tmp_path / "t.parquet",
+                            run["metadata"])  # fmt: skip
+    html = report(diverged, tmp_path / "r.html", trajectory=path).html
+    assert '<section id="trajectory">' in html
+    assert "5 measured steps, 0 to 40" in html and "and n/a at step 40" in html
+    # Without the tied lm_head PEFT saves in full, step 40 has no measured row to compare: one
+    # line that names the step.
+    alone = write_trajectory([*run["tables"], (40, diverged[diverged.status != "ok"])],
+                             tmp_path / "alone.parquet", run["metadata"])  # fmt: skip
+    capsys.readouterr()
+    code, _, stderr = run_cli(["compare", alone, "-o", tmp_path / "cmp"], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "step 40: no measured row (status ok or zero) to compare" in stderr

@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from esdtool.errors import CheckpointError
+from esdtool.untrusted import printable
+
 # Every value vLLM's --max-lora-rank accepts, ascending: vllm/config/lora.py in vLLM v0.26.0,
 # `MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]`. The one place esdtool holds them.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -70,10 +73,36 @@ def serving_check(ranks: Iterable[int]) -> ServingCheck:
     return ServingCheck(largest, vllm_max_lora_rank(largest))
 
 
-def config_serving(config: Mapping[str, Any]) -> ServingCheck:
+def config_serving(config: Mapping[str, Any], where: str = "adapter_config.json") -> ServingCheck:
     """The check for an adapter_config.json's content: its largest rank is the largest
     rank_pattern value or the default r, whichever is larger. Both count: vLLM refuses an
     adapter whose default r is above --max-lora-rank (vllm/lora/peft_helper.py,
     ``validate_legal``) even when every module has its own rank_pattern entry, and each
-    module's factors must fit buffers sized by --max-lora-rank."""
-    return serving_check([int(config["r"]), *(config.get("rank_pattern") or {}).values()])
+    module's factors must fit buffers sized by --max-lora-rank.
+
+    The content is untrusted (a hand-edited file): r missing is PEFT's default 8; an r or a
+    rank_pattern value that is not a positive integer, or a rank_pattern that is not an
+    object, is refused in one :class:`~esdtool.errors.CheckpointError` naming ``where``."""
+    r = config.get("r", 8)
+    patterns = config.get("rank_pattern")
+    patterns = {} if patterns is None else patterns
+    problems = [] if _rank(r) else [f"r is {_shown(r)}, not a positive integer"]
+    if isinstance(patterns, Mapping):
+        problems += [f"rank_pattern[{_shown(key)}] is {_shown(value)}, not a positive integer"
+                     for key, value in patterns.items() if not _rank(value)]  # fmt: skip
+    else:
+        problems.append(f"rank_pattern is {type(patterns).__name__}, not an object")
+    if problems:
+        raise CheckpointError(f"{printable(where)}: {'; '.join(problems)}")
+    return serving_check([r, *patterns.values()])
+
+
+def _rank(value: object) -> bool:
+    """A rank as PEFT takes it: an integer >= 1 (not a bool, not 8.0)."""
+    return type(value) is int and value >= 1
+
+
+def _shown(value: object) -> str:
+    """A value from the file, printable and at most 60 characters."""
+    text = printable(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."

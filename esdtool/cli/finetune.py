@@ -65,6 +65,14 @@ def finetune(
         str | None,
         typer.Option("--eval-data", help="Evaluation data, same formats.", show_default=False),
     ] = None,
+    test_data: Annotated[
+        str | None,
+        typer.Option(
+            "--test-data",
+            help="Held-out data, evaluated once after training (the test loss).",
+            show_default=False,
+        ),
+    ] = None,
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 1.0,
     max_steps: Annotated[
         int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs).")
@@ -204,8 +212,8 @@ def finetune(
         resume = True
     result = run_finetune(
         model, adapter_config, data, output_dir, settings, eval_data=eval_data,
-        revision=revision, token=os.environ.get("HF_TOKEN"), resume_from_checkpoint=resume,
-        dry_run=dry_run, progress=not (quiet or as_json),
+        test_data=test_data, revision=revision, token=os.environ.get("HF_TOKEN"),
+        resume_from_checkpoint=resume, dry_run=dry_run, progress=not (quiet or as_json),
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one summary per job, from the main process
@@ -238,6 +246,8 @@ def _print_summary(result: FinetuneResult) -> None:
             table.add_row("loss", f"{result.first_loss:.4f} (first) -> {result.final_loss:.4f}")
         if result.eval_loss is not None:
             table.add_row("eval loss", f"{result.eval_loss:.4f}")
+        if result.test_loss is not None:
+            table.add_row("test loss", f"{result.test_loss:.4f}")
         table.add_row("adapter saved to", Text(safe(str(result.output_dir))))
         if result.rank_use is not None:
             modules, planned, used = result.rank_use

@@ -144,8 +144,9 @@ def _tables(
         pairs = step_tables(trajectory)
         if len(pairs) < 2:
             steps = ", ".join(str(s) for s, _ in pairs) or "none"
+            where = "" if isinstance(source, pd.DataFrame) else f"{source}: "
             raise OptionError(
-                f"the trajectory holds one step ({steps}): compare needs two tables or more"
+                f"{where}the trajectory holds one step ({steps}): compare needs two tables or more"
             )
         return [t for _, t in pairs], [f"step {s}" for s, _ in pairs], [s for s, _ in pairs]
     if len(tables) < 2:
@@ -168,8 +169,12 @@ def _join(frames: list[pd.DataFrame], labels: list[str]) -> pd.DataFrame:
     for k in keyed[1:]:
         shared &= set(k.index)
     smallest = min(len(k) for k in keyed)
-    if smallest == 0:
-        raise MetricsSchemaError("a table has no analysed row to compare")
+    if smallest == 0:  # e.g. a trajectory's steps after training diverged: every row nonfinite
+        empty = next(label for k, label in zip(keyed, labels, strict=True) if not len(k))
+        raise MetricsSchemaError(
+            f"{printable(empty)}: no measured row (status ok or zero) to compare",
+            hint="compare tables (or steps) whose matrices were analysed",
+        )
     if len(shared) < MIN_SHARED * smallest:
         raise OptionError(
             f"the tables share {len(shared)} of {smallest} analysed modules: not one model "

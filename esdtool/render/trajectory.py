@@ -91,13 +91,15 @@ def still_climbing(trajectory: pd.DataFrame) -> pd.DataFrame:
 
 def check(trajectory: pd.DataFrame, table: pd.DataFrame) -> None:
     """The trajectory can be drawn in ``table``'s report: both hold LoRA updates, and some
-    module of one is in the other (the same adapter, measured while training)."""
+    module of one is in the other (the same adapter, measured while training). An update
+    counts whatever its status: the trajectory of a run that diverged (its updates nonfinite
+    at the end) is the one most worth drawing."""
     if "step" not in trajectory.columns:
         raise OptionError(
             "trajectory must be a training trajectory (what esdtool.load_trajectory gives, or "
             "the path of spectra_trajectory.parquet): this DataFrame has no step column"
         )
-    ours, theirs = set(lora_rows(table)["module"]), set(lora_rows(trajectory)["module"])
+    ours, theirs = _update_modules(table), _update_modules(trajectory)
     if not ours:
         raise OptionError(
             "the training trajectory is drawn in a trained adapter's report, and this table "
@@ -112,6 +114,13 @@ def check(trajectory: pd.DataFrame, table: pd.DataFrame) -> None:
             "the training trajectory shares no LoRA module with the table: not this adapter's "
             "training"
         )
+
+
+def _update_modules(table: pd.DataFrame) -> set[str]:
+    """The modules of a table's LoRA update rows (a planned rank), analysed or not."""
+    if "lora_rank" not in table.columns:
+        return set()
+    return set(table.loc[table["lora_rank"].notna(), "module"])
 
 
 def section(trajectory: pd.DataFrame) -> dict[str, Any]:

@@ -41,6 +41,9 @@ SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt",
 )  # fmt: skip
+# The learning rate transformers' polynomial schedule decays to (its lr_end default): --lr
+# must lie above it, or the scheduler refuses to start once the model is loaded.
+POLYNOMIAL_LR_END = 1e-7
 # Where logs go (transformers' reporting integrations), with the package each one needs and the
 # esdtool extra that installs it.
 REPORTERS = {
@@ -94,10 +97,13 @@ class FinetuneSettings:
             names = [n.strip() for n in self.report_to.split(",") if n.strip()]
             object.__setattr__(self, "report_to", tuple(names))
         else:
-            object.__setattr__(self, "report_to", tuple(self.report_to))
-        if self.report_to == ("none",):
+            object.__setattr__(self, "report_to", tuple(self.report_to or ()))
+        if set(self.report_to) == {"none"}:
             object.__setattr__(self, "report_to", ())
-        unknown = [n for n in self.report_to if n not in REPORTERS]
+        unknown = [n for n in self.report_to if n not in REPORTERS and n != "none"]
+        mistyped = _mistyped(self)
+        if mistyped:  # the range checks below would fail on them with a raw TypeError
+            raise OptionError("; ".join(mistyped))
         checks = [
             (math.isfinite(self.epochs) and self.epochs > 0,
              f"--epochs must be a finite number > 0, not {self.epochs}"),
@@ -119,10 +125,18 @@ class FinetuneSettings:
             (self.max_steps == -1 or self.warmup_steps < self.max_steps,
              f"--warmup-steps {self.warmup_steps} is not below --max-steps {self.max_steps}: "
              "the learning rate would never reach --lr"),
+            # transformers warms up over ceil(ratio x steps) steps
+            (self.max_steps == -1 or not math.isfinite(self.warmup_ratio)
+             or math.ceil(self.warmup_ratio * self.max_steps) < self.max_steps,
+             f"--warmup-ratio {self.warmup_ratio} warms up over all --max-steps "
+             f"{self.max_steps}: the learning rate would never reach --lr"),
             (self.lr_scheduler in SCHEDULERS,
              f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}, not {self.lr_scheduler!r}"),
             (self.lr_scheduler != "constant" or not (self.warmup_steps or self.warmup_ratio),
              "--lr-scheduler constant has no warmup: use constant_with_warmup"),
+            (self.lr_scheduler != "polynomial" or not 0 < self.lr <= POLYNOMIAL_LR_END,
+             f"--lr-scheduler polynomial decays to {POLYNOMIAL_LR_END:g}: --lr must be above "
+             f"it, not {self.lr:g}"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"--weight-decay must be a finite number >= 0, not {self.weight_decay}"),
             (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
@@ -134,6 +148,9 @@ class FinetuneSettings:
              f"--save-total-limit must be at least 1, not {self.save_total_limit}"),
             (not unknown,
              f"--report-to takes {', '.join(REPORTERS)} or none, not {', '.join(unknown)}"),
+            ("none" not in self.report_to,
+             f"--report-to none turns reporting off: it cannot go with "
+             f"{', '.join(n for n in self.report_to if n != 'none')}"),
             (len(set(self.report_to)) == len(self.report_to),
              f"--report-to names one integration twice ({', '.join(self.report_to)})"),
             (self.spectral_every >= 0,
@@ -144,13 +161,39 @@ class FinetuneSettings:
             raise OptionError("; ".join(problems))
 
 
+_INTEGERS = ("max_steps", "batch_size", "grad_accum", "max_length", "seed", "logging_steps",
+             "save_steps", "warmup_steps", "save_total_limit", "spectral_every")  # fmt: skip
+_NUMBERS = ("epochs", "lr", "warmup_ratio", "weight_decay", "max_grad_norm")
+_TEXT = ("lr_scheduler",)
+
+
+def _mistyped(settings: FinetuneSettings) -> list[str]:
+    """Library callers can pass anything: a field of the wrong type, one line each."""
+    problems = []
+    for name in (*_INTEGERS, "eval_steps"):
+        value = getattr(settings, name)
+        if name == "eval_steps" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{name} must be an integer, not {value!r}")
+    for name in _NUMBERS:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{name} must be a number, not {value!r}")
+    for name in _TEXT:
+        if not isinstance(getattr(settings, name), str):
+            problems.append(f"{name} must be a string, not {getattr(settings, name)!r}")
+    return problems
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A run that passed every check: what the recipe trains with.
 
     stack:     the imported transformers / peft / trl / datasets modules.
     config:    the plan as a ``peft.LoraConfig`` (task type, DoRA / rsLoRA as asked).
-    train, evaluation: TRL-shaped records (``evaluation`` None without --eval-data).
+    train, evaluation, test: TRL-shaped records (``evaluation`` / ``test`` None without
+    eval or test data).
     data_format: the format the data was read as.
     model_dir: the local directory of the model (a hub snapshot for hub ids).
     tokenizer: the model's tokenizer, with a pad token.
@@ -163,6 +206,7 @@ class Prepared:
     data_format: str
     model_dir: Path
     tokenizer: Any
+    test: Any = None
 
 
 def prepare(
@@ -173,6 +217,7 @@ def prepare(
     settings: FinetuneSettings,
     *,
     eval_data: str | os.PathLike[str] | None = None,
+    test_data: str | os.PathLike[str] | None = None,
     revision: str | None = None,
     token: str | None = None,
     resume_from_checkpoint: str | bool | None = None,
@@ -198,6 +243,7 @@ def prepare(
     config = check(_load_plan, stack["peft"], plan_dir, settings)
     loaded = check(load_training_data, data)
     evaluation = check(load_training_data, eval_data) if eval_data is not None else None
+    test = check(load_training_data, test_data) if test_data is not None else None
     model_dir = resolved.files[0].parent if resolved is not None else None
     tokenizer = check(_load_tokenizer, stack["transformers"], model_dir) if model_dir else None
     chat = loaded is not None and loaded[1] == "messages"
@@ -231,6 +277,7 @@ def prepare(
         config=config,
         train=loaded[0],
         evaluation=evaluation[0] if evaluation is not None else None,
+        test=test[0] if test is not None else None,
         data_format=loaded[1],
         model_dir=model_dir,
         tokenizer=tokenizer,

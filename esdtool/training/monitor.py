@@ -70,8 +70,14 @@ class SystemSummary:
 
 def put_first(trainer: Any, callback: Any) -> Any:
     """Add ``callback`` to ``trainer`` ahead of every other callback (the reporting ones
-    included), so what it adds to the logs reaches TensorBoard, W&B or MLflow. Returns it."""
-    trainer.callback_handler.callbacks.insert(0, callback)
+    included), so what it adds to the logs reaches TensorBoard, W&B or MLflow. Returns it.
+    A callback the trainer already holds (``callbacks=[...]`` and then ``attach``) is moved,
+    not added twice: twice, its every reading would be taken again a moment later (CPU share
+    over no time at all) and overwrite the first."""
+    callbacks = trainer.callback_handler.callbacks
+    if any(c is callback for c in callbacks):
+        callbacks[:] = [c for c in callbacks if c is not callback]
+    callbacks.insert(0, callback)
     return callback
 
 

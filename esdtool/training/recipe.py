@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from esdtool.errors import EsdtoolError, ModelLoadError
+from esdtool.io.trajectory import TRAJECTORY_NAME
 from esdtool.plan.peft_config import PLAN_RECORD
 from esdtool.plan.verify import adapted_modules, apply_plan, plan_problems, raise_problems
 from esdtool.training.config import FinetuneSettings, Prepared, prepare
@@ -54,6 +55,7 @@ class FinetuneResult:
     first_loss: float | None = None
     final_loss: float | None = None
     eval_loss: float | None = None
+    test_loss: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     dry_run: bool = False
     adapter_metrics: Path | None = None
@@ -79,6 +81,7 @@ def finetune(
     settings: FinetuneSettings | None = None,
     *,
     eval_data: str | os.PathLike[str] | None = None,
+    test_data: str | os.PathLike[str] | None = None,
     revision: str | None = None,
     token: str | None = None,
     resume_from_checkpoint: str | bool | None = None,
@@ -97,8 +100,8 @@ def finetune(
     settings = settings or FinetuneSettings()
     plan_dir, outdir = Path(adapter_config), Path(output_dir)
     run = prepare(
-        model, plan_dir, data, outdir, settings, eval_data=eval_data, revision=revision,
-        token=token, resume_from_checkpoint=resume_from_checkpoint,
+        model, plan_dir, data, outdir, settings, eval_data=eval_data, test_data=test_data,
+        revision=revision, token=token, resume_from_checkpoint=resume_from_checkpoint,
     )  # fmt: skip
     if not progress:
         run.stack["datasets"].disable_progress_bars()
@@ -114,7 +117,14 @@ def finetune(
     from esdtool.training.monitor import SystemMonitorCallback
     from esdtool.training.spectral import SpectralCallback
 
-    monitor = SystemMonitorCallback()
+    stale = outdir / TRAJECTORY_NAME  # an earlier run's spectra must not pass for this run's
+    if stale.is_file() and (_is_main_process() and resume_from_checkpoint in (None, False)):
+        stale.unlink()
+    # The caller's own monitor, if it passed one, is the run's (a second would halve its CPU
+    # readings); else finetune's.
+    given = [c for c in callbacks or [] if isinstance(c, SystemMonitorCallback)]
+    monitor = given[0] if given else SystemMonitorCallback()
+    callbacks = [c for c in callbacks or [] if c is not monitor]
     watchers: list[Any] = [monitor]
     spectral = None
     if settings.spectral_every:
@@ -126,6 +136,9 @@ def finetune(
     eval_loss = None
     if run.evaluation is not None:  # the number to compare plans by, at the end of training
         eval_loss = float(trainer.evaluate()["eval_loss"])
+    test_loss = None
+    if run.test is not None:  # held out from every choice made on the eval data
+        test_loss = float(trainer.evaluate(run.test, metric_key_prefix="test")["test_loss"])
     losses = [
         (int(entry["step"]), float(entry["loss"]))
         for entry in trainer.state.log_history
@@ -133,12 +146,15 @@ def finetune(
     ]
     trajectory = spectral.output if spectral is not None else None
     metrics, rank_use, error = _read_back(outdir, trajectory)
+    if spectral is not None and spectral.error is not None:
+        error = "; ".join(e for e in (error, spectral.error) if e)
     result = FinetuneResult(
         outdir, run.data_format, ranks, trainable, total,
         steps=int(trainer.state.global_step),
         first_loss=losses[0][1] if losses else None,
         final_loss=losses[-1][1] if losses else None,
         eval_loss=eval_loss,
+        test_loss=test_loss,
         losses=losses,
         adapter_metrics=metrics, rank_use=rank_use, analysis_error=error,
         system=monitor.summary.to_dict() if monitor.summary is not None else None,
@@ -154,6 +170,7 @@ def finetune(
             "plan": _plan_record(plan_dir),
             "data": os.fspath(data),
             "eval_data": os.fspath(eval_data) if eval_data is not None else None,
+            "test_data": os.fspath(test_data) if test_data is not None else None,
             "data_format": run.data_format,
             "settings": asdict(settings),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -161,6 +178,11 @@ def finetune(
         }
         (outdir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return result
+
+
+def _is_main_process() -> bool:
+    """Whether this process writes the run's files (rank 0 under torchrun, or alone)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _read_back(
@@ -257,6 +279,7 @@ def _trainer(
         data_seed=settings.seed,
         logging_steps=settings.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, never as an earlier mean
         save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit,
         eval_strategy="steps" if evaluation is not None else "no",

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-from esdtool.errors import OptionError
+from esdtool.errors import EsdtoolError, OptionError
 from esdtool.extras import require
 
 require("esdtool.SpectralCallback", "transformers")
@@ -43,7 +44,8 @@ def rank_share(effective_rank: float, lora_rank: float, m: float) -> float:
 
 
 class SpectralCallback(TrainerCallback):
-    """Every ``every`` steps (and at step 0 and the last step), the spectra of the adapter's
+    """Every ``every`` steps (and at the step training starts from, 0 or a resumed
+    checkpoint's, and the step it ends at, early stopping included), the spectra of the adapter's
     updates, logged as ``spectral/<module>/<metric>`` for the metrics in :data:`LOGGED`, with
     ``spectral/rank_used`` and ``spectral/rank_share`` over all modules. At the end of training
     the rows of every measured step go to ``spectra_trajectory.parquet`` in ``output_dir``
@@ -76,6 +78,7 @@ class SpectralCallback(TrainerCallback):
         self.trajectory: list[tuple[int, Any]] = []
         self.latest: dict[str, float] = {}
         self.output: Path | None = None
+        self.error: str | None = None  # why the trajectory could not be written
         self._pending: dict[str, float] = {}
 
     def attach(self, trainer: Any) -> SpectralCallback:
@@ -88,9 +91,10 @@ class SpectralCallback(TrainerCallback):
         model = kwargs.get("model")
         check_model(model)
         self.trajectory, self._pending, self.output = [], {}, None
-        if state.global_step == 0:
-            self._measure(model, state, 0)  # B starts at zero: nothing of the rank is used yet
-            self._pending = {}  # kept in the trajectory; the first log is step 1's, not step 0's
+        # Where training starts: step 0 (B is zero: nothing of the rank is used yet), or the
+        # checkpoint resumed from (the Trainer has loaded its weights by now).
+        self._measure(model, state, int(state.global_step))
+        self._pending = {}  # kept in the trajectory; the first log is the next step's
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         step = int(state.global_step)
@@ -107,11 +111,17 @@ class SpectralCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not self.trajectory:
             return
+        # Training stopped before max_steps (early stopping): the adapter as it ends is measured.
+        self._measure(kwargs.get("model"), state, int(state.global_step))
         directory = self.output_dir or Path(args.output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         metadata = dict(self.trajectory[0][1].attrs.get("esdtool", {}))
         metadata["trajectory_every"] = self.every
-        self.output = write_trajectory(self.trajectory, directory / TRAJECTORY_NAME, metadata)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.output = write_trajectory(self.trajectory, directory / TRAJECTORY_NAME, metadata)
+        except (OSError, EsdtoolError) as exc:  # a full disk must not cost the trained adapter
+            self.error = f"{directory / TRAJECTORY_NAME}: not written ({exc})"
+            warnings.warn(f"esdtool.SpectralCallback: {self.error}", stacklevel=1)
 
     def _measure(self, model: Any, state: Any, step: int) -> None:
         if not state.is_world_process_zero:
@@ -168,10 +178,18 @@ def check_model(model: Any) -> None:
         sharded = sharded or type(param).__name__ in ("FlatParameter", "DTensor")  # FSDP 1/2
         sharded = sharded or type(getattr(param, "data", None)).__name__ == "DTensor"
         if sharded:
-            raise OptionError(
-                f"SpectralCallback: the LoRA parameters are sharded ({name} is a "
-                f"{type(param).__name__}); under DeepSpeed ZeRO-3 or FSDP each process holds a "
-                "slice of the factors, which is not supported",
-                hint="train with DDP (torchrun, accelerate launch without ZeRO-3/FSDP), or "
-                "read the saved adapter afterwards: esdtool analyze OUTPUT_DIR",
-            )
+            _refuse_sharded(f"{name} is a {type(param).__name__}")
+    # FSDP 1 (the Trainer hands callbacks the wrapped model) keeps plain parameters, slices of
+    # a flat one, and its state dict is a collective the main process alone would wait on.
+    for module in model.modules():
+        if any(c.__name__ == "FullyShardedDataParallel" for c in type(module).__mro__):
+            _refuse_sharded(f"the model is wrapped in {type(module).__name__}")
+
+
+def _refuse_sharded(why: str) -> None:
+    raise OptionError(
+        f"SpectralCallback: the LoRA parameters are sharded ({why}); under DeepSpeed ZeRO-3 or "
+        "FSDP each process holds a slice of the factors, which is not supported",
+        hint="train with DDP (torchrun, accelerate launch without ZeRO-3/FSDP), or "
+        "read the saved adapter afterwards: esdtool analyze OUTPUT_DIR",
+    )
