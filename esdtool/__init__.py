@@ -8,6 +8,8 @@ The library surface, one verb per command (each is the CLI command's twin):
 - :func:`allocate` turns a table into a PEFT LoRA plan directory;
 - :func:`report` writes the self-contained HTML report of a table;
 - :func:`finetune` trains the planned adapters (needs the ``finetune`` extra);
+- :func:`ablate` trains the plan against uniform LoRA and its controls at one budget, over
+  learning rates and seeds, and says whether the difference is real;
 - :class:`SpectralCallback` and :class:`SystemMonitorCallback` watch any transformers Trainer:
   the adapter's spectra, and what the run costs.
 
@@ -22,6 +24,7 @@ from esdtool._lazy import lazy_getattr
 from esdtool.version import __version__
 
 if TYPE_CHECKING:
+    from esdtool.ablation import AblateResult, AblateSettings, ablate
     from esdtool.analysis import AnalyzeResult, AnalyzeSettings, analyze
     from esdtool.comparison import CompareResult, compare
     from esdtool.io.table import SCHEMA_VERSION, load_metrics
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AblateResult",
+    "AblateSettings",
     "AllocateResult",
     "AllocateSettings",
     "AnalyzeResult",
@@ -49,6 +54,7 @@ __all__ = [
     "SpectralCallback",
     "SystemMonitorCallback",
     "__version__",
+    "ablate",
     "allocate",
     "analyze",
     "compare",
@@ -61,6 +67,8 @@ __all__ = [
 
 
 _WHERE = {
+    "ablate": "ablation.study", "AblateResult": "ablation.study",
+    "AblateSettings": "ablation.settings",
     "analyze": "analysis.run", "AnalyzeResult": "analysis.result",
     "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table",
     "load_trajectory": "io.trajectory",

@@ -66,8 +66,11 @@ def test_eval_data_gives_the_eval_loss_of_the_trained_adapter(tiny_causal_lm, pl
                 for a in range(4)]  # fmt: skip
     evaluation = write_jsonl(tmp_path / "eval.jsonl", held_out)
     out = tmp_path / "run"
+    tested = [{"prompt": f"Q: what is {a} plus 9? A:", "completion": f" {a + 9}."}
+              for a in range(5)]  # fmt: skip
+    test = write_jsonl(tmp_path / "test.jsonl", tested)
     result = _finetune(capsys, tiny_causal_lm, plan, train, out, "--max-steps", "3",
-                       "--lr", "5e-3", "--eval-data", evaluation)  # fmt: skip
+                       "--lr", "5e-3", "--eval-data", evaluation, "--test-data", test)  # fmt: skip
     assert result["steps"] == 3 and math.isfinite(result["eval_loss"]) and result["eval_loss"] > 0
     record = json.loads((out / "esdtool_run.json").read_text())
     assert record["eval_data"] == str(evaluation)
@@ -78,9 +81,13 @@ def test_eval_data_gives_the_eval_loss_of_the_trained_adapter(tiny_causal_lm, pl
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     expected = completion_loss(model, tokenizer, held_out)
     assert result["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    # --test-data: the same loss on the held-out records, once, after training
+    assert result["test_loss"] == pytest.approx(completion_loss(model, tokenizer, tested),
+                                                rel=1e-4)  # fmt: skip
+    assert record["test_data"] == str(test) and record["result"]["test_loss"] == result["test_loss"]
 
     plain = _finetune(capsys, tiny_causal_lm, plan, train, tmp_path / "plain", "--max-steps", "1")
-    assert plain["eval_loss"] is None
+    assert plain["eval_loss"] is None and plain["test_loss"] is None
     assert json.loads((tmp_path / "plain" / "esdtool_run.json").read_text())["eval_data"] is None
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from esdtool.cli import ablate as ablate_cmd
 from esdtool.cli import allocate as allocate_cmd
 from esdtool.cli import analyze as analyze_cmd
 from esdtool.cli import compare as compare_cmd
@@ -34,6 +35,7 @@ for _name, _module in (
     ("report", report_cmd),
     ("compare", compare_cmd),
     ("finetune", finetune_cmd),
+    ("ablate", ablate_cmd),
 ):
     app.command(_name, help=_module.HELP, epilog=_module.EXAMPLES, no_args_is_help=True)(
         getattr(_module, _name)

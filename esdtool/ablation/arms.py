@@ -1,0 +1,207 @@
+"""The arms of an ablation: rank plans over the same candidate modules, each at one budget of
+trainable parameters, so that what differs between arms is where the rank goes, not how much.
+
+Every arm is an :class:`~esdtool.plan.ranks.Allocation` over esdtool's candidates (the rows
+``allocate`` scores). Its cost is sum r (rows + cols) over its modules, which is what PEFT counts
+for a LoRA on a linear layer; :func:`peft_params` counts it again on the model built by PEFT,
+and an arm more than 1% off the budget is refused.
+
+- ``uniform``: every candidate at one rank (the budget's rank).
+- ``esd``: esdtool's plan (``allocate`` with the budget), ranks matched to the budget.
+- ``shuffled``: esd's modules and esd's ranks, the ranks permuted (seeded) among modules of one
+  size (rows + cols): the cost stays esd's exactly, and what moves is which module of a kind
+  gets which rank. A control for "these ranks in these places".
+- ``placement``: esd's modules, one rank for all. A control for "these modules, any ranks".
+- ``complement``: the candidates esd leaves out, one rank for all: is the choice better than
+  its opposite?
+- ``random``: as many modules as esd keeps, drawn at random (seeded), with esd's ranks in random
+  order, matched to the budget.
+
+"One rank" means r on every module and r + 1 on the fewest needed to meet the budget when
+r (rows + cols) alone cannot come within 1% of it (:func:`one_rank`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from esdtool.errors import OptionError
+from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks, fit_budget
+
+ARMS = ("uniform", "esd", "shuffled", "placement", "complement", "random")
+DEFAULT_ARMS = ("uniform", "esd", "shuffled", "placement")
+TOLERANCE = 0.01  # every arm within 1% of the budget
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: its plan over the candidates (``allocation.table``: selected, rank), how it was
+    made, and its cost (``params``: sum r (rows + cols); ``peft_params`` once counted by PEFT).
+    ``plan_dir``: a plan directory given with ``--arm NAME=DIR`` (no allocation then)."""
+
+    name: str
+    allocation: Allocation | None
+    how: str
+    params: int
+    peft_params: int | None = None
+    plan_dir: Path | None = None
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Adapted module -> rank."""
+        if self.allocation is None:
+            return {}
+        kept = self.allocation.kept
+        return dict(zip(kept.module, (int(r) for r in kept["rank"]), strict=True))
+
+
+def budget_of(candidates: pd.DataFrame, budget_rank: int | None, budget_params: int | None) -> int:
+    """The budget in trainable parameters: ``budget_params``, or uniform ``budget_rank`` on
+    every candidate (default 8)."""
+    if budget_params is not None:
+        return int(budget_params)
+    sizes = (candidates.rows + candidates.cols).to_numpy(int)
+    return int((budget_rank or 8) * sizes.sum())
+
+
+def match_budget(
+    ranks: np.ndarray, sizes: np.ndarray, budget: int, lo: int, hi: np.ndarray
+) -> np.ndarray:
+    """``ranks`` scaled by one factor (:func:`~esdtool.plan.ranks.fit_budget`, which keeps their
+    order), then moved one at a time by +-1, each time on the module that brings sum r x size
+    closest to ``budget``, until no such move helps. Ranks stay within [lo, hi]."""
+    r = fit_budget(ranks, sizes, budget, lo, hi).astype(np.int64)
+    while True:
+        gap = budget - int((r * sizes).sum())
+        best, move = abs(gap), None
+        for step in (1, -1):
+            allowed = (r + step >= lo) & (r + step <= hi)
+            after = np.where(allowed, np.abs(gap - step * sizes), np.iinfo(np.int64).max)
+            i = int(np.argmin(after))
+            if after[i] < best:
+                best, move = int(after[i]), (i, step)
+        if move is None:
+            return r
+        r[move[0]] += move[1]
+
+
+def one_rank(sizes: np.ndarray, budget: int, hi: np.ndarray) -> np.ndarray:
+    """One rank r = floor(budget / sum sizes) for every module, and r + 1 on the fewest modules
+    (largest first) needed to come closest to the budget."""
+    total = int(sizes.sum())
+    r = max(1, budget // total)
+    ranks = np.minimum(np.full(len(sizes), r, dtype=np.int64), hi)
+    for i in np.argsort(-sizes, kind="stable"):
+        gap = budget - int((ranks * sizes).sum())
+        if abs(gap - sizes[i]) < abs(gap) and ranks[i] + 1 <= hi[i]:
+            ranks[i] += 1
+    return ranks
+
+
+def build_arms(
+    metrics: pd.DataFrame,
+    names: list[str],
+    settings: AllocateSettings,
+    budget: int,
+    seed: int,
+) -> list[Arm]:
+    """The arms ``names`` (of :data:`ARMS`) over the candidates of ``metrics`` at ``budget``
+    trainable parameters; random choices from ``seed``."""
+    esd = allocate_ranks(metrics, replace(settings, budget_params=budget, match_rank=None))
+    table = esd.table
+    sizes = (table.rows + table.cols).to_numpy(np.int64)
+    cap = np.minimum(table.rows, table.cols).to_numpy(np.int64)  # a LoRA's most useful rank
+    selected = table.selected.to_numpy(bool)
+    esd_ranks = match_budget(table["rank"].to_numpy(np.int64)[selected], sizes[selected], budget,
+                             settings.min_rank, cap[selected])  # fmt: skip
+    rng = np.random.default_rng(seed)
+    arms = []
+    for name in names:
+        rank = np.zeros(len(table), dtype=np.int64)
+        if name == "uniform":
+            rank[:] = one_rank(sizes, budget, cap)
+            how = "every candidate at one rank"
+        elif name == "esd":
+            rank[selected] = esd_ranks
+            how = "esdtool's plan (allocate), ranks matched to the budget"
+        elif name == "shuffled":
+            rank[selected] = _shuffle_within_sizes(esd_ranks, sizes[selected], rng)
+            how = "esd's modules and ranks, ranks permuted among modules of one size"
+        elif name == "placement":
+            rank[selected] = one_rank(sizes[selected], budget, cap[selected])
+            how = "esd's modules at one rank"
+        elif name == "complement":
+            if selected.all():
+                raise OptionError("arm complement: esd keeps every candidate; none is left out")
+            rank[~selected] = one_rank(sizes[~selected], budget, cap[~selected])
+            how = "the candidates esd leaves out, at one rank"
+        elif name == "random":
+            chosen = rng.choice(len(table), size=int(selected.sum()), replace=False)
+            drawn = rng.permutation(esd_ranks)
+            rank[chosen] = match_budget(drawn, sizes[chosen], budget, 1, cap[chosen])
+            how = "as many modules as esd keeps, drawn at random, esd's ranks matched to the budget"
+        else:
+            raise OptionError(f"--arms: no arm {name!r} (arms: {', '.join(ARMS)})")
+        arms.append(_arm(name, esd, rank, sizes, settings, how))
+    return arms
+
+
+def _arm(
+    name: str,
+    esd: Allocation,
+    rank: np.ndarray,
+    sizes: np.ndarray,
+    settings: AllocateSettings,
+    how: str,
+) -> Arm:
+    table = esd.table.copy()
+    table["selected"] = rank > 0
+    table["rank"] = rank
+    table["lora_alpha"] = rank * settings.alpha_factor
+    table["params"] = rank * sizes
+    allocation = Allocation(table=table, settings=esd.settings, budget=esd.budget, notes=[])
+    return Arm(name, allocation, how, int(table.params.sum()))
+
+
+def _shuffle_within_sizes(
+    ranks: np.ndarray, sizes: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """``ranks`` permuted among the modules of each size: the multiset and the cost unchanged."""
+    out = ranks.copy()
+    for size in np.unique(sizes):
+        where = np.flatnonzero(sizes == size)
+        out[where] = ranks[rng.permutation(where)]
+    return out
+
+
+def check_budget(arm: Arm, budget: int) -> str | None:
+    """Why ``arm`` misses the budget by more than 1% (counted by PEFT where counted), or None."""
+    count = arm.peft_params if arm.peft_params is not None else arm.params
+    off = count / budget - 1 if budget else math.inf
+    if abs(off) <= TOLERANCE:
+        return None
+    return (
+        f"arm {arm.name}: {count:,} trainable parameters, {off:+.1%} off the budget of "
+        f"{budget:,} (more than 1%): its ranks cannot come closer on these modules"
+    )
+
+
+def peft_params(model: Any, config: dict[str, Any]) -> int:
+    """Trainable parameters PEFT gives ``model`` (on the meta device) under the adapter config
+    ``config`` (adapter_config.json's content)."""
+    import copy
+
+    from esdtool.extras import require
+    from esdtool.plan.verify import apply_plan
+
+    peft = require("counting an arm's parameters", "transformers", "peft")["peft"]
+    fields = {k: v for k, v in config.items() if k not in ("peft_type", "base_model_name_or_path")}
+    lora = peft.LoraConfig(**fields)
+    wrapped = apply_plan(copy.deepcopy(model), lora)
+    return int(wrapped.get_nb_trainable_parameters()[0])

@@ -1,0 +1,285 @@
+"""esdtool ablate (issue 25): arms at one budget counted by PEFT on the real model, the controls'
+relations, the statistics against scipy's, and the grid on the tiny causal LM: identical arms
+not distinguishable, a planted difference detected, a NaN run failed with its reason, a kill
+resumed and shards summarised to the unsharded answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import ARITHMETIC, ROOT, run_cli, write_jsonl
+
+pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
+scipy_stats = pytest.importorskip("scipy.stats")
+
+HELD_OUT = [{"prompt": f"Q: what is {a} plus 7? A:", "completion": f" {a + 7}."} for a in range(4)]
+FAST = ["--max-steps", "4", "--batch-size", "4", "--lrs", "5e-3"]
+
+
+@pytest.fixture(scope="module")
+def metrics(plan) -> Path:
+    return plan.parent / "m.parquet"  # the tiny causal LM's table (conftest's plan fixture)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    where = tmp_path_factory.mktemp("ablate-data")
+    return (write_jsonl(where / "train.jsonl", ARITHMETIC),
+            write_jsonl(where / "eval.jsonl", HELD_OUT))  # fmt: skip
+
+
+def _trainable(model_dir: Path, config: dict) -> int:
+    """Parameters that require a gradient once PEFT applies ``config`` to the real model (the
+    module's own count, not PEFT's get_nb_trainable_parameters)."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    fields = {k: v for k, v in config.items() if k not in ("peft_type", "base_model_name_or_path")}
+    model = peft.get_peft_model(base, peft.LoraConfig(**fields))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_every_arm_is_within_one_percent_of_the_budget(tiny_causal_lm, metrics):
+    """Each built-in arm's trainable parameters, counted on the real model with PEFT applied,
+    lie within 1% of uniform rank 8 on every candidate, and within 1% at --budget-rank 4 and a
+    --budget-params budget too."""
+    from esdtool import load_metrics
+    from esdtool.ablation.arms import ARMS, budget_of, build_arms
+    from esdtool.plan.peft_config import lora_config_dict
+    from esdtool.plan.ranks import AllocateSettings, candidates
+
+    table = load_metrics(metrics)
+    settings = AllocateSettings()
+    cands, _ = candidates(table, settings)
+    sizes = int((cands.rows + cands.cols).sum())
+    for budget in (budget_of(cands, None, None), budget_of(cands, 4, None), 12_345):
+        assert budget_of(cands, None, None) == 8 * sizes
+        for arm in build_arms(table, list(ARMS), settings, budget, seed=0):
+            count = _trainable(tiny_causal_lm, lora_config_dict(arm.allocation))
+            assert count == arm.params, arm.name
+            assert abs(count / budget - 1) <= 0.01, (arm.name, count, budget)
+
+
+def test_an_arm_more_than_one_percent_off_is_refused_with_its_numbers():
+    """check_budget: 0.9% off passes, 1.1% off is one line naming the arm and its count."""
+    from esdtool.ablation.arms import Arm, check_budget
+
+    assert check_budget(Arm("a", None, "", 10_090, peft_params=10_090), 10_000) is None
+    why = check_budget(Arm("b", None, "", 0, peft_params=9_890), 10_000)
+    assert why is not None and why.startswith("arm b: 9,890 trainable parameters, -1.1% off")
+
+
+def test_the_controls_keep_what_they_control_for(metrics):
+    """shuffled: esd's modules and the same multiset of ranks, the cost unchanged; placement:
+    esd's modules at one rank (r or r + 1); complement: every candidate esd leaves out and
+    none it keeps; random: as many modules as esd; shuffled and random the same for one
+    --arm-seed and different for another."""
+    from esdtool import load_metrics
+    from esdtool.ablation.arms import ARMS, build_arms
+    from esdtool.plan.ranks import AllocateSettings
+
+    table = load_metrics(metrics)
+    settings = AllocateSettings()
+
+    def arms(seed):
+        return {a.name: a for a in build_arms(table, list(ARMS), settings, 17_920, seed)}
+
+    one, again, other = arms(0), arms(0), arms(5)
+    esd = one["esd"].ranks
+    assert set(one["shuffled"].ranks) == set(esd)
+    assert Counter(one["shuffled"].ranks.values()) == Counter(esd.values())
+    assert one["shuffled"].params == one["esd"].params
+    assert set(one["placement"].ranks) == set(esd)
+    assert max(one["placement"].ranks.values()) - min(one["placement"].ranks.values()) <= 1
+    candidates = set(one["uniform"].ranks)
+    assert set(one["complement"].ranks) == candidates - set(esd)
+    assert len(one["random"].ranks) == len(esd)
+    for name in ("shuffled", "random"):
+        assert one[name].ranks == again[name].ranks
+    assert one["random"].ranks != other["random"].ranks
+    assert one["shuffled"].ranks != other["shuffled"].ranks or len(set(esd.values())) == 1
+
+
+def test_intervals_equal_scipys_and_seeds_needed_is_the_smallest(tmp_path):
+    """The t interval equals scipy.stats.t.interval on the same values; seeds_needed is the
+    smallest n whose interval, at this spread, excludes 0."""
+    from esdtool.ablation.stats import seeds_needed, t_interval, verdict
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 12):
+        values = rng.normal(0.3, 1.0, n)
+        mine = t_interval(values)
+        low, high = scipy_stats.t.interval(0.95, n - 1, loc=values.mean(),
+                                           scale=scipy_stats.sem(values))  # fmt: skip
+        assert (mine.low, mine.high) == pytest.approx((low, high), rel=1e-12)
+        assert mine.covers_zero == (low <= 0 <= high)
+    need = seeds_needed(0.1, 0.5)
+
+    def excludes(n):
+        return scipy_stats.t.ppf(0.975, n - 1) * 0.5 / np.sqrt(n) < 0.1
+
+    assert excludes(need) and not excludes(need - 1)
+    same = t_interval([0.0, 0.0, 0.0])
+    assert same.covers_zero and "not distinguishable with 3 seeds" in verdict("x", same, "loss")
+
+
+def test_bad_options_and_budgets_are_one_line_before_any_run(tiny_causal_lm, metrics, data,
+                                                             tmp_path, capsys):  # fmt: skip
+    """Unknown arm, no uniform, a bad learning rate, both budgets, a budget no arm can meet,
+    a bad shard: exit 2, one line, no output directory."""
+    train, held = data
+    base = ["ablate", tiny_causal_lm, "--metrics", metrics, "--data", train,
+            "--eval-data", held, "-o", tmp_path / "t"]  # fmt: skip
+    for args, message in (
+        (["--arms", "uniform,esd,lucky"], "no arm lucky"),
+        (["--arms", "esd"], "keep it in --arms"),
+        (["--lrs", "0,2e-4"], "--lrs must lie in (0, 1)"),
+        (["--budget-rank", "4", "--budget-params", "9000"], "exclusive"),
+        (["--budget-params", "10"], "off the budget"),
+        (["--shard", "3/2"], "--shard 3/2"),
+        (["--arm", "Bad Name=x"], "a name of lowercase letters"),
+    ):
+        code, _, stderr = run_cli([*base, *args], capsys)
+        assert code == 2 and message in stderr and "Traceback" not in stderr, (args, stderr)
+        assert len(stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "t").exists()
+
+
+def _plan_like(uniform: Path, where: Path, alpha: float, random_b: bool = False) -> Path:
+    """A copy of the uniform arm's plan whose every lora_alpha is ``alpha`` x r: the same
+    parameters, another scaling (tiny: the update cannot move; huge with a random B: the
+    forward pass overflows at once)."""
+    shutil.copytree(uniform, where)
+    config = json.loads((where / "adapter_config.json").read_text())
+    config["lora_alpha"] = alpha * config["r"]
+    config["alpha_pattern"] = {k: alpha * r for k, r in config["rank_pattern"].items()}
+    if random_b:
+        config["init_lora_weights"] = False
+    (where / "adapter_config.json").write_text(json.dumps(config))
+    return where
+
+
+@pytest.fixture(scope="module")
+def uniform_plan(metrics, tmp_path_factory) -> Path:
+    """Uniform rank 8 on every candidate, written by allocate (every module kept at 8)."""
+    from esdtool import AllocateSettings, allocate
+
+    out = tmp_path_factory.mktemp("uniform") / "plan"
+    allocate(metrics, out, AllocateSettings(top_n_percentile=1.0, min_rank=8, max_rank=8),
+             report=False)  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_identical_arms_tie_a_crippled_arm_loses_a_nan_arm_fails(
+    tiny_causal_lm, metrics, data, uniform_plan, tmp_path, capsys
+):
+    """Grid of 3 seeds: 'same' (uniform's own plan again) pairs to differences of exactly 0,
+    not distinguishable; 'frozen' (lora_alpha 1e-6 r: the update cannot move the model) is
+    detected as worse, its interval clear of 0; 'overflow' (lora_alpha 1e30 r, B random) goes
+    NaN and fails every run with the reason, and the grid completes. runs.csv has one row per
+    run, summary.csv equals a recomputation from runs.csv with scipy, and the page is offline
+    and escaped."""
+    train, held = data
+    same = _plan_like(uniform_plan, tmp_path / "same", 2.0)
+    frozen = _plan_like(uniform_plan, tmp_path / "frozen", 1e-6)
+    overflow = _plan_like(uniform_plan, tmp_path / "overflow", 1e30, random_b=True)
+    out = tmp_path / "trials"
+    code, stdout, stderr = run_cli(
+        ["ablate", tiny_causal_lm, "--metrics", metrics, "--data", train, "--eval-data", held,
+         "-o", out, "--arms", "uniform", "--arm", f"same={same}", "--arm", f"frozen={frozen}",
+         "--arm", f"overflow={overflow}", "--seeds", "3", "--json", *FAST],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert len(result["ran"]) == 12
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 12
+    assert set(runs[runs.arm == "overflow"].status) == {"failed"}
+    assert runs[runs.arm == "overflow"].reason.str.contains("nan|NaN|inf").all()
+    assert set(runs[runs.arm != "overflow"].status) == {"ok"}
+
+    summary = pd.read_csv(out / "summary.csv").set_index("arm")
+    assert summary.loc["same", "diff_to_uniform"] == 0
+    assert "not distinguishable with 3 seeds" in summary.loc["same", "verdict"]
+    assert "worse than uniform" in summary.loc["frozen", "verdict"]
+    assert summary.loc["frozen", "diff_ci_low"] > 0
+    assert summary.loc["overflow", "failed_runs"] == 3
+
+    ok = runs[runs.status == "ok"]
+    for arm in ("uniform", "frozen"):
+        values = ok[ok.arm == arm].sort_values("seed").eval_loss.to_numpy()
+        low, high = scipy_stats.t.interval(0.95, 2, loc=values.mean(),
+                                           scale=scipy_stats.sem(values))  # fmt: skip
+        assert summary.loc[arm, "mean"] == pytest.approx(values.mean(), rel=1e-12)
+        assert (summary.loc[arm, "ci_low"], summary.loc[arm, "ci_high"]) == pytest.approx(
+            (low, high), rel=1e-9
+        )
+    page = (out / "ablation.html").read_text()
+    assert "default-src 'none'" in page and "<script" not in page
+    assert "optimistic" in page  # no --test-data
+    for name in ("uniform", "same", "frozen", "overflow"):
+        record = json.loads((out / "runs" / name / "lr0.005" / "seed1.json").read_text())
+        assert {"run_info", "train_info", "meta_info"} <= set(record)
+        assert record["train_info"]["status"] == ("failed" if name == "overflow" else "success")
+
+
+def _results(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("runs/**/seed*.json"))
+            if not p.name.endswith(".spec.json")}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_grid_resumes_and_shards_summarise_to_the_same_answer(
+    tiny_causal_lm, metrics, data, uniform_plan, tmp_path, capsys
+):
+    """SIGKILL the grid (4 runs) once two runs have finished: the same command again keeps
+    those two byte for byte and runs only the rest. The same grid as --shard 1/2 then 2/2 in
+    another directory, then --summarize, gives the same summary.csv (CPU training is
+    deterministic for a seed)."""
+    train, held = data
+    same = _plan_like(uniform_plan, tmp_path / "same", 2.0)
+    args = [str(tiny_causal_lm), "--metrics", str(metrics), "--data", str(train),
+            "--eval-data", str(held), "--arms", "uniform", "--arm", f"same={same}",
+            "--seeds", "2", *FAST]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    command = [sys.executable, "-m", "esdtool", "ablate", *args, "-o", str(whole), "--json"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(_results(whole)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    kept = _results(whole)
+    assert 2 <= len(kept) < 4
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    ran = json.loads(again.stdout)["ran"]
+    assert len(ran) == 4 - len(kept)
+    after = _results(whole)
+    assert len(after) == 4 and all(after[k] == v for k, v in kept.items())
+
+    sharded = tmp_path / "sharded"
+    for part in ("1/2", "2/2"):
+        proc = subprocess.run([*command[:-3], "-o", str(sharded), "--shard", part, "-q"],
+                              env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    code, _, stderr = run_cli(["ablate", "--summarize", sharded, "-q"], capsys)
+    assert code == 0, stderr
+    assert (sharded / "summary.csv").read_text() == (whole / "summary.csv").read_text()
