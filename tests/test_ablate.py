@@ -136,6 +136,20 @@ def test_intervals_equal_scipys_and_seeds_needed_is_the_smallest(tmp_path):
     assert same.covers_zero and "not distinguishable with 3 seeds" in verdict("x", same, "loss")
 
 
+def test_an_arm_without_pairs_says_so():
+    """An arm whose runs, or uniform's, all failed has no pair: the verdict says so instead of
+    an interval of nothing."""
+    from esdtool.ablation.summary import summarise
+
+    rows = [{"arm": "uniform", "lr": 1e-3, "seed": 1, "status": "failed", "reason": "x",
+             "eval_loss": None, "test_loss": None},
+            {"arm": "esd", "lr": 1e-3, "seed": 1, "status": "ok", "reason": None,
+             "eval_loss": 2.0, "test_loss": None}]  # fmt: skip
+    esd = summarise(rows, ("uniform", "esd"), has_test=False)[1]
+    assert esd.diff.n == 0 and "no pair to compare" in esd.verdict
+    assert esd.final.n == 1 and esd.lr == 1e-3
+
+
 def test_bad_options_and_budgets_are_one_line_before_any_run(tiny_causal_lm, metrics, data,
                                                              tmp_path, capsys):  # fmt: skip
     """Unknown arm, no uniform, a bad learning rate, both budgets, a budget no arm can meet,
@@ -151,6 +165,7 @@ def test_bad_options_and_budgets_are_one_line_before_any_run(tiny_causal_lm, met
         (["--budget-params", "10"], "off the budget"),
         (["--shard", "3/2"], "--shard 3/2"),
         (["--arm", "Bad Name=x"], "a name of lowercase letters"),
+        (["--lrs", "1e-4,1.0000001e-4"], "names one learning rate twice"),
     ):
         code, _, stderr = run_cli([*base, *args], capsys)
         assert code == 2 and message in stderr and "Traceback" not in stderr, (args, stderr)

@@ -133,7 +133,16 @@ def execute(
         )  # fmt: skip
         if started is not None:
             started(process)
-        code = process.wait()
+        try:
+            code = process.wait()
+        except BaseException:  # Ctrl-C, SIGTERM (as KeyboardInterrupt): no orphan keeps training
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise
     found = read_result(run.result_path(root))
     if found is not None:
         return found

@@ -73,8 +73,8 @@ class AblateSettings:
             bad = [x for x in self.lrs if not (math.isfinite(x) and 0 < x < 1)]
             if bad:
                 problems.append(f"--lrs must lie in (0, 1), not {', '.join(map(str, bad))}")
-            if len(set(self.lrs)) != len(self.lrs):
-                problems.append("--lrs names one learning rate twice")
+            if len({f"{x:g}" for x in self.lrs}) != len(self.lrs):  # one run directory each
+                problems.append("--lrs names one learning rate twice (to 6 significant digits)")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             problems.append(f"--seeds must be at least 1, not {self.seeds}")
         if self.budget_rank is not None and self.budget_params is not None:

@@ -57,6 +57,9 @@ def seeds_needed(mean: float, sd: float, level: float = LEVEL, limit: int = 10_0
 
 def verdict(arm: str, diff: Interval, metric: str, lower_is_better: bool = True) -> str:
     """One sentence on ``arm`` against uniform from the paired differences (arm - uniform)."""
+    if diff.n == 0:
+        return (f"{arm} vs uniform: no pair to compare (no seed where both have a finished "
+                "run)")  # fmt: skip
     if diff.n < 2:
         return (f"{arm} vs uniform: one paired seed, no interval: run at least 2 seeds "
                 "(--seeds)")  # fmt: skip

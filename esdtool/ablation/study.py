@@ -145,9 +145,9 @@ def ablate(
                             estimate_seconds=estimate)  # fmt: skip
 
     root.mkdir(parents=True, exist_ok=True)
-    _write_arms(root, arms, allocate_settings)
     text = json.dumps(design, indent=2, default=str) + "\n"
-    atomic_write(root / DESIGN, lambda tmp: tmp.write_text(text))
+    atomic_write(root / DESIGN, lambda tmp: tmp.write_text(text))  # first: it marks root ours
+    _write_arms(root, arms, allocate_settings)
     common = {
         "model": str(model) if not Path(model).exists() else str(_absolute(model)),
         "revision": revision, "data": paths["data"], "eval_data": paths["eval_data"],
@@ -262,18 +262,25 @@ def _counted(arm: Arm, meta: Any, config: dict[str, Any], problems: list[str]) -
 
 
 def _write_arms(root: Path, arms: list[Arm], allocate_settings: AllocateSettings) -> None:
-    """Each arm's plan under arms/<name>/ (a given plan directory: its adapter_config.json)."""
+    """Each arm's plan under arms/<name>/ (a given plan directory: its adapter_config.json).
+    Every file is written atomically and only when its content differs: the shards of a Slurm
+    array start together and write the same plans, while others may be reading them."""
     for arm in arms:
         directory = root / "arms" / arm.name
-        directory.mkdir(parents=True, exist_ok=True)
         if arm.allocation is not None:
             record = {"arm": arm.name, "how": arm.how, "trainable_params": arm.peft_params,
                       "allocate_settings": asdict(allocate_settings)}  # fmt: skip
-            write_plan_files(arm.allocation, directory, record, task_type="CAUSAL_LM")
+            with tempfile.TemporaryDirectory(prefix=".arm-", dir=root) as scratch:
+                write_plan_files(arm.allocation, Path(scratch), record, task_type="CAUSAL_LM")
+                files = {p.name: p.read_bytes() for p in Path(scratch).iterdir()}
         else:
             assert arm.plan_dir is not None
-            content = (arm.plan_dir / CONFIG_NAME).read_text()
-            atomic_write(directory / CONFIG_NAME, lambda tmp, c=content: tmp.write_text(c))
+            files = {CONFIG_NAME: (arm.plan_dir / CONFIG_NAME).read_bytes()}
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            target = directory / name
+            if not (target.is_file() and target.read_bytes() == content):
+                atomic_write(target, lambda tmp, c=content: tmp.write_bytes(c))
 
 
 def _design_record(
