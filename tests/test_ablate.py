@@ -298,3 +298,40 @@ def test_a_killed_grid_resumes_and_shards_summarise_to_the_same_answer(
     code, _, stderr = run_cli(["ablate", "--summarize", sharded, "-q"], capsys)
     assert code == 0, stderr
     assert (sharded / "summary.csv").read_text() == (whole / "summary.csv").read_text()
+
+
+@pytest.mark.slow
+def test_exact_match_and_forgetting_reach_the_summary(tiny_causal_lm, metrics, data, tmp_path,
+                                                      capsys):  # fmt: skip
+    """--metric exact-match: each run's eval exact match is the saved adapter's, recomputed
+    here with the same grader; summary.csv reports eval_exact_match and the rate is chosen by
+    it; --forgetting-data gives each run its loss change against the base model."""
+    import peft
+    import transformers
+
+    from esdtool.training.data import load_training_data
+    from esdtool.training.evaluate import exact_match, forgetting, prompts_and_answers
+
+    train, held = data
+    texts = ["def f(x):\n    return x * 2\n", "import os"]
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": t} for t in texts])
+    out = tmp_path / "trials"
+    code, _, stderr = run_cli(
+        ["ablate", tiny_causal_lm, "--metrics", metrics, "--data", train, "--eval-data", held,
+         "-o", out, "--arms", "uniform", "--seeds", "1", "--metric", "exact-match",
+         "--max-new-tokens", "4", "--forgetting-data", general, "-q", *FAST],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 1 and runs.status[0] == "ok"
+    run_dir = out / "runs" / "uniform" / "lr0.005" / "seed1"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    model = peft.PeftModel.from_pretrained(base, run_dir)
+    pairs = prompts_and_answers(load_training_data(held)[0], tokenizer)
+    assert runs.eval_exact_match[0] == exact_match(model, tokenizer, pairs, max_new_tokens=4).score
+    assert runs.forgetting[0] == pytest.approx(forgetting(model, tokenizer, texts), rel=1e-9)
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.metric[0] == "eval_exact_match"
+    assert summary["mean"][0] == runs.eval_exact_match[0]

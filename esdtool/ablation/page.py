@@ -24,7 +24,8 @@ def render(
 ) -> str:  # fmt: skip
     """The page's HTML."""
     has_test = design["inputs"].get("test_data") is not None
-    metric = "test loss" if has_test else "eval loss"
+    kind = "loss" if design["settings"].get("metric", "loss") == "loss" else "exact match"
+    metric = f"{'test' if has_test else 'eval'} {kind}"
     done = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
@@ -41,7 +42,9 @@ def render(
         progress={"done": len(done), "failed": len(failed), "total": total_runs},
         verdicts=[s.verdict for s in summaries if s.arm != "uniform"],
         arms=[_arm_row(s, design) for s in summaries],
-        lr_plot=_b64(_lr_plot(summaries, metric="eval loss")),
+        lr_plot=_b64(_lr_plot(summaries, metric=f"eval {kind}")),
+        chooser=f"eval {kind}",
+        better="lowest" if kind == "loss" else "highest",
         diff_plot=_b64(_diff_plot(summaries, metric)) if len(summaries) > 1 else None,
         runs=[{k: _fmt(v) for k, v in r.items()} for r in rows],
         failed=[
@@ -141,5 +144,6 @@ def _diff_plot(summaries: list[ArmSummary], metric: str) -> bytes:
     ax.axvline(0, color="#888", linewidth=1)
     ax.set_yticks(range(len(shown)), [printable(s.arm) for s in shown])
     ax.invert_yaxis()  # the arms top to bottom in the table's order
-    ax.set_xlabel(f"{metric}: arm minus uniform, same seed (negative: better than uniform)")
+    better = "negative" if "loss" in metric else "positive"
+    ax.set_xlabel(f"{metric}: arm minus uniform, same seed ({better}: better than uniform)")
     return _svg(fig)

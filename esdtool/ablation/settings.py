@@ -12,6 +12,9 @@ from typing import Any
 from esdtool.ablation.arms import ARMS, DEFAULT_ARMS
 from esdtool.errors import OptionError
 from esdtool.training.config import FinetuneSettings
+from esdtool.untrusted import user_regex
+
+METRICS = ("loss", "exact-match")
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -34,6 +37,9 @@ class AblateSettings:
         adapters' initialisation and the data order, the same for every arm.
     budget_rank / budget_params: the trainable-parameter budget, uniform rank R on every
         candidate (default 8) or N parameters. arm_seed: the draws of shuffled and random.
+    metric: what chooses each arm's learning rate and is reported: "loss" (the eval loss,
+        always measured) or "exact-match" (greedy answers of up to ``max_new_tokens`` tokens,
+        graded as GSM8K; ``answer_regex`` overrides where the answer is).
     finetune: the options every run trains with (its ``lr`` and ``seed`` are the grid's).
     """
 
@@ -44,6 +50,9 @@ class AblateSettings:
     budget_rank: int | None = None
     budget_params: int | None = None
     arm_seed: int = 0
+    metric: str = "loss"
+    answer_regex: str | None = None
+    max_new_tokens: int = 64
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
     def __post_init__(self) -> None:
@@ -83,6 +92,15 @@ class AblateSettings:
             problems.append(f"--budget-rank must be at least 1, not {self.budget_rank}")
         if self.budget_params is not None and self.budget_params < 1:
             problems.append(f"--budget-params must be at least 1, not {self.budget_params}")
+        if self.metric not in METRICS:
+            problems.append(f"--metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
+        if self.answer_regex is not None:
+            try:
+                user_regex(self.answer_regex, "--answer-regex")
+            except ValueError as exc:
+                problems.append(str(exc))
+        if isinstance(self.max_new_tokens, bool) or not 1 <= self.max_new_tokens <= 4096:
+            problems.append(f"--max-new-tokens must lie in 1..4096, not {self.max_new_tokens}")
         if problems:
             raise OptionError("; ".join(problems))
 

@@ -79,7 +79,8 @@ class AblateResult:
         """summary.csv as a DataFrame."""
         import pandas as pd
 
-        return pd.DataFrame(summary_rows(self.summaries, _has_test(self.output_dir)),
+        has_test, metric = _has_test(self.output_dir), _metric(self.output_dir)
+        return pd.DataFrame(summary_rows(self.summaries, has_test, metric),
                             columns=list(SUMMARY_COLUMNS))  # fmt: skip
 
     def _repr_html_(self) -> str:
@@ -98,7 +99,9 @@ class AblateResult:
             "skipped": len(self.skipped),
             "dry_run": self.dry_run,
             "estimate_seconds": self.estimate_seconds,
-            "summary": summary_rows(self.summaries, _has_test(self.output_dir)),
+            "summary": summary_rows(
+                self.summaries, _has_test(self.output_dir), _metric(self.output_dir)
+            ),
         }
 
 
@@ -111,6 +114,7 @@ def ablate(
     settings: AblateSettings | None = None,
     *,
     test_data: str | os.PathLike[str] | None = None,
+    forgetting_data: str | os.PathLike[str] | None = None,
     allocate_settings: AllocateSettings | None = None,
     shard_index: tuple[int, int] = (1, 1),
     retry_failed: bool = False,
@@ -127,7 +131,8 @@ def ablate(
     root = Path(output_dir)
     check_output_dir(root, [Path(metrics)])
     _check_ours(root)
-    given = (("data", data), ("eval_data", eval_data), ("test_data", test_data))
+    given = (("data", data), ("eval_data", eval_data), ("test_data", test_data),
+             ("forgetting_data", forgetting_data))  # fmt: skip
     paths = {k: _absolute(v) for k, v in given if v is not None}
     table = load_metrics(metrics)
     arms, budget, model_dir = _design(model, table, paths, settings, allocate_settings, revision)
@@ -151,7 +156,9 @@ def ablate(
     common = {
         "model": str(model) if not Path(model).exists() else str(_absolute(model)),
         "revision": revision, "data": paths["data"], "eval_data": paths["eval_data"],
-        "test_data": paths.get("test_data"),
+        "test_data": paths.get("test_data"), "forgetting_data": paths.get("forgetting_data"),
+        "metric": settings.metric, "answer_regex": settings.answer_regex,
+        "max_new_tokens": settings.max_new_tokens,
         "finetune": _finetune_dict(settings), "meta_info": _meta_info(model_dir),
     }  # fmt: skip
     if progress:
@@ -187,9 +194,10 @@ def summarize(output_dir: str | os.PathLike[str]) -> AblateResult:
     results = [r for r in (read_result(run.result_path(root)) for run in runs) if r is not None]
     rows = run_rows(results)
     has_test = design["inputs"].get("test_data") is not None
-    summaries = summarise(rows, arms_order, has_test)
+    metric = design["settings"].get("metric", "loss")
+    summaries = summarise(rows, arms_order, has_test, metric)
     atomic_write(root / RUNS_CSV, lambda tmp: tmp.write_text(to_csv(rows, RUN_COLUMNS)))
-    text = to_csv(summary_rows(summaries, has_test), SUMMARY_COLUMNS)
+    text = to_csv(summary_rows(summaries, has_test, metric), SUMMARY_COLUMNS)
     atomic_write(root / SUMMARY_CSV, lambda tmp: tmp.write_text(text))
     page = render(design, rows, summaries, total_runs=len(runs))
     atomic_write(root / PAGE, lambda tmp: tmp.write_text(page, encoding="utf-8"))
@@ -228,6 +236,7 @@ def _design(
             model, uniform, paths["data"], Path(scratch) / "run", settings.finetune,
             eval_data=paths["eval_data"], test_data=paths.get("test_data"), revision=revision,
         )  # fmt: skip
+    problems += _check_scored_data(settings, paths)
     meta = build_meta_model(prepared.model_dir)
     counted = []
     for arm in arms:
@@ -248,6 +257,26 @@ def _design(
     if problems:
         raise OptionError(f"{len(problems)} problem(s): " + "; ".join(problems))
     return counted, budget, prepared.model_dir
+
+
+def _check_scored_data(settings: AblateSettings, paths: dict[str, str]) -> list[str]:
+    """Exact match needs prompts and answers in the eval (and test) data; forgetting data must
+    load (any format: its text, or prompt and completion)."""
+    from esdtool.training.data import load_training_data
+
+    problems = []
+    if settings.metric == "exact-match":
+        for key in ("eval_data", "test_data"):
+            if key in paths and load_training_data(paths[key])[1] == "text":
+                problems.append(f"{paths[key]}: --metric exact-match needs records with a "
+                                "prompt and an answer (prompt/completion, instruction/output "
+                                "or messages), not plain text")  # fmt: skip
+    if "forgetting_data" in paths:
+        try:
+            load_training_data(paths["forgetting_data"])
+        except EsdtoolError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _counted(arm: Arm, meta: Any, config: dict[str, Any], problems: list[str]) -> Arm:
@@ -384,6 +413,13 @@ def _meta_info(model_dir: Path) -> dict[str, Any]:
 def _absolute(path: str | os.PathLike[str] | object) -> str:
     text = os.fspath(path)  # type: ignore[arg-type]
     return str(Path(text).resolve()) if Path(text).exists() else text
+
+
+def _metric(root: Path) -> str:
+    try:
+        return str(json.loads((root / DESIGN).read_text())["settings"].get("metric", "loss"))
+    except (OSError, ValueError, KeyError):
+        return "loss"
 
 
 def _has_test(root: Path) -> bool:

@@ -33,7 +33,8 @@ def cell(value: object) -> object:
 RUN_COLUMNS = (
     "arm", "lr", "seed", "status", "reason", "eval_loss", "test_loss", "final_train_loss",
     "steps", "trainable_params", "train_seconds", "tokens_per_second", "peak_memory_bytes",
-    "adapter_bytes", "planned_rank", "used_rank",
+    "adapter_bytes", "planned_rank", "used_rank", "eval_exact_match", "test_exact_match",
+    "forgetting",
 )  # fmt: skip
 
 
@@ -54,6 +55,9 @@ def run_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_memory_bytes": train.get("accelerator_memory_max") or train.get("peak_rss_bytes"),
             "adapter_bytes": train.get("file_size"),
             "planned_rank": rank_use[1], "used_rank": rank_use[2],
+            "eval_exact_match": mine.get("eval_exact_match"),
+            "test_exact_match": mine.get("test_exact_match"),
+            "forgetting": mine.get("forgetting"),
         })  # fmt: skip
     rows.sort(key=lambda r: (str(r["arm"]), float(r["lr"]), int(r["seed"])))
     return rows
@@ -91,25 +95,33 @@ SUMMARY_COLUMNS = (
 
 
 def summarise(
-    rows: list[dict[str, Any]], arms: tuple[str, ...], has_test: bool
+    rows: list[dict[str, Any]], arms: tuple[str, ...], has_test: bool, metric: str = "loss"
 ) -> list[ArmSummary]:
-    """Per arm (in ``arms``' order) its :class:`ArmSummary` from the runs' ``rows``."""
-    metric = "test_loss" if has_test else "eval_loss"
-    ok = [r for r in rows if r["status"] == "ok" and _finite(r["eval_loss"])]
+    """Per arm (in ``arms``' order) its :class:`ArmSummary` from the runs' ``rows``: the rate
+    with the best mean eval ``metric`` (lowest loss, highest exact match), and the final
+    ``metric`` on test (else eval) at that rate."""
+    key = "loss" if metric == "loss" else "exact_match"
+    sign = 1.0 if metric == "loss" else -1.0  # what "best" means: lowest loss, highest match
+    final_key = f"{'test' if has_test else 'eval'}_{key}"
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r.get(f"eval_{key}"))]
     chosen: dict[str, float | None] = {}
     by_lr: dict[str, dict[float, Interval]] = {}
     for arm in arms:
         mine = [r for r in ok if r["arm"] == arm]
         lrs = sorted({float(r["lr"]) for r in mine})
-        by_lr[arm] = {lr: t_interval([r["eval_loss"] for r in mine if r["lr"] == lr]) for lr in lrs}
-        chosen[arm] = min(lrs, key=lambda lr: (by_lr[arm][lr].mean, lr)) if lrs else None
+        by_lr[arm] = {lr: t_interval([r[f"eval_{key}"] for r in mine if r["lr"] == lr])
+                      for lr in lrs}  # fmt: skip
+        chosen[arm] = min(lrs, key=lambda lr: (sign * by_lr[arm][lr].mean, lr)) if lrs else None
 
     def final_values(arm: str) -> dict[int, float]:
         lr = chosen[arm]
         return {
-            int(r["seed"]): float(r[metric])
+            int(r["seed"]): float(r[final_key])
             for r in ok
-            if r["arm"] == arm and lr is not None and float(r["lr"]) == lr and _finite(r[metric])
+            if r["arm"] == arm
+            and lr is not None
+            and float(r["lr"]) == lr
+            and _finite(r.get(final_key))
         }
 
     reference = final_values("uniform") if "uniform" in arms else {}
@@ -122,7 +134,8 @@ def summarise(
         if arm != "uniform":
             seeds = sorted(set(values) & set(reference))
             diff = t_interval([values[s] - reference[s] for s in seeds])
-            text = verdict(arm, diff, metric.replace("_", " "))
+            text = verdict(arm, diff, final_key.replace("_", " "),
+                           lower_is_better=metric == "loss")  # fmt: skip
         summaries.append(ArmSummary(
             arm, chosen[arm], by_lr[arm], final, diff, text,
             failed=sum(r["arm"] == arm and r["status"] != "ok" for r in rows),
@@ -131,13 +144,16 @@ def summarise(
     return summaries
 
 
-def summary_rows(summaries: list[ArmSummary], has_test: bool) -> list[dict[str, Any]]:
+def summary_rows(
+    summaries: list[ArmSummary], has_test: bool, metric: str = "loss"
+) -> list[dict[str, Any]]:
     """The rows of summary.csv."""
-    metric = "test_loss" if has_test else "eval_loss"
+    key = "loss" if metric == "loss" else "exact_match"
+    name = f"{'test' if has_test else 'eval'}_{key}"
     rows = []
     for s in summaries:
         rows.append({
-            "arm": s.arm, "chosen_lr": s.lr, "metric": metric, "n": s.final.n,
+            "arm": s.arm, "chosen_lr": s.lr, "metric": name, "n": s.final.n,
             "mean": s.final.mean, "ci_low": s.final.low, "ci_high": s.final.high,
             "diff_to_uniform": s.diff.mean if s.diff else None,
             "diff_ci_low": s.diff.low if s.diff else None,

@@ -30,6 +30,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     settings = FinetuneSettings(**{**spec["finetune"], "report_to": ()})
     outcome: dict[str, Any] = {"status": "failed", "reason": None}
     result = None
+    extra: dict[str, float | None] = {}
     try:
         result = finetune(
             spec["model"], spec["plan_dir"], spec["data"], spec["run_dir"], settings,
@@ -39,13 +40,53 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         outcome = {"status": "ok", "reason": _nonfinite(result)}
         if outcome["reason"] is not None:
             outcome["status"] = "failed"
+        else:
+            extra = scores(spec)
     except EsdtoolError as exc:
         outcome["reason"] = str(exc)
     except Exception as exc:  # a crash inside the stack: this run's, not the grid's
         last = traceback.extract_tb(exc.__traceback__)[-1:]
         where = f" at {Path(last[0].filename).name}:{last[0].lineno}" if last else ""
         outcome["reason"] = f"{type(exc).__name__}: {exc}{where}"
-    return record(spec, result, outcome, created, time.perf_counter() - started)
+    return record(spec, result, outcome, created, time.perf_counter() - started, extra)
+
+
+def scores(spec: dict[str, Any]) -> dict[str, float | None]:
+    """What the run's saved adapter scores beyond the loss: exact match on the eval (and
+    test) records with --metric exact-match, forgetting with --forgetting-data."""
+    wanted = spec["metric"] == "exact-match" or spec.get("forgetting_data")
+    if not wanted:
+        return {}
+    import peft
+    import transformers
+
+    from esdtool.io.source import TOKENIZER_PATTERNS, resolve_source
+    from esdtool.training.data import load_training_data
+    from esdtool.training.evaluate import exact_match, forgetting, prompts_and_answers
+
+    model_dir = resolve_source(spec["model"], spec.get("revision"),
+                               also=TOKENIZER_PATTERNS).files[0].parent  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec["run_dir"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
+    model = peft.PeftModel.from_pretrained(base, spec["run_dir"])
+    found: dict[str, float | None] = {}
+    if spec["metric"] == "exact-match":
+        for split in ("eval", "test"):
+            path = spec.get(f"{split}_data")
+            if path is None:
+                continue
+            pairs = prompts_and_answers(load_training_data(path)[0], tokenizer)
+            found[f"{split}_exact_match"] = exact_match(
+                model, tokenizer, pairs, max_new_tokens=spec["max_new_tokens"],
+                answer_regex=spec.get("answer_regex"),
+            ).score  # fmt: skip
+    if spec.get("forgetting_data"):
+        records = load_training_data(spec["forgetting_data"])[0]
+        texts = [r["text"] if "text" in r else f"{r['prompt']}{r['completion']}"
+                 for r in records]  # fmt: skip
+        found["forgetting"] = forgetting(model, tokenizer, texts,
+                                         spec["finetune"]["max_length"])  # fmt: skip
+    return found
 
 
 def _nonfinite(result: Any) -> str | None:
@@ -61,7 +102,12 @@ def _nonfinite(result: Any) -> str | None:
 
 
 def record(
-    spec: dict[str, Any], result: Any, outcome: dict[str, Any], created: str, seconds: float
+    spec: dict[str, Any],
+    result: Any,
+    outcome: dict[str, Any],
+    created: str,
+    seconds: float,
+    extra: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """The run's result in PEFT's method-comparison layout, with esdtool's own block."""
     system = (result.system or {}) if result is not None else {}
@@ -72,7 +118,9 @@ def record(
         "eval_loss": result.eval_loss if result is not None else None,
         "test_loss": result.test_loss if result is not None else None,
         "final_train_loss": result.final_loss if result is not None else None,
-    }
+        "eval_exact_match": None, "test_exact_match": None, "forgetting": None,
+        **(extra or {}),
+    }  # fmt: skip
     return {
         "run_info": {
             "created_at": created,

@@ -71,6 +71,32 @@ def ablate(
             show_default=False,
         ),
     ] = None,
+    forgetting_data: Annotated[
+        str | None,
+        typer.Option(
+            "--forgetting-data",
+            help="General text: each run's loss on it minus the base model's (forgetting).",
+            show_default=False,
+        ),
+    ] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric",
+            help="What chooses each arm's learning rate and is reported: "
+            "loss, or exact-match (greedy answers graded as GSM8K: after ####, else "
+            "the last number).",
+        ),
+    ] = "loss",
+    answer_regex: Annotated[
+        str | None,
+        typer.Option(
+            "--answer-regex", help="Where the answer is (RE2; its first group).", show_default=False
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Longest greedy answer for exact-match.")
+    ] = 64,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Where the runs and the summary go.")
     ] = Path("esdtool-ablation"),
@@ -183,10 +209,12 @@ def ablate(
     settings = AblateSettings(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()), plans=plans,
         lrs=_floats(lrs), seeds=seeds, budget_rank=budget_rank, budget_params=budget_params,
-        arm_seed=arm_seed, finetune=finetune,
+        arm_seed=arm_seed, metric=metric, answer_regex=answer_regex,
+        max_new_tokens=max_new_tokens, finetune=finetune,
     )  # fmt: skip
     result = run_ablation(
         model, metrics, data, eval_data, output_dir, settings, test_data=test_data,  # type: ignore[arg-type]
+        forgetting_data=forgetting_data,
         shard_index=parse_shard(shard), retry_failed=retry_failed, dry_run=dry_run,
         revision=revision, progress=None if quiet or as_json else _Lines(),
     )  # fmt: skip
