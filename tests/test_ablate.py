@@ -335,3 +335,34 @@ def test_exact_match_and_forgetting_reach_the_summary(tiny_causal_lm, metrics, d
     summary = pd.read_csv(out / "summary.csv")
     assert summary.metric[0] == "eval_exact_match"
     assert summary["mean"][0] == runs.eval_exact_match[0]
+
+
+@pytest.mark.slow
+def test_runs_go_one_per_device_at_once_and_under_torchrun(tiny_causal_lm, metrics, data,
+                                                           tmp_path, capsys):  # fmt: skip
+    """--gpus 0,1: the two runs of the grid train at the same time, one with
+    CUDA_VISIBLE_DEVICES=0 and one with 1 (on this CPU machine both train on the CPU: the
+    variable is what a GPU machine uses). --nproc-per-run 2: the run trains under torchrun
+    with two processes (gloo here), and one result is written."""
+    train, held = data
+    base = ["ablate", tiny_causal_lm, "--metrics", metrics, "--data", train, "--eval-data", held,
+            "--arms", "uniform", "-q", *FAST]  # fmt: skip
+    code, _, stderr = run_cli([*base, "-o", tmp_path / "pair", "--seeds", "2", "--gpus", "0,1"],
+                              capsys)  # fmt: skip
+    assert code == 0, stderr
+    where = tmp_path / "pair" / "runs" / "uniform" / "lr0.005"
+    results = [json.loads(p.read_text()) for p in sorted(where.glob("seed?.json"))]
+    assert sorted(r["meta_info"]["devices"]["CUDA_VISIBLE_DEVICES"] for r in results) == ["0", "1"]
+    spans = []
+    for r in results:
+        start = pd.Timestamp(r["run_info"]["created_at"]).timestamp()
+        spans.append((start, start + r["run_info"]["total_time"]))
+    assert max(s for s, _ in spans) < min(e for _, e in spans)  # the two overlapped in time
+
+    code, _, stderr = run_cli([*base, "-o", tmp_path / "ddp", "--seeds", "1",
+                               "--nproc-per-run", "2"], capsys)  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "ddp" / "runs" / "uniform" / "lr0.005" / "seed1.json")
+                        .read_text())  # fmt: skip
+    assert result["esdtool"]["status"] == "ok", result["esdtool"]["reason"]
+    assert result["meta_info"]["devices"]["world_size"] == 2

@@ -114,9 +114,12 @@ def execute(
     *,
     environ: dict[str, str] | None = None,
     started: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    nproc: int = 1,
 ) -> dict[str, Any]:
     """Run ``run`` in a new process (its earlier, unfinished directory cleared first) and
-    return its result; a process that died without one gets a failed result naming how."""
+    return its result; a process that died without one gets a failed result naming how.
+    ``nproc`` > 1: the run trains under torchrun with that many processes (DDP; the first
+    writes the result). ``environ``: the process's extra environment (CUDA_VISIBLE_DEVICES)."""
     directory = run.directory(root)
     if directory.exists():
         shutil.rmtree(directory)  # an unfinished run of ours: start it over
@@ -127,8 +130,12 @@ def execute(
     atomic_write(spec_path, lambda tmp: tmp.write_text(text))
     env = {**os.environ, **(environ or {}), "TOKENIZERS_PARALLELISM": "false"}
     with open(run.log_path(root), "wb") as log:
+        launcher = [sys.executable]
+        if nproc > 1:  # torchrun's own free port (--standalone): runs in parallel never clash
+            launcher += ["-m", "torch.distributed.run", "--standalone",
+                         "--nproc-per-node", str(nproc)]  # fmt: skip
         process = subprocess.Popen(
-            [sys.executable, "-m", "esdtool.ablation.worker", str(spec_path)],
+            [*launcher, "-m", "esdtool.ablation.worker", str(spec_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         if started is not None:

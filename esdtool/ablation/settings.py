@@ -37,6 +37,9 @@ class AblateSettings:
         adapters' initialisation and the data order, the same for every arm.
     budget_rank / budget_params: the trainable-parameter budget, uniform rank R on every
         candidate (default 8) or N parameters. arm_seed: the draws of shuffled and random.
+    gpus: device ids to run on (CUDA_VISIBLE_DEVICES values): runs go at once, each on its
+        ``nproc_per_run`` of them; empty: one run at a time on what the process sees.
+    nproc_per_run: processes per run under torchrun (DDP), one per GPU.
     metric: what chooses each arm's learning rate and is reported: "loss" (the eval loss,
         always measured) or "exact-match" (greedy answers of up to ``max_new_tokens`` tokens,
         graded as GSM8K; ``answer_regex`` overrides where the answer is).
@@ -53,6 +56,8 @@ class AblateSettings:
     metric: str = "loss"
     answer_regex: str | None = None
     max_new_tokens: int = 64
+    gpus: tuple[str, ...] = ()
+    nproc_per_run: int = 1
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
     def __post_init__(self) -> None:
@@ -92,6 +97,16 @@ class AblateSettings:
             problems.append(f"--budget-rank must be at least 1, not {self.budget_rank}")
         if self.budget_params is not None and self.budget_params < 1:
             problems.append(f"--budget-params must be at least 1, not {self.budget_params}")
+        object.__setattr__(self, "gpus", tuple(str(g).strip() for g in self.gpus))
+        if any(not g or not set(g) <= set("0123456789") for g in self.gpus):
+            problems.append(f"--gpus takes device numbers (0,1,...), not {','.join(self.gpus)}")
+        if len(set(self.gpus)) != len(self.gpus):
+            problems.append("--gpus names one device twice")
+        if isinstance(self.nproc_per_run, bool) or not 1 <= self.nproc_per_run <= 1024:
+            problems.append(f"--nproc-per-run must be at least 1, not {self.nproc_per_run}")
+        elif self.gpus and len(self.gpus) % self.nproc_per_run:
+            problems.append(f"--gpus lists {len(self.gpus)} devices, not a multiple of "
+                            f"--nproc-per-run {self.nproc_per_run}")  # fmt: skip
         if self.metric not in METRICS:
             problems.append(f"--metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         if self.answer_regex is not None:
@@ -107,6 +122,15 @@ class AblateSettings:
     @property
     def grid_lrs(self) -> tuple[float, ...]:
         return self.lrs if self.lrs is not None else default_lrs(self.finetune.lr)
+
+    @property
+    def device_groups(self) -> list[str | None]:
+        """CUDA_VISIBLE_DEVICES of each run slot: groups of ``nproc_per_run`` of ``gpus``, or
+        one slot that changes nothing."""
+        if not self.gpus:
+            return [None]
+        k = self.nproc_per_run
+        return [",".join(self.gpus[i : i + k]) for i in range(0, len(self.gpus), k)]
 
     @property
     def seed_list(self) -> tuple[int, ...]:

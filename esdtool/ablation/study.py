@@ -163,16 +163,53 @@ def ablate(
     }  # fmt: skip
     if progress:
         progress.start(len(runs), len(pending))
-    ran = []
-    for run in pending:
-        started = time.perf_counter()
-        result = execute(run, root, common)
-        ran.append(run)
-        if progress:
-            progress.finished(run, result, time.perf_counter() - started)
+    ran = _run_all(pending, root, common, settings, progress)
     summary = summarize(root)
     return AblateResult(root, arms, budget, runs, ran, skipped, summary.summaries,
                         estimate_seconds=estimate, page=summary.page)  # fmt: skip
+
+
+def _run_all(
+    pending: list[Run],
+    root: Path,
+    common: dict[str, Any],
+    settings: AblateSettings,
+    progress: GridProgress | None,
+) -> list[Run]:
+    """The pending runs, one per device group at a time (one at a time without --gpus), in
+    the grid's order; a run's failure is its own."""
+    import queue
+    import threading
+
+    free: queue.Queue[str | None] = queue.Queue()
+    for group in settings.device_groups:
+        free.put(group)
+    lock, ran = threading.Lock(), []
+
+    def one(run: Run) -> None:
+        group = free.get()
+        try:
+            started = time.perf_counter()
+            environ = {"CUDA_VISIBLE_DEVICES": group} if group is not None else None
+            result = execute(run, root, common, environ=environ, nproc=settings.nproc_per_run)
+            with lock:
+                ran.append(run)
+                if progress:
+                    progress.finished(run, result, time.perf_counter() - started)
+        finally:
+            free.put(group)
+
+    slots = len(settings.device_groups)
+    if slots == 1:
+        for run in pending:
+            one(run)
+        return ran
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=slots) as pool:
+        for future in [pool.submit(one, run) for run in pending]:
+            future.result()
+    return ran
 
 
 def summarize(output_dir: str | os.PathLike[str]) -> AblateResult:

@@ -55,8 +55,8 @@ def scores(spec: dict[str, Any]) -> dict[str, float | None]:
     """What the run's saved adapter scores beyond the loss: exact match on the eval (and
     test) records with --metric exact-match, forgetting with --forgetting-data."""
     wanted = spec["metric"] == "exact-match" or spec.get("forgetting_data")
-    if not wanted:
-        return {}
+    if not wanted or int(os.environ.get("RANK", "0")) != 0:
+        return {}  # under torchrun only the first process scores (its result is the run's)
     import peft
     import transformers
 
@@ -121,6 +121,10 @@ def record(
         "eval_exact_match": None, "test_exact_match": None, "forgetting": None,
         **(extra or {}),
     }  # fmt: skip
+    devices = {
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
     return {
         "run_info": {
             "created_at": created,
@@ -149,7 +153,7 @@ def record(
             "status": "success" if outcome["status"] == "ok" else "failed",
             "metrics": [metrics],
         },
-        "meta_info": spec["meta_info"],
+        "meta_info": {**spec["meta_info"], "devices": devices},
         "esdtool": {
             "arm": spec["arm"], "lr": spec["lr"], "seed": spec["seed"],
             "status": outcome["status"], "reason": outcome["reason"], **metrics,
@@ -165,6 +169,8 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(spec)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun the first process writes the result
     text = json.dumps(result, indent=2, default=str) + "\n"
     atomic_write(Path(spec["result"]), lambda tmp: tmp.write_text(text))
     return 0

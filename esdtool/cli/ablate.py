@@ -141,6 +141,18 @@ def ablate(
             show_default=False,
         ),
     ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help="Devices to run on at once, e.g. 0,1,2,3: one run per "
+            "device (or per --nproc-per-run devices).",
+            show_default=False,
+        ),
+    ] = None,
+    nproc_per_run: Annotated[
+        int, typer.Option("--nproc-per-run", help="Processes per run under torchrun (DDP).")
+    ] = 1,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Run the failed runs again.")
     ] = False,
@@ -210,7 +222,8 @@ def ablate(
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()), plans=plans,
         lrs=_floats(lrs), seeds=seeds, budget_rank=budget_rank, budget_params=budget_params,
         arm_seed=arm_seed, metric=metric, answer_regex=answer_regex,
-        max_new_tokens=max_new_tokens, finetune=finetune,
+        max_new_tokens=max_new_tokens, finetune=finetune, nproc_per_run=nproc_per_run,
+        gpus=tuple(g for g in (gpus or "").split(",") if g.strip()),
     )  # fmt: skip
     result = run_ablation(
         model, metrics, data, eval_data, output_dir, settings, test_data=test_data,  # type: ignore[arg-type]
