@@ -366,3 +366,26 @@ def test_runs_go_one_per_device_at_once_and_under_torchrun(tiny_causal_lm, metri
                         .read_text())  # fmt: skip
     assert result["esdtool"]["status"] == "ok", result["esdtool"]["reason"]
     assert result["meta_info"]["devices"]["world_size"] == 2
+
+
+def test_the_lora_ar_arm_is_the_origins_plan_at_the_budget(tiny_causal_lm, metrics, data,
+                                                          tmp_path):  # fmt: skip
+    """--arms uniform,lora-ar on a table analysed without the preset: the model is analysed
+    with --preset lora-ar (kept in the output directory), and the arm adapts exactly the
+    modules Adaptive Rank LoRA's own plan keeps (allocate --preset lora-ar on that table), in
+    the preset's 4..64, within 1% of the budget counted by PEFT; a dry run writes nothing else."""
+    from esdtool import AblateSettings, AllocateSettings, ablate, allocate
+
+    train, held = data
+    out = tmp_path / "trials"
+    settings = AblateSettings(arms=("uniform", "lora-ar"), lrs=(5e-3,), seeds=1)
+    result = ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True)
+    arm = {a.name: a for a in result.arms}["lora-ar"]
+    assert abs(arm.peft_params / result.budget - 1) <= 0.01
+    preset_table = out / "lora-ar-metrics.parquet"
+    assert sorted(p.name for p in out.iterdir()) == ["lora-ar-metrics.parquet"]
+    origin = allocate(preset_table, settings=AllocateSettings.from_preset("lora-ar"), report=False)
+    assert set(arm.ranks) == set(origin.allocation.kept.module)
+    assert all(4 <= r <= 64 for r in arm.ranks.values())
+    again = ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True)
+    assert {a.name: a.ranks for a in again.arms} == {a.name: a.ranks for a in result.arms}

@@ -16,6 +16,9 @@ and an arm more than 1% off the budget is refused.
   its opposite?
 - ``random``: as many modules as esd keeps, drawn at random (seeded), with esd's ranks in random
   order, matched to the budget.
+- ``lora-ar``: Adaptive Rank LoRA's own plan (``allocate --preset lora-ar`` on a table analysed
+  with that preset, every Linear of the model a candidate), ranks matched to the budget
+  (:func:`lora_ar_arm`).
 
 "One rank" means r on every module and r + 1 on the fewest needed to meet the budget when
 r (rows + cols) alone cannot come within 1% of it (:func:`one_rank`).
@@ -34,7 +37,7 @@ import pandas as pd
 from esdtool.errors import OptionError
 from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks, fit_budget
 
-ARMS = ("uniform", "esd", "shuffled", "placement", "complement", "random")
+ARMS = ("uniform", "esd", "shuffled", "placement", "complement", "random", "lora-ar")
 DEFAULT_ARMS = ("uniform", "esd", "shuffled", "placement")
 TOLERANCE = 0.01  # every arm within 1% of the budget
 
@@ -146,10 +149,29 @@ def build_arms(
             drawn = rng.permutation(esd_ranks)
             rank[chosen] = match_budget(drawn, sizes[chosen], budget, 1, cap[chosen])
             how = "as many modules as esd keeps, drawn at random, esd's ranks matched to the budget"
+        elif name == "lora-ar":
+            continue  # its own candidates and table: lora_ar_arm
         else:
             raise OptionError(f"--arms: no arm {name!r} (arms: {', '.join(ARMS)})")
         arms.append(_arm(name, esd, rank, sizes, settings, how))
     return arms
+
+
+def lora_ar_arm(metrics: pd.DataFrame, modules: list[tuple[str, str]], budget: int) -> Arm:
+    """Adaptive Rank LoRA's plan from ``metrics`` (analysed with ``--preset lora-ar``) over
+    the model's Linear ``modules``, its kept ranks matched to ``budget`` within the preset's
+    4..64 (the preset caps no rank at min(rows, cols), nor does this)."""
+    settings = AllocateSettings.from_preset("lora-ar")
+    plan = allocate_ranks(metrics, replace(settings, budget_params=budget), modules)
+    table = plan.table
+    sizes = (table.rows + table.cols).to_numpy(np.int64)
+    selected = table.selected.to_numpy(bool)
+    hi = np.full(int(selected.sum()), settings.max_rank, dtype=np.int64)
+    rank = np.zeros(len(table), dtype=np.int64)
+    rank[selected] = match_budget(table["rank"].to_numpy(np.int64)[selected], sizes[selected],
+                                  budget, settings.min_rank, hi)  # fmt: skip
+    how = "Adaptive Rank LoRA's plan (--preset lora-ar), ranks matched to the budget"
+    return _arm("lora-ar", plan, rank, sizes, settings, how)
 
 
 def _arm(

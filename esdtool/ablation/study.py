@@ -19,7 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from esdtool.ablation.arms import Arm, budget_of, build_arms, check_budget, peft_params
+from esdtool.ablation.arms import (
+    Arm,
+    budget_of,
+    build_arms,
+    check_budget,
+    lora_ar_arm,
+    peft_params,
+)
 from esdtool.ablation.grid import Run, execute, grid, read_result, shard
 from esdtool.ablation.settings import AblateSettings
 from esdtool.ablation.summary import (
@@ -36,12 +43,13 @@ from esdtool.io.atomic import atomic_write, check_output_dir
 from esdtool.io.table import load_metrics
 from esdtool.plan.peft_config import CONFIG_NAME, lora_config_dict, write_plan_files
 from esdtool.plan.ranks import AllocateSettings
-from esdtool.plan.verify import build_meta_model, read_plan
+from esdtool.plan.verify import build_meta_model, linear_modules, read_plan
 from esdtool.version import __version__
 
 DESIGN = "ablation.json"
+LORA_AR_TABLE = "lora-ar-metrics.parquet"
 RUNS_CSV, SUMMARY_CSV, PAGE = "runs.csv", "summary.csv", "ablation.html"
-_OURS = {DESIGN, RUNS_CSV, SUMMARY_CSV, PAGE, "arms", "runs"}
+_OURS = {DESIGN, RUNS_CSV, SUMMARY_CSV, PAGE, LORA_AR_TABLE, "arms", "runs"}
 
 
 class GridProgress(Protocol):
@@ -135,7 +143,8 @@ def ablate(
              ("forgetting_data", forgetting_data))  # fmt: skip
     paths = {k: _absolute(v) for k, v in given if v is not None}
     table = load_metrics(metrics)
-    arms, budget, model_dir = _design(model, table, paths, settings, allocate_settings, revision)
+    arms, budget, model_dir = _design(model, table, paths, settings, allocate_settings, revision,
+                                      root)  # fmt: skip
     design = _design_record(model, metrics, paths, settings, allocate_settings, arms, budget)
     _check_same_design(root, design)
 
@@ -250,6 +259,7 @@ def _design(
     settings: AblateSettings,
     allocate_settings: AllocateSettings,
     revision: str | None,
+    root: Path,
 ) -> tuple[list[Arm], int, Path]:
     """Every arm at the budget, each counted by PEFT on the model, and every input checked
     (the options, the model, the data, each arm): every problem in one error."""
@@ -275,6 +285,12 @@ def _design(
         )  # fmt: skip
     problems += _check_scored_data(settings, paths)
     meta = build_meta_model(prepared.model_dir)
+    if "lora-ar" in settings.arms:
+        try:
+            preset_table = _lora_ar_table(table, model, root, revision)
+            arms.append(lora_ar_arm(preset_table, linear_modules(meta), budget))
+        except EsdtoolError as exc:
+            problems.append(f"arm lora-ar: {exc}")
     counted = []
     for arm in arms:
         config = lora_config_dict(arm.allocation, task_type="CAUSAL_LM")  # type: ignore[arg-type]
@@ -294,6 +310,25 @@ def _design(
     if problems:
         raise OptionError(f"{len(problems)} problem(s): " + "; ".join(problems))
     return counted, budget, prepared.model_dir
+
+
+def _lora_ar_table(table: Any, model: object, root: Path, revision: str | None) -> Any:
+    """The table the lora-ar plan comes from: the given one when it was analysed with
+    ``--preset lora-ar``, else the model analysed now with the preset, kept in
+    ``root/lora-ar-metrics.parquet`` for the shards and re-runs that follow."""
+    from esdtool.analysis import AnalyzeSettings, analyze
+
+    analysed = (table.attrs.get("esdtool") or {}).get("settings") or {}
+    if isinstance(analysed, dict) and analysed.get("preset") == "lora-ar":
+        return table
+    cached = root / LORA_AR_TABLE
+    if cached.is_file():
+        found = load_metrics(cached)
+        if ((found.attrs.get("esdtool") or {}).get("settings") or {}).get("preset") == "lora-ar":
+            return found
+    root.mkdir(parents=True, exist_ok=True)
+    settings = AnalyzeSettings.from_preset("lora-ar")
+    return analyze(model, cached, settings, revision=revision).table  # type: ignore[arg-type]
 
 
 def _check_scored_data(settings: AblateSettings, paths: dict[str, str]) -> list[str]:
@@ -378,7 +413,7 @@ def _check_ours(root: Path) -> None:
         return
     names = sorted(p.name for p in root.iterdir())
     foreign = [n for n in names if n not in _OURS]
-    if foreign or (names and DESIGN not in names):
+    if foreign or (names and DESIGN not in names and set(names) != {LORA_AR_TABLE}):
         raise OutputError(
             f"{root}: holds files an ablation did not write ({listed(foreign or names, 3)})",
             hint="give ablate a new or empty -o directory",
