@@ -389,3 +389,57 @@ def test_the_lora_ar_arm_is_the_origins_plan_at_the_budget(tiny_causal_lm, metri
     assert all(4 <= r <= 64 for r in arm.ranks.values())
     again = ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True)
     assert {a.name: a.ranks for a in again.arms} == {a.name: a.ranks for a in result.arms}
+
+
+@pytest.mark.slow
+def test_the_eva_arm_redistributes_rank_on_the_training_data(tiny_causal_lm, metrics, data,
+                                                            tmp_path, capsys):  # fmt: skip
+    """--arms uniform,eva: the eva run starts from uniform's plan with PEFT's EVA
+    initialisation: its saved adapter's ranks are redistributed (not all 8) with their total
+    kept (8 per module), and runs.csv counts the parameters it trained, as the saved adapter
+    holds them."""
+    from safetensors.numpy import load_file
+
+    train, held = data
+    out = tmp_path / "trials"
+    code, _, stderr = run_cli(
+        ["ablate", tiny_causal_lm, "--metrics", metrics, "--data", train, "--eval-data", held,
+         "-o", out, "--arms", "uniform,eva", "--seeds", "1", "-q", "--max-steps", "4",
+         "--batch-size", "16", "--lrs", "5e-3"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    runs = pd.read_csv(out / "runs.csv").set_index("arm")
+    assert runs.loc["eva", "status"] == "ok", runs.loc["eva", "reason"]
+    run_dir = out / "runs" / "eva" / "lr0.005" / "seed1"
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    planned = json.loads((out / "arms" / "eva" / "adapter_config.json").read_text())
+    assert planned["init_lora_weights"] == "eva" and set(planned["rank_pattern"].values()) == {8}
+    tensors = load_file(str(run_dir / "adapter_model.safetensors"))
+    ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in tensors.items()
+             if k.endswith("lora_A.weight")}  # fmt: skip
+    assert len(ranks) == len(planned["rank_pattern"]) and sum(ranks.values()) == 8 * len(ranks)
+    assert len(set(ranks.values())) > 1, ranks  # redistributed
+    assert runs.loc["eva", "trainable_params"] == sum(v.size for v in tensors.values())
+    assert config["init_lora_weights"] == "eva"
+
+
+def test_eva_that_cannot_converge_is_one_line_not_a_hang(tiny_causal_lm, uniform_plan, data,
+                                                         tmp_path):  # fmt: skip
+    """Batches of 2 records hold fewer completion tokens than r x rho = 16: PEFT's EVA would
+    cycle them forever; finetune stops it and says why in one line."""
+    from esdtool.errors import OptionError
+    from esdtool.training import FinetuneSettings, finetune
+
+    train, _ = data
+    plan = tmp_path / "eva"
+    shutil.copytree(uniform_plan, plan)
+    (plan / "allocation.csv").unlink()
+    config = json.loads((plan / "adapter_config.json").read_text())
+    config.update(init_lora_weights="eva", eva_config={"rho": 2.0})
+    (plan / "adapter_config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    with pytest.raises(OptionError, match="EVA initialisation did not converge"):
+        finetune(tiny_causal_lm, plan, train, tmp_path / "run",
+                 FinetuneSettings(max_steps=2, batch_size=2), progress=False)  # fmt: skip
+    assert time.monotonic() - started < 120

@@ -20,9 +20,11 @@ def _rows() -> list[dict]:
     for arm, shift in (("uniform", 0.0), ("esd", -0.05), ("shuffled", 0.02)):
         for lr in (1e-4, 3e-4):
             for seed in (1, 2, 3):
+                params = 20_000 if (arm, seed) == ("esd", 2) else 17_952  # one off the budget
                 rows.append({"arm": arm, "lr": lr, "seed": seed, "status": "ok", "reason": None,
                              "eval_loss": 2.0 + shift + 0.01 * seed + (lr > 2e-4) * 0.1,
-                             "test_loss": None})  # fmt: skip
+                             "test_loss": None,
+                             "trainable_params": params})  # fmt: skip
     rows.append({"arm": "lonely", "lr": 1e-4, "seed": 1, "status": "ok", "reason": None,
                  "eval_loss": 1.9, "test_loss": None})  # fmt: skip
     rows.append({"arm": "broken", "lr": 1e-4, "seed": 1, "status": "failed",
@@ -54,6 +56,8 @@ def test_the_page_says_what_the_summary_says(page):
     assert "esd vs uniform: better than uniform" in html
     assert "lonely vs uniform: one paired seed, no interval" in html
     assert "optimistic" in html  # no test data
+    assert "2 run(s) trained more than 1% off the budget" in html  # esd seed 2, at both rates
+    assert "esd/lr0.0001/seed2</code> 20,000 (+11.6%)" in html
     assert "&lt;script&gt;" in html and "<script" not in html
     assert "&lt;b&gt;org/model&lt;/b&gt;" in html and "<i>" not in html
 

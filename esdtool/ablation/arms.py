@@ -16,6 +16,11 @@ and an arm more than 1% off the budget is refused.
   its opposite?
 - ``random``: as many modules as esd keeps, drawn at random (seeded), with esd's ranks in random
   order, matched to the budget.
+- ``eva``: uniform's plan with PEFT's data-driven EVA initialisation: each module's A from the
+  SVD of its inputs on the training batches, and the ranks redistributed by explained variance
+  (rho 2: up to 2 r each). EVA keeps the total rank, not the parameter count: the count after
+  redistribution is each run's ``trainable_params``, and the page flags a run more than 1%
+  off the budget.
 - ``lora-ar``: Adaptive Rank LoRA's own plan (``allocate --preset lora-ar`` on a table analysed
   with that preset, every Linear of the model a candidate), ranks matched to the budget
   (:func:`lora_ar_arm`).
@@ -27,7 +32,7 @@ r (rows + cols) alone cannot come within 1% of it (:func:`one_rank`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,10 @@ import pandas as pd
 from esdtool.errors import OptionError
 from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks, fit_budget
 
-ARMS = ("uniform", "esd", "shuffled", "placement", "complement", "random", "lora-ar")
+ARMS = ("uniform", "esd", "shuffled", "placement", "complement", "random", "lora-ar", "eva")
+# The eva arm's adapter_config.json fields beyond the plan: PEFT's EVA initialisation with its
+# default redistribution (a module's rank up to 2 r, the total rank kept).
+EVA_CONFIG = {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}}
 DEFAULT_ARMS = ("uniform", "esd", "shuffled", "placement")
 TOLERANCE = 0.01  # every arm within 1% of the budget
 
@@ -54,6 +62,7 @@ class Arm:
     params: int
     peft_params: int | None = None
     plan_dir: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json fields added
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -127,9 +136,11 @@ def build_arms(
     arms = []
     for name in names:
         rank = np.zeros(len(table), dtype=np.int64)
-        if name == "uniform":
+        if name in ("uniform", "eva"):
             rank[:] = one_rank(sizes, budget, cap)
             how = "every candidate at one rank"
+            if name == "eva":
+                how += ", PEFT's EVA initialisation and rank redistribution (rho 2)"
         elif name == "esd":
             rank[selected] = esd_ranks
             how = "esdtool's plan (allocate), ranks matched to the budget"
@@ -153,7 +164,8 @@ def build_arms(
             continue  # its own candidates and table: lora_ar_arm
         else:
             raise OptionError(f"--arms: no arm {name!r} (arms: {', '.join(ARMS)})")
-        arms.append(_arm(name, esd, rank, sizes, settings, how))
+        arm = _arm(name, esd, rank, sizes, settings, how)
+        arms.append(replace(arm, config=dict(EVA_CONFIG)) if name == "eva" else arm)
     return arms
 
 

@@ -47,6 +47,17 @@ def render(
         better="lowest" if kind == "loss" else "highest",
         diff_plot=_b64(_diff_plot(summaries, metric)) if len(summaries) > 1 else None,
         runs=[{k: _fmt(v) for k, v in r.items()} for r in rows],
+        off_budget=[
+            {
+                "name": f"{r['arm']}/lr{r['lr']:g}/seed{r['seed']}",
+                "params": r["trainable_params"],
+                "off": r["trainable_params"] / design["budget"] - 1,
+            }
+            for r in done
+            if isinstance(r.get("trainable_params"), int | float)
+            and design["budget"]
+            and abs(r["trainable_params"] / design["budget"] - 1) > 0.01
+        ],
         failed=[
             {
                 "name": f"{r['arm']}/lr{r['lr']:g}/seed{r['seed']}",

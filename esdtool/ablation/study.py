@@ -293,6 +293,7 @@ def _design(
             problems.append(f"arm lora-ar: {exc}")
     counted = []
     for arm in arms:
+        # counted as planned: EVA's redistribution happens in each run, on its data
         config = lora_config_dict(arm.allocation, task_type="CAUSAL_LM")  # type: ignore[arg-type]
         counted.append(_counted(arm, meta, config, problems))
     for name, plan in settings.plans.items():
@@ -374,6 +375,9 @@ def _write_arms(root: Path, arms: list[Arm], allocate_settings: AllocateSettings
             with tempfile.TemporaryDirectory(prefix=".arm-", dir=root) as scratch:
                 write_plan_files(arm.allocation, Path(scratch), record, task_type="CAUSAL_LM")
                 files = {p.name: p.read_bytes() for p in Path(scratch).iterdir()}
+            if arm.config:  # fields beyond the plan (the eva arm's initialisation)
+                config = {**json.loads(files[CONFIG_NAME]), **arm.config}
+                files[CONFIG_NAME] = (json.dumps(config, indent=2) + "\n").encode()
         else:
             assert arm.plan_dir is not None
             files = {CONFIG_NAME: (arm.plan_dir / CONFIG_NAME).read_bytes()}

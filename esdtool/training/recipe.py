@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from esdtool.errors import EsdtoolError, ModelLoadError
+from esdtool.errors import EsdtoolError, ModelLoadError, OptionError
 from esdtool.io.trajectory import TRAJECTORY_NAME
 from esdtool.plan.peft_config import PLAN_RECORD
 from esdtool.plan.verify import adapted_modules, apply_plan, plan_problems, raise_problems
@@ -131,6 +131,10 @@ def finetune(
         spectral = SpectralCallback(settings.spectral_every, outdir)
         watchers.append(spectral)
     trainer = _trainer(run, peft_model, outdir, settings, progress, callbacks or [], watchers)
+    if getattr(run.config, "init_lora_weights", None) == "eva" and not resume_from_checkpoint:
+        _eva(peft_model, trainer.get_train_dataloader(), run.config, progress)
+        ranks = {name: m.r["default"] for name, m in adapted_modules(peft_model).items()}
+        trainable, total = (int(n) for n in peft_model.get_nb_trainable_parameters())
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(outdir))  # adapter_config.json + adapter_model.safetensors + tokenizer
     eval_loss = None
@@ -178,6 +182,42 @@ def finetune(
         }
         (outdir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return result
+
+
+class _EvaStalled(Exception):
+    pass
+
+
+def _eva(peft_model: Any, batches: Any, config: Any, progress: bool) -> None:
+    """EVA: each module's A from the SVD of its inputs on the training batches, the ranks
+    redistributed by explained variance (PEFT's own initialisation), before any step. PEFT
+    cycles the batches until every module's components converge, forever when a batch holds
+    fewer (unmasked) tokens than r x rho: bounded here, and said in one line."""
+    from peft import initialize_lora_eva_weights
+    from peft.tuners.lora.eva import forward_fn_dict
+
+    limit = max(200, 20 * len(batches))
+    calls = [0]
+
+    def forward(model: Any, inputs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > limit:
+            raise _EvaStalled
+        return forward_fn_dict(model, inputs)
+
+    try:
+        initialize_lora_eva_weights(peft_model, batches, forward_fn=forward,
+                                    show_progress_bar=progress)  # fmt: skip
+    except _EvaStalled:
+        eva = getattr(config, "eva_config", None)
+        rho = getattr(eva, "rho", 2.0)
+        raise OptionError(
+            f"EVA initialisation did not converge in {limit} batches: a batch must hold more "
+            f"(unmasked) tokens than r x rho (here up to {int(config.r * rho)}) for every "
+            "module's SVD",
+            hint="a larger --batch-size, longer records, or eva_config use_label_mask false "
+            "(every token, not only the completions')",
+        ) from None
 
 
 def _is_main_process() -> bool:
