@@ -443,3 +443,59 @@ def test_eva_that_cannot_converge_is_one_line_not_a_hang(tiny_causal_lm, uniform
         finetune(tiny_causal_lm, plan, train, tmp_path / "run",
                  FinetuneSettings(max_steps=2, batch_size=2), progress=False)  # fmt: skip
     assert time.monotonic() - started < 120
+
+
+def _result(arm: str, lr: float, seed: int, loss: float | None, status: str = "ok") -> dict:
+    return {"run_info": {"total_time": 1.0}, "train_info": {"num_trainable_params": 100},
+            "esdtool": {"arm": arm, "lr": lr, "seed": seed, "status": status,
+                        "reason": None if status == "ok" else "=cmd|' /C calc'!A0",
+                        "eval_loss": loss, "test_loss": None}}  # fmt: skip
+
+
+def test_summarize_reads_every_result_and_refuses_a_broken_design(tmp_path, capsys):
+    """--summarize on hand-made results: each arm's rate is its lowest mean eval loss, the
+    paired differences are by seed (scipy's interval), a result esdtool did not write (a seed
+    that is not a number) is ignored, a reason that a spreadsheet would run is written as text;
+    a design file with a field of another type is one line, exit 2."""
+    root = tmp_path / "trials"
+    design = {"settings": {"arms": ["uniform", "esd"], "plans": {}, "lrs": [0.001, 0.01],
+                           "seeds": 3, "metric": "loss"},
+              "inputs": {"model": "m"}, "budget": 100,
+              "arms": {"uniform": {"how": "u", "params": 100, "peft_params": 100},
+                       "esd": {"how": "e", "params": 100, "peft_params": 100}}}  # fmt: skip
+    root.mkdir()
+    (root / "ablation.json").write_text(json.dumps(design))
+    losses = {("uniform", 0.001): [2.0, 2.2, 2.1], ("uniform", 0.01): [1.5, 1.7, 1.9],
+              ("esd", 0.001): [1.4, 1.5, 1.9], ("esd", 0.01): [1.65, 1.65, 1.6]}  # fmt: skip
+    for (arm, lr), values in losses.items():
+        for seed, loss in enumerate(values, start=1):
+            where = root / "runs" / arm / f"lr{lr:g}" / f"seed{seed}.json"
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_text(json.dumps(_result(arm, lr, seed, loss)))
+    hostile = root / "runs" / "esd" / "lr0.01" / "seed3.json"
+    bad = _result("esd", 0.01, 3, 0.1)
+    bad["esdtool"]["seed"] = "3"  # not a result esdtool wrote: left out
+    hostile.write_text(json.dumps(bad))
+    failed = root / "runs" / "uniform" / "lr0.001" / "seed3.json"
+    failed.write_text(json.dumps(_result("uniform", 0.001, 3, None, "failed")))
+    code, _, stderr = run_cli(["ablate", "--summarize", root, "-q"], capsys)
+    assert code == 0, stderr
+    summary = pd.read_csv(root / "summary.csv").set_index("arm")
+    assert summary.loc["uniform", "chosen_lr"] == 0.01  # mean 1.7 < mean 2.1 (two seeds)
+    assert summary.loc["esd", "chosen_lr"] == 0.001  # mean 1.6 < 1.65 (seed 3 not esdtool's)
+    diffs = np.array([1.4 - 1.5, 1.5 - 1.7, 1.9 - 1.9])
+    low, high = scipy_stats.t.interval(0.95, 2, loc=diffs.mean(), scale=scipy_stats.sem(diffs))
+    assert summary.loc["esd", "diff_to_uniform"] == pytest.approx(diffs.mean())
+    assert (summary.loc["esd", "diff_ci_low"], summary.loc["esd", "diff_ci_high"]) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
+    runs = (root / "runs.csv").read_text()
+    assert "'=cmd|" in runs and "\n=cmd" not in runs and ",=cmd" not in runs
+    assert len(pd.read_csv(root / "runs.csv")) == 11  # 12 files, one not esdtool's
+
+    design["settings"]["seeds"] = "3"
+    (root / "ablation.json").write_text(json.dumps(design))
+    code, _, stderr = run_cli(["ablate", "--summarize", root], capsys)
+    assert code == 2 and "not an ablation design esdtool wrote" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1

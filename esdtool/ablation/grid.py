@@ -90,6 +90,11 @@ def read_result(path: Path) -> dict[str, Any] | None:
     block = data.get("esdtool") if isinstance(data, dict) else None
     if not isinstance(block, dict) or block.get("status") not in RESULT_STATUSES:
         return None
+    if not (isinstance(block.get("arm"), str) and type(block.get("seed")) is int
+            and isinstance(block.get("lr"), int | float)):  # fmt: skip
+        return None  # not a result esdtool wrote: the run is run again
+    if not all(isinstance(data.get(k, {}), dict) for k in ("run_info", "train_info")):
+        return None
     return data
 
 

@@ -178,6 +178,31 @@ def ablate(
                         estimate_seconds=estimate, page=summary.page)  # fmt: skip
 
 
+def _read_design(root: Path) -> dict[str, Any]:
+    """ablation.json, checked for what summarize reads (a hand-edited or truncated file is one
+    line, not a KeyError)."""
+    where = root / DESIGN
+    try:
+        design = json.loads(where.read_text())
+        settings = design["settings"]
+        ok = (
+            isinstance(settings["arms"], list) and isinstance(settings["plans"], dict)
+            and isinstance(settings["lrs"], list) and type(settings["seeds"]) is int
+            and all(isinstance(a, str) for a in [*settings["arms"], *settings["plans"]])
+            and all(isinstance(x, int | float) for x in settings["lrs"])
+            and isinstance(design["inputs"], dict) and isinstance(design["arms"], dict)
+            and isinstance(design["budget"], int)
+        )  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise OptionError(
+            f"{root}: no ablation here ({DESIGN} cannot be read: {exc})",
+            hint="pass the -o directory of an esdtool ablate run",
+        ) from exc
+    if not ok:
+        raise OptionError(f"{where}: not an ablation design esdtool wrote (fields of other types)")
+    return design
+
+
 def _run_all(
     pending: list[Run],
     root: Path,
@@ -193,14 +218,15 @@ def _run_all(
     free: queue.Queue[str | None] = queue.Queue()
     for group in settings.device_groups:
         free.put(group)
-    lock, ran = threading.Lock(), []
+    lock, ran, running = threading.Lock(), [], set()
 
     def one(run: Run) -> None:
         group = free.get()
         try:
             started = time.perf_counter()
             environ = {"CUDA_VISIBLE_DEVICES": group} if group is not None else None
-            result = execute(run, root, common, environ=environ, nproc=settings.nproc_per_run)
+            result = execute(run, root, common, environ=environ, nproc=settings.nproc_per_run,
+                             started=running.add)  # fmt: skip
             with lock:
                 ran.append(run)
                 if progress:
@@ -215,9 +241,20 @@ def _run_all(
         return ran
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=slots) as pool:
-        for future in [pool.submit(one, run) for run in pending]:
+    pool = ThreadPoolExecutor(max_workers=slots)
+    futures = [pool.submit(one, run) for run in pending]
+    try:
+        for future in futures:
             future.result()
+    except BaseException:  # Ctrl-C or SIGTERM reach this thread only: stop every run's process
+        for future in futures:
+            future.cancel()
+        for process in list(running):
+            if process.poll() is None:
+                process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     return ran
 
 
@@ -227,13 +264,7 @@ def summarize(output_dir: str | os.PathLike[str]) -> AblateResult:
     from esdtool.ablation.page import render
 
     root = Path(output_dir)
-    try:
-        design = json.loads((root / DESIGN).read_text())
-    except (OSError, ValueError) as exc:
-        raise OptionError(
-            f"{root}: no ablation here ({DESIGN} cannot be read: {exc})",
-            hint="pass the -o directory of an esdtool ablate run",
-        ) from exc
+    design = _read_design(root)
     arms_order = tuple(design["settings"]["arms"]) + tuple(design["settings"]["plans"])
     lrs, seeds = design["settings"]["lrs"], range(1, design["settings"]["seeds"] + 1)
     runs = grid(arms_order, tuple(lrs), tuple(seeds))
@@ -323,9 +354,11 @@ def _lora_ar_table(table: Any, model: object, root: Path, revision: str | None) 
     if isinstance(analysed, dict) and analysed.get("preset") == "lora-ar":
         return table
     cached = root / LORA_AR_TABLE
-    if cached.is_file():
+    if cached.is_file():  # an earlier call's: used only if it is this model's, with the preset
         found = load_metrics(cached)
-        if ((found.attrs.get("esdtool") or {}).get("settings") or {}).get("preset") == "lora-ar":
+        mine, theirs = table.attrs.get("esdtool") or {}, found.attrs.get("esdtool") or {}
+        same = all(mine.get(k) == theirs.get(k) for k in ("source", "revision", "source_path"))
+        if same and (theirs.get("settings") or {}).get("preset") == "lora-ar":
             return found
     root.mkdir(parents=True, exist_ok=True)
     settings = AnalyzeSettings.from_preset("lora-ar")
