@@ -156,9 +156,9 @@ def allocate(
         max_plots=max_plots,
     )  # fmt: skip
     if as_json:
-        print(json.dumps(result.summary()))
+        print(json.dumps({**result.summary(), "verified": verify}))
     elif not quiet:
-        _print_summary(result)
+        _print_summary(result, verify)
         if result.serving.warning:
             err.print(f"Warning: {result.serving.warning}", markup=False, style="yellow",
                       soft_wrap=True)  # fmt: skip
@@ -166,7 +166,7 @@ def allocate(
             err.print(f"Note: {safe(note)}", markup=False, style="yellow", soft_wrap=True)
 
 
-def _print_summary(result: AllocateResult) -> None:
+def _print_summary(result: AllocateResult, verified: bool = False) -> None:
     s = result.summary()
     table = Table(title="esdtool allocate", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -177,6 +177,9 @@ def _print_summary(result: AllocateResult) -> None:
     table.add_row("rank histogram", Text(hist))
     table.add_row("trainable params", f"{s['trainable_params']:,}")
     table.add_row("same cost as", f"uniform r={s['equal_cost_rank']:.1f} on all candidates")
+    if verified:  # --verify raises on any departure: reaching here means every module matched
+        table.add_row("verified", "PEFT gives every module its planned rank and alpha "
+                      "(the model built from config.json on the meta device)")  # fmt: skip
     if s["budget_params"] is not None:
         table.add_row("budget", f"{s['budget_params']:,}")
     serving = result.serving

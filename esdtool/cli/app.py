@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"] or debug_env:
             raise
         print_error(str(exc), exc.hint)
+        _json_error(argv, str(exc), exc.hint, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print_error("interrupted")
@@ -86,14 +88,22 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: still one line, the traceback on request
         if _state["debug"] or debug_env:
             raise
-        print_error(
-            f"unexpected {type(exc).__name__}: {exc}",
-            "re-run with --debug for the traceback, and please report it",
-        )
+        message = f"unexpected {type(exc).__name__}: {exc}"
+        hint = "re-run with --debug for the traceback, and please report it"
+        print_error(message, hint)
+        _json_error(argv, message, hint, 1)
         sys.exit(1)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _json_error(argv: list[str] | None, message: str, hint: str | None, code: int) -> None:
+    """With --json, the error as one JSON object on stdout too, so a script piping stdout to a
+    JSON parser reads what went wrong instead of nothing."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if "--json" in args:
+        print(json.dumps({"error": " ".join(message.split()), "hint": hint, "exit_code": code}))
 
 
 def _terminate(signum: int, frame: object) -> None:

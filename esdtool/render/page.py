@@ -172,7 +172,13 @@ def plot_esd(
     meta = table.attrs.get("esdtool", {})
     settings = meta.get("settings", {}) if isinstance(meta, dict) else {}
     threshold = _float(settings.get("eig_threshold") if isinstance(settings, dict) else None, 0.0)
-    return plots.esd_figure(np.asarray(record["eigenvalues"]), record, alpha_column, threshold)
+    fig = plots.esd_figure(np.asarray(record["eigenvalues"]), record, alpha_column, threshold)
+    # Alone in a notebook the figure has no caption: the matrix it shows is named in its title.
+    ax = fig.axes[0]
+    which = name if expert is None else f"{name} [expert {expert}]"
+    ax.set_title(f"{plots.title_text(which)}\n{ax.get_title(loc='left')}", fontsize=10, loc="left")
+    fig.subplots_adjust(top=0.86)
+    return fig
 
 
 def _model_files(meta: object) -> list[Path]:

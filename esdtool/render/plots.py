@@ -19,7 +19,7 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from esdtool.spectral.marchenko_pastur import mp_density
 
@@ -45,6 +45,11 @@ def _label(text: str, limit: int = 40) -> str:
     return text.replace("$", r"\$")
 
 
+def title_text(text: str) -> str:
+    """Untrusted text made safe for a figure's title (see :func:`_label`)."""
+    return _label(text, limit=80)
+
+
 def by_depth(
     table: pd.DataFrame,
     column: str,
@@ -63,6 +68,7 @@ def by_depth(
         series = group.groupby("layer")[column].median()
         ax.plot(series.index, series.values, marker="o", ms=3, lw=1.2, label=_label(kind))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers and steps: no 0.2, 0.4
     ax.grid(alpha=0.3)
     if data["kind"].nunique():  # below the axes: a legend at the side halves the plot on a phone
         fig.legend(loc="outside lower center", fontsize=8, frameon=False, ncol=2)

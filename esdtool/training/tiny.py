@@ -82,9 +82,14 @@ def make_tiny_causal_lm(
     return out
 
 
+USAGE = "usage: python -m esdtool.training.tiny DIRECTORY (a new or empty directory)"
+
 if __name__ == "__main__":  # python -m esdtool.training.tiny DIR
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m esdtool.training.tiny DIRECTORY")
+    if len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        sys.exit(0)
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # an option, not a directory name
+        sys.exit(USAGE)
     try:
         make_tiny_causal_lm(sys.argv[1])
     except EsdtoolError as exc:  # one line, exit 2, as the CLI's errors
