@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 
-from helpers import ROOT, run_cli
+from helpers import ARITHMETIC, ROOT, run_cli, write_jsonl
 
 
 def test_tiny_model_help_prints_usage_and_makes_nothing(tmp_path):
@@ -68,3 +68,63 @@ def test_layer_axes_count_layers_in_whole_numbers():
     ticks = set(re.findall(r">\s*(-?\d+(?:\.\d+)?)\s*</text>", svg))
     assert "0.2" not in ticks and "0.5" not in ticks
     assert {"0", "1"} <= ticks, ticks
+
+
+def test_a_sub_byte_tensor_of_the_wrong_size_is_named(tmp_path, capsys):
+    """An F4 tensor whose bytes do not match its shape (safetensors' reader said only "invalid
+    shape, data type, or offset for tensor", naming none): one line naming the tensor; a right
+    F4 size passes the header check."""
+    import struct
+
+    def write(path, shape, nbytes):
+        entries = {"w.weight": {"dtype": "F4", "shape": shape, "data_offsets": [0, nbytes]}}
+        header = json.dumps(entries).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(nbytes))
+        return path
+
+    bad = write(tmp_path / "bad.safetensors", [4, 4], 16)  # 16 F4 values are 8 bytes
+    code, _, stderr = run_cli(["analyze", bad, "-o", tmp_path / "m.parquet"], capsys)
+    assert code == 2 and "tensor 'w.weight': F4 x [4, 4] needs 8 bytes" in stderr
+    odd = write(tmp_path / "odd.safetensors", [3], 2)
+    code, _, stderr = run_cli(["analyze", odd, "-o", tmp_path / "o.parquet"], capsys)
+    assert code == 2 and "is 12 bits, not a whole number of bytes" in stderr
+
+    from esdtool.io.checkpoint import read_header
+
+    good = write(tmp_path / "good.safetensors", [4, 4], 8)
+    assert read_header(good)
+
+
+def test_finetune_shows_no_third_party_noise(tiny_causal_lm, plan, tmp_path, recwarn):
+    """Without --quiet, finetune emitted transformers' gradient_checkpointing FutureWarning and
+    torch's pin_memory warning on a machine without a GPU: noise the user can do nothing
+    about."""
+    from esdtool.training import FinetuneSettings, finetune
+
+    data = write_jsonl(tmp_path / "d.jsonl", ARITHMETIC)
+    finetune(tiny_causal_lm, plan, data, tmp_path / "run", FinetuneSettings(max_steps=1),
+             progress=False)  # fmt: skip
+    messages = [str(w.message) for w in recwarn]
+    noise = [m for m in messages if "gradient_checkpointing" in m or "pin_memory" in m]
+    assert noise == []
+
+
+def test_gradient_checkpointing_still_reaches_the_trainer(tiny_causal_lm, plan, tmp_path):
+    """The option goes by transformers 5's name now (activation_checkpointing): on and off
+    both reach the Trainer's arguments (the old name mirrors the new)."""
+    import transformers
+
+    from esdtool.training import FinetuneSettings, finetune
+
+    seen = {}
+
+    class Spy(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["on"] = bool(args.gradient_checkpointing)
+
+    data = write_jsonl(tmp_path / "d.jsonl", ARITHMETIC)
+    for on in (True, False):
+        finetune(tiny_causal_lm, plan, data, tmp_path / str(on),
+                 FinetuneSettings(max_steps=1, gradient_checkpointing=on), progress=False,
+                 callbacks=[Spy()])  # fmt: skip
+        assert seen["on"] is on

@@ -47,7 +47,9 @@ DTYPE_SIZES: dict[str, int] = {
 }  # fmt: skip
 # Every dtype safetensors knows: the ones above and the sub-byte floats (whose sizes in bits
 # safetensors itself checks when the file is opened).
-KNOWN_DTYPES = frozenset(DTYPE_SIZES) | {"F4", "F6_E2M3", "F6_E3M2"}
+# Sub-byte dtypes: bits per element (safetensors packs them, a whole number of bytes per tensor).
+SUB_BYTE_BITS: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+KNOWN_DTYPES = frozenset(DTYPE_SIZES) | frozenset(SUB_BYTE_BITS)
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 INT64_LIMIT = 2**63  # shapes and element counts must fit int64 (torch, numpy, parquet)
@@ -198,6 +200,18 @@ def _tensor_info(path: object, shard: Path, name: str, entry: object, data_size:
             f"{where}: {dtype} x {shape} needs {math.prod(shape) * itemsize} bytes, "
             f"data_offsets span {end - begin}"
         )
+    bits = SUB_BYTE_BITS.get(dtype)  # safetensors' own reader would refuse it naming no tensor
+    if bits is not None:
+        total = math.prod(shape) * bits
+        if total % 8:
+            raise CheckpointError(
+                f"{where}: {dtype} x {shape} is {total} bits, not a whole number of bytes"
+            )
+        if total // 8 != end - begin:
+            raise CheckpointError(
+                f"{where}: {dtype} x {shape} needs {total // 8} bytes, data_offsets span "
+                f"{end - begin}"
+            )
     return TensorInfo(name, dtype, tuple(shape), shard, begin, end)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,6 +302,14 @@ def _trainer(
     trl = run.stack["trl"]
     evaluation, fmt = run.evaluation, run.data_format
     schedule = _schedule_args(trl.SFTConfig, settings)
+    fields = getattr(trl.SFTConfig, "__dataclass_fields__", {})
+    # transformers 5 renamed gradient_checkpointing (the old name warns on every run)
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else (
+        "gradient_checkpointing")  # fmt: skip
+    schedule[checkpointing] = settings.gradient_checkpointing
+    import torch
+
+    schedule["dataloader_pin_memory"] = torch.cuda.is_available()  # pinning needs a GPU
     args = trl.SFTConfig(
         output_dir=str(outdir),
         num_train_epochs=settings.epochs,
@@ -314,7 +323,6 @@ def _trainer(
         gradient_accumulation_steps=settings.grad_accum,
         max_length=settings.max_length,
         bf16=_use_bf16(settings),
-        gradient_checkpointing=settings.gradient_checkpointing,
         seed=settings.seed,
         data_seed=settings.seed,
         logging_steps=settings.logging_steps,
@@ -332,6 +340,8 @@ def _trainer(
         ddp_find_unused_parameters=False,
         **schedule,
     )
+    # PEFT still asks transformers 5 for is_gradient_checkpointing: noise the user cannot act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     trainer = trl.SFTTrainer(
         model=model,
         args=args,
