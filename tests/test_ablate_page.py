@@ -56,6 +56,8 @@ def test_the_page_says_what_the_summary_says(page):
     assert "esd vs uniform: better than uniform" in html
     assert "lonely vs uniform: one paired seed, no interval" in html
     assert "optimistic" in html  # no test data
+    # every arm chose 1e-4, the grid's smallest: said, since its best may lie below
+    assert "uniform: its best learning rate is the grid&#39;s smallest (0.0001)" in html
     assert "2 run(s) trained more than 1% off the budget" in html  # esd seed 2, at both rates
     assert "esd/lr0.0001/seed2</code> 20,000 (+11.6%)" in html
     assert "&lt;script&gt;" in html and "<script" not in html

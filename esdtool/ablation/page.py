@@ -41,6 +41,7 @@ def render(
         lrs=design["settings"]["lrs"],
         progress={"done": len(done), "failed": len(failed), "total": total_runs},
         verdicts=[s.verdict for s in summaries if s.arm != "uniform"],
+        edges=edge_warnings(summaries, design["settings"]["lrs"]),
         arms=[_arm_row(s, design) for s in summaries],
         lr_plot=_b64(_lr_plot(summaries, metric=f"eval {kind}")),
         chooser=f"eval {kind}",
@@ -66,6 +67,21 @@ def render(
             for r in failed
         ],
     )
+
+
+def edge_warnings(summaries: list[ArmSummary], lrs: list[float]) -> list[str]:
+    """Arms whose chosen learning rate is the grid's smallest or largest: their best rate may
+    lie beyond the grid, and the comparison is then between untuned arms."""
+    if len(lrs) < 2:
+        return []
+    low, high = min(lrs), max(lrs)
+    found = []
+    for s in summaries:
+        if s.lr is not None and s.lr in (low, high):
+            side = "largest" if s.lr == high else "smallest"
+            found.append(f"{s.arm}: its best learning rate is the grid's {side} ({s.lr:g}); "
+                         "its best may lie beyond the grid: widen --lrs")  # fmt: skip
+    return found
 
 
 def _arm_row(s: ArmSummary, design: dict[str, Any]) -> dict[str, Any]:

@@ -91,6 +91,13 @@ class AblateResult:
         return pd.DataFrame(summary_rows(self.summaries, has_test, metric),
                             columns=list(SUMMARY_COLUMNS))  # fmt: skip
 
+    @property
+    def warnings(self) -> list[str]:
+        """What weakens the answer: arms whose best rate is at the grid's edge."""
+        from esdtool.ablation.page import edge_warnings
+
+        return edge_warnings(self.summaries, sorted({r.lr for r in self.runs}))
+
     def _repr_html_(self) -> str:
         return self.page or ""
 

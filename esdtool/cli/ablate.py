@@ -286,5 +286,7 @@ def _report(result: AblateResult, quiet: bool, as_json: bool) -> None:
     for s in result.summaries:
         if s.arm != "uniform":
             out.print(safe(s.verdict), markup=False)
+    for warning in result.warnings:
+        err.print(f"Warning: {safe(warning)}", markup=False, style="yellow", soft_wrap=True)
     out.print(f"summary: {safe(str(result.output_dir / 'summary.csv'))}, page: "
               f"{safe(str(result.output_dir / 'ablation.html'))}", markup=False)  # fmt: skip
