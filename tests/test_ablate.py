@@ -499,3 +499,30 @@ def test_summarize_reads_every_result_and_refuses_a_broken_design(tmp_path, caps
     code, _, stderr = run_cli(["ablate", "--summarize", root], capsys)
     assert code == 2 and "not an ablation design esdtool wrote" in stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_a_data_file_changed_under_its_path_is_another_design(tiny_causal_lm, metrics,
+                                                              tmp_path):  # fmt: skip
+    """The design records what its files held: eval data rewritten under the same path makes
+    the same command refuse, instead of mixing runs on the old data with runs on the new."""
+    from esdtool import AblateSettings, AllocateSettings, ablate
+    from esdtool.ablation.study import DESIGN, _check_same_design, _design_record
+    from esdtool.errors import OptionError
+
+    train = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
+    held = write_jsonl(tmp_path / "eval.jsonl", HELD_OUT)
+    out = tmp_path / "trials"
+    settings = AblateSettings(arms=("uniform",), lrs=(5e-3,), seeds=1)
+    ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True)
+    out.mkdir()  # a dry run writes nothing: record the design as a real call would
+    record = _design_record(tiny_causal_lm, metrics, {"data": str(train), "eval_data": str(held)},
+                            settings, AllocateSettings(), [], 0)  # fmt: skip
+    assert record["fingerprints"]["eval_data"] is not None
+    write_jsonl(held, HELD_OUT[:2])  # same path, other records
+    again = _design_record(tiny_causal_lm, metrics, {"data": str(train), "eval_data": str(held)},
+                           settings, AllocateSettings(), [], 0)  # fmt: skip
+    assert again["fingerprints"]["eval_data"] != record["fingerprints"]["eval_data"]
+    assert again["fingerprints"]["data"] == record["fingerprints"]["data"]
+    (out / DESIGN).write_text(json.dumps(record, default=str))
+    with pytest.raises(OptionError, match="its fingerprints differ"):
+        _check_same_design(out, again)

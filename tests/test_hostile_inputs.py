@@ -5,6 +5,7 @@ tensor, or a run that trains on nonsense. Each case is a real tiny file written 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -81,8 +82,8 @@ def test_an_unknown_dtype_is_refused_at_header_time(tmp_path, capsys):
 
 
 def test_a_header_safetensors_refuses_fails_before_computing(tmp_path, capsys):
-    """F4 packs two values a byte: 3 of them cannot fill 64 bytes, and safetensors' own parser
-    says so. Our checks let it pass (no byte size for F4); safe_open on opening catches it."""
+    """F4 packs two values a byte: 3 of them cannot fill 64 bytes. safetensors' own parser says
+    so naming no tensor; esdtool's header check refuses it first, naming the tensor (issue 28)."""
     from esdtool import analyze
     from esdtool.errors import CheckpointError
 
@@ -90,8 +91,9 @@ def test_a_header_safetensors_refuses_fails_before_computing(tmp_path, capsys):
     header["packed"] = {"dtype": "F4", "shape": [3], "data_offsets": [len(data), len(data) + 64]}
     path = raw_safetensors(tmp_path / "f4.safetensors", header, data + bytes(64))
     out = tmp_path / "f4.parquet"
-    analyze_fails([path, "-o", out], capsys, str(path), "safetensors refuses the file")
-    with pytest.raises(CheckpointError, match="safetensors refuses the file"):
+    message = "tensor 'packed': F4 x [3] is 12 bits, not a whole number of bytes"
+    analyze_fails([path, "-o", out], capsys, str(path), message)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         analyze(path, out)
     assert not out.exists()
 

@@ -435,6 +435,11 @@ def _design_record(
     return {
         "esdtool_version": __version__,
         "inputs": {"model": os.fspath(model), "metrics": str(_absolute(metrics)), **paths},
+        # what the files held: a file changed under the same path is another design
+        "fingerprints": {
+            k: _fingerprint(v)
+            for k, v in {"model": os.fspath(model), "metrics": os.fspath(metrics), **paths}.items()
+        },
         "settings": settings.to_dict(),
         "allocate_settings": asdict(allocate_settings),
         "budget": budget,
@@ -449,6 +454,27 @@ def _design_record(
             for a in arms
         },
     }
+
+
+def _fingerprint(where: str) -> str | None:
+    """sha256 of a local file; of a directory, its safetensors and JSON files' names, sizes
+    and modification times (a model's gigabytes are not read again); None for a hub id."""
+    import hashlib
+
+    path = Path(where)
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            if child.suffix in (".safetensors", ".json") and child.is_file():
+                stat = child.stat()
+                digest.update(f"{child.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+    return None
 
 
 def _check_ours(root: Path) -> None:
@@ -472,7 +498,7 @@ def _check_same_design(root: Path, design: dict[str, Any]) -> None:
         return
     except (OSError, ValueError) as exc:
         raise OutputError(f"{root / DESIGN}: cannot be read ({exc})") from exc
-    keys = ("inputs", "settings", "allocate_settings", "budget", "arms")
+    keys = ("inputs", "fingerprints", "settings", "allocate_settings", "budget", "arms")
     changed = [k for k in keys if json.loads(json.dumps(design[k], default=str)) != before.get(k)]
     if changed:
         raise OptionError(

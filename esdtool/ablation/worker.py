@@ -35,7 +35,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         result = finetune(
             spec["model"], spec["plan_dir"], spec["data"], spec["run_dir"], settings,
             eval_data=spec["eval_data"], test_data=spec.get("test_data"),
-            revision=spec.get("revision"), progress=False,
+            revision=spec.get("revision"), progress=False, adapter_report=False,
         )  # fmt: skip
         outcome = {"status": "ok", "reason": _nonfinite(result)}
         if outcome["reason"] is not None:

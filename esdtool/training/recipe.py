@@ -89,6 +89,7 @@ def finetune(
     dry_run: bool = False,
     progress: bool = True,
     callbacks: list[Any] | None = None,
+    adapter_report: bool = True,
 ) -> FinetuneResult:
     """Train the adapters planned in ``adapter_config`` (a directory holding
     adapter_config.json) on ``model`` with ``data``; save them to ``output_dir``.
@@ -96,7 +97,8 @@ def finetune(
     Everything that can be checked is checked before the weights load, and every problem is
     listed at once (:func:`~esdtool.training.config.prepare`). ``dry_run`` stops after the plan
     is applied to the loaded model. ``progress`` False: no progress bars and no loss lines on
-    stdout (the CLI's --quiet/--json).
+    stdout (the CLI's --quiet/--json). ``adapter_report`` False: the saved adapter is read back
+    into adapter_metrics.parquet without drawing adapter_report.html (ablate's many runs).
     """
     settings = settings or FinetuneSettings()
     plan_dir, outdir = Path(adapter_config), Path(output_dir)
@@ -150,7 +152,7 @@ def finetune(
         if "loss" in entry
     ]
     trajectory = spectral.output if spectral is not None else None
-    metrics, rank_use, error = _read_back(outdir, trajectory)
+    metrics, rank_use, error = _read_back(outdir, trajectory, adapter_report)
     if spectral is not None and spectral.error is not None:
         error = "; ".join(e for e in (error, spectral.error) if e)
     result = FinetuneResult(
@@ -227,7 +229,7 @@ def _is_main_process() -> bool:
 
 
 def _read_back(
-    outdir: Path, trajectory: Path | None = None
+    outdir: Path, trajectory: Path | None = None, page: bool = True
 ) -> tuple[Path | None, tuple[int, int, int] | None, str | None]:
     """Analyse the adapter just saved in ``outdir`` (every process takes a share): its table
     and its report there (with the spectra over training, when they were watched). A failure
@@ -237,7 +239,7 @@ def _read_back(
 
     try:
         analysed = analyze(outdir, outdir / ADAPTER_METRICS, resume=False)
-        if analysed.table is not None:  # the process that gathered every row (rank 0)
+        if analysed.table is not None and page:  # the process that gathered every row (rank 0)
             report(analysed.table, outdir / ADAPTER_REPORT, trajectory=trajectory)
     except EsdtoolError as exc:
         return None, None, str(exc)
