@@ -526,3 +526,19 @@ def test_a_data_file_changed_under_its_path_is_another_design(tiny_causal_lm, me
     (out / DESIGN).write_text(json.dumps(record, default=str))
     with pytest.raises(OptionError, match="its fingerprints differ"):
         _check_same_design(out, again)
+
+
+def test_a_run_refuses_to_mix_code_versions(tmp_path):
+    """Each run imports the installed esdtool: a run whose code differs from the code the grid
+    started with fails at once with the reason, instead of mixing versions in one answer; its
+    result records the fingerprint."""
+    from esdtool.ablation.worker import code_fingerprint, run
+
+    spec = {"finetune": {"max_steps": 1}, "code": "0" * 64, "run_dir": str(tmp_path / "r"),
+            "experiment_name": "x", "peft_config": {}, "meta_info": {}, "arm": "uniform",
+            "lr": 1e-3, "seed": 1}  # fmt: skip
+    result = run(spec)
+    assert result["esdtool"]["status"] == "failed"
+    assert "esdtool's code changed since the grid started" in result["esdtool"]["reason"]
+    assert result["meta_info"]["devices"]["esdtool_code"] == "0" * 64
+    assert len(code_fingerprint()) == 64 and code_fingerprint() == code_fingerprint()

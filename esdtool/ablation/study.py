@@ -38,6 +38,7 @@ from esdtool.ablation.summary import (
     summary_rows,
     to_csv,
 )
+from esdtool.ablation.worker import code_fingerprint
 from esdtool.errors import EsdtoolError, OptionError, OutputError, listed
 from esdtool.io.atomic import atomic_write, check_output_dir
 from esdtool.io.table import load_metrics
@@ -176,6 +177,7 @@ def ablate(
         "metric": settings.metric, "answer_regex": settings.answer_regex,
         "max_new_tokens": settings.max_new_tokens,
         "finetune": _finetune_dict(settings), "meta_info": _meta_info(model_dir),
+        "code": code_fingerprint(),
     }  # fmt: skip
     if progress:
         progress.start(len(runs), len(pending))

@@ -31,6 +31,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     outcome: dict[str, Any] = {"status": "failed", "reason": None}
     result = None
     extra: dict[str, float | None] = {}
+    expected = spec.get("code")
+    if expected is not None and expected != code_fingerprint():
+        outcome["reason"] = (
+            "esdtool's code changed since the grid started (its source fingerprint differs): "
+            "runs of two versions would be mixed; re-run the command once the code is settled "
+            "(--retry-failed runs this one again)"
+        )
+        return record(spec, None, outcome, created, 0.0)
     try:
         result = finetune(
             spec["model"], spec["plan_dir"], spec["data"], spec["run_dir"], settings,
@@ -49,6 +57,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         where = f" at {Path(last[0].filename).name}:{last[0].lineno}" if last else ""
         outcome["reason"] = f"{type(exc).__name__}: {exc}{where}"
     return record(spec, result, outcome, created, time.perf_counter() - started, extra)
+
+
+def code_fingerprint() -> str:
+    """sha256 over esdtool's own source files and templates, as this process imports them: a
+    grid's runs must all come from one version of the code."""
+    import hashlib
+    from importlib import resources
+
+    import esdtool
+
+    digest = hashlib.sha256()
+    roots = [Path(esdtool.__file__).parent, Path(str(resources.files("esdtool.templates")))]
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".j2", ".css", ".js") and path.is_file():
+                digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def scores(spec: dict[str, Any]) -> dict[str, float | None]:
@@ -122,6 +148,7 @@ def record(
         **(extra or {}),
     }  # fmt: skip
     devices = {
+        "esdtool_code": spec.get("code"),
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
