@@ -165,3 +165,17 @@ def assert_no_scale_analysed(table) -> None:
         last = name.rsplit(".", 1)[-1]
         if quantization is None or isinstance(quantization, float):
             assert not any(s in last for s in SCALE_LIKE), name
+
+
+def finetune_json(capsys, model, plan, data, out, *args) -> dict:
+    """Run the real `esdtool finetune` CLI with --json (logging every step, batch 4) and return
+    its JSON summary; the run must succeed."""
+    import json
+
+    code, stdout, stderr = run_cli(
+        ["finetune", model, "--adapter-config", plan, "--data", data, "-o", out,
+         "--logging-steps", "1", "--batch-size", "4", "--json", *args],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    return json.loads(stdout)

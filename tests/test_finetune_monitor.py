@@ -14,20 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import ARITHMETIC, run_cli, write_jsonl
+from helpers import ARITHMETIC, finetune_json, run_cli, write_jsonl
 
 pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
 pytest.importorskip("datasets", reason="pip install 'esdtool[finetune]'")
-
-
-def _finetune(capsys, model, plan, data, out, *args) -> dict:
-    code, stdout, stderr = run_cli(
-        ["finetune", model, "--adapter-config", plan, "--data", data, "-o", out,
-         "--logging-steps", "1", "--batch-size", "4", "--json", *args],
-        capsys,
-    )  # fmt: skip
-    assert code == 0, stderr
-    return json.loads(stdout)
 
 
 def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -66,7 +56,7 @@ def test_tensorboard_holds_loss_lr_throughput_rss_and_spectra(tiny_causal_lm, pl
     saved adapter (adapter_metrics.parquet)."""
     data = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
     out = tmp_path / "run"
-    result = _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "4", "--lr",
+    result = finetune_json(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "4", "--lr",
                        "1e-2", "--report-to", "tensorboard", "--spectral-every", "2")  # fmt: skip
     scalars = _scalars(out)
     for tag in ("train/loss", "train/learning_rate", "train/system/tokens_per_second",
@@ -117,7 +107,7 @@ def test_logged_learning_rate_follows_warmup_and_schedule(tiny_causal_lm, plan, 
          [_cosine(k, 3, 6) for k in range(6)]),
     ):  # fmt: skip
         out = tmp_path / name
-        _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "6", "--lr", str(lr),
+        finetune_json(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "6", "--lr", str(lr),
                   "--save-steps", "6", "--weight-decay", "0.05", "--max-grad-norm", "0.5",
                   *options)  # fmt: skip
         state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
@@ -146,7 +136,7 @@ def test_tokens_per_second_counts_the_tokens_trained_on(tiny_causal_lm, plan, tm
                for a in range(4) for b in (5, 50, 5000, 50000000)]  # fmt: skip
     data = write_jsonl(tmp_path / "train.jsonl", records)
     out = tmp_path / "run"
-    result = _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "4")
+    result = finetune_json(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "4")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_causal_lm)
     lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in records]
     assert len(set(lengths)) > 1  # batches are padded
@@ -609,14 +599,16 @@ def test_a_rerun_without_spectra_drops_the_earlier_runs_trajectory(tiny_causal_l
     summary says why)."""
     data = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
     out = tmp_path / "run"
-    _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "2", "--spectral-every", "1")
+    finetune_json(
+        capsys, tiny_causal_lm, plan, data, out, "--max-steps", "2", "--spectral-every", "1"
+    )
     assert (out / "spectra_trajectory.parquet").is_file()
-    _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "2")
+    finetune_json(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "2")
     assert not (out / "spectra_trajectory.parquet").exists()
 
     (out / "adapter_model.safetensors").unlink()
     (out / "spectra_trajectory.parquet").mkdir()  # a directory where the file would go
-    result = _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "1",
+    result = finetune_json(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "1",
                        "--spectral-every", "1")  # fmt: skip
     assert (out / "adapter_model.safetensors").is_file() and result["trajectory"] is None
     assert "spectra_trajectory.parquet: not written" in result["analysis_error"]

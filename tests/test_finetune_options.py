@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ARITHMETIC, run_cli, write_jsonl
+from helpers import ARITHMETIC, finetune_json, run_cli, write_jsonl
 
 pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
 pytest.importorskip("datasets", reason="pip install 'esdtool[finetune]'")
-
-
-def _finetune(capsys, model, plan, data, out, *args) -> dict:
-    code, stdout, stderr = run_cli(
-        ["finetune", model, "--adapter-config", plan, "--data", data, "-o", out,
-         "--logging-steps", "1", "--batch-size", "4", "--json", *args],
-        capsys,
-    )  # fmt: skip
-    assert code == 0, stderr
-    return json.loads(stdout)
 
 
 def _checkpoints(out: Path) -> dict[int, Path]:
@@ -69,7 +59,7 @@ def test_eval_data_gives_the_eval_loss_of_the_trained_adapter(tiny_causal_lm, pl
     tested = [{"prompt": f"Q: what is {a} plus 9? A:", "completion": f" {a + 9}."}
               for a in range(5)]  # fmt: skip
     test = write_jsonl(tmp_path / "test.jsonl", tested)
-    result = _finetune(capsys, tiny_causal_lm, plan, train, out, "--max-steps", "3",
+    result = finetune_json(capsys, tiny_causal_lm, plan, train, out, "--max-steps", "3",
                        "--lr", "5e-3", "--eval-data", evaluation, "--test-data", test)  # fmt: skip
     assert result["steps"] == 3 and math.isfinite(result["eval_loss"]) and result["eval_loss"] > 0
     record = json.loads((out / "esdtool_run.json").read_text())
@@ -86,7 +76,9 @@ def test_eval_data_gives_the_eval_loss_of_the_trained_adapter(tiny_causal_lm, pl
                                                 rel=1e-4)  # fmt: skip
     assert record["test_data"] == str(test) and record["result"]["test_loss"] == result["test_loss"]
 
-    plain = _finetune(capsys, tiny_causal_lm, plan, train, tmp_path / "plain", "--max-steps", "1")
+    plain = finetune_json(
+        capsys, tiny_causal_lm, plan, train, tmp_path / "plain", "--max-steps", "1"
+    )
     assert plain["eval_loss"] is None and plain["test_loss"] is None
     assert json.loads((tmp_path / "plain" / "esdtool_run.json").read_text())["eval_data"] is None
 
@@ -96,7 +88,7 @@ def test_save_steps_writes_checkpoints_at_multiples(tiny_causal_lm, plan, tmp_pa
     Trainer checkpoint (adapter weights, optimizer, trainer_state at that global step)."""
     data = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
     out = tmp_path / "run"
-    _finetune(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "4", "--save-steps", "2")
+    finetune_json(capsys, tiny_causal_lm, plan, data, out, "--max-steps", "4", "--save-steps", "2")
     found = _checkpoints(out)
     assert sorted(found) == [2, 4]
     for step, path in found.items():
@@ -116,10 +108,10 @@ def test_resume_from_last_checkpoint_continues_the_steps(tiny_causal_lm, plan, t
              for a in range(16)]  # fmt: skip
     second_data = write_jsonl(tmp_path / "b.jsonl", other)
     out = tmp_path / "run"
-    first = _finetune(capsys, tiny_causal_lm, plan, first_data, out, "--max-steps", "4",
+    first = finetune_json(capsys, tiny_causal_lm, plan, first_data, out, "--max-steps", "4",
                       "--save-steps", "2", "--lr", "5e-3")  # fmt: skip
     assert sorted(_checkpoints(out)) == [2, 4]
-    second = _finetune(capsys, tiny_causal_lm, plan, second_data, out, "--max-steps", "6",
+    second = finetune_json(capsys, tiny_causal_lm, plan, second_data, out, "--max-steps", "6",
                        "--save-steps", "2", "--lr", "5e-3",
                        "--resume-from-checkpoint", "last")  # fmt: skip
     assert second["steps"] == 6
