@@ -150,6 +150,34 @@ def test_an_arm_without_pairs_says_so():
     assert esd.final.n == 1 and esd.lr == 1e-3
 
 
+@pytest.mark.parametrize(("examples", "batch", "accum", "epochs", "world"),
+                         [(16, 4, 1, 1.0, 1), (17, 4, 1, 2.0, 1), (17, 4, 3, 1.0, 1),
+                          (5, 8, 4, 1.5, 1), (33, 2, 2, 0.5, 1), (17, 4, 1, 1.0, 2)])  # fmt: skip
+def test_planned_steps_are_the_trainers(examples, batch, accum, epochs, world, tmp_path):
+    """The probe scales to the steps a run plans: the count transformers' Trainer itself
+    derives from the data, the batch, the accumulation and the epochs (its dataloader of this
+    many examples, split over ``world`` processes as its DistributedSampler splits them)."""
+    import torch
+    import transformers
+
+    from esdtool.ablation.estimate import planned_steps
+
+    trainer_cls = transformers.Trainer
+    if not hasattr(trainer_cls, "set_initial_training_values"):
+        pytest.skip("this transformers has no set_initial_training_values")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch, num_train_epochs=epochs,
+        gradient_accumulation_steps=accum, report_to=[], use_cpu=True,
+    )  # fmt: skip
+    trainer = trainer_cls(model=torch.nn.Linear(2, 2), args=args)
+    per_process = -(-examples // world)  # DistributedSampler pads to equal shares
+    loader = torch.utils.data.DataLoader(list(range(per_process)), batch_size=batch)
+    expected = trainer.set_initial_training_values(args, loader)[-1]
+    settings = {"max_steps": -1, "batch_size": batch, "grad_accum": accum, "epochs": epochs}
+    assert planned_steps(settings, examples, world) == expected
+    assert planned_steps({**settings, "max_steps": 7}, examples, world) == 7
+
+
 def test_bad_options_and_budgets_are_one_line_before_any_run(tiny_causal_lm, metrics, data,
                                                              tmp_path, capsys):  # fmt: skip
     """Unknown arm, no uniform, a bad learning rate, both budgets, a budget no arm can meet,
@@ -265,7 +293,8 @@ def test_a_killed_grid_resumes_and_shards_summarise_to_the_same_answer(
     """SIGKILL the grid (4 runs) once two runs have finished: the same command again keeps
     those two byte for byte and runs only the rest. The same grid as --shard 1/2 then 2/2 in
     another directory, then --summarize, gives the same summary.csv (CPU training is
-    deterministic for a seed)."""
+    deterministic for a seed). A dry run first estimates the time from a probe of 3 of the 4
+    steps and leaves nothing behind; between the shards, from the finished runs."""
     train, held = data
     same = _plan_like(uniform_plan, tmp_path / "same", 2.0)
     args = [str(tiny_causal_lm), "--metrics", str(metrics), "--data", str(train),
@@ -274,6 +303,15 @@ def test_a_killed_grid_resumes_and_shards_summarise_to_the_same_answer(
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
     command = [sys.executable, "-m", "esdtool", "ablate", *args, "-o", str(whole), "--json"]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    dry = subprocess.run([*command, "--dry-run"], env={**env, "TMPDIR": str(scratch)},
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    probed = json.loads(dry.stdout)
+    assert probed["estimate_basis"].startswith("a probe run of 3 steps"), probed
+    assert 0 < probed["estimate_seconds"] < 3600
+    assert not whole.exists() and not list(scratch.iterdir())  # the probe's scratch is gone
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
@@ -295,6 +333,12 @@ def test_a_killed_grid_resumes_and_shards_summarise_to_the_same_answer(
         proc = subprocess.run([*command[:-3], "-o", str(sharded), "--shard", part, "-q"],
                               env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
+        if part == "1/2":
+            code, stdout, stderr = run_cli(
+                ["ablate", *args, "-o", sharded, "--shard", "2/2", "--dry-run", "--json"], capsys
+            )
+            assert code == 0, stderr
+            assert json.loads(stdout)["estimate_basis"].startswith("the 2 finished runs' mean")
     code, _, stderr = run_cli(["ablate", "--summarize", sharded, "-q"], capsys)
     assert code == 0, stderr
     assert (sharded / "summary.csv").read_text() == (whole / "summary.csv").read_text()
@@ -379,7 +423,9 @@ def test_the_lora_ar_arm_is_the_origins_plan_at_the_budget(tiny_causal_lm, metri
     train, held = data
     out = tmp_path / "trials"
     settings = AblateSettings(arms=("uniform", "lora-ar"), lrs=(5e-3,), seeds=1)
-    result = ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True)
+    result = ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True,
+                    probe_steps=0)  # fmt: skip
+    assert result.estimate is None
     arm = {a.name: a for a in result.arms}["lora-ar"]
     assert abs(arm.peft_params / result.budget - 1) <= 0.01
     preset_table = out / "lora-ar-metrics.parquet"
@@ -387,7 +433,8 @@ def test_the_lora_ar_arm_is_the_origins_plan_at_the_budget(tiny_causal_lm, metri
     origin = allocate(preset_table, settings=AllocateSettings.from_preset("lora-ar"), report=False)
     assert set(arm.ranks) == set(origin.allocation.kept.module)
     assert all(4 <= r <= 64 for r in arm.ranks.values())
-    again = ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True)
+    again = ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True,
+                   probe_steps=0)  # fmt: skip
     assert {a.name: a.ranks for a in again.arms} == {a.name: a.ranks for a in result.arms}
 
 
@@ -506,26 +553,26 @@ def test_a_data_file_changed_under_its_path_is_another_design(tiny_causal_lm, me
     """The design records what its files held: eval data rewritten under the same path makes
     the same command refuse, instead of mixing runs on the old data with runs on the new."""
     from esdtool import AblateSettings, AllocateSettings, ablate
-    from esdtool.ablation.study import DESIGN, _check_same_design, _design_record
+    from esdtool.ablation.design import DESIGN, check_same_design, design_record
     from esdtool.errors import OptionError
 
     train = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
     held = write_jsonl(tmp_path / "eval.jsonl", HELD_OUT)
     out = tmp_path / "trials"
     settings = AblateSettings(arms=("uniform",), lrs=(5e-3,), seeds=1)
-    ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True)
+    ablate(tiny_causal_lm, metrics, train, held, out, settings, dry_run=True, probe_steps=0)
     out.mkdir()  # a dry run writes nothing: record the design as a real call would
-    record = _design_record(tiny_causal_lm, metrics, {"data": str(train), "eval_data": str(held)},
+    record = design_record(tiny_causal_lm, metrics, {"data": str(train), "eval_data": str(held)},
                             settings, AllocateSettings(), [], 0)  # fmt: skip
     assert record["fingerprints"]["eval_data"] is not None
     write_jsonl(held, HELD_OUT[:2])  # same path, other records
-    again = _design_record(tiny_causal_lm, metrics, {"data": str(train), "eval_data": str(held)},
+    again = design_record(tiny_causal_lm, metrics, {"data": str(train), "eval_data": str(held)},
                            settings, AllocateSettings(), [], 0)  # fmt: skip
     assert again["fingerprints"]["eval_data"] != record["fingerprints"]["eval_data"]
     assert again["fingerprints"]["data"] == record["fingerprints"]["data"]
     (out / DESIGN).write_text(json.dumps(record, default=str))
     with pytest.raises(OptionError, match="its fingerprints differ"):
-        _check_same_design(out, again)
+        check_same_design(out, again)
 
 
 def test_a_run_refuses_to_mix_code_versions(tmp_path):

@@ -146,4 +146,6 @@ class AblateSettings:
         data["plans"] = {k: os.fspath(v) for k, v in self.plans.items()}
         data["lrs"] = list(self.grid_lrs)
         data["finetune"]["report_to"] = list(self.finetune.report_to)
+        if self.lrs is not None:  # each run trains at its grid rate: --lr played no part
+            data["finetune"]["lr"] = None
         return data

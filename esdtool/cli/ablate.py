@@ -13,6 +13,20 @@ from rich.text import Text
 
 from esdtool.cli._console import err, hush, out, safe
 from esdtool.cli._options import JsonOpt, QuietOpt, RevisionOpt
+from esdtool.cli._train_options import (
+    BatchSizeOpt,
+    EpochsOpt,
+    GradAccumOpt,
+    GradientCheckpointingOpt,
+    LrSchedulerOpt,
+    MaxGradNormOpt,
+    MaxLengthOpt,
+    MaxStepsOpt,
+    QloraOpt,
+    WarmupRatioOpt,
+    WarmupStepsOpt,
+    WeightDecayOpt,
+)
 
 if TYPE_CHECKING:
     from esdtool.ablation import AblateResult
@@ -165,25 +179,33 @@ def ablate(
         ),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Check everything, print the grid and budgets.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check everything, print the grid, the budgets and an estimate of the time.",
+        ),
     ] = False,
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 1.0,
-    max_steps: Annotated[
-        int, typer.Option("--max-steps", help="Stop each run after N steps.")
-    ] = -1,
+    probe_steps: Annotated[
+        int,
+        typer.Option(
+            "--probe-steps",
+            help="Steps of the first run a dry run trains to estimate the time, when no run "
+            "has finished (0: no probe).",
+        ),
+    ] = 3,
+    epochs: EpochsOpt = 1.0,
+    max_steps: MaxStepsOpt = -1,
     lr: Annotated[float, typer.Option("--lr", help="Centre of the default --lrs.")] = 2e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Per device.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Accumulation steps.")] = 1,
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence.")] = 1024,
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup.")] = 0,
-    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Warmup share.")] = 0.0,
-    lr_scheduler: Annotated[str, typer.Option("--lr-scheduler", help="Schedule.")] = "linear",
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW's.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clipping.")] = 1.0,
-    qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 base (CUDA).")] = False,
-    gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Less activation memory.")
-    ] = False,
+    batch_size: BatchSizeOpt = 4,
+    grad_accum: GradAccumOpt = 1,
+    max_length: MaxLengthOpt = 1024,
+    warmup_steps: WarmupStepsOpt = 0,
+    warmup_ratio: WarmupRatioOpt = 0.0,
+    lr_scheduler: LrSchedulerOpt = "linear",
+    weight_decay: WeightDecayOpt = 0.0,
+    max_grad_norm: MaxGradNormOpt = 1.0,
+    qlora: QloraOpt = False,
+    gradient_checkpointing: GradientCheckpointingOpt = False,
     revision: RevisionOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -229,7 +251,7 @@ def ablate(
         model, metrics, data, eval_data, output_dir, settings, test_data=test_data,  # type: ignore[arg-type]
         forgetting_data=forgetting_data,
         shard_index=parse_shard(shard), retry_failed=retry_failed, dry_run=dry_run,
-        revision=revision, progress=None if quiet or as_json else _Lines(),
+        probe_steps=probe_steps, revision=revision, progress=None if quiet or as_json else _Lines(),
     )  # fmt: skip
     _report(result, quiet, as_json)
 
@@ -278,10 +300,14 @@ def _report(result: AblateResult, quiet: bool, as_json: bool) -> None:
     out.print(budget)
     if result.dry_run:
         grid = f"{len(result.runs)} runs, {len(result.skipped)} already finished"
-        eta = "unknown until a run has finished"
-        if result.estimate_seconds is not None:
-            eta = f"about {result.estimate_seconds / 60:.0f} min at the finished runs' pace"
-        out.print(f"dry run: {grid}; time: {eta}", markup=False)
+        found = result.estimate
+        if found is None:
+            eta = "not estimated (no run pending, or --probe-steps 0)"
+        elif found.seconds is None:
+            eta = f"unknown ({found.basis})"
+        else:
+            eta = f"about {_duration(found.seconds)} (an estimate from {found.basis})"
+        out.print(f"dry run: {grid}; time: {safe(eta)}", markup=False)
         return
     for s in result.summaries:
         if s.arm != "uniform":
@@ -290,3 +316,11 @@ def _report(result: AblateResult, quiet: bool, as_json: bool) -> None:
         err.print(f"Warning: {safe(warning)}", markup=False, style="yellow", soft_wrap=True)
     out.print(f"summary: {safe(str(result.output_dir / 'summary.csv'))}, page: "
               f"{safe(str(result.output_dir / 'ablation.html'))}", markup=False)  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

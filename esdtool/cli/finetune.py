@@ -13,6 +13,20 @@ from rich.text import Text
 
 from esdtool.cli._console import hush, out, safe
 from esdtool.cli._options import JsonOpt, QuietOpt, RevisionOpt
+from esdtool.cli._train_options import (
+    BatchSizeOpt,
+    EpochsOpt,
+    GradAccumOpt,
+    GradientCheckpointingOpt,
+    LrSchedulerOpt,
+    MaxGradNormOpt,
+    MaxLengthOpt,
+    MaxStepsOpt,
+    QloraOpt,
+    WarmupRatioOpt,
+    WarmupStepsOpt,
+    WeightDecayOpt,
+)
 
 if TYPE_CHECKING:
     from esdtool.training import FinetuneResult
@@ -73,20 +87,12 @@ def finetune(
             show_default=False,
         ),
     ] = None,
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 1.0,
-    max_steps: Annotated[
-        int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs).")
-    ] = -1,
+    epochs: EpochsOpt = 1.0,
+    max_steps: MaxStepsOpt = -1,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-4,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Sequences per device per step.")
-    ] = 4,
-    grad_accum: Annotated[
-        int, typer.Option("--grad-accum", help="Gradient accumulation steps.")
-    ] = 1,
-    max_length: Annotated[
-        int, typer.Option("--max-length", help="Truncate sequences to this many tokens.")
-    ] = 1024,
+    batch_size: BatchSizeOpt = 4,
+    grad_accum: GradAccumOpt = 1,
+    max_length: MaxLengthOpt = 1024,
     bf16: Annotated[
         bool | None,
         typer.Option(
@@ -95,14 +101,8 @@ def finetune(
             show_default=False,
         ),
     ] = None,
-    gradient_checkpointing: Annotated[
-        bool,
-        typer.Option("--gradient-checkpointing", help="Trade compute for activation memory."),
-    ] = False,
-    qlora: Annotated[
-        bool,
-        typer.Option("--qlora", help="Load the base model in 4-bit NF4 (bitsandbytes, CUDA)."),
-    ] = False,
+    gradient_checkpointing: GradientCheckpointingOpt = False,
+    qlora: QloraOpt = False,
     dora: Annotated[
         bool | None,
         typer.Option(
@@ -124,29 +124,11 @@ def finetune(
     save_steps: Annotated[
         int, typer.Option("--save-steps", help="Save a resumable checkpoint every N steps.")
     ] = 500,
-    warmup_steps: Annotated[
-        int, typer.Option("--warmup-steps", help="Linear warmup from 0 to --lr over N steps.")
-    ] = 0,
-    warmup_ratio: Annotated[
-        float,
-        typer.Option(
-            "--warmup-ratio", help="Warmup over this share of the steps (not with --warmup-steps)."
-        ),
-    ] = 0.0,
-    lr_scheduler: Annotated[
-        str,
-        typer.Option(
-            "--lr-scheduler",
-            help="Learning-rate schedule after warmup: linear, cosine, cosine_with_restarts, "
-            "polynomial, constant, constant_with_warmup or inverse_sqrt.",
-        ),
-    ] = "linear",
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", help="AdamW's decoupled weight decay.")
-    ] = 0.0,
-    max_grad_norm: Annotated[
-        float, typer.Option("--max-grad-norm", help="Clip gradients to this norm (0: no clipping).")
-    ] = 1.0,
+    warmup_steps: WarmupStepsOpt = 0,
+    warmup_ratio: WarmupRatioOpt = 0.0,
+    lr_scheduler: LrSchedulerOpt = "linear",
+    weight_decay: WeightDecayOpt = 0.0,
+    max_grad_norm: MaxGradNormOpt = 1.0,
     eval_steps: Annotated[
         int | None,
         typer.Option(
