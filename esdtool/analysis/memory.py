@@ -16,7 +16,7 @@ from esdtool.adapters import adapter_layout, read_adapter_config
 from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
 from esdtool.analysis.rows import analyze_tensor, analyze_update, header_row
 from esdtool.analysis.settings import AnalyzeSettings
-from esdtool.analysis.tasks import plan_tasks, read_task, task_row
+from esdtool.analysis.tasks import check_farms_windows, plan_tasks, read_task, task_row
 from esdtool.dequant import Layout
 from esdtool.errors import OptionError
 from esdtool.io.checkpoint import TensorInfo, natural_key
@@ -228,6 +228,8 @@ def _tensor_rows(
         raise OptionError("nothing to analyse: the model or state dict holds no tensor")
     if not infos:
         raise OptionError("nothing to analyse: no tensor name passes --include/--exclude")
+    skips = {i.name: skip_reason(i, settings.min_evals, budget, settings.dtype) for i in infos}
+    check_farms_windows([i for i in infos if skips[i.name] is None], settings)
     if progress:
         progress.start(len(infos), sum(i.nbytes for i in infos))
     rows: list[MatrixRow] = []
@@ -295,6 +297,8 @@ def _adapter_rows(
     if not names:
         raise OptionError("nothing to analyse: no adapter tensor name passes --include/--exclude")
     tasks = plan_tasks(tensors, names, Layout(), settings, budget, layout)  # type: ignore[arg-type]
+    check_farms_windows([t.info for t in tasks if t.status is None and t.update is None],
+                        settings)  # fmt: skip
     if progress:
         progress.start(len(tasks), sum(t.nbytes for t in tasks))
     rows: list[MatrixRow] = []

@@ -13,6 +13,7 @@ from esdtool.analysis.roles import block_index, infer_role, module_name
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.io.checkpoint import TensorInfo
 from esdtool.io.table import MatrixRow
+from esdtool.spectral.farms import farms_metrics
 from esdtool.spectral.lowrank import lowrank_eigenvalues
 from esdtool.spectral.metrics import spectrum_metrics
 from esdtool.spectral.spectra import (
@@ -87,17 +88,22 @@ def _measured(
             reason = f"eigenvalues {side} float64 (largest |entry| {peak:.3g}); rescale the weights"
             return replace(row, status="skipped", reason=reason)
     assert row.M is not None and row.N is not None
-    metrics = spectrum_metrics(
-        evals, row.M, row.N,
-        eig_threshold=settings.eig_threshold, sigma_fit=settings.sigma_fit,
-        tw_quantile=settings.tw_quantile, weighted_alpha=settings.weighted_alpha,
-        spike_rule=settings.spike_rule, mp_sides=mp_sides,
-    )  # fmt: skip
+    fits = {
+        "eig_threshold": settings.eig_threshold, "sigma_fit": settings.sigma_fit,
+        "tw_quantile": settings.tw_quantile, "weighted_alpha": settings.weighted_alpha,
+        "spike_rule": settings.spike_rule,
+    }  # fmt: skip
+    metrics = spectrum_metrics(evals, row.M, row.N, mp_sides=mp_sides, **fits)
+    farms = None
+    if settings.estimator == "farms" and matrix.ndim == 2 and metrics.lambda_max > 0:
+        farms = farms_metrics(matrix, settings.farms_rows, settings.farms_q, settings.farms_grid,
+                              evals.dtype, **fits)  # fmt: skip
     return replace(
         row,
         status="zero" if metrics.lambda_max == 0 else "ok",
         eigenvalues=evals.float().cpu().numpy(),
         metrics=metrics,
+        farms=farms,
     )
 
 

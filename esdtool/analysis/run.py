@@ -29,7 +29,14 @@ from esdtool.analysis.result import AnalyzeResult, ProgressHook, summarise
 from esdtool.analysis.resume import Sidecar, fingerprint, sidecar_path
 from esdtool.analysis.rows import analyze_tensor, analyze_update
 from esdtool.analysis.settings import AnalyzeSettings
-from esdtool.analysis.tasks import Task, materialize, plan_tasks, read_task, task_row
+from esdtool.analysis.tasks import (
+    Task,
+    check_farms_windows,
+    materialize,
+    plan_tasks,
+    read_task,
+    task_row,
+)
 from esdtool.dequant import Layout, layout_of, read_scheme
 from esdtool.errors import (
     AnalysisInterrupted,
@@ -314,6 +321,8 @@ def _check_something_analysable(
 ) -> None:
     """Fail before any work when no selected tensor can have a spectrum, saying why."""
     tasks = plan_tasks(ckpt, names, layout, settings, None, adapter)
+    check_farms_windows([t.info for t in tasks if t.status is None and t.update is None],
+                        settings)  # fmt: skip
     if all(t.status is not None for t in tasks):
         sample = "; ".join(f"{t.info.name}: {t.reason}" for t in tasks[:3])
         raise OptionError(

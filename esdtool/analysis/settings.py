@@ -27,6 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+ESTIMATORS = ("plain", "farms")
+
+
 @lru_cache(maxsize=16)
 def _regex(pattern: str, flag: str) -> Any:
     return user_regex(pattern, flag)
@@ -52,6 +55,12 @@ class AnalyzeSettings:
     weighted_alpha: which alpha feeds alpha_weighted and log_alpha_norm ("ks" as WeightWatcher).
     spike_rule:     "tw" (spikes above the Tracy-Widom quantile edge) or "lora-ar" (the edge of
                     Adaptive Rank LoRA's code, with its conv M/N; docs/method.md).
+    estimator:      "plain" (each matrix's own spectrum) or "farms": also the FARMS columns,
+                    fitted to the pooled spectrum of equally shaped windows (no aspect-ratio
+                    bias; docs/method.md).
+    farms_rows, farms_q, farms_grid: FARMS' window rows (capped at the matrix's smaller
+                    side), window aspect ratio (columns / rows) and grid (ops x ops windows).
+                    Defaults: FARMS' code's; its LLM runs used 2000, 1.0, 15.
     raw_codes:      analyse quantized weights' stored codes as they are (FP8 codes; integer
                     codes still get no spectrum) instead of the weights they encode. Off by
                     default: codes describe the quantizer, not the model.
@@ -73,6 +82,10 @@ class AnalyzeSettings:
     max_tensor_gb: float | None = None
     raw_codes: bool = False
     spike_rule: str = "tw"
+    estimator: str = "plain"
+    farms_rows: int = 100
+    farms_q: float = 2.0
+    farms_grid: int = 10
     preset: str | None = None
 
     @classmethod
@@ -111,6 +124,18 @@ class AnalyzeSettings:
             problems.append(f"min_evals must be at least 2, not {self.min_evals}")
         if self.spike_rule not in ("tw", "lora-ar"):
             problems.append(f"--spike-rule must be tw or lora-ar, not {self.spike_rule!r}")
+        if self.estimator not in ESTIMATORS:
+            problems.append(f"--estimator must be one of {', '.join(ESTIMATORS)}, "
+                            f"not {self.estimator!r}")  # fmt: skip
+        if isinstance(self.farms_rows, bool) or not isinstance(self.farms_rows, int) \
+                or self.farms_rows < 2:  # fmt: skip
+            problems.append(f"--farms-rows must be an integer >= 2, not {self.farms_rows!r}")
+        if not (isinstance(self.farms_q, int | float) and math.isfinite(self.farms_q)
+                and self.farms_q > 0):  # fmt: skip
+            problems.append(f"--farms-q must be a finite number > 0, not {self.farms_q!r}")
+        if isinstance(self.farms_grid, bool) or not isinstance(self.farms_grid, int) \
+                or not 1 <= self.farms_grid <= 1000:  # fmt: skip
+            problems.append(f"--farms-grid must be an integer in 1..1000, not {self.farms_grid!r}")
         if self.preset is not None and self.preset not in PRESETS:
             problems.append(f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device):

@@ -16,6 +16,7 @@ from esdtool.analysis.roles import module_name
 from esdtool.analysis.rows import header_row
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.dequant import Layout, QuantizedWeight
+from esdtool.errors import OptionError
 from esdtool.io.checkpoint import Checkpoint, TensorInfo
 from esdtool.io.table import MatrixRow
 
@@ -150,6 +151,34 @@ def _raw(
 
 def _count(weight: QuantizedWeight) -> int:
     return math.prod(weight.shape)
+
+
+def check_farms_windows(infos: list[TensorInfo], settings: AnalyzeSettings) -> None:
+    """With --estimator farms, every matrix to analyse (a 2-D weight, each expert of a 3-D one)
+    takes the window the settings give; one error naming how many do not and the first, before
+    any work (FARMS' own code would cut the window short, changing its aspect ratio)."""
+    if settings.estimator != "farms":
+        return
+    from esdtool.spectral.farms import windows
+
+    misfits = []
+    for info in infos:
+        if len(info.shape) not in (2, 3):
+            continue  # vectors have no spectrum; conv kernels get no FARMS columns
+        rows, cols = info.shape[-2], info.shape[-1]
+        try:
+            windows(rows, cols, settings.farms_rows, settings.farms_q, settings.farms_grid)
+        except ValueError as exc:
+            misfits.append((info.name, exc))
+    if misfits:
+        name, exc = misfits[0]
+        fits_q = "--farms-q 1 always fits" if settings.farms_q > 1 else "raise --farms-q"
+        raise OptionError(
+            f"{len(misfits)} matri{'x' if len(misfits) == 1 else 'ces'} cannot take the FARMS "
+            f"window of --farms-rows {settings.farms_rows} and --farms-q {settings.farms_q:g} "
+            f"(e.g. {name}: {exc})",
+            hint=f"lower --farms-rows or --farms-q ({fits_q}), or --exclude those matrices",
+        )
 
 
 def read_task(ckpt: Checkpoint, task: Task) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -203,6 +203,31 @@ def analyze(
             show_default=False,
         ),
     ] = None,
+    estimator: Annotated[
+        str,
+        typer.Option(
+            "--estimator",
+            help="plain (each matrix's own spectrum) or farms: also the FARMS columns "
+            "(alpha_*_farms, spikes_farms), fitted to the pooled spectrum of equally shaped "
+            "windows, free of the aspect-ratio bias (docs/method.md).",
+        ),
+    ] = "plain",
+    farms_rows: Annotated[
+        int,
+        typer.Option("--farms-rows", help="FARMS window rows (capped at the smaller side)."),
+    ] = 100,
+    farms_q: Annotated[
+        float,
+        typer.Option("--farms-q", help="FARMS window aspect ratio, columns / rows."),
+    ] = 2.0,
+    farms_grid: Annotated[
+        int,
+        typer.Option(
+            "--farms-grid",
+            help="FARMS windows per side (grid x grid). FARMS' LLM runs: --farms-rows 2000 "
+            "--farms-q 1 --farms-grid 15.",
+        ),
+    ] = 10,
     raw_codes: Annotated[
         bool,
         typer.Option(
@@ -239,7 +264,8 @@ def analyze(
     )  # fmt: skip
     settings = AnalyzeSettings.from_preset(
         preset, device=device, include=include, exclude=exclude, max_tensor_gb=max_tensor_gb,
-        raw_codes=raw_codes, **{k: v for k, v in given.items() if v is not None},
+        raw_codes=raw_codes, estimator=estimator, farms_rows=farms_rows, farms_q=farms_q,
+        farms_grid=farms_grid, **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     hush(quiet or as_json)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all

@@ -22,16 +22,19 @@ import pyarrow.parquet as pq
 
 from esdtool.errors import MetricsSchemaError, listed
 from esdtool.io.atomic import atomic_write
-from esdtool.spectral import ALPHA_COLUMNS, ALPHA_METHODS
+from esdtool.spectral import ALPHA_COLUMNS, ALPHA_METHODS, FARMS_ALPHA_COLUMNS
+from esdtool.spectral.farms import FarmsMetrics
 from esdtool.spectral.metrics import SpectrumMetrics
 
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added after version 1, with the version that added them: an older table reads as if
 # they were null.
-_ADDED = {"quantization": 2, "adapter": 3, "lora_rank": 3, "lora_alpha": 3, "effective_rank": 3}
+_ADDED = {"quantization": 2, "adapter": 3, "lora_rank": 3, "lora_alpha": 3, "effective_rank": 3,
+          "alpha_median_farms": 4, "alpha_fix_finger_farms": 4, "alpha_ks_farms": 4,
+          "spikes_farms": 4, "farms_windows": 4}  # fmt: skip
 METADATA_KEY = b"esdtool"
 
 _f64, _i64, _str = pa.float64(), pa.int64(), pa.string()
@@ -123,6 +126,20 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         "fewest largest eigenvalues holding 90% of sum lambda (the squared Frobenius norm); of "
         "a LoRA update, the part of its rank it uses",
     ),
+    (
+        "alpha_median_farms",
+        _f64,
+        "FARMS: alpha_median of the pooled spectrum of equally shaped windows (--estimator "
+        "farms; null otherwise)",
+    ),
+    ("alpha_fix_finger_farms", _f64, "FARMS: alpha_fix_finger of the pooled window spectrum"),
+    ("alpha_ks_farms", _f64, "FARMS: alpha_ks of the pooled window spectrum"),
+    (
+        "spikes_farms",
+        _f64,
+        "FARMS: pooled eigenvalues above the Tracy-Widom edge of one window's shape, per window",
+    ),
+    ("farms_windows", _i64, "FARMS: windows pooled (window settings in the table's metadata)"),
     ("seconds", _f64, "wall time spent on this row"),
     ("device", _str, "device the spectrum was computed on"),
 )
@@ -143,6 +160,7 @@ class MatrixRow:
     ``COLUMNS``).
     eigenvalues: float32 eigenvalues ascending, None when no spectrum was computed.
     metrics:     the spectrum's numbers, None when no spectrum was computed or it was not finite.
+    farms:       the FARMS numbers (``--estimator farms``), None otherwise.
     """
 
     name: str
@@ -164,6 +182,7 @@ class MatrixRow:
     adapter: str | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
+    farms: FarmsMetrics | None = None
 
     @property
     def M(self) -> int | None:
@@ -228,9 +247,19 @@ class MatrixRow:
             "entropy": m.entropy if m else nan,
             "matrix_rank": m.matrix_rank if m else None,
             "effective_rank": m.effective_rank if m else None,
+            **_farms_columns(self.farms),
             "seconds": self.seconds,
             "device": self.device,
         }
+
+
+def _farms_columns(farms: FarmsMetrics | None) -> dict[str, Any]:
+    m = farms.metrics if farms is not None else None
+    return {
+        **{f"alpha_{k}_farms": m.fit(k).alpha if m else math.nan for k in ALPHA_METHODS},
+        "spikes_farms": farms.spikes_per_window if farms else math.nan,
+        "farms_windows": farms.windows.count if farms else None,
+    }
 
 
 def _arrow(rows: Sequence[MatrixRow], metadata: dict[str, Any]) -> pa.Table:
@@ -398,14 +427,15 @@ def check_values(path: Path, df: pd.DataFrame, hint: str | None = None) -> None:
     bad = sorted(set(df.status.dropna()) - set(STATUSES))
     if bad:
         problems.append(f"status {bad[0]!r} is none of {', '.join(STATUSES)}")
-    for column in ALPHA_COLUMNS:
+    for column in (*ALPHA_COLUMNS, *FARMS_ALPHA_COLUMNS):
         values = df[column].to_numpy(dtype=float)
         outside = ~np.isnan(values) & ~((values > _ALPHA_RANGE[0]) & (values <= _ALPHA_RANGE[1]))
         if outside.any():
             problems.append(
                 f"{column} holds {values[outside][0]!r} (a fitted alpha is in (1, 1e100])"
             )
-    for column in ("num_spikes", "num_spikes_bulk", "rows", "cols", "M", "N", "num_evals"):
+    for column in ("num_spikes", "num_spikes_bulk", "rows", "cols", "M", "N", "num_evals",
+                   "spikes_farms", "farms_windows"):  # fmt: skip
         if (df[column].dropna() < 0).any():
             problems.append(f"{column} holds negative values")
     analysed = df[df.status == "ok"]

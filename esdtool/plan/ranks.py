@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from esdtool.errors import OptionError
-from esdtool.spectral import ALPHA_COLUMNS
+from esdtool.spectral import ALPHA_COLUMNS, FARMS_ALPHA_COLUMNS
 from esdtool.untrusted import user_regex
 
 EPS = 1e-8
@@ -109,10 +109,10 @@ class AllocateSettings:
             problems.append("--w-hill and --w-mp-spikes are both 0: every score would tie")
         if self.budget_params is not None and self.match_rank is not None:
             problems.append("--budget-params and --match-rank are exclusive: give one")
-        if self.alpha_column not in ALPHA_COLUMNS:
+        if self.alpha_column not in (*ALPHA_COLUMNS, *FARMS_ALPHA_COLUMNS):
             problems.append(
-                f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS)}, "
-                f"not {self.alpha_column!r}"
+                f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS + FARMS_ALPHA_COLUMNS)}"
+                f", not {self.alpha_column!r}"
             )
         if self.spikes_column not in SPIKE_COLUMNS:
             problems.append(
@@ -172,6 +172,14 @@ def candidates(
     model's ``modules``), and the modules left out because their alpha or spike count is
     missing."""
     df = metrics[(metrics.status == "ok") & metrics["slice"].isna()]
+    if settings.alpha_column in FARMS_ALPHA_COLUMNS and (
+        settings.alpha_column not in df.columns or not df[settings.alpha_column].notna().any()
+    ):
+        raise OptionError(
+            f"--alpha-column {settings.alpha_column}: the table has no FARMS alphas (it was "
+            "analysed without --estimator farms)",
+            hint="esdtool analyze MODEL --estimator farms -o metrics.parquet",
+        )
     if settings.candidates == "model":
         return _model_candidates(metrics, df, settings, modules)
     if settings.targets is not None:

@@ -31,7 +31,7 @@ from esdtool.io.trajectory import load_trajectory
 from esdtool.render import MAX_PLOTS, glance, header, plots, sections, usage
 from esdtool.render.trajectory import check as check_trajectory
 from esdtool.render.trajectory import section as trajectory_section
-from esdtool.spectral import ALPHA_COLUMNS
+from esdtool.spectral import ALPHA_COLUMNS, FARMS_ALPHA_COLUMNS
 from esdtool.version import __version__
 
 if TYPE_CHECKING:  # the plan is drawn, never computed here
@@ -195,9 +195,10 @@ def _model_files(meta: object) -> list[Path]:
 def check_options(alpha_column: str, max_plots: int) -> None:
     """Refuse report options that cannot be drawn, listing every problem (before any work)."""
     problems = []
-    if alpha_column not in ALPHA_COLUMNS:
+    if alpha_column not in (*ALPHA_COLUMNS, *FARMS_ALPHA_COLUMNS):
         problems.append(
-            f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS)}, not {alpha_column!r}"
+            f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS + FARMS_ALPHA_COLUMNS)}, "
+            f"not {alpha_column!r}"
         )
     if max_plots < 0:
         problems.append(f"--max-plots must be >= 0, not {max_plots}")

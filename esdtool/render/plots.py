@@ -219,10 +219,14 @@ def esd_figure(evals: np.ndarray, row: dict, alpha_column: str, threshold: float
     lam = np.asarray(evals, dtype=float)
     floor_at = 0.0 if low_rank else max(threshold, 0.0)
     lam = lam[np.isfinite(lam) & (lam > floor_at)]  # a crafted table may hold inf
-    method = alpha_column.removeprefix("alpha_")
-    alpha, xmin = row.get(alpha_column), row.get(f"xmin_{method}")
+    # A FARMS column's fit is of the pooled window spectrum, not of the spectrum drawn here:
+    # the plot draws this matrix's own fit of the same method and names the FARMS alpha.
+    method = alpha_column.removeprefix("alpha_").removesuffix("_farms")
+    alpha, xmin = row.get(f"alpha_{method}"), row.get(f"xmin_{method}")
     spikes = row.get("num_spikes")
     head = f"α = {alpha:.2f} ({method})" if _finite(alpha) else f"α: no fit ({method})"
+    farms = row.get(alpha_column) if alpha_column.endswith("_farms") else None
+    head += f" · FARMS α {farms:.2f}" if _finite(farms) else ""
     head += f" · spikes {int(spikes)}" if spikes is not None and not pd.isna(spikes) else ""
     if low_rank:
         used, r = row.get("effective_rank"), row.get("lora_rank")

@@ -7,3 +7,5 @@ from (the table's columns alpha_median, alpha_fix_finger, alpha_ks; settings; th
 
 ALPHA_METHODS: tuple[str, ...] = ("median", "fix_finger", "ks")
 ALPHA_COLUMNS: tuple[str, ...] = tuple(f"alpha_{m}" for m in ALPHA_METHODS)
+# The same fits on FARMS' pooled window spectrum (analyze --estimator farms).
+FARMS_ALPHA_COLUMNS: tuple[str, ...] = tuple(f"{c}_farms" for c in ALPHA_COLUMNS)
