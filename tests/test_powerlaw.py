@@ -64,3 +64,39 @@ def test_no_candidate_gives_nan_not_zero():
         assert math.isnan(fit.alpha)
         assert fit.status == "no_candidate"
     assert fit_ks(torch.ones(1)).status == "too_few"
+
+
+def _heavy(n: int, seed: int, tail: float, rounded: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    bulk = (rng.normal(1.0, 0.3, int(n * 0.95))) ** 2
+    x = np.sort(np.concatenate([bulk, 2 * rng.random(n - bulk.size) ** (-1 / tail)]))
+    return np.round(x, 2) + 1e-3 if rounded else x  # rounding: ties among eigenvalues
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pruned_ks_search_is_the_exhaustive_one(monkeypatch, seed):
+    """The KS fit over many candidates prunes by a lower bound (a sqrt(n) grid of each tail)
+    and computes D exactly only near the minimum. Forced on for small spectra, it must pick
+    what the oracle's plain loop over every candidate picks: alpha, xmin and D, the smallest
+    xmin among ties (rounded spectra have runs of equal eigenvalues)."""
+    monkeypatch.setattr(powerlaw, "_EXHAUSTIVE", 0)
+    monkeypatch.setattr(powerlaw, "_PRUNED_BATCH", 3)  # many rounds of the stopping rule
+    x = _heavy(400 + 97 * seed, seed, tail=1.5 + seed / 2, rounded=seed % 2 == 1)
+    x = x[x > 0]
+    fit = fit_ks(torch.tensor(x))
+    alpha, xmin, D = ref.alpha_ks(x)
+    assert (fit.alpha, fit.xmin, fit.D) == pytest.approx((alpha, xmin, D), rel=1e-12)
+
+
+def test_pruned_ks_search_on_a_pooled_size_spectrum():
+    """At 12,000 eigenvalues (a FARMS pool; above the exhaustive limit) the pruned search
+    equals every candidate's D computed and the first minimum taken."""
+    x = torch.tensor(_heavy(12_000, 7, tail=2.5))
+    fit = fit_ks(x)
+    alphas = hill_alphas(x)
+    candidates = torch.arange(x.numel() - 1)
+    candidates = candidates[torch.isfinite(alphas[candidates]) & (alphas[candidates] > 1)]
+    D = powerlaw.ks_distances(x, alphas, candidates)
+    best = int(torch.argmin(D))
+    assert (fit.D, fit.xmin) == (float(D[best]), float(x[candidates[best]]))
+    assert fit.alpha == float(alphas[candidates[best]])

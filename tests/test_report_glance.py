@@ -68,10 +68,20 @@ def test_demo_plan_at_a_glance(minilm_table):
     assert len(re.findall(r"<text", svg)) > 20
 
 
-def test_no_note_when_the_kept_set_is_balanced(minilm_table):
-    """Keeping everything cannot over-represent anything."""
+def test_keeping_everything_over_represents_nothing_but_scores_still_follow_shape(minilm_table):
+    """Keeping everything cannot over-represent a shape or kind, so no concentration note; but
+    MiniLM's scores still follow shape (its 384 x 1536 matrices score apart), and the note
+    says that instead, with the numbers the permutation test gives."""
+    from esdtool.plan.shape import shape_influence
+
     allocation = allocate_ranks(minilm_table, AllocateSettings(top_n_percentile=1.0))
-    assert glance.dominance_notes(allocation.table.assign(kind="k")) == []
+    (note,) = glance.dominance_notes(allocation.table.assign(kind="k"))
+    influence = shape_influence(allocation.table)
+    assert note.startswith(f"Shape explains {influence.variance_explained:.0%}")
+    assert "kept modules" not in note and influence.p_value < glance.SHAPE_P
+    fair = allocate_ranks(minilm_table, AllocateSettings(top_n_percentile=1.0,
+                                                         normalise_within="kind"))  # fmt: skip
+    assert glance.dominance_notes(fair.table.assign(kind="k")) == []
 
 
 def test_the_report_leads_with_the_plan(minilm_plan):

@@ -50,13 +50,26 @@ def allocate(
     alpha_column: Annotated[
         str | None,
         typer.Option(
-            "--alpha-column", help="Alpha column feeding the score (default: alpha_median)."
+            "--alpha-column",
+            help="Alpha column feeding the score: alpha_median, alpha_fix_finger, "
+            "alpha_ks, or their _farms twins (analyze --estimator farms) (default: alpha_median).",
         ),
     ] = None,
     spikes_column: Annotated[
         str | None,
         typer.Option(
-            "--spikes-column", help="Spike-count column feeding the score (default: num_spikes)."
+            "--spikes-column",
+            help="Spike-count column feeding the score: num_spikes, num_spikes_bulk or "
+            "spikes_farms (default: num_spikes).",
+        ),
+    ] = None,
+    normalise_within: Annotated[
+        str | None,
+        typer.Option(
+            "--normalise-within",
+            help="Normalise alpha and spikes within each shape or module kind (shape, kind) "
+            "instead of over all candidates (none, the default): modules compete with peers.",
+            show_default=False,
         ),
     ] = None,
     w_hill: Annotated[
@@ -146,6 +159,7 @@ def allocate(
         w_mp_spikes=w_mp_spikes, top_n_percentile=top_n_percentile, select=select,
         min_rank=min_rank, max_rank=max_rank, rank_scaling=rank_scaling,
         alpha_factor=alpha_factor, budget_params=budget_params, match_rank=match_rank,
+        normalise_within=normalise_within,
     )  # fmt: skip
     settings = AllocateSettings.from_preset(
         preset, **{k: v for k, v in given.items() if v is not None}
@@ -177,6 +191,7 @@ def _print_summary(result: AllocateResult, verified: bool = False) -> None:
     table.add_row("rank histogram", Text(hist))
     table.add_row("trainable params", f"{s['trainable_params']:,}")
     table.add_row("same cost as", f"uniform r={s['equal_cost_rank']:.1f} on all candidates")
+    table.add_row("shape", Text(safe(result.allocation.shape.sentence())))
     if verified:  # --verify raises on any departure: reaching here means every module matched
         table.add_row("verified", "PEFT gives every module its planned rank and alpha "
                       "(the model built from config.json on the meta device)")  # fmt: skip

@@ -97,6 +97,7 @@ class AllocateResult:
             "budget_params": self.allocation.budget,
             "notes": list(self.allocation.notes),
             "serving": self.serving.record(),
+            "shape": self.allocation.shape.to_dict(),
         }
 
 
@@ -175,6 +176,7 @@ def allocate(
         "preset_overrides": overrides,
         "budget_params": allocation.budget,
         "trainable_params": allocation.total_params,
+        "shape": allocation.shape.to_dict(),
         "serving": config_serving(config).record(),
         "esdtool_version": __version__,
     }

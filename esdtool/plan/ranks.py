@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 
 from esdtool.errors import OptionError
+from esdtool.plan.shape import WITHIN, ShapeInfluence, groups, shape_influence
 from esdtool.spectral import ALPHA_COLUMNS, FARMS_ALPHA_COLUMNS
 from esdtool.untrusted import user_regex
 
 EPS = 1e-8
-SPIKE_COLUMNS = ("num_spikes", "num_spikes_bulk")
+SPIKE_COLUMNS = ("num_spikes", "num_spikes_bulk", "spikes_farms")
 SCALINGS = {"linear": lambda s: s, "log": np.log1p, "sqrt": np.sqrt}
 # Presets: the allocation of a published method (docs/method.md). "lora-ar": Adaptive Rank
 # LoRA's code (src/adaptive_rank_assignment.py): every Linear/Conv2d in model order (L73-79),
@@ -39,13 +40,17 @@ class AllocateSettings:
     targets:           regex searched in module names that picks the candidates; default:
                        rows whose role is ``linear`` (projections inside transformer blocks).
     alpha_column:      which alpha feeds the score (alpha_median, alpha_fix_finger, alpha_ks).
-    spikes_column:     which spike count feeds the score (num_spikes, num_spikes_bulk).
+    spikes_column:     which spike count feeds the score (num_spikes, num_spikes_bulk, or
+                       spikes_farms: FARMS' per-window count, with --estimator farms).
     w_hill, w_mp_spikes: weights of the normalised alpha and of the inverted spike count.
     top_n_percentile:  fraction p of candidates kept, k = max(1, floor(p n)).
     select:            "highest" keeps the top scores (the method as written); "lowest" keeps
                        the bottom ones (what the seed's published code does).
     min_rank, max_rank, rank_scaling, alpha_factor: rank range, interpolation, lora_alpha = f r.
     budget_params / match_rank: rescale the kept ranks so sum r (rows + cols) ~ the budget.
+    normalise_within:  "none" (alpha and spikes min-max normalised over all candidates), "shape"
+                       or "kind": within each group of equal shape (either orientation) or
+                       module kind, so modules compete with their peers (plan.shape).
     candidates:        "role" (rows picked by role or ``targets``, in the table's order) or
                        "model" (every nn.Linear / nn.Conv2d of the analysed model, in its
                        ``named_modules`` order, a tied lm_head read from the tensor it shares:
@@ -70,6 +75,7 @@ class AllocateSettings:
     match_rank: int | None = None
     candidates: str = "role"
     rank_cap: bool = True
+    normalise_within: str = "none"
     preset: str | None = None
 
     @classmethod
@@ -119,6 +125,9 @@ class AllocateSettings:
                 f"--spikes-column must be one of {', '.join(SPIKE_COLUMNS)}, "
                 f"not {self.spikes_column!r}"
             )
+        if self.normalise_within not in WITHIN:
+            problems.append(f"--normalise-within must be one of {', '.join(WITHIN)}, "
+                            f"not {self.normalise_within!r}")  # fmt: skip
         if self.candidates not in ("role", "model"):
             problems.append(f"candidates must be role or model, not {self.candidates!r}")
         if self.candidates == "model" and self.targets is not None:
@@ -149,6 +158,11 @@ class Allocation:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def shape(self) -> ShapeInfluence:
+        """How much of the plan is matrix shape (plan.shape)."""
+        return shape_influence(self.table)
+
+    @property
     def kept(self) -> pd.DataFrame:
         return self.table[self.table.selected]
 
@@ -172,14 +186,15 @@ def candidates(
     model's ``modules``), and the modules left out because their alpha or spike count is
     missing."""
     df = metrics[(metrics.status == "ok") & metrics["slice"].isna()]
-    if settings.alpha_column in FARMS_ALPHA_COLUMNS and (
-        settings.alpha_column not in df.columns or not df[settings.alpha_column].notna().any()
-    ):
-        raise OptionError(
-            f"--alpha-column {settings.alpha_column}: the table has no FARMS alphas (it was "
-            "analysed without --estimator farms)",
-            hint="esdtool analyze MODEL --estimator farms -o metrics.parquet",
-        )
+    for flag, column in (("--alpha-column", settings.alpha_column),
+                         ("--spikes-column", settings.spikes_column)):  # fmt: skip
+        farms = column in FARMS_ALPHA_COLUMNS or column == "spikes_farms"
+        if farms and (column not in df.columns or not df[column].notna().any()):
+            raise OptionError(
+                f"{flag} {column}: the table has no FARMS columns (it was analysed without "
+                "--estimator farms)",
+                hint="esdtool analyze MODEL --estimator farms -o metrics.parquet",
+            )
     if settings.candidates == "model":
         return _model_candidates(metrics, df, settings, modules)
     if settings.targets is not None:
@@ -250,10 +265,28 @@ def _model_candidates(
     return rows, []
 
 
-def scores(alpha: np.ndarray, spikes: np.ndarray, w_hill: float, w_spikes: float) -> np.ndarray:
-    """w_hill * normalised alpha + w_spikes * (1 - normalised spike count)."""
-    a = (alpha - alpha.min()) / (alpha.max() - alpha.min() + EPS)
-    s = 1 - (spikes - spikes.min()) / (spikes.max() - spikes.min() + EPS)
+def scores(
+    alpha: np.ndarray,
+    spikes: np.ndarray,
+    w_hill: float,
+    w_spikes: float,
+    within: np.ndarray | None = None,
+) -> np.ndarray:
+    """w_hill * normalised alpha + w_spikes * (1 - normalised spike count), min-max normalised
+    over every candidate, or inside each group of ``within`` (one label per candidate). A group
+    whose values are all equal (one member, or ties) has no order of its own: its normalised
+    values are 0.5, the middle, so it neither leads nor trails its peers."""
+    if within is None:
+        a = (alpha - alpha.min()) / (alpha.max() - alpha.min() + EPS)
+        s = 1 - (spikes - spikes.min()) / (spikes.max() - spikes.min() + EPS)
+        return w_hill * a + w_spikes * s
+    a, s = np.empty_like(alpha, dtype=float), np.empty_like(spikes, dtype=float)
+    for label in np.unique(within):
+        mask = within == label
+        for out, values, flip in ((a, alpha[mask], False), (s, spikes[mask], True)):
+            span = values.max() - values.min()
+            part = (values - values.min()) / (span + EPS) if span > 0 else np.full(values.size, 0.5)
+            out[mask] = 1 - part if flip and span > 0 else part
     return w_hill * a + w_spikes * s
 
 
@@ -309,7 +342,8 @@ def allocate_ranks(
         raise OptionError(f"no candidate modules: no analysed matrix matches {what}")
     alpha = df[settings.alpha_column].to_numpy(float)
     spikes = df[settings.spikes_column].to_numpy(float)
-    score = scores(alpha, spikes, settings.w_hill, settings.w_mp_spikes)
+    within = groups(df.module, df.rows, df.cols, settings.normalise_within)
+    score = scores(alpha, spikes, settings.w_hill, settings.w_mp_spikes, within)
     n = len(df)
     k = math.floor(settings.top_n_percentile * n)
     if settings.candidates == "role":
@@ -342,7 +376,7 @@ def allocate_ranks(
         "rows": df.rows.to_numpy(int),
         "cols": df.cols.to_numpy(int),
         "alpha": alpha,
-        "spikes": spikes.astype(int),
+        "spikes": spikes if settings.spikes_column == "spikes_farms" else spikes.astype(int),
         "score": score,
         "selected": selected,
         "rank": rank,

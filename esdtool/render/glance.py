@@ -26,6 +26,8 @@ _CACHE_REPO = re.compile(r"models--([^/]+)--([^/]+)")
 # A kept set with one shape or kind at least this share, and this many times its share among
 # the candidates, gets a note.
 DOMINANT_SHARE, OVER_REPRESENTED = 0.5, 1.5
+# Shape drives the scores when the permutation test says so at this level.
+SHAPE_P = 0.01
 
 
 def title(meta: dict[str, Any]) -> str:
@@ -83,6 +85,9 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
         f"{s.min_rank}..{s.max_rank} ({s.rank_scaling}) by score; lora_alpha = "
         f"{s.alpha_factor:g} x rank."
     )
+    if s.normalise_within != "none":
+        rule += (f" Alpha and spikes are normalised within each {s.normalise_within} (modules "
+                 "compete with their peers).")  # fmt: skip
     if s.alpha_column != "alpha_ks":
         rule += (
             f" The plan's {s.alpha_column} is not on HTSR's 2-6 scale, which belongs to alpha_ks "
@@ -105,6 +110,7 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
             for k, n, c in zip(kinds.kind, kinds.kept, kinds.candidates, strict=True)
         ],
         "notes": [printable(n) for n in allocation.notes] + dominance_notes(plan),
+        "shape": printable(allocation.shape.sentence()),
         "figure": figure,
         # The kept ranks are the config's rank_pattern; its default r is their median.
         "serving": serving_check(kept["rank"]).record(),
@@ -113,26 +119,52 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
 
 def dominance_notes(plan: pd.DataFrame) -> list[str]:
     """A sentence for each way the kept set is mostly one thing: one matrix shape (either
-    orientation) or one module kind, when that is also well above its share of the candidates."""
+    orientation) or one module kind, when that is also well above its share of the candidates;
+    and when shape explains the scores beyond chance (plan.shape's permutation test). The
+    wording follows the numbers: a concentration the scores do not owe to shape says so."""
+    from esdtool.plan.shape import shape_influence
+
     kept = plan[plan.selected]
     if len(kept) < 2:
         return []
     notes = []
-    shape = [f"{min(r, c)} x {max(r, c)}" for r, c in zip(plan.rows, plan.cols, strict=True)]
-    for label, values in (
-        ("shape", pd.Series(shape, index=plan.index)),
-        ("module kind", plan.kind),
-    ):
-        counts = values[plan.selected].value_counts()
-        top, n = str(counts.index[0]), int(counts.iloc[0])
-        share = n / len(kept)
-        base = float((values == top).mean())
-        if share >= DOMINANT_SHARE and share >= OVER_REPRESENTED * base:
-            what = f"shape {top} (either orientation)" if label == "shape" else f"kind {top}"
-            notes.append(
-                f"{n} of the {len(kept)} kept modules ({share:.0%}) are {printable(what)}, "
-                f"against {base:.0%} of the candidates: the plan may be ranking {label}s more "
-                "than training (alphas depend on a matrix's aspect ratio). Compare it with "
-                "uniform LoRA at equal cost before trusting it (docs/tutorial.md shows how)."
-            )
+    influence = shape_influence(plan)
+    explained = (
+        f"shape explains {influence.variance_explained:.0%} of the scores' variance (chance "
+        f"{influence.chance:.0%}, permutation p = {influence.p_value:.2g})"
+    )
+    driven = influence.p_value < SHAPE_P
+    share, base = influence.kept_share, influence.candidate_share
+    dominant = share >= DOMINANT_SHARE and share >= OVER_REPRESENTED * base
+    what = f"{round(share * len(kept))} of the {len(kept)} kept modules ({share:.0%}) are " \
+        f"shape {printable(str(influence.top_shape))} (either orientation), against {base:.0%} " \
+        "of the candidates"  # fmt: skip
+    if dominant and driven:
+        notes.append(f"{what}, and {explained}: the plan may be ranking shapes more than "
+                     f"training (alphas depend on a matrix's aspect ratio). {_REMEDY}")  # fmt: skip
+    elif driven:
+        notes.append(f"{explained[0].upper()}{explained[1:]}: the scores rank shapes as well as "
+                     f"training. {_REMEDY}")  # fmt: skip
+    elif dominant:
+        notes.append(f"{what}, though {explained}: the concentration is not the scores "
+                     "following shape. Compare the plan with uniform LoRA at equal cost before "
+                     "trusting it (esdtool ablate).")  # fmt: skip
+    counts = plan.kind[plan.selected].value_counts()
+    top, n = str(counts.index[0]), int(counts.iloc[0])
+    share = n / len(kept)
+    base = float((plan.kind == top).mean())
+    if share >= DOMINANT_SHARE and share >= OVER_REPRESENTED * base:
+        notes.append(
+            f"{n} of the {len(kept)} kept modules ({share:.0%}) are kind {printable(top)}, "
+            f"against {base:.0%} of the candidates: the plan may be ranking module kinds more "
+            "than training. Compare it with uniform LoRA at equal cost before trusting it "
+            "(esdtool ablate; docs/tutorial.md shows how)."
+        )
     return notes
+
+
+_REMEDY = (
+    "Shape-fair plans: esdtool analyze --estimator farms, then allocate --alpha-column "
+    "alpha_median_farms --spikes-column spikes_farms; or allocate --normalise-within shape. "
+    "Compare any plan with uniform LoRA at equal cost before trusting it (esdtool ablate)."
+)
