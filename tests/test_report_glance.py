@@ -75,13 +75,13 @@ def test_keeping_everything_over_represents_nothing_but_scores_still_follow_shap
     from esdtool.plan.shape import shape_influence
 
     allocation = allocate_ranks(minilm_table, AllocateSettings(top_n_percentile=1.0))
-    (note,) = glance.dominance_notes(allocation.table.assign(kind="k"))
+    (note,) = glance.dominance_notes(allocation.table.assign(kind="k"), allocation.shape)
     influence = shape_influence(allocation.table)
     assert note.startswith(f"Shape explains {influence.variance_explained:.0%}")
     assert "kept modules" not in note and influence.p_value < glance.SHAPE_P
     fair = allocate_ranks(minilm_table, AllocateSettings(top_n_percentile=1.0,
                                                          normalise_within="kind"))  # fmt: skip
-    assert glance.dominance_notes(fair.table.assign(kind="k")) == []
+    assert glance.dominance_notes(fair.table.assign(kind="k"), fair.shape) == []
 
 
 def test_the_report_leads_with_the_plan(minilm_plan):

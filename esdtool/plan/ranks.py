@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -157,9 +158,9 @@ class Allocation:
     budget: int | None = None
     notes: list[str] = field(default_factory=list)
 
-    @property
+    @cached_property
     def shape(self) -> ShapeInfluence:
-        """How much of the plan is matrix shape (plan.shape)."""
+        """How much of the plan is matrix shape (plan.shape; computed once)."""
         return shape_influence(self.table)
 
     @property

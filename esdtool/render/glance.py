@@ -17,6 +17,7 @@ from esdtool.untrusted import printable
 
 if TYPE_CHECKING:
     from esdtool.plan.ranks import Allocation
+    from esdtool.plan.shape import ShapeInfluence
 
 # Directory names that say nothing about the model: the title walks up past them.
 _GENERIC = {"model", "models", "checkpoint", "checkpoints", "weights", "snapshots", "main",
@@ -69,6 +70,7 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
     if allocation is None:
         return None
     plan = allocation.table.copy()
+    influence = allocation.shape
     plan["kind"] = [module_kind(str(m)) or str(m) for m in plan.module]
     plan["layer"] = [block_index(str(m)) for m in plan.module]
     kept = plan[plan.selected]
@@ -109,26 +111,24 @@ def glance(allocation: Allocation | None) -> dict[str, Any] | None:
             {"kind": printable(k), "kept": int(n), "candidates": int(c)}
             for k, n, c in zip(kinds.kind, kinds.kept, kinds.candidates, strict=True)
         ],
-        "notes": [printable(n) for n in allocation.notes] + dominance_notes(plan),
-        "shape": printable(allocation.shape.sentence()),
+        "notes": [printable(n) for n in allocation.notes] + dominance_notes(plan, influence),
+        "shape": printable(influence.sentence()),
         "figure": figure,
         # The kept ranks are the config's rank_pattern; its default r is their median.
         "serving": serving_check(kept["rank"]).record(),
     }
 
 
-def dominance_notes(plan: pd.DataFrame) -> list[str]:
+def dominance_notes(plan: pd.DataFrame, influence: ShapeInfluence) -> list[str]:
     """A sentence for each way the kept set is mostly one thing: one matrix shape (either
     orientation) or one module kind, when that is also well above its share of the candidates;
     and when shape explains the scores beyond chance (plan.shape's permutation test). The
-    wording follows the numbers: a concentration the scores do not owe to shape says so."""
-    from esdtool.plan.shape import shape_influence
-
+    wording follows the numbers: a concentration the scores do not owe to shape says so.
+    ``influence``: the plan's :class:`~esdtool.plan.shape.ShapeInfluence`."""
     kept = plan[plan.selected]
     if len(kept) < 2:
         return []
     notes = []
-    influence = shape_influence(plan)
     explained = (
         f"shape explains {influence.variance_explained:.0%} of the scores' variance (chance "
         f"{influence.chance:.0%}, permutation p = {influence.p_value:.2g})"
