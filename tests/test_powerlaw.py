@@ -79,7 +79,7 @@ def test_pruned_ks_search_is_the_exhaustive_one(monkeypatch, seed):
     and computes D exactly only near the minimum. Forced on for small spectra, it must pick
     what the oracle's plain loop over every candidate picks: alpha, xmin and D, the smallest
     xmin among ties (rounded spectra have runs of equal eigenvalues)."""
-    monkeypatch.setattr(powerlaw, "_EXHAUSTIVE", 0)
+    monkeypatch.setattr(powerlaw, "_EXHAUSTIVE", 0)  # every search pruned
     monkeypatch.setattr(powerlaw, "_PRUNED_BATCH", 3)  # many rounds of the stopping rule
     x = _heavy(400 + 97 * seed, seed, tail=1.5 + seed / 2, rounded=seed % 2 == 1)
     x = x[x > 0]

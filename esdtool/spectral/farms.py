@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from esdtool.spectral.metrics import SpectrumMetrics, spectrum_metrics
-from esdtool.spectral.spectra import checked_eigenvalues
+from esdtool.spectral.spectra import _GRAM_BLOCK_ELEMENTS, checked_eigenvalues
 
 # Elements of one batch of windows' Gram matrices (B x m x m float64: 256 MB), bounding the
 # memory FARMS adds to a tensor's analysis whatever the window settings.
@@ -59,7 +59,7 @@ def windows(rows: int, cols: int, n_rows: int, q: float, grid: int) -> FarmsWind
     """The windows of a ``rows`` x ``cols`` matrix for the settings (requested window rows,
     aspect ratio Q = columns / rows of a window, grid of ops x ops starts). ValueError when the
     settings are bad or the window does not fit."""
-    if n_rows < 2 or not q > 0 or grid < 1:
+    if n_rows < 2 or not (math.isfinite(q) and q > 0) or grid < 1:
         raise ValueError(f"FARMS needs window rows >= 2, Q > 0 and a grid >= 1 (got {n_rows}, "
                          f"{q}, {grid})")  # fmt: skip
     n = min(n_rows, rows, cols)
@@ -93,7 +93,10 @@ def farms_spectrum(
     rows = torch.as_tensor(placed.row_starts, device=W.device)
     cols = torch.as_tensor(placed.col_starts, device=W.device)
     starts = torch.cartesian_prod(rows, cols)  # (K, 2), row-major as FARMS loops
-    step = max(1, _BATCH_ELEMENTS // (n * c + placed.M * placed.M))  # window + its Gram
+    # Windows per batch: within the memory bound (each window and its Gram matrix), and few
+    # enough that the batch's Gram product is one block of spectra.gram (no partial sums).
+    step = max(1, min(_BATCH_ELEMENTS // (n * c + placed.M * placed.M),
+                      _GRAM_BLOCK_ELEMENTS // (placed.M * placed.N)))  # fmt: skip
     pooled, finite = [], True
     offsets_r = torch.arange(n, device=W.device)
     offsets_c = torch.arange(c, device=W.device)

@@ -23,8 +23,9 @@ from esdtool.spectral import ALPHA_METHODS
 
 # Elements of one block of the KS distance matrix (candidates x eigenvalues): 4M float64 = 32 MB.
 _KS_BLOCK_ELEMENTS = 1 << 22
-# Up to this many candidates every D is computed; above, the exact minimum is found by pruning.
-_EXHAUSTIVE = 4096
+# Up to this many (candidate, eigenvalue) pairs every D is computed (a plain spectrum of up to
+# about 2000 eigenvalues); above, the exact minimum is found by pruning.
+_EXHAUSTIVE = 1 << 22
 _PRUNED_BATCH = 64
 FIX_FINGER_BINS = 100
 FIX_FINGER_WINDOW = (0.95, 1.5)
@@ -113,7 +114,7 @@ def _best_of(x: torch.Tensor, alphas: torch.Tensor, candidates: torch.Tensor) ->
     candidates = candidates[torch.isfinite(a) & (a > 1.0)]
     if candidates.numel() == 0:
         return PowerLawFit.failed("no_candidate")
-    if candidates.numel() <= _EXHAUSTIVE:
+    if candidates.numel() * x.numel() <= _EXHAUSTIVE:
         D = ks_distances(x, alphas, candidates)
         best = int(torch.argmin(D))  # first minimum: the smallest xmin among ties
         i, d = int(candidates[best]), float(D[best])
