@@ -117,3 +117,28 @@ def test_the_plan_records_and_prints_how_much_is_shape(minilm_metrics, tmp_path,
                                "--normalise-within", "layer"], capsys)  # fmt: skip
     assert code == 2 and "--normalise-within must be one of none, shape, kind" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_shape_fair_arms_are_their_plans_at_the_budget(minilm_metrics, minilm_dir):
+    """ablate's esd-farms, esd-within-shape and esd-within-kind arms keep exactly the modules
+    allocate keeps with those settings, each within 1% of the budget; esd-farms on a table
+    analysed without FARMS is refused naming the arm."""
+    from esdtool import AnalyzeSettings, analyze, load_metrics
+    from esdtool.ablation.arms import build_arms
+    from esdtool.errors import OptionError
+
+    plain = load_metrics(minilm_metrics)
+    farms = analyze(minilm_dir, None, AnalyzeSettings(estimator="farms", farms_grid=3)).table
+    budget = 8 * int((_candidates(plain).rows + _candidates(plain).cols).sum())
+    names = ["esd-farms", "esd-within-shape", "esd-within-kind"]
+    arms = {a.name: a for a in build_arms(farms, names, AllocateSettings(), budget, 0)}
+    for name, change in (
+        ("esd-farms", {"alpha_column": "alpha_median_farms", "spikes_column": "spikes_farms"}),
+        ("esd-within-shape", {"normalise_within": "shape"}),
+        ("esd-within-kind", {"normalise_within": "kind"}),
+    ):
+        own = allocate_ranks(farms, AllocateSettings(**change))
+        assert set(arms[name].ranks) == set(own.kept.module), name
+        assert abs(arms[name].params / budget - 1) <= 0.01, name
+    with pytest.raises(OptionError, match=r"arm esd-farms: .*no FARMS columns"):
+        build_arms(plain, ["esd-farms"], AllocateSettings(), budget, 0)

@@ -42,7 +42,15 @@ import pandas as pd
 from esdtool.errors import OptionError
 from esdtool.plan.ranks import AllocateSettings, Allocation, allocate_ranks, fit_budget
 
-ARMS = ("uniform", "esd", "shuffled", "placement", "complement", "random", "lora-ar", "eva")
+ARMS = ("uniform", "esd", "shuffled", "placement", "complement", "random", "lora-ar", "eva",
+        "esd-farms", "esd-within-shape", "esd-within-kind")  # fmt: skip
+# Shape-fair variants of the esd plan (docs/method.md, FARMS): the allocate settings each
+# changes. esd-farms needs a table analysed with --estimator farms.
+VARIANTS: dict[str, dict[str, str]] = {
+    "esd-farms": {"alpha_column": "_farms", "spikes_column": "spikes_farms"},
+    "esd-within-shape": {"normalise_within": "shape"},
+    "esd-within-kind": {"normalise_within": "kind"},
+}
 # The eva arm's adapter_config.json fields beyond the plan: PEFT's EVA initialisation with its
 # default redistribution (a module's rank up to 2 r, the total rank kept).
 EVA_CONFIG = {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}}
@@ -160,6 +168,9 @@ def build_arms(
             drawn = rng.permutation(esd_ranks)
             rank[chosen] = match_budget(drawn, sizes[chosen], budget, 1, cap[chosen])
             how = "as many modules as esd keeps, drawn at random, esd's ranks matched to the budget"
+        elif name in VARIANTS:
+            arms.append(_variant(metrics, name, settings, budget))
+            continue
         elif name == "lora-ar":
             continue  # its own candidates and table: lora_ar_arm
         else:
@@ -184,6 +195,30 @@ def lora_ar_arm(metrics: pd.DataFrame, modules: list[tuple[str, str]], budget: i
                                   budget, settings.min_rank, hi)  # fmt: skip
     how = "Adaptive Rank LoRA's plan (--preset lora-ar), ranks matched to the budget"
     return _arm("lora-ar", plan, rank, sizes, settings, how)
+
+
+def _variant(metrics: pd.DataFrame, name: str, settings: AllocateSettings, budget: int) -> Arm:
+    """A shape-fair esd plan (:data:`VARIANTS`), its kept ranks matched to the budget."""
+    change = dict(VARIANTS[name])
+    if change.get("alpha_column") == "_farms":
+        change["alpha_column"] = settings.alpha_column.removesuffix("_farms") + "_farms"
+    try:
+        plan = allocate_ranks(metrics, replace(settings, budget_params=budget, match_rank=None,
+                                               **change))  # type: ignore[arg-type]  # fmt: skip
+    except OptionError as exc:
+        raise OptionError(f"arm {name}: {exc}", hint=exc.hint) from None
+    table = plan.table
+    sizes = (table.rows + table.cols).to_numpy(np.int64)
+    cap = np.minimum(table.rows, table.cols).to_numpy(np.int64)
+    selected = table.selected.to_numpy(bool)
+    rank = np.zeros(len(table), dtype=np.int64)
+    rank[selected] = match_budget(table["rank"].to_numpy(np.int64)[selected], sizes[selected],
+                                  budget, settings.min_rank, cap[selected])  # fmt: skip
+    how = {"esd-farms": "esdtool's plan on FARMS alphas and spikes (shape-fair)",
+           "esd-within-shape": "esdtool's plan, alpha and spikes normalised within each shape",
+           "esd-within-kind": "esdtool's plan, alpha and spikes normalised within each module "
+                              "kind"}[name]  # fmt: skip
+    return _arm(name, plan, rank, sizes, settings, how + ", ranks matched to the budget")
 
 
 def _arm(
