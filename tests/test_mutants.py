@@ -847,9 +847,10 @@ def test_no_candidates_message(small_table, settings, message):
         ({"budget_params": 10, "match_rank": 2},
          "--budget-params and --match-rank are exclusive: give one"),
         ({"alpha_column": "alpha"},
-         "--alpha-column must be one of alpha_median, alpha_fix_finger, alpha_ks, not 'alpha'"),
+         "--alpha-column must be one of alpha_median, alpha_fix_finger, alpha_ks, "
+         "alpha_median_farms, alpha_fix_finger_farms, alpha_ks_farms, not 'alpha'"),
         ({"spikes_column": "spikes"},
-         "--spikes-column must be one of num_spikes, num_spikes_bulk, not 'spikes'"),
+         "--spikes-column must be one of num_spikes, num_spikes_bulk, spikes_farms, not 'spikes'"),
         ({"targets": "(a"}, "--targets '(a' is not a"),
         ({"min_rank": 0, "select": "x"},
          "--min-rank must be at least 1, not 0; --select must be highest or lowest, not 'x'"),

@@ -43,7 +43,8 @@ def allocate(
         str | None,
         typer.Option(
             "--targets",
-            help="Regex on module names picking the candidates (default: block linears).",
+            help="attention, mlp or all-linear (the block projections there), or a regex on "
+            "module names picking the candidates (default: all-linear).",
         ),
     ] = None,
     preset: PresetOpt = None,
@@ -123,6 +124,23 @@ def allocate(
             "--match-rank", help="Budget = uniform LoRA at this rank on the same candidates."
         ),
     ] = None,
+    budget_percent: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-percent",
+            help="Budget = this percentage of the analysed model's parameters (e.g. 0.5).",
+            show_default=False,
+        ),
+    ] = None,
+    rank_multiple: Annotated[
+        int | None,
+        typer.Option(
+            "--rank-multiple",
+            help="Every rank a multiple of K (8 suits kernels and serving engines); the budget "
+            "is still met (default: 1).",
+            show_default=False,
+        ),
+    ] = None,
     task_type: Annotated[
         str,
         typer.Option(
@@ -159,7 +177,8 @@ def allocate(
         w_mp_spikes=w_mp_spikes, top_n_percentile=top_n_percentile, select=select,
         min_rank=min_rank, max_rank=max_rank, rank_scaling=rank_scaling,
         alpha_factor=alpha_factor, budget_params=budget_params, match_rank=match_rank,
-        normalise_within=normalise_within,
+        normalise_within=normalise_within, budget_percent=budget_percent,
+        rank_multiple=rank_multiple,
     )  # fmt: skip
     settings = AllocateSettings.from_preset(
         preset, **{k: v for k, v in given.items() if v is not None}

@@ -15,6 +15,7 @@ import pandas as pd
 
 from esdtool.errors import OptionError
 from esdtool.plan.shape import WITHIN, ShapeInfluence, groups, shape_influence
+from esdtool.plan.targets import TARGET_PRESETS, model_params, pick_targets, round_to_multiple
 from esdtool.spectral import ALPHA_COLUMNS, FARMS_ALPHA_COLUMNS
 from esdtool.untrusted import user_regex
 
@@ -38,8 +39,9 @@ PRESETS: dict[str, dict[str, object]] = {
 class AllocateSettings:
     """How scores become ranks (defaults are the seed method's).
 
-    targets:           regex searched in module names that picks the candidates; default:
-                       rows whose role is ``linear`` (projections inside transformer blocks).
+    targets:           regex searched in module names that picks the candidates, or a preset
+                       (attention, mlp, all-linear: plan.targets); default: rows whose role is
+                       ``linear`` (projections inside transformer blocks).
     alpha_column:      which alpha feeds the score (alpha_median, alpha_fix_finger, alpha_ks).
     spikes_column:     which spike count feeds the score (num_spikes, num_spikes_bulk, or
                        spikes_farms: FARMS' per-window count, with --estimator farms).
@@ -48,7 +50,10 @@ class AllocateSettings:
     select:            "highest" keeps the top scores (the method as written); "lowest" keeps
                        the bottom ones (what the seed's published code does).
     min_rank, max_rank, rank_scaling, alpha_factor: rank range, interpolation, lora_alpha = f r.
-    budget_params / match_rank: rescale the kept ranks so sum r (rows + cols) ~ the budget.
+    budget_params / match_rank / budget_percent: rescale the kept ranks so sum r (rows + cols)
+                       ~ the budget (given, uniform match_rank's cost, or a percentage of the
+                       analysed model's parameters).
+    rank_multiple:     every rank a multiple of it (after the budget, which it still meets).
     normalise_within:  "none" (alpha and spikes min-max normalised over all candidates), "shape"
                        or "kind": within each group of equal shape (either orientation) or
                        module kind, so modules compete with their peers (plan.shape).
@@ -74,6 +79,8 @@ class AllocateSettings:
     alpha_factor: float = 2.0
     budget_params: int | None = None
     match_rank: int | None = None
+    budget_percent: float | None = None
+    rank_multiple: int = 1
     candidates: str = "role"
     rank_cap: bool = True
     normalise_within: str = "none"
@@ -106,6 +113,22 @@ class AllocateSettings:
         ):
             if value is not None and value < 1:
                 problems.append(f"{flag} must be at least 1, not {value}")
+        pct = self.budget_percent
+        if pct is not None and not (isinstance(pct, int | float) and math.isfinite(pct)
+                                    and 0 < pct <= 100):  # fmt: skip
+            problems.append(f"--budget-percent must lie in (0, 100], not {pct!r}")
+        given = [f for f, v in (("--budget-params", self.budget_params),
+                                ("--match-rank", self.match_rank),
+                                ("--budget-percent", pct)) if v is not None]  # fmt: skip
+        if len(given) > 1:
+            problems.append(f"{' and '.join(given)} are exclusive: give one")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) \
+                or not 1 <= self.rank_multiple <= 1024:  # fmt: skip
+            problems.append(f"--rank-multiple must be an integer in 1..1024, "
+                            f"not {self.rank_multiple!r}")  # fmt: skip
+        elif self.rank_multiple > self.max_rank:
+            problems.append(f"--rank-multiple {self.rank_multiple} is above --max-rank "
+                            f"{self.max_rank}: no rank could be a multiple")  # fmt: skip
         if not (math.isfinite(self.alpha_factor) and self.alpha_factor > 0):
             problems.append(f"--alpha-factor must be a finite number > 0, not {self.alpha_factor}")
         weights = (("--w-hill", self.w_hill), ("--w-mp-spikes", self.w_mp_spikes))
@@ -114,8 +137,6 @@ class AllocateSettings:
                 problems.append(f"{flag} must be a finite number >= 0, not {weight}")
         if all(weight == 0 for _, weight in weights):
             problems.append("--w-hill and --w-mp-spikes are both 0: every score would tie")
-        if self.budget_params is not None and self.match_rank is not None:
-            problems.append("--budget-params and --match-rank are exclusive: give one")
         if self.alpha_column not in (*ALPHA_COLUMNS, *FARMS_ALPHA_COLUMNS):
             problems.append(
                 f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS + FARMS_ALPHA_COLUMNS)}"
@@ -136,7 +157,7 @@ class AllocateSettings:
                             "every Linear of the model: drop one of them")  # fmt: skip
         if self.preset is not None and self.preset not in PRESETS:
             problems.append(f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
-        if self.targets is not None:
+        if self.targets is not None and self.targets not in TARGET_PRESETS:
             try:
                 user_regex(self.targets, "--targets")
             except ValueError as exc:
@@ -198,11 +219,7 @@ def candidates(
             )
     if settings.candidates == "model":
         return _model_candidates(metrics, df, settings, modules)
-    if settings.targets is not None:
-        pattern = user_regex(settings.targets, "--targets")  # RE2: linear in each name
-        df = df[[pattern.search(str(m)) is not None for m in df.module]]
-    else:
-        df = df[df.role == "linear"]
+    df = pick_targets(df, settings.targets)
     usable = (
         np.isfinite(df[settings.alpha_column].astype(float)) & df[settings.spikes_column].notna()
     )
@@ -301,14 +318,21 @@ def interpolate_ranks(score: np.ndarray, settings: AllocateSettings) -> np.ndarr
 
 
 def fit_budget(
-    ranks: np.ndarray, sizes: np.ndarray, budget: int, lo: int, hi: int | np.ndarray
+    ranks: np.ndarray,
+    sizes: np.ndarray,
+    budget: int,
+    lo: int,
+    hi: int | np.ndarray,
+    multiple: int = 1,
 ) -> np.ndarray:
     """Scale ``ranks`` by one factor c (then round and clip to [lo, hi], ``hi`` per module or
-    one for all) so that sum ranks * sizes comes closest to ``budget``; one factor for all keeps
-    the ranks' order."""
+    one for all, and to a multiple of ``multiple``) so that sum ranks * sizes comes closest to
+    ``budget``; one factor for all keeps the ranks' order."""
+    his = np.broadcast_to(np.asarray(hi), ranks.shape)
 
     def total(c: float) -> tuple[int, np.ndarray]:
         r = np.clip(np.rint(ranks * c), lo, hi).astype(int)
+        r = round_to_multiple(r, multiple, lo, his)[0]
         return int((r * sizes).sum()), r
 
     c_lo, c_hi = 0.0, float(np.max(hi)) / max(1, ranks.min()) + 1.0
@@ -368,10 +392,16 @@ def allocate_ranks(
     budget = settings.budget_params
     if settings.match_rank is not None:
         budget = settings.match_rank * int(sizes.sum())
+    if settings.budget_percent is not None:
+        budget = max(1, round(settings.budget_percent / 100 * model_params(metrics)))
+    K = settings.rank_multiple
     if budget is not None:
         rank[selected] = fit_budget(
-            rank[selected], sizes[selected], budget, settings.min_rank, cap[selected]
+            rank[selected], sizes[selected], budget, settings.min_rank, cap[selected], K
         )
+    else:
+        rank[selected] = round_to_multiple(rank[selected], K, settings.min_rank, cap[selected])[0]
+    stuck = round_to_multiple(rank[selected], K, settings.min_rank, cap[selected])[1]
     table = pd.DataFrame({
         "module": df.module.to_numpy(),
         "rows": df.rows.to_numpy(int),
@@ -386,6 +416,10 @@ def allocate_ranks(
     })  # fmt: skip
     notes = [f"{m}: no {settings.alpha_column} or {settings.spikes_column}; not a candidate"
              for m in dropped]  # fmt: skip
+    if stuck:
+        notes.append(f"{stuck} module(s) cannot take a rank that is a multiple of {K} within "
+                     f"{settings.min_rank}..min(rows, cols, {settings.max_rank}): they keep "
+                     "the largest rank they can")  # fmt: skip
     capped = selected & (cap < settings.max_rank) & (rank == cap)
     if capped.any():
         notes.append(
@@ -396,7 +430,8 @@ def allocate_ranks(
     if budget and abs(total / budget - 1) > 0.01:
         notes.append(
             f"budget {budget:,} missed: the plan has {total:,} ({total / budget - 1:+.0%}) "
-            f"because ranks stay within {settings.min_rank}..{settings.max_rank}; widen "
-            "--min-rank / --max-rank or keep more modules (--top-n-percentile)"
+            f"because ranks stay within {settings.min_rank}..{settings.max_rank}"
+            + (f" on multiples of {K}" if K > 1 else "")
+            + "; widen --min-rank / --max-rank or keep more modules (--top-n-percentile)"
         )
     return Allocation(table=table, settings=settings, budget=budget, notes=notes)
