@@ -128,3 +128,24 @@ def test_gradient_checkpointing_still_reaches_the_trainer(tiny_causal_lm, plan, 
                  FinetuneSettings(max_steps=1, gradient_checkpointing=on), progress=False,
                  callbacks=[Spy()])  # fmt: skip
         assert seen["on"] is on
+
+
+def test_a_narrow_heatmap_keeps_its_whole_title():
+    """The adapter report's heatmap of a 2-layer model: its title ("effective_rank / lora_rank:
+    layer x module kind") used to run past the figure's edge ("...layer x module k"). Drawn,
+    the title lies inside the figure, and every word of it is there."""
+    import pandas as pd
+
+    from esdtool.render import plots
+
+    title = "effective_rank / lora_rank: layer x module kind"
+    table = pd.DataFrame({"layer": [0, 0, 1, 1], "kind": ["q", "v", "q", "v"],
+                          "rank_used": [0.5, 0.7, 0.6, 0.9]})  # fmt: skip
+    fig = plots.heatmap_figure(table, "rank_used", title, "viridis", scale=(0, 1))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box, frame = fig.axes[0].title.get_window_extent(canvas.get_renderer()), fig.bbox
+    assert frame.x0 - 0.5 <= box.x0 and box.x1 <= frame.x1 + 0.5
+    assert fig.axes[0].get_title().split() == title.split()

@@ -114,6 +114,15 @@ def share_over_steps(shares: pd.DataFrame, title: str) -> bytes:
     return _svg(fig)
 
 
+def _wrapped(title: str, width_inches: float, fontsize: float = 10) -> str:
+    """``title`` broken into lines that fit ``width_inches`` at ``fontsize`` (a character is
+    about 0.6 em wide in the default sans-serif): a narrow figure (two layers) must not cut it."""
+    import textwrap
+
+    per_line = max(16, int(width_inches * 72 / (0.6 * fontsize)))
+    return textwrap.fill(title, per_line, break_on_hyphens=False)
+
+
 def heatmap(
     table: pd.DataFrame,
     column: str,
@@ -122,6 +131,18 @@ def heatmap(
     integer: bool = False,
     scale: tuple[float, float] | None = None,
 ) -> bytes:
+    """:func:`heatmap_figure` as SVG."""
+    return _svg(heatmap_figure(table, column, title, cmap, integer, scale))
+
+
+def heatmap_figure(
+    table: pd.DataFrame,
+    column: str,
+    title: str,
+    cmap: str,
+    integer: bool = False,
+    scale: tuple[float, float] | None = None,
+) -> Figure:
     """Median ``column`` over (module kind x layer); blank where a cell has no value. Every
     kind and layer of ``table`` gets its row and column, even with no value at all (a kind no
     module of which got a rank shows as a blank row, not as a missing one). ``scale``: fixed
@@ -134,7 +155,8 @@ def heatmap(
         grid = grid.reindex(index=kinds, columns=layers)
     n_kinds, n_layers = grid.shape if grid.size else (1, 1)
     height = min(1.2 + 0.32 * n_kinds, 30)  # hundreds of kinds must not make a 5 MB image
-    fig = Figure(figsize=(min(3 + 0.45 * n_layers, 16), height), layout="constrained")
+    width = min(3 + 0.45 * n_layers, 16)
+    fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.add_subplot()
     if grid.size:
         image = ax.imshow(
@@ -157,8 +179,9 @@ def heatmap(
                     dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.55
                     ax.text(j, i, label, ha="center", va="center", fontsize=8,
                             color="white" if dark else "black")  # fmt: skip
-    ax.set(title=title, xlabel="layer")
-    return _svg(fig)
+    ax.set_title(_wrapped(title, width), fontsize=10)
+    ax.set_xlabel("layer")
+    return fig
 
 
 def score_map(plan: pd.DataFrame, title: str) -> bytes:
@@ -170,7 +193,8 @@ def score_map(plan: pd.DataFrame, title: str) -> bytes:
     rank, kept = rank.reindex_like(grid), kept.reindex_like(grid)
     n_kinds, n_layers = grid.shape if grid.size else (1, 1)
     height = min(1.6 + 0.36 * n_kinds, 30)
-    fig = Figure(figsize=(min(3.5 + 0.5 * n_layers, 16), height), layout="constrained")
+    width = min(3.5 + 0.5 * n_layers, 16)
+    fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.add_subplot()
     if grid.size:
         image = ax.imshow(
@@ -193,7 +217,8 @@ def score_map(plan: pd.DataFrame, title: str) -> bytes:
                     dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.55
                     ax.text(j, i, f"r{ranks[i, j]:.0f}", ha="center", va="center", fontsize=8,
                             color="white" if dark else "black")  # fmt: skip
-    ax.set(title=title, xlabel="layer")
+    ax.set_title(_wrapped(title, width), fontsize=10)
+    ax.set_xlabel("layer")
     return _svg(fig)
 
 
