@@ -589,3 +589,30 @@ def test_a_run_refuses_to_mix_code_versions(tmp_path):
     assert "esdtool's code changed since the grid started" in result["esdtool"]["reason"]
     assert result["meta_info"]["devices"]["esdtool_code"] == "0" * 64
     assert len(code_fingerprint()) == 64 and code_fingerprint() == code_fingerprint()
+
+
+def test_the_probe_scales_steps_and_evaluations_apart(monkeypatch):
+    """A probe of 3 steps that took 10 s in all, 5 s of it training of which 2 s one
+    evaluation: a run of 100 steps evaluating every 20 (the last step a multiple) costs the 5 s
+    outside training, 100 steps of 1 s and 5 evaluations of 2 s; 4 such runs on 2 slots take
+    twice that. Nothing of the probe is left on disk."""
+    from esdtool.ablation import estimate
+    from esdtool.ablation.grid import Run
+
+    seen = {}
+
+    def fake(run, root, common, **kwargs):
+        seen["root"], seen["finetune"] = root, common["finetune"]
+        return {"esdtool": {"status": "ok", "reason": None, "steps": 3},
+                "run_info": {"total_time": 10.0},
+                "train_info": {"train_time": 5.0, "evaluations": 1, "eval_time": 2.0}}  # fmt: skip
+
+    monkeypatch.setattr(estimate, "execute", fake)
+    finetune = {"max_steps": -1, "warmup_steps": 5, "warmup_ratio": 0.0, "eval_steps": None,
+                "save_steps": 20}  # fmt: skip
+    found = estimate.probe(Run("uniform", 1e-3, 1), {"finetune": finetune}, lambda root: None,
+                           3, 100, pending=4, slots=2)  # fmt: skip
+    assert found.seconds == pytest.approx(2 * (5 + 100 * 1.0 + 5 * 2.0))
+    assert "5 evaluation(s) of 2 s" in found.basis
+    assert seen["finetune"]["max_steps"] == 3 and seen["finetune"]["warmup_steps"] == 0
+    assert not seen["root"].exists()

@@ -201,3 +201,22 @@ def test_two_runs_writing_one_output_leave_a_complete_table(reference, tmp_path)
         assert proc.returncode == 0, stderr
     same_table(load_metrics(out), expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet"]
+
+
+def test_a_farms_run_resumes_to_the_uninterrupted_table(reference, tmp_path):
+    """With --estimator farms the finished rows carry their FARMS numbers through the sidecar:
+    Ctrl-C after 4 tensors, then the same call, gives the table of one uninterrupted farms run
+    (the sidecar used to hand back the FARMS record as a plain dict, and writing the table
+    failed)."""
+    from esdtool.errors import AnalysisInterrupted
+
+    path, _ = reference
+    settings = AnalyzeSettings(estimator="farms", farms_rows=16, farms_q=1.0, farms_grid=3)
+    whole = load_metrics(analyze(path, tmp_path / "whole.parquet", settings).output)
+    out = tmp_path / "m.parquet"
+    with pytest.raises(AnalysisInterrupted):
+        analyze(path, out, settings, progress=StopAfter(4))
+    assert lines(sidecar_path(out)) >= 4
+    again = load_metrics(analyze(path, out, settings).output)
+    same_table(again, whole)
+    assert again.alpha_median_farms.notna().sum() >= 4

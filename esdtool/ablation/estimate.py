@@ -3,9 +3,11 @@
 From the finished runs' mean time when there are any; else from a **probe**: the grid's first
 run, trained for a few steps in a scratch directory, in its own process exactly as the grid runs
 it (start-up, model load, evaluation and scoring included). Its time outside training is taken
-as each run's fixed cost and its training time per step is scaled to the steps a run plans.
-The first steps carry one-off costs (allocations, kernel selection), so a probe's estimate errs
-long, never short.
+as each run's fixed cost; its training time, less the evaluations run during it, per step is
+scaled to the steps a run plans, and its evaluation time to the evaluations a run makes (every
+--eval-steps, else --save-steps, and at the last step). The first steps carry one-off costs
+(allocations, kernel selection), which a long run spreads out: the estimate tends long. An eva
+arm's initialisation is counted only when the probe is an eva run.
 """
 
 from __future__ import annotations
@@ -83,9 +85,18 @@ def probe(
         return Estimate(None, f"the probe run ({run.name}, {steps} steps) failed: "
                               f"{block['reason']}")  # fmt: skip
     total = float(result["run_info"]["total_time"])
-    training = float(result["train_info"].get("train_time") or 0.0)
-    done = int(block.get("steps") or steps)
-    per_run = max(total - training, 0.0) + training * planned / max(done, 1)
-    basis = (f"a probe run of {done} steps: {per_run:.0f} s per run of {planned} steps, "
-             f"{max(total - training, 0.0):.0f} s of it start-up and evaluation")  # fmt: skip
+    info = result["train_info"]
+    training = float(info.get("train_time") or 0.0)
+    evaluations, eval_time = int(info.get("evaluations") or 0), float(info.get("eval_time") or 0)
+    done = max(int(block.get("steps") or steps), 1)
+    per_step = max(training - eval_time, 0.0) / done
+    per_eval = eval_time / evaluations if evaluations else 0.0
+    fixed = max(total - training, 0.0)
+    every = finetune.get("eval_steps") or finetune["save_steps"]
+    final = 1 if evaluations > done // every else 0  # an evaluation at the last step too
+    runs_evals = planned // every + (final if planned % every else 0)
+    per_run = fixed + per_step * planned + per_eval * runs_evals
+    basis = (f"a probe run of {done} steps: {per_run:.0f} s per run of {planned} steps "
+             f"({fixed:.0f} s start-up and final evaluation, {per_step:.2f} s per step, "
+             f"{runs_evals} evaluation(s) of {per_eval:.0f} s)")  # fmt: skip
     return Estimate(pending * per_run / slots, basis)

@@ -173,6 +173,8 @@ def record(
                 else None
             ),
             "train_time": system.get("wall_seconds"),
+            "evaluations": system.get("evaluations"),
+            "eval_time": system.get("eval_seconds"),
             "tokens_per_second": system.get("tokens_per_second"),
             "file_size": size,
             "num_trainable_params": result.trainable_params if result is not None else None,

@@ -27,6 +27,7 @@ import numpy as np
 from esdtool.errors import OutputError
 from esdtool.io.table import MatrixRow
 from esdtool.spectral import ALPHA_METHODS
+from esdtool.spectral.farms import FarmsMetrics, FarmsWindows
 from esdtool.spectral.marchenko_pastur import SpikeCount
 from esdtool.spectral.metrics import SpectrumMetrics
 from esdtool.spectral.powerlaw import PowerLawFit
@@ -93,13 +94,26 @@ def _decode(data: dict[str, Any]) -> MatrixRow:
     if data.get("eigenvalues") is not None:
         raw = base64.b64decode(data["eigenvalues"], validate=True)
         data["eigenvalues"] = np.frombuffer(raw, dtype="<f4").copy()
-    metrics = data.get("metrics")
-    if metrics is not None:
-        fits = {m: PowerLawFit(**metrics[m]) for m in ALPHA_METHODS}
-        data["metrics"] = SpectrumMetrics(
-            **{**metrics, **fits, "spikes": SpikeCount(**metrics["spikes"])}
+    if data.get("metrics") is not None:
+        data["metrics"] = _metrics(data["metrics"])
+    farms = data.get("farms")
+    if farms is not None:
+        placed = farms["windows"]
+        data["farms"] = FarmsMetrics(
+            _metrics(farms["metrics"]),
+            FarmsWindows(
+                int(placed["n"]),
+                int(placed["c"]),
+                tuple(placed["row_starts"]),
+                tuple(placed["col_starts"]),
+            ),
         )
     return MatrixRow(**data)
+
+
+def _metrics(metrics: dict[str, Any]) -> SpectrumMetrics:
+    fits = {m: PowerLawFit(**metrics[m]) for m in ALPHA_METHODS}
+    return SpectrumMetrics(**{**metrics, **fits, "spikes": SpikeCount(**metrics["spikes"])})
 
 
 class Sidecar:

@@ -47,6 +47,8 @@ class SystemSummary:
         the wall time.
     gpu_utilization_mean: the mean over logging steps and GPUs of NVML's utilisation (%); None
         without a GPU or without nvidia-ml-py.
+    evaluations / eval_seconds: evaluations run during training and their time (the Trainer's
+        eval_runtime), part of the wall time.
     """
 
     wall_seconds: float
@@ -58,6 +60,8 @@ class SystemSummary:
     samples_per_second: float | None
     gpu_utilization_mean: float | None
     gpus: int
+    evaluations: int = 0
+    eval_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; GPU fields are left out on a machine without a GPU."""
@@ -172,6 +176,15 @@ class SystemMonitorCallback(TrainerCallback):
         self._start = self._last = time.perf_counter()
         self._start_step = self._last_step = int(state.global_step)
         self._start_tokens = self._last_tokens = int(state.num_input_tokens_seen or 0)
+        self._evaluations, self._eval_seconds = 0, 0.0
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
+    ) -> None:
+        runtime = (metrics or {}).get("eval_runtime")
+        if isinstance(runtime, int | float) and math.isfinite(runtime):
+            self._evaluations += 1
+            self._eval_seconds += float(runtime)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if logs is None or "loss" not in logs or not state.is_world_process_zero:
@@ -228,6 +241,8 @@ class SystemMonitorCallback(TrainerCallback):
                 math.fsum(self._gpu_samples) / len(self._gpu_samples) if self._gpu_samples else None
             ),
             gpus=gpus,
+            evaluations=self._evaluations,
+            eval_seconds=self._eval_seconds,
         )
         if self._nvml is not None:
             self._nvml.close()
