@@ -142,3 +142,17 @@ def test_shape_fair_arms_are_their_plans_at_the_budget(minilm_metrics, minilm_di
         assert abs(arms[name].params / budget - 1) <= 0.01, name
     with pytest.raises(OptionError, match=r"arm esd-farms: .*no FARMS columns"):
         build_arms(plain, ["esd-farms"], AllocateSettings(), budget, 0)
+
+
+def test_undefined_shape_numbers_are_null_in_json_and_said_in_words(minilm_table):
+    """Candidates of one shape (--targets query): no variance between shapes to explain. The
+    plan's record says null, not NaN (JSON has no NaN), and the sentence says why; three
+    shapes whose scores do not vary get their own reason."""
+    from esdtool.plan.shape import ShapeInfluence
+
+    plan = allocate_ranks(minilm_table, AllocateSettings(targets="query"))
+    record = json.loads(json.dumps(plan.shape.to_dict(), allow_nan=False))
+    assert record["variance_explained"] is None and record["p_value"] is None
+    assert "one shape among the candidates" in plan.shape.sentence()
+    flat = ShapeInfluence("1 x 2", 1.0, 0.3, 3, float("nan"), float("nan"), float("nan"))
+    assert "the scores do not vary" in flat.sentence()

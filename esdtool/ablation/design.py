@@ -170,7 +170,8 @@ def write_arms(root: Path, arms: list[Arm], allocate_settings: AllocateSettings)
         directory = root / "arms" / arm.name
         if arm.allocation is not None:
             record = {"arm": arm.name, "how": arm.how, "trainable_params": arm.peft_params,
-                      "allocate_settings": asdict(allocate_settings)}  # fmt: skip
+                      # the arm's own (a shape-fair variant's differ from the design's)
+                      "allocate_settings": asdict(arm.allocation.settings)}  # fmt: skip
             with tempfile.TemporaryDirectory(prefix=".arm-", dir=root) as scratch:
                 write_plan_files(arm.allocation, Path(scratch), record, task_type="CAUSAL_LM")
                 files = {p.name: p.read_bytes() for p in Path(scratch).iterdir()}

@@ -86,6 +86,11 @@ class AblateResult:
     page: str | None = None
 
     @property
+    def estimate_seconds(self) -> float | None:
+        """``estimate.seconds`` (None without an estimate)."""
+        return self.estimate.seconds if self.estimate else None
+
+    @property
     def table(self) -> Any:
         """summary.csv as a DataFrame."""
         import pandas as pd

@@ -130,9 +130,9 @@ class AnalyzeSettings:
         if isinstance(self.farms_rows, bool) or not isinstance(self.farms_rows, int) \
                 or self.farms_rows < 2:  # fmt: skip
             problems.append(f"--farms-rows must be an integer >= 2, not {self.farms_rows!r}")
-        if not (isinstance(self.farms_q, int | float) and math.isfinite(self.farms_q)
-                and self.farms_q > 0):  # fmt: skip
-            problems.append(f"--farms-q must be a finite number > 0, not {self.farms_q!r}")
+        if not (isinstance(self.farms_q, int | float) and not isinstance(self.farms_q, bool)
+                and math.isfinite(self.farms_q) and 0 < self.farms_q <= 1e6):  # fmt: skip
+            problems.append(f"--farms-q must be a number in (0, 1e6], not {self.farms_q!r}")
         if isinstance(self.farms_grid, bool) or not isinstance(self.farms_grid, int) \
                 or not 1 <= self.farms_grid <= 1000:  # fmt: skip
             problems.append(f"--farms-grid must be an integer in 1..1000, not {self.farms_grid!r}")

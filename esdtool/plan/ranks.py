@@ -31,7 +31,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "lora-ar": {"alpha_column": "alpha_ks", "spikes_column": "num_spikes", "select": "lowest",
                 "candidates": "model", "rank_cap": False, "w_hill": 0.7, "w_mp_spikes": 0.3,
                 "top_n_percentile": 0.5, "min_rank": 4, "max_rank": 64,
-                "rank_scaling": "linear", "alpha_factor": 2.0},
+                "rank_scaling": "linear", "alpha_factor": 2.0, "normalise_within": "none",
+                "rank_multiple": 1},
 }  # fmt: skip
 
 

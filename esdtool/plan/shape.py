@@ -62,7 +62,9 @@ class ShapeInfluence:
     p_value: float
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready: an undefined number is null, not NaN (which JSON has no word for)."""
+        return {k: None if isinstance(v, float) and np.isnan(v) else v
+                for k, v in asdict(self).items()}  # fmt: skip
 
     def sentence(self) -> str:
         """The numbers in words (the allocate summary, the report)."""
@@ -72,8 +74,10 @@ class ShapeInfluence:
             f"{self.kept_share:.0%} of the kept modules are {self.top_shape} (against "
             f"{self.candidate_share:.0%} of the candidates)"
         )
-        if np.isnan(self.variance_explained):
+        if self.shapes == 1:
             return text + "; one shape among the candidates, so shape cannot drive the scores"
+        if np.isnan(self.variance_explained):
+            return text + "; the scores do not vary, so shape cannot drive them"
         return text + (
             f"; shape explains {self.variance_explained:.0%} of the scores' variance across "
             f"{self.shapes} shapes (chance {self.chance:.0%}, permutation p = {self.p_value:.3g})"

@@ -132,6 +132,8 @@ def dominance_notes(plan: pd.DataFrame, influence: ShapeInfluence) -> list[str]:
     explained = (
         f"shape explains {influence.variance_explained:.0%} of the scores' variance (chance "
         f"{influence.chance:.0%}, permutation p = {influence.p_value:.2g})"
+        if influence.variance_explained == influence.variance_explained  # not NaN
+        else "the scores cannot follow shape (one shape among the candidates, or no spread)"
     )
     driven = influence.p_value < SHAPE_P
     share, base = influence.kept_share, influence.candidate_share

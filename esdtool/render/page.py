@@ -138,6 +138,14 @@ def report(
     path = check_output_file(output, inputs) if output is not None else None
     table = metrics if isinstance(metrics, pd.DataFrame) else load_metrics(metrics)
     check_frame(table)
+    if alpha_column in FARMS_ALPHA_COLUMNS and (
+        alpha_column not in table.columns or not table[alpha_column].notna().any()
+    ):
+        raise OptionError(
+            f"--alpha-column {alpha_column}: the table has no FARMS alphas (it was analysed "
+            "without --estimator farms)",
+            hint="esdtool analyze MODEL --estimator farms -o metrics.parquet",
+        )
     steps = None
     if trajectory is not None:
         steps = trajectory

@@ -75,7 +75,7 @@ def overview(
                 plots.by_depth(blocks, alpha_column, f"{alpha_column} by depth", "alpha", None),
                 f"{alpha_column} by layer",
                 f"The exponent the plan scores ({alpha_column}). It is not on HTSR's 2-6 scale and "
-                "depends on the matrix shape: compare module kinds along the depth, not to a band.",
+                + (_FARMS_NOTE if alpha_column.endswith("_farms") else _SHAPE_NOTE),
             )
         )
     figures += [
@@ -121,3 +121,10 @@ def present(value: object) -> bool:
     if value is None or value is pd.NA:
         return False
     return not (isinstance(value, float) and math.isnan(value))
+
+
+_FARMS_NOTE = (
+    "is fitted to windows of one shape in every matrix (FARMS), so module kinds compare with "
+    "each other; compare them along the depth, not to a band."
+)
+_SHAPE_NOTE = "depends on the matrix shape: compare module kinds along the depth, not to a band."

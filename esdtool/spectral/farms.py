@@ -63,8 +63,11 @@ def windows(rows: int, cols: int, n_rows: int, q: float, grid: int) -> FarmsWind
         raise ValueError(f"FARMS needs window rows >= 2, Q > 0 and a grid >= 1 (got {n_rows}, "
                          f"{q}, {grid})")  # fmt: skip
     n = min(n_rows, rows, cols)
+    if n < 1 or n * q > cols or n * q < 1:  # as floats: int() of a huge n q would overflow
+        raise ValueError(f"a {n} x {int(min(n * q, 1e18))} window does not fit a {rows} x {cols} "
+                         "matrix")  # fmt: skip
     c = int(n * q)
-    if c < 1 or c > cols or n < 1:
+    if c < 1 or c > cols:
         raise ValueError(f"a {n} x {c} window does not fit a {rows} x {cols} matrix")
     return FarmsWindows(n, c, _starts(rows, n, grid), _starts(cols, c, grid))
 
@@ -122,9 +125,11 @@ class FarmsMetrics:
     @property
     def spikes_per_window(self) -> float:
         """Pooled eigenvalues above the Tracy-Widom edge of one window's shape, per window
-        (NaN when the count is undefined)."""
+        (NaN when the count is undefined, or every window is zero: no bulk, no edge)."""
         count = self.metrics.spikes.num_spikes
-        return math.nan if count is None else count / self.windows.count
+        if count is None or self.metrics.lambda_max == 0:
+            return math.nan
+        return count / self.windows.count
 
 
 def farms_metrics(
