@@ -539,16 +539,23 @@ class TestAnalyzeTable:
         assert math.isnan(row["spikes_farms"]) and pd_isna(row["farms_windows"])
 
     def test_table_window_that_does_not_fit_is_refused(self):
-        """A matrix that cannot take the window (30 x 30 with --farms-rows 100, --farms-q 2:
-        30 x 60) is an OptionError before any work, not a silently narrower window."""
+        """A block projection that cannot take the window (30 x 30 with --farms-rows 100,
+        --farms-q 2: 30 x 60) is an OptionError before any work, not a silently narrower
+        window; a matrix outside the blocks that cannot take it (no plan adapts it) gets null
+        FARMS columns and the others their numbers."""
         from esdtool import analyze
         from esdtool.errors import OptionError
 
         rng = np.random.default_rng(4)
-        sd = {"ok.weight": torch.from_numpy(rng.standard_normal((300, 300))),
-              "small.weight": torch.from_numpy(rng.standard_normal((30, 30)))}  # fmt: skip
-        with pytest.raises(OptionError, match=r"small\.weight"):
+        big = torch.from_numpy(rng.standard_normal((300, 300)))
+        small = torch.from_numpy(rng.standard_normal((30, 30)))
+        sd = {"layers.0.ok.weight": big, "layers.0.small.weight": small}
+        with pytest.raises(OptionError, match=r"layers\.0\.small\.weight"):
             analyze(sd, None, self._settings(estimator="farms"))
+        sd = {"layers.0.ok.weight": big, "head.weight": small}
+        table = analyze(sd, None, self._settings(estimator="farms")).table.set_index("name")
+        assert pd_isna(table.loc["head.weight", "alpha_median_farms"])
+        assert not pd_isna(table.loc["layers.0.ok.weight", "alpha_median_farms"])
 
 
 def pd_isna(value) -> bool:

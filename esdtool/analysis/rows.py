@@ -96,8 +96,11 @@ def _measured(
     metrics = spectrum_metrics(evals, row.M, row.N, mp_sides=mp_sides, **fits)
     farms = None
     if settings.estimator == "farms" and matrix.ndim == 2 and metrics.lambda_max > 0:
-        farms = farms_metrics(matrix, settings.farms_rows, settings.farms_q, settings.farms_grid,
-                              evals.dtype, **fits)  # fmt: skip
+        try:
+            farms = farms_metrics(matrix, settings.farms_rows, settings.farms_q,
+                                  settings.farms_grid, evals.dtype, **fits)  # fmt: skip
+        except ValueError:  # no window fits: a matrix no plan adapts (projections are checked)
+            farms = None
     return replace(
         row,
         status="zero" if metrics.lambda_max == 0 else "ok",

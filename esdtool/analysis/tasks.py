@@ -12,7 +12,7 @@ import torch
 from esdtool.adapters import AdapterLayout, LowRankUpdate
 from esdtool.adapters.layout import strip_prefix
 from esdtool.analysis.resources import skip_reason
-from esdtool.analysis.roles import module_name
+from esdtool.analysis.roles import infer_role, module_name
 from esdtool.analysis.rows import header_row
 from esdtool.analysis.settings import AnalyzeSettings
 from esdtool.dequant import Layout, QuantizedWeight
@@ -154,17 +154,22 @@ def _count(weight: QuantizedWeight) -> int:
 
 
 def check_farms_windows(infos: list[TensorInfo], settings: AnalyzeSettings) -> None:
-    """With --estimator farms, every matrix to analyse (a 2-D weight, each expert of a 3-D one)
-    takes the window the settings give; one error naming how many do not and the first, before
-    any work (FARMS' own code would cut the window short, changing its aspect ratio)."""
+    """With --estimator farms, every block projection to analyse (role linear or expert: what
+    plans adapt) takes the window the settings give; one error naming how many do not and the
+    first, before any work (FARMS' own code would cut the window short, changing its aspect
+    ratio). Other matrices that cannot take it (a tall bias table, a small head) get null FARMS
+    columns: they are no plan's candidates, and must not stop the analysis."""
     if settings.estimator != "farms":
         return
     from esdtool.spectral.farms import windows
 
     misfits = []
     for info in infos:
-        if len(info.shape) not in (2, 3):
-            continue  # vectors have no spectrum; conv kernels get no FARMS columns
+        if len(info.shape) not in (2, 3) or infer_role(info.name, len(info.shape)) not in (
+            "linear",
+            "expert",
+        ):
+            continue  # other matrices that cannot take it get null FARMS columns (not plans')
         rows, cols = info.shape[-2], info.shape[-1]
         try:
             windows(rows, cols, settings.farms_rows, settings.farms_q, settings.farms_grid)
