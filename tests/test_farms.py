@@ -571,7 +571,7 @@ def pd_isna(value) -> bool:
         (["--farms-q", "0"], "--farms-q must be a number in (0, 1e6]"),
         (["--farms-q", "inf"], "--farms-q must be a number in (0, 1e6]"),
         (["--farms-q", "1e307"], "--farms-q must be a number in (0, 1e6]"),
-        (["--farms-grid", "0"], "--farms-grid must be an integer in 1..1000"),
+        (["--farms-grid", "0"], "--farms-grid must be an integer in 1..100"),
         ([], "cannot take the FARMS window of --farms-rows 100 and --farms-q 2"),
     ],
 )

@@ -60,7 +60,9 @@ class AnalyzeSettings:
                     bias; docs/method.md).
     farms_rows, farms_q, farms_grid: FARMS' window rows (capped at the matrix's smaller
                     side), window aspect ratio (columns / rows) and grid (ops x ops windows).
-                    Defaults: FARMS' code's; its LLM runs used 2000, 1.0, 15.
+                    Defaults: FARMS' code's; its LLM runs used 2000, 1.0, 15. The grid is at
+                    most 100 (10^4 windows: their pooled spectrum stays within 160 MB at 2000
+                    rows; the eigensolves run in batches of at most 256 MB).
     raw_codes:      analyse quantized weights' stored codes as they are (FP8 codes; integer
                     codes still get no spectrum) instead of the weights they encode. Off by
                     default: codes describe the quantizer, not the model.
@@ -134,8 +136,8 @@ class AnalyzeSettings:
                 and math.isfinite(self.farms_q) and 0 < self.farms_q <= 1e6):  # fmt: skip
             problems.append(f"--farms-q must be a number in (0, 1e6], not {self.farms_q!r}")
         if isinstance(self.farms_grid, bool) or not isinstance(self.farms_grid, int) \
-                or not 1 <= self.farms_grid <= 1000:  # fmt: skip
-            problems.append(f"--farms-grid must be an integer in 1..1000, not {self.farms_grid!r}")
+                or not 1 <= self.farms_grid <= 100:  # fmt: skip
+            problems.append(f"--farms-grid must be an integer in 1..100, not {self.farms_grid!r}")
         if self.preset is not None and self.preset not in PRESETS:
             problems.append(f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device):
