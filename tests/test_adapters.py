@@ -304,21 +304,18 @@ def test_pattern_keys_match_as_peft_matches_them():
     assert not key_matches("(a+)+", "a" * 50_000 + "!")  # instant with RE2
 
 
-def test_compare_a_model_with_its_adapter(base, minilm_table, tmp_path):
-    """The adapter's rows match the base model's modules of the same shape; a module without an
-    adapter is unmatched, not dropped; the adapter's effective ranks come through."""
+def test_compare_refuses_a_model_against_its_adapter(base, minilm_table, tmp_path):
+    """A model's table holds W, an adapter's delta W: compared, "frobenius_norm change median
+    -49.2" compared the two. Refused in one line (library and CLI), saying how to compare a
+    base model with its fine-tuned version."""
     from esdtool import analyze, compare
+    from esdtool.errors import OptionError
 
     _adapter(base, tmp_path / "a")
-    adapter = analyze(tmp_path / "a").table
-    result = compare([minilm_table, adapter], labels=["base", "adapter"])
-    both = result.table[result.table.in_all].set_index("module")
-    updates = adapter[adapter.lora_rank.notna()].set_index("module")
-    assert sorted(both.index) == sorted(updates.index)
-    assert (both["effective_rank@adapter"] == updates.effective_rank.astype(float)).all()
-    assert both["alpha_ks@adapter"].isna().all() and both["alpha_ks@base"].notna().all()
-    assert "encoder.layer.0.attention.self.key" in result.unmatched["base"]
-    assert result.unmatched["adapter"] == []
+    adapter = analyze(tmp_path / "a", tmp_path / "a.parquet").table
+    with pytest.raises(OptionError, match="measure different things") as info:
+        compare([minilm_table, adapter], labels=["base", "adapter"])
+    assert "weights='merged'" in info.value.hint
 
 
 def test_an_adapter_hub_id_resolves_like_its_directory(tmp_path):
@@ -518,17 +515,31 @@ def test_rank_use_counts_at_most_the_matrix_side(tmp_path, capsys):
     assert code == 0 and lora["planned_rank"] == 20 and lora["used_rank"] <= 20
 
 
-def test_compare_cli_on_adapter_tables_summarises_norms(base, tmp_path, capsys):
-    _adapter(base, tmp_path / "a")
-    code, _, stderr = run_cli(["analyze", tmp_path / "a", "-o", tmp_path / "a.parquet"], capsys)
-    assert code == 0, stderr
-    _adapter(base, tmp_path / "b", use_rslora=True)
-    code, _, stderr = run_cli(["analyze", tmp_path / "b", "-o", tmp_path / "b.parquet"], capsys)
-    code, stdout, stderr = run_cli(
-        ["compare", tmp_path / "a.parquet", tmp_path / "b.parquet", "-o", tmp_path / "c"], capsys
-    )
+def test_compare_cli_on_adapter_tables(base, minilm_metrics, tmp_path, capsys):
+    """Two adapters saved as run-a/adapter.parquet and run-b/adapter.parquet: labelled by their
+    folders (not adapter#1, adapter#2), or by --labels; the CSV and the page hold no 'nan' (an
+    update has no alphas: those columns are blank); the norms' change is summarised. A model's
+    table against an adapter's: exit 2, one line."""
+    for name, options in (("run-a", {}), ("run-b", {"use_rslora": True})):
+        _adapter(base, tmp_path / name / "adapter", **options)
+        code, _, stderr = run_cli(["analyze", tmp_path / name / "adapter", "-o",
+                                   tmp_path / name / "adapter.parquet", "-q"], capsys)  # fmt: skip
+        assert code == 0, stderr
+    pair = [tmp_path / "run-a" / "adapter.parquet", tmp_path / "run-b" / "adapter.parquet"]
+    code, stdout, stderr = run_cli(["compare", *pair, "-o", tmp_path / "c"], capsys)
     assert code == 0, stderr
     assert "frobenius_norm change median" in stdout
+    csv = (tmp_path / "c" / "comparison.csv").read_text()
+    page = (tmp_path / "c" / "report.html").read_text()
+    assert "effective_rank@run-a/adapter" in csv and "#1" not in csv
+    assert "nan" not in csv.lower() and ">nan<" not in page.lower()
+    code, _, stderr = run_cli(["compare", *pair, "-o", tmp_path / "d", "--labels",
+                               "plain,rslora"], capsys)  # fmt: skip
+    assert code == 0, stderr
+    assert "effective_rank@rslora" in (tmp_path / "d" / "comparison.csv").read_text()
+    code, _, stderr = run_cli(["compare", minilm_metrics, pair[0], "-o", tmp_path / "e"], capsys)
+    assert code == 2 and "measure different things" in stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
 def test_an_adapter_in_memory_gives_the_rows_of_its_saved_files(base, tmp_path):

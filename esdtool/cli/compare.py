@@ -25,6 +25,8 @@ EXAMPLES = """[bold]Examples[/bold]
 
   esdtool compare base.parquet tuned.parquet -o compare
 
+  esdtool compare run-a/adapter.parquet run-b/adapter.parquet --labels uniform,esd -o compare
+
   esdtool compare step-100.parquet step-500.parquet step-1000.parquet -o compare --json
 
   esdtool compare run/spectra_trajectory.parquet -o compare"""
@@ -41,13 +43,23 @@ def compare(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Directory to write the comparison to.")
     ] = Path("compare"),
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="One label per table, comma-separated (default: the file names, or their "
+            "folders' when the names are the same).",
+            show_default=False,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     from esdtool.comparison import compare as run_compare
 
     hush(quiet or as_json)
-    result = run_compare(tables, output)
+    given = None if labels is None else [part.strip() for part in labels.split(",")]
+    result = run_compare(tables, output, labels=given)
     summary = result.summary()
     if as_json:
         print(json.dumps(summary))

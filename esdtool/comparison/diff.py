@@ -98,9 +98,12 @@ def compare(
     frames, defaults, steps = _tables(tables)
     for frame in frames:
         check_frame(frame)
+    _check_same_kind(frames, defaults)
     names = list(labels) if labels is not None else defaults
     if len(names) != len(frames):
         raise OptionError(f"{len(names)} labels for {len(frames)} tables: give one per table")
+    if not all(names):
+        raise OptionError(f"labels must not be empty ({', '.join(map(repr, names))})")
     if len(set(names)) != len(names):  # two tables of one name: number them
         names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
     merged = _join(frames, names)
@@ -154,7 +157,35 @@ def _tables(
     frames = [t if isinstance(t, pd.DataFrame) else load_metrics(t) for t in tables]
     names = [Path(t).stem if not isinstance(t, pd.DataFrame) else f"table{i + 1}"
              for i, t in enumerate(tables)]  # fmt: skip
+    if len(set(names)) != len(names):  # run-a/adapter.parquet, run-b/adapter.parquet: folders
+        folders = [f"{Path(t).parent.name}/{Path(t).stem}" if not isinstance(t, pd.DataFrame)
+                   else n for t, n in zip(tables, names, strict=True)]  # fmt: skip
+        names = folders if len(set(folders)) == len(folders) else names
     return frames, names, None
+
+
+def _is_adapter(frame: pd.DataFrame) -> bool:
+    """A trained adapter's table (its rows are weight changes, not weights)."""
+    meta = frame.attrs.get("esdtool") or {}
+    return bool(meta.get("adapter")) or (
+        "lora_rank" in frame and bool(frame["lora_rank"].notna().any())
+    )
+
+
+def _check_same_kind(frames: list[pd.DataFrame], labels: list[str]) -> None:
+    """A model's table against an adapter's compares W with delta W: refused, saying how to
+    compare a base model with its fine-tuned version."""
+    kinds = [_is_adapter(f) for f in frames]
+    if any(kinds) and not all(kinds):
+        model = labels[kinds.index(False)]
+        adapter = labels[kinds.index(True)]
+        raise OptionError(
+            f"{printable(adapter)} is a trained adapter's table (its weight changes, delta W) and "
+            f"{printable(model)} a model's (its weights W): they measure different things",
+            hint="compare adapters with adapters; to compare a base model with its fine-tuned "
+            "version, analyse the merged model (esdtool.analyze(peft_model, weights='merged'), "
+            "or merge_and_unload() and save) and compare that table with the base's",
+        )
 
 
 def _join(frames: list[pd.DataFrame], labels: list[str]) -> pd.DataFrame:
