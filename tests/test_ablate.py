@@ -34,6 +34,17 @@ def metrics(plan) -> Path:
 
 
 @pytest.fixture(scope="module")
+def farms_metrics(tiny_causal_lm, tmp_path_factory) -> Path:
+    """The tiny causal LM's table with FARMS columns too (windows that fit its 32- and 64-wide
+    matrices), so the esd-farms arm can be built beside the others."""
+    from esdtool import AnalyzeSettings, analyze
+
+    out = tmp_path_factory.mktemp("farms") / "m.parquet"
+    settings = AnalyzeSettings(estimator="farms", farms_rows=32, farms_q=1.0, farms_grid=3)
+    return analyze(tiny_causal_lm, out, settings).output
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
     where = tmp_path_factory.mktemp("ablate-data")
     return (write_jsonl(where / "train.jsonl", ARITHMETIC),
@@ -52,7 +63,7 @@ def _trainable(model_dir: Path, config: dict) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_every_arm_is_within_one_percent_of_the_budget(tiny_causal_lm, metrics):
+def test_every_arm_is_within_one_percent_of_the_budget(tiny_causal_lm, farms_metrics):
     """Each built-in arm's trainable parameters, counted on the real model with PEFT applied,
     lie within 1% of uniform rank 8 on every candidate, and within 1% at --budget-rank 4 and a
     --budget-params budget too."""
@@ -61,7 +72,7 @@ def test_every_arm_is_within_one_percent_of_the_budget(tiny_causal_lm, metrics):
     from esdtool.plan.peft_config import lora_config_dict
     from esdtool.plan.ranks import AllocateSettings, candidates
 
-    table = load_metrics(metrics)
+    table = load_metrics(farms_metrics)
     settings = AllocateSettings()
     cands, _ = candidates(table, settings)
     sizes = int((cands.rows + cands.cols).sum())
@@ -82,7 +93,7 @@ def test_an_arm_more_than_one_percent_off_is_refused_with_its_numbers():
     assert why is not None and why.startswith("arm b: 9,890 trainable parameters, -1.1% off")
 
 
-def test_the_controls_keep_what_they_control_for(metrics):
+def test_the_controls_keep_what_they_control_for(farms_metrics):
     """shuffled: esd's modules and the same multiset of ranks, the cost unchanged; placement:
     esd's modules at one rank (r or r + 1); complement: every candidate esd leaves out and
     none it keeps; random: as many modules as esd; shuffled and random the same for one
@@ -91,7 +102,7 @@ def test_the_controls_keep_what_they_control_for(metrics):
     from esdtool.ablation.arms import ARMS, build_arms
     from esdtool.plan.ranks import AllocateSettings
 
-    table = load_metrics(metrics)
+    table = load_metrics(farms_metrics)
     settings = AllocateSettings()
 
     def arms(seed):

@@ -72,7 +72,9 @@ def test_float32_path_keeps_every_alpha_within_1e_3(minilm_dir, minilm_table, tm
 
 def test_table_metadata_records_how_it_was_made(minilm_table, minilm_dir):
     meta = minilm_table.attrs["esdtool"]
-    assert meta["schema_version"] == 3
+    from esdtool.io.table import SCHEMA_VERSION
+
+    assert meta["schema_version"] == SCHEMA_VERSION == 4
     assert meta["source"] == str(minilm_dir)
     assert meta["settings"]["dtype"] == "float64"  # "auto" resolved: float64 on a CPU
     assert meta["model_type"] == "bert"
