@@ -44,3 +44,34 @@ def user_regex(pattern: str, flag: str) -> Any:
             f"{flag} {pattern!r} is not a regex esdtool accepts ({reason}; RE2 syntax: no "
             "back-references or look-arounds)"
         ) from None
+
+
+# A spreadsheet evaluates a cell that starts with one of these (=HYPERLINK(...), +1+cmd|...).
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text, never evaluates: a string starting with =, +, -,
+    @, tab or carriage return gets a leading ' (and one starting with ' another, so that
+    :func:`from_spreadsheet_cell` gives back the exact text). Other values pass unchanged."""
+    if isinstance(value, str) and value.startswith((*_FORMULA, "'")):
+        return "'" + value
+    return value
+
+
+def from_spreadsheet_cell(text: str) -> str:
+    """The text :func:`spreadsheet_cell` was given."""
+    return text[1:] if text.startswith("'") else text
+
+
+def spreadsheet_frame(frame: Any) -> Any:
+    """A copy of a DataFrame whose text cells are :func:`spreadsheet_cell`'s (numbers, which
+    may be negative, untouched), for writing as CSV; parquet and JSON keep exact text."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    out = frame.copy()
+    for column in out.columns:
+        kind = out[column].dtype
+        if not (is_numeric_dtype(kind) or is_bool_dtype(kind)):  # object, str, string
+            out[column] = out[column].astype(object).map(spreadsheet_cell)
+    return out

@@ -18,16 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from esdtool.ablation.stats import Interval, t_interval, verdict
+from esdtool.untrusted import spreadsheet_cell
 
-_FORMULA = ("=", "+", "-", "@", "\t", "\r")
-
-
-def cell(value: object) -> object:
-    """A CSV cell a spreadsheet shows as text, never evaluates (a leading =, +, -, @, tab or
-    carriage return gets a leading ')."""
-    if isinstance(value, str) and value.startswith(_FORMULA):
-        return "'" + value
-    return value
+cell = spreadsheet_cell  # every CSV cell ablate writes is spreadsheet-safe
 
 
 RUN_COLUMNS = (

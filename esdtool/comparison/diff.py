@@ -25,7 +25,7 @@ from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.table import check_frame, load_metrics
 from esdtool.io.trajectory import is_trajectory, load_trajectory, step_tables
 from esdtool.render import plots
-from esdtool.untrusted import printable
+from esdtool.untrusted import printable, spreadsheet_frame
 from esdtool.version import __version__
 
 METRICS = ("alpha_median", "alpha_fix_finger", "alpha_ks", "num_spikes", "stable_rank",
@@ -121,7 +121,7 @@ def compare(
               "steps": steps, "esdtool_version": __version__}  # fmt: skip
 
     def build(directory: Path) -> None:
-        merged.to_csv(directory / CSV_NAME, index=False)
+        spreadsheet_frame(merged).to_csv(directory / CSV_NAME, index=False)
         (directory / REPORT_NAME).write_bytes(html)
         (directory / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 

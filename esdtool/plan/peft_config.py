@@ -15,6 +15,7 @@ from typing import Any
 
 from esdtool.errors import OptionError
 from esdtool.plan.ranks import Allocation
+from esdtool.untrusted import spreadsheet_frame
 
 CONFIG_NAME = "adapter_config.json"
 CSV_NAME = "allocation.csv"
@@ -81,6 +82,6 @@ def write_plan_files(
     fresh directory that :func:`esdtool.io.atomic.atomic_dir` swaps in whole)."""
     content = json.dumps(lora_config_dict(allocation, **config), indent=2) + "\n"
     (directory / CONFIG_NAME).write_text(content, encoding="utf-8")
-    allocation.table.to_csv(directory / CSV_NAME, index=False)
+    spreadsheet_frame(allocation.table).to_csv(directory / CSV_NAME, index=False)
     text = json.dumps(record, indent=2, default=str) + "\n"
     (directory / PLAN_RECORD).write_text(text, encoding="utf-8")

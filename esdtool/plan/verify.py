@@ -27,6 +27,7 @@ import pandas as pd
 from esdtool.errors import ModelLoadError, OptionError, PlanMismatchError
 from esdtool.extras import require
 from esdtool.plan.peft_config import CONFIG_NAME, CSV_NAME
+from esdtool.untrusted import from_spreadsheet_cell
 
 # allocation.csv columns the checks use, and how each cell must read.
 PLAN_COLUMNS = ("module", "selected", "rank", "lora_alpha", "rows", "cols")
@@ -119,6 +120,7 @@ def _read_allocation(path: Path) -> pd.DataFrame:
     columns: dict[str, list[Any]] = {c: [] for c in PLAN_COLUMNS}
     for number, row in enumerate(text[list(PLAN_COLUMNS)].itertuples(index=False), start=1):
         module, selected, rank, alpha, rows, cols = row
+        module = from_spreadsheet_cell(module)  # written spreadsheet-safe: a leading ' added
         at = f"{path}: row {number} ({_short(module)})"
         if not module:
             raise OptionError(f"{path}: row {number}: module is empty")

