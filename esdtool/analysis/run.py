@@ -108,6 +108,11 @@ def analyze(
     cannot hold :class:`~esdtool.errors.HubCacheError`; each keeps the finished rows for the
     next run.
     """
+    if isinstance(output, AnalyzeSettings):  # analyze(source, AnalyzeSettings(...))
+        if settings is not None:
+            raise OptionError("analyze: two settings given (the second argument is the output "
+                              "file)", hint="analyze(source, output, settings)")  # fmt: skip
+        output, settings = None, output
     if progress is True:
         bar = TqdmProgress()
         try:

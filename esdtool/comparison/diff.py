@@ -191,10 +191,18 @@ def _check_same_kind(frames: list[pd.DataFrame], labels: list[str]) -> None:
 def _join(frames: list[pd.DataFrame], labels: list[str]) -> pd.DataFrame:
     """One row per (module, expert) of any table, the tables' values side by side."""
     keyed = []
-    for frame in frames:
+    for frame, label in zip(frames, labels, strict=True):
         ok = frame[frame.status.isin(["ok", "zero"])].copy()
         ok["slice"] = ok["slice"].fillna(-1).astype(int)
-        ok = ok.drop_duplicates(["module", "slice"])
+        twice = ok[ok.duplicated(["module", "slice"], keep=False)]
+        if len(twice):  # e.g. tensors "x.weight" and "x": one module, two matrices
+            module = str(twice.module.iloc[0])
+            names = ", ".join(repr(printable(n)) for n in twice[twice.module == module].name)
+            raise OptionError(
+                f"{printable(label)}: module {printable(module)!r} comes from two tensors "
+                f"({names}): which one to compare is not clear",
+                hint="analyse one of them (--include / --exclude), as allocate asks too",
+            )
         keyed.append(ok.set_index(["module", "slice"]))
     shared = set(keyed[0].index)
     for k in keyed[1:]:

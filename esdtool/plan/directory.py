@@ -125,6 +125,11 @@ def allocate(
     device, apply the config with PEFT, and raise (writing nothing) if any module would get
     another rank or alpha than planned.
     """
+    if isinstance(outdir, AllocateSettings):  # allocate(table, AllocateSettings(...))
+        if settings is not None:
+            raise OptionError("allocate: two settings given (the second argument is the output "
+                              "directory)", hint="allocate(table, outdir, settings)")  # fmt: skip
+        outdir, settings = None, outdir
     settings = settings or AllocateSettings()
     in_memory = isinstance(metrics, pd.DataFrame)
     where = Path("<table>") if in_memory else Path(metrics)  # type: ignore[arg-type]

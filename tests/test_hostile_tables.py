@@ -1,8 +1,10 @@
-"""Spreadsheet formula injection (issue 29, item 4): tensor names are written by strangers, and
-a CSV cell starting with =, +, -, @, tab or carriage return runs as a formula when the file is
-opened in a spreadsheet. Every CSV esdtool writes (allocation.csv, comparison.csv, ablate's
-runs.csv and summary.csv) prefixes such a cell with ', and esdtool reading its own CSV back
-gets the exact name; parquet, JSON and the PEFT config keep the names as they are."""
+"""Hostile tables and names (issue 29). Spreadsheet formula injection (item 4): tensor names
+are written by strangers, and a CSV cell starting with =, +, -, @, tab or carriage return runs
+as a formula when the file is opened in a spreadsheet. Every CSV esdtool writes (allocation.csv,
+comparison.csv, ablate's runs.csv and summary.csv) prefixes such a cell with ', and esdtool
+reading its own CSV back gets the exact name; parquet, JSON and the PEFT config keep the names
+as they are. Settings passed in the output's place (item 6), a module stored twice in compare
+(item 7)."""
 
 from __future__ import annotations
 
@@ -79,3 +81,39 @@ def _number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_settings_given_in_the_output_place_are_taken_as_settings(minilm_metrics, tmp_path):
+    """allocate(table, AllocateSettings(...)) and analyze(source, AnalyzeSettings(...)) raised a
+    raw TypeError (the settings landed in the output argument): they are the settings, and two
+    settings at once is one clear error (issue 29, item 6)."""
+    import pytest
+
+    from esdtool import AllocateSettings, AnalyzeSettings, allocate, analyze
+    from esdtool.errors import OptionError
+
+    plan = allocate(minilm_metrics, AllocateSettings(top_n_percentile=0.25), report=False)
+    assert plan.config is None and len(plan.allocation.kept) == 9
+    with pytest.raises(OptionError, match="two settings given"):
+        allocate(minilm_metrics, AllocateSettings(), AllocateSettings())
+    source = _checkpoint(tmp_path / "model.safetensors")
+    result = analyze(source, AnalyzeSettings(include="proj1"))
+    assert result.output is None and list(result.table.name) == [
+        f"{HOSTILE[1]}.layers.0.proj1.weight"
+    ]
+
+
+def test_compare_refuses_a_module_stored_twice(tmp_path, capsys):
+    """Tensors "x.weight" and "x" are one PEFT module from two matrices: allocate refuses such a
+    table, and compare silently used one of them; now it names the table, the module and both
+    tensors (issue 29, item 7)."""
+    rng = np.random.default_rng(1)
+    twice = {"layers.0.proj.weight": rng.standard_normal((48, 32)).astype("f4"),
+             "layers.0.proj": rng.standard_normal((48, 32)).astype("f4"),
+             "layers.0.other.weight": rng.standard_normal((48, 32)).astype("f4")}  # fmt: skip
+    path = write_tensors(tmp_path / "twice.safetensors", twice)
+    table = tmp_path / "twice.parquet"
+    assert run_cli(["analyze", path, "-o", table, "-q"], capsys)[0] == 0
+    code, _, stderr = run_cli(["compare", table, table, "-o", tmp_path / "c"], capsys)
+    assert code == 2 and "module 'layers.0.proj' comes from two tensors" in stderr, stderr
+    assert "'layers.0.proj.weight'" in stderr and len(stderr.strip().splitlines()) == 1
