@@ -117,3 +117,24 @@ def test_compare_refuses_a_module_stored_twice(tmp_path, capsys):
     code, _, stderr = run_cli(["compare", table, table, "-o", tmp_path / "c"], capsys)
     assert code == 2 and "module 'layers.0.proj' comes from two tensors" in stderr, stderr
     assert "'layers.0.proj.weight'" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_a_table_read_back_from_csv_is_refused_in_one_line(minilm_table, tmp_path):
+    """allocate, report and plot_esd on a metrics table exported to CSV and read back (its
+    spectra are text) or with a text alpha column raised raw ValueError / TypeError; now one
+    MetricsSchemaError naming the columns (issue 29, item 8)."""
+    import pandas as pd
+    import pytest
+
+    from esdtool import allocate, plot_esd, report
+    from esdtool.errors import MetricsSchemaError
+
+    minilm_table.to_csv(tmp_path / "m.csv", index=False)
+    back = pd.read_csv(tmp_path / "m.csv")
+    for call in (lambda: allocate(back), lambda: report(back),
+                 lambda: plot_esd(back, str(back.name.iloc[5]))):  # fmt: skip
+        with pytest.raises(MetricsSchemaError, match="eigenvalues hold text"):
+            call()
+    texts = minilm_table.assign(alpha_median=minilm_table.alpha_median.astype(str))
+    with pytest.raises(MetricsSchemaError, match="alpha_median hold text"):
+        allocate(texts)

@@ -452,13 +452,28 @@ def check_values(path: Path, df: pd.DataFrame, hint: str | None = None) -> None:
 
 def check_frame(df: pd.DataFrame) -> None:
     """A DataFrame handed to allocate, report or plot_esd is an esdtool metrics table: every
-    column of the schema (but those added in later versions) is there."""
+    column of the schema (but those added in later versions) is there, numbers are numbers and
+    each spectrum a sequence of numbers (a table read back from CSV holds text there)."""
     missing = [c for c in COLUMN_NAMES if c not in df.columns and c not in _ADDED]
+    hint = "pass what esdtool.analyze(...).table or esdtool.load_metrics(path) gives"
     if missing:
         shown = listed(missing, 5)
         raise MetricsSchemaError(
-            f"not an esdtool metrics table: columns {shown} are missing",
-            hint="pass what esdtool.analyze(...).table or esdtool.load_metrics(path) gives",
+            f"not an esdtool metrics table: columns {shown} are missing", hint=hint
+        )
+    from pandas.api.types import is_numeric_dtype
+
+    numeric = [name for name, dtype, _ in COLUMNS if dtype in (_f64, _i64)]
+    text = [c for c in numeric if c in df.columns and not is_numeric_dtype(df[c].dtype)
+            and df[c].notna().any()]  # fmt: skip
+    spectra = df["eigenvalues"].dropna()
+    if len(spectra) and not all(isinstance(v, np.ndarray | list | tuple) for v in spectra):
+        text.append("eigenvalues")
+    if text:
+        raise MetricsSchemaError(
+            f"not an esdtool metrics table: columns {listed(text, 5)} hold text, not numbers "
+            "(a table read back from CSV?)",
+            hint=hint + " (the parquet table, not a CSV export)",
         )
 
 
