@@ -70,7 +70,7 @@ def test_resume_from_junk_or_another_plan_is_refused_before_loading(loop, tmp_pa
     code, _, stderr = run_cli(
         [*other, "-o", out, "--max-steps", "4", "--resume-from-checkpoint", "last"], capsys
     )
-    _one_error(code, stderr, "was trained with other ranks")
+    _one_error(code, stderr, "was trained with other r, rank_pattern")
 
 
 def test_the_final_loss_is_the_last_steps(loop, tmp_path, capsys):

@@ -138,3 +138,42 @@ def test_a_table_read_back_from_csv_is_refused_in_one_line(minilm_table, tmp_pat
     texts = minilm_table.assign(alpha_median=minilm_table.alpha_median.astype(str))
     with pytest.raises(MetricsSchemaError, match="alpha_median hold text"):
         allocate(texts)
+
+
+def test_resume_refuses_a_checkpoint_trained_under_other_arithmetic(tiny_causal_lm, plan,
+                                                                     tmp_path, capsys):  # fmt: skip
+    """--resume-from-checkpoint compared only r, rank_pattern and target_modules: a checkpoint
+    trained at another lora_alpha resumed under the new one (and its saved adapter claimed it),
+    --rslora resumed silently. Every field that changes the adapter's arithmetic is compared,
+    with --dora / --rslora applied, and the mismatch named in one line before any weight loads
+    (issue 29 item 2); the checkpoint of the same plan and options resumes."""
+    pytest = __import__("pytest")
+    pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
+    from helpers import ARITHMETIC, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
+    config = json.loads((plan / "adapter_config.json").read_text())
+
+    def checkpoint(name: str, **changes) -> object:
+        where = tmp_path / name
+        where.mkdir()
+        (where / "trainer_state.json").write_text("{}")
+        (where / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return where
+
+    base = ["finetune", tiny_causal_lm, "--adapter-config", plan, "--data", data, "--dry-run"]
+    alphas = {k: v * 4 for k, v in config.get("alpha_pattern", {}).items()}
+    cases = [
+        (checkpoint("alpha", lora_alpha=config["lora_alpha"] * 4, alpha_pattern=alphas), [],
+         "lora_alpha, alpha_pattern"),
+        (checkpoint("same"), ["--rslora"], "use_rslora"),
+        (checkpoint("dropout", lora_dropout=0.3), [], "lora_dropout"),
+    ]  # fmt: skip
+    for where, extra, fields in cases:
+        code, _, stderr = run_cli([*base, "-o", tmp_path / f"run-{where.name}",
+                                   "--resume-from-checkpoint", where, *extra], capsys)  # fmt: skip
+        assert code == 2 and f"was trained with other {fields} than" in stderr, stderr
+        assert stderr.count("Error:") == 1 and "Traceback" not in stderr
+    code, _, stderr = run_cli([*base, "-o", tmp_path / "run-ok", "--resume-from-checkpoint",
+                               tmp_path / "same"], capsys)  # fmt: skip
+    assert code == 0, stderr

@@ -255,7 +255,7 @@ def prepare(
             )
         )
     if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
-        check(_check_resume, resume_from_checkpoint, output_dir, plan_dir)
+        check(_check_resume, resume_from_checkpoint, output_dir, plan_dir, settings)
     if settings.bf16:
         check(_check_bf16)
     if settings.eval_steps is not None and eval_data is None:
@@ -352,9 +352,22 @@ def _check_output_dir(output_dir: Path, *inputs: Any) -> None:
             )
 
 
-def _check_resume(resume: str | bool, output_dir: Path, plan_dir: Path) -> None:
+# What changes an adapter's arithmetic: a checkpoint trained under other values of these would
+# be resumed under the new ones and saved claiming them for weights trained under the old.
+RESUME_FIELDS = ("r", "rank_pattern", "target_modules", "lora_alpha", "alpha_pattern",
+                 "use_rslora", "use_dora", "modules_to_save", "lora_dropout")  # fmt: skip
+_RESUME_DEFAULTS: dict[str, Any] = {"alpha_pattern": {}, "rank_pattern": {}, "use_rslora": False,
+                                    "use_dora": False, "modules_to_save": None,
+                                    "lora_dropout": 0.0}  # fmt: skip
+
+
+def _check_resume(
+    resume: str | bool, output_dir: Path, plan_dir: Path, settings: FinetuneSettings | None = None
+) -> None:
     """--resume-from-checkpoint names a Trainer checkpoint (``last``: the newest in the output
-    directory) whose adapters have the plan's shapes: PEFT would fail on the first load."""
+    directory) trained with this plan: every field that changes the adapter's arithmetic
+    (:data:`RESUME_FIELDS`, with --dora / --rslora applied) equal, else one line naming them,
+    before any weight is loaded."""
     if resume is True:
         found = _last_checkpoint(output_dir)
         if found is None:
@@ -372,12 +385,27 @@ def _check_resume(resume: str | bool, output_dir: Path, plan_dir: Path) -> None:
             )
     if not (checkpoint / CONFIG_NAME).is_file() or not (plan_dir / CONFIG_NAME).is_file():
         return  # what the plan check or the Trainer reports
-    shape = ("r", "rank_pattern", "target_modules")  # what fixes the adapters' tensor shapes
-    mine, theirs = read_plan(plan_dir)[0], read_plan(checkpoint)[0]
-    if any(mine.get(key) != theirs.get(key) for key in shape):
+    mine, theirs = dict(read_plan(plan_dir)[0]), read_plan(checkpoint)[0]
+    if settings is not None and settings.use_dora is not None:
+        mine["use_dora"] = settings.use_dora
+    if settings is not None and settings.use_rslora is not None:
+        mine["use_rslora"] = settings.use_rslora
+
+    def value(config: dict[str, Any], key: str) -> Any:
+        found = config.get(key, _RESUME_DEFAULTS.get(key))
+        if key == "target_modules" and isinstance(found, list):
+            return sorted(found)  # PEFT saves a set as a list, in any order
+        return found if found is not None or key not in _RESUME_DEFAULTS else \
+            _RESUME_DEFAULTS[key]  # fmt: skip
+
+    changed = [k for k in RESUME_FIELDS if value(mine, k) != value(theirs, k)]
+    if changed:
         raise PlanMismatchError(
-            f"{checkpoint}: was trained with other ranks than {plan_dir / CONFIG_NAME}",
-            hint="resume with the plan it was trained with, or start a new --output-dir",
+            f"{checkpoint}: was trained with other {', '.join(changed)} than "
+            f"{plan_dir / CONFIG_NAME} (and the --dora / --rslora given): resuming would train "
+            "its weights under the new values and save them as if trained so throughout",
+            hint="resume with the plan and options it was trained with, or start a new "
+            "--output-dir",
         )
 
 
