@@ -177,3 +177,64 @@ def test_resume_refuses_a_checkpoint_trained_under_other_arithmetic(tiny_causal_
     code, _, stderr = run_cli([*base, "-o", tmp_path / "run-ok", "--resume-from-checkpoint",
                                tmp_path / "same"], capsys)  # fmt: skip
     assert code == 0, stderr
+
+
+def test_a_backtracking_pattern_in_a_plan_cannot_hang_finetune(tiny_causal_lm, plan, tmp_path,
+                                                               capsys):  # fmt: skip
+    """A plan whose rank_pattern key is ``([\\w.]+)*X`` made PEFT's backtracking matcher run
+    for minutes on every module name (finetune --dry-run hung). PEFT now only sees literal
+    names, resolved by esdtool's linear-time matcher: the dry run answers within seconds, and
+    a plan whose patterns reach the same modules applies exactly as before (issue 29 item 3)."""
+    import shutil
+    import time
+
+    pytest = __import__("pytest")
+    pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
+    from helpers import ARITHMETIC, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", ARITHMETIC)
+    hostile = tmp_path / "plan"
+    shutil.copytree(plan, hostile)
+    (hostile / "allocation.csv").unlink()  # a hand-written plan: no allocation to check
+    config = json.loads((hostile / "adapter_config.json").read_text())
+    config["rank_pattern"] = {r"([\w.]+)*X": 4, **config["rank_pattern"]}
+    kinds = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+    config["target_modules"] = rf"(.*\.)*({kinds})"
+    (hostile / "adapter_config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    code, _, stderr = run_cli(["finetune", tiny_causal_lm, "--adapter-config", hostile,
+                               "--data", data, "-o", tmp_path / "run", "--dry-run"],
+                              capsys)  # fmt: skip
+    assert time.monotonic() - started < 30
+    # The key reaches no module: a plan problem, said in one line, not a hang.
+    assert code == 2 and r"([\w.]+)*X: planned, but no such module" in stderr, stderr
+    del config["rank_pattern"][r"([\w.]+)*X"]
+    (hostile / "adapter_config.json").write_text(json.dumps(config))
+    code, stdout, stderr = run_cli(["finetune", tiny_causal_lm, "--adapter-config", hostile,
+                                    "--data", data, "-o", tmp_path / "run2", "--dry-run"],
+                                   capsys)  # fmt: skip
+    assert code == 0, stderr  # the target regex resolved to the same modules as before
+    assert "model.layers.1.mlp.up_proj" in stdout
+
+
+def test_literal_patterns_reach_what_pythons_re_reaches():
+    """The rewrite keeps PEFT's answer: for plain keys and a target regex, the modules each
+    literal key reaches are the ones Python's re reached with the original patterns."""
+    import re
+    from types import SimpleNamespace
+
+    from esdtool.plan.verify import literal_patterns
+
+    names = [f"model.layers.{i}.{p}" for i in range(3)
+             for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]  # fmt: skip
+    config = SimpleNamespace(target_modules=r".*(q_proj|up_proj)",
+                             rank_pattern={r"layers\.1\..*": 16, "up_proj": 8},
+                             alpha_pattern={})  # fmt: skip
+    out = literal_patterns(config, names)
+    assert out.target_modules == [n for n in names if re.fullmatch(config.target_modules, n)]
+    for name in names:
+        want = next((v for k, v in config.rank_pattern.items()
+                     if re.match(rf"(.*\.)?({k})$", name)), None)  # fmt: skip
+        got = next((v for k, v in out.rank_pattern.items()
+                    if re.match(rf"(.*\.)?({k})$", name)), None)  # fmt: skip
+        assert got == want, name

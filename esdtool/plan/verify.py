@@ -27,7 +27,7 @@ import pandas as pd
 from esdtool.errors import ModelLoadError, OptionError, PlanMismatchError
 from esdtool.extras import require
 from esdtool.plan.peft_config import CONFIG_NAME, CSV_NAME
-from esdtool.untrusted import from_spreadsheet_cell
+from esdtool.untrusted import from_spreadsheet_cell, user_regex
 
 # allocation.csv columns the checks use, and how each cell must read.
 PLAN_COLUMNS = ("module", "selected", "rank", "lora_alpha", "rows", "cols")
@@ -221,8 +221,15 @@ def adapted_modules(peft_model: Any) -> dict[str, Any]:
 
 def matches_key(key: str, name: str) -> bool:
     """PEFT's rule for a rank_pattern / alpha_pattern key: it matches the end of the module
-    name at a dot boundary (our keys start with ^, so only the whole name)."""
-    return re.match(rf"(.*\.)?({key})$", name) is not None
+    name at a dot boundary (our keys start with ^, so only the whole name), decided by
+    esdtool's linear-time matcher (a key from a file never reaches a backtracking engine);
+    a key RE2 cannot run matches nothing here (read_plan and apply_plan say why)."""
+    from esdtool.adapters.config import key_matches
+
+    try:
+        return key_matches(key, name)
+    except ValueError:
+        return False
 
 
 def _shape(module: Any) -> tuple[int, ...]:
@@ -282,10 +289,47 @@ def plan_problems(peft_model: Any, plan_dir: Path) -> list[str]:
     return list(dict.fromkeys(problems))  # a rank wrong in both files is one problem
 
 
+def literal_patterns(config: Any, names: list[str]) -> Any:
+    """``config`` with every pattern PEFT would run through Python's backtracking ``re``
+    replaced by the literal module names it reaches, found by esdtool's linear-time matcher
+    (RE2, or character by character): a plan file's ``([\\w.]+)*X`` cannot hang PEFT. A
+    target_modules string becomes the list of module names it fully matches; a rank_pattern /
+    alpha_pattern key that is not a literal becomes one anchored literal key per module it
+    matches, in its place (PEFT takes the first matching key). Literal keys are kept as they
+    are, and so the plans esdtool writes keep their keys (their target regex, an alternation
+    of escaped names, becomes its list of names)."""
+    import copy
+
+    from esdtool.adapters.config import is_literal, key_matches
+
+    config = copy.copy(config)
+    target = config.target_modules
+    if isinstance(target, str):
+        whole = user_regex(rf"^(?:{target})$", "target_modules")
+        config.target_modules = [n for n in names if whole.search(n) is not None] or target
+    for field in ("rank_pattern", "alpha_pattern"):
+        resolved: dict[str, Any] = {}
+        for key, value in (getattr(config, field) or {}).items():
+            if is_literal(key):
+                resolved.setdefault(key, value)
+                continue
+            for name in names:
+                if key_matches(key, name):
+                    resolved.setdefault("^" + re.escape(name) + "$", value)
+        setattr(config, field, resolved)
+    return config
+
+
 def apply_plan(model: Any, config: Any) -> Any:
-    """``peft.get_peft_model(model, config)``, with PEFT's "no target module found" turned
-    into a :class:`PlanMismatchError`."""
+    """``peft.get_peft_model(model, config)`` with the config's patterns made literal
+    (:func:`literal_patterns`), PEFT's "no target module found" turned into a
+    :class:`PlanMismatchError`."""
     peft = require("applying a plan", "transformers", "peft")["peft"]
+    names = [name for name, _ in model.named_modules() if name]
+    try:
+        config = literal_patterns(config, names)
+    except ValueError as exc:  # a pattern RE2 cannot run (back-references, look-arounds)
+        raise PlanMismatchError(f"a pattern of the plan cannot be matched safely: {exc}") from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         # The plan names the analysed model's path; applying it to another copy is the point.
