@@ -304,7 +304,7 @@ def literal_patterns(config: Any, names: list[str]) -> Any:
 
     config = copy.copy(config)
     target = config.target_modules
-    if isinstance(target, str):
+    if isinstance(target, str) and not _literal_alternation(target):
         whole = user_regex(rf"^(?:{target})$", "target_modules")
         config.target_modules = [n for n in names if whole.search(n) is not None] or target
     for field in ("rank_pattern", "alpha_pattern"):
@@ -318,6 +318,19 @@ def literal_patterns(config: Any, names: list[str]) -> Any:
                     resolved.setdefault("^" + re.escape(name) + "$", value)
         setattr(config, field, resolved)
     return config
+
+
+def _literal_alternation(target: str) -> bool:
+    """Whether ``target`` is the form esdtool's plans write, ``^(?:name|name|...)$`` of escaped
+    literal names: linear for any regex engine, so it is handed to PEFT as it is (the saved
+    adapter then holds the plan's own target, which resume compares)."""
+    from esdtool.adapters.config import is_literal
+
+    if not (target.startswith("^(?:") and target.endswith(")$")):
+        return False
+    parts = re.split(r"(?<!\\)\|", target[4:-2])
+    return all(part and is_literal(part) and "(" not in part and ")" not in part
+               for part in parts)  # fmt: skip
 
 
 def apply_plan(model: Any, config: Any) -> Any:
