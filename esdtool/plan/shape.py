@@ -87,14 +87,18 @@ class ShapeInfluence:
 def eta_squared(values: np.ndarray, labels: np.ndarray) -> float:
     """Between-group sum of squares over total (NaN when the values do not vary or there is
     one group)."""
-    codes = np.unique(labels, return_inverse=True)[1]
+    return _eta_squared(values, np.unique(labels, return_inverse=True)[1])
+
+
+def _eta_squared(values: np.ndarray, codes: np.ndarray) -> float:
+    """:func:`eta_squared` of integer group codes (0..G-1)."""
     centred = values - values.mean()
     total = float((centred**2).sum())
     if total <= 0 or codes.max(initial=0) < 1:
         return float("nan")
     counts = np.bincount(codes)
     sums = np.bincount(codes, weights=centred)
-    return float((sums**2 / counts).sum() / total)
+    return float((sums[counts > 0] ** 2 / counts[counts > 0]).sum() / total)
 
 
 def shape_influence(table: pd.DataFrame, seed: int = 0) -> ShapeInfluence:
@@ -108,11 +112,13 @@ def shape_influence(table: pd.DataFrame, seed: int = 0) -> ShapeInfluence:
         top = str(names[np.argmax(counts)])
         kept_share, base = counts.max() / kept.size, float((shapes == top).mean())
     scores = table.score.to_numpy(float)
-    observed = eta_squared(scores, shapes)
+    codes = np.unique(shapes, return_inverse=True)[1]  # once: the permutations move codes
+    observed = _eta_squared(scores, codes)
     chance, p = float("nan"), float("nan")
     if not np.isnan(observed):
         rng = np.random.default_rng(seed)
-        null = np.array([eta_squared(scores, rng.permutation(shapes)) for _ in range(PERMUTATIONS)])
+        null = np.array([_eta_squared(scores, rng.permutation(codes))
+                         for _ in range(PERMUTATIONS)])  # fmt: skip
         chance = float(np.nanmean(null))
         p = float((1 + np.sum(null >= observed - 1e-12)) / (1 + PERMUTATIONS))
     return ShapeInfluence(top, float(kept_share), base, len(np.unique(shapes)), observed, chance,

@@ -66,9 +66,7 @@ def windows(rows: int, cols: int, n_rows: int, q: float, grid: int) -> FarmsWind
     if n < 1 or n * q > cols or n * q < 1:  # as floats: int() of a huge n q would overflow
         raise ValueError(f"a {n} x {int(min(n * q, 1e18))} window does not fit a {rows} x {cols} "
                          "matrix")  # fmt: skip
-    c = int(n * q)
-    if c < 1 or c > cols:
-        raise ValueError(f"a {n} x {c} window does not fit a {rows} x {cols} matrix")
+    c = int(n * q)  # 1 <= c <= cols: n q lies in [1, cols]
     return FarmsWindows(n, c, _starts(rows, n, grid), _starts(cols, c, grid))
 
 

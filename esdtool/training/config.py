@@ -392,11 +392,12 @@ def _check_resume(
         mine["use_rslora"] = settings.use_rslora
 
     def value(config: dict[str, Any], key: str) -> Any:
-        found = config.get(key, _RESUME_DEFAULTS.get(key))
+        found = config.get(key)
+        if found is None:  # absent or null: PEFT's default
+            found = _RESUME_DEFAULTS.get(key)
         if key == "target_modules" and isinstance(found, list):
             return sorted(found)  # PEFT saves a set as a list, in any order
-        return found if found is not None or key not in _RESUME_DEFAULTS else \
-            _RESUME_DEFAULTS[key]  # fmt: skip
+        return found
 
     changed = [k for k in RESUME_FIELDS if value(mine, k) != value(theirs, k)]
     if changed:
