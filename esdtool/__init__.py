@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         SystemMonitorCallback,
         finetune,
     )
+    from esdtool.training.groups import param_groups
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -61,6 +62,7 @@ __all__ = [
     "finetune",
     "load_metrics",
     "load_trajectory",
+    "param_groups",
     "plot_esd",
     "report",
 ]
@@ -77,6 +79,6 @@ _WHERE = {
     "plot_esd": "render.page", "compare": "comparison.diff", "CompareResult": "comparison.diff",
     "finetune": "training.recipe", "FinetuneResult": "training.recipe",
     "FinetuneSettings": "training.recipe", "SpectralCallback": "training.spectral",
-    "SystemMonitorCallback": "training.monitor",
+    "SystemMonitorCallback": "training.monitor", "param_groups": "training.groups",
 }  # fmt: skip
 __getattr__ = lazy_getattr(__name__, _WHERE)

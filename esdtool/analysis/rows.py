@@ -16,6 +16,7 @@ from esdtool.io.table import MatrixRow
 from esdtool.spectral.farms import farms_metrics
 from esdtool.spectral.lowrank import lowrank_eigenvalues
 from esdtool.spectral.metrics import spectrum_metrics
+from esdtool.spectral.peak import alpha_peak
 from esdtool.spectral.spectra import (
     auto_dtype,
     checked_eigenvalues,
@@ -101,12 +102,14 @@ def _measured(
                                   settings.farms_grid, evals.dtype, **fits)  # fmt: skip
         except ValueError:  # no window fits: a matrix no plan adapts (projections are checked)
             farms = None
+    peak = alpha_peak(evals) if settings.alpha_peak and metrics.lambda_max > 0 else None
     return replace(
         row,
         status="zero" if metrics.lambda_max == 0 else "ok",
         eigenvalues=evals.float().cpu().numpy(),
         metrics=metrics,
         farms=farms,
+        alpha_peak=peak,
     )
 
 

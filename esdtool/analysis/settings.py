@@ -21,9 +21,15 @@ from esdtool.untrusted import user_regex
 # kept (L15, L118-120), sigma^2 = mean(lambda) (L125), its spike edge and conv sides (L93,
 # L129-147), every Linear analysed however small (min_evals 2: one eigenvalue crashes its code).
 # Its alpha is alpha_ks (L176-225), which esdtool computes anyway.
+# "alphapruning": AlphaPruning's code (haiquanlu/AlphaPruning, lib/esd_utils.py
+# net_esd_estimator with fix_fingers="xmin_peak", as get_esd_metrics calls it): float32 singular
+# values squared (L110-113), zeros kept (filter_zeros False, L117-126), every Linear analysed,
+# and its alpha_peak column (spectral/peak.py).
 PRESETS: dict[str, dict[str, Any]] = {
     "lora-ar": {"dtype": "float32", "eig_threshold": 0.0, "sigma_fit": "mean",
                 "spike_rule": "lora-ar", "conv_norm": 0.5, "min_evals": 2},
+    "alphapruning": {"dtype": "float32", "eig_threshold": 0.0, "conv_norm": 0.5, "min_evals": 2,
+                     "alpha_peak": True},
 }  # fmt: skip
 
 
@@ -63,6 +69,8 @@ class AnalyzeSettings:
                     Defaults: FARMS' code's; its LLM runs used 2000, 1.0, 15. The grid is at
                     most 100 (10^4 windows: their pooled spectrum stays within 160 MB at 2000
                     rows; the eigensolves run in batches of at most 256 MB).
+    alpha_peak:     also compute AlphaPruning's alpha_peak (spectral/peak.py) from the float32
+                    eigenvalues (the alphapruning preset turns it on).
     raw_codes:      analyse quantized weights' stored codes as they are (FP8 codes; integer
                     codes still get no spectrum) instead of the weights they encode. Off by
                     default: codes describe the quantizer, not the model.
@@ -88,6 +96,7 @@ class AnalyzeSettings:
     farms_rows: int = 100
     farms_q: float = 2.0
     farms_grid: int = 10
+    alpha_peak: bool = False
     preset: str | None = None
 
     @classmethod

@@ -35,8 +35,9 @@ PresetOpt = Annotated[
     str | None,
     typer.Option(
         "--preset",
-        help="Start from a published method's settings: lora-ar (Adaptive Rank LoRA's code, "
-        "docs/method.md). Options given explicitly override it.",
+        help="Start from a published method's settings: lora-ar (Adaptive Rank LoRA's code) or "
+        "alphapruning (AlphaPruning's alpha_peak and sparsity plan; docs/method.md). Options "
+        "given explicitly override it.",
         show_default=False,
     ),
 ]

@@ -39,6 +39,85 @@ def allocate(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Directory to write the config to.")
     ] = Path("lora-plan"),
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="What the plan sets per module: lora (ranks), pruning (sparsity, as "
+            "AlphaPruning), lr (learning-rate factors, as TempBalance) or weight-decay "
+            "(weight-decay factors, as AlphaDecay).",
+        ),
+    ] = "lora",
+    sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--sparsity",
+            help="pruning: the model's share of weights to prune, in "
+            "(0, 1) (the parameter-weighted mean of the ratios).",
+            show_default=False,
+        ),
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--epsilon",
+            help="pruning: ratios span [1 - e, 1 + e] x the mean before "
+            "scaling, e in (0, 1) (default: 0.3).",
+            show_default=False,
+        ),
+    ] = None,
+    mapping: Annotated[
+        str | None,
+        typer.Option(
+            "--mapping",
+            help="pruning: block (each module takes its block's mean "
+            "alpha, AlphaPruning's default) or module.",
+            show_default=False,
+        ),
+    ] = None,
+    lr_map: Annotated[
+        str | None,
+        typer.Option(
+            "--lr-map",
+            help="lr: linear (default), sqrt, log2 or step (TempBalance's maps).",
+            show_default=False,
+        ),
+    ] = None,
+    wd_map: Annotated[
+        str | None,
+        typer.Option(
+            "--wd-map",
+            help="weight-decay: linear (default), sqrt, log2 or sigmoid (AlphaDecay's maps).",
+            show_default=False,
+        ),
+    ] = None,
+    min_factor: Annotated[
+        float | None,
+        typer.Option(
+            "--min-factor",
+            help="lr / weight-decay: the factor of the lowest alpha "
+            "(default: 0.5 for lr, 0.6666 for weight-decay).",
+            show_default=False,
+        ),
+    ] = None,
+    max_factor: Annotated[
+        float | None,
+        typer.Option(
+            "--max-factor",
+            help="lr / weight-decay: the factor of the highest alpha "
+            "(default: 1.5 for lr, 3 for weight-decay).",
+            show_default=False,
+        ),
+    ] = None,
+    min_evals: Annotated[
+        int | None,
+        typer.Option(
+            "--min-evals",
+            help="lr / weight-decay: modules with fewer eigenvalues "
+            "keep the base value (default: 50).",
+            show_default=False,
+        ),
+    ] = None,
     targets: Annotated[
         str | None,
         typer.Option(
@@ -178,7 +257,9 @@ def allocate(
         min_rank=min_rank, max_rank=max_rank, rank_scaling=rank_scaling,
         alpha_factor=alpha_factor, budget_params=budget_params, match_rank=match_rank,
         normalise_within=normalise_within, budget_percent=budget_percent,
-        rank_multiple=rank_multiple,
+        rank_multiple=rank_multiple, target=None if target == "lora" else target,
+        sparsity=sparsity, epsilon=epsilon, mapping=mapping, lr_map=lr_map, wd_map=wd_map,
+        min_factor=min_factor, max_factor=max_factor, min_evals=min_evals,
     )  # fmt: skip
     settings = AllocateSettings.from_preset(
         preset, **{k: v for k, v in given.items() if v is not None}
@@ -188,6 +269,12 @@ def allocate(
         use_rslora=use_rslora, use_dora=use_dora, verify=verify, report=write_report,
         max_plots=max_plots,
     )  # fmt: skip
+    if result.modules is not None:
+        if as_json:
+            print(json.dumps(result.summary()))
+        elif not quiet:
+            _print_module_summary(result)
+        return
     if as_json:
         print(json.dumps({**result.summary(), "verified": verify}))
     elif not quiet:
@@ -197,6 +284,25 @@ def allocate(
                       soft_wrap=True)  # fmt: skip
         for note in result.allocation.notes:
             err.print(f"Note: {safe(note)}", markup=False, style="yellow", soft_wrap=True)
+
+
+def _print_module_summary(result: AllocateResult) -> None:
+    plan = result.modules
+    assert plan is not None
+    s = result.summary()
+    table = Table(title=f"esdtool allocate --target {plan.target}", show_header=False,
+                  title_justify="left")  # fmt: skip
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("modules", f"{s['modules']}" + (" (model order)" if plan.model_order else ""))
+    table.add_row(plan.column, f"{s[plan.column + '_min']:.4g}..{s[plan.column + '_max']:.4g}")
+    if plan.target == "pruning":
+        table.add_row("weighted mean", f"{s['sparsity_weighted_mean']:.6g}")
+    written = [str(f) for f in (result.csv, *result.files, result.report) if f is not None]
+    table.add_row("written", Text(", ".join(written)))
+    out.print(table)
+    for note in plan.notes:
+        err.print(f"Note: {safe(note)}", markup=False, style="yellow", soft_wrap=True)
 
 
 def _print_summary(result: AllocateResult, verified: bool = False) -> None:

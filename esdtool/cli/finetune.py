@@ -87,6 +87,24 @@ def finetune(
             show_default=False,
         ),
     ] = None,
+    lr_plan: Annotated[
+        Path | None,
+        typer.Option(
+            "--lr-plan",
+            help="A plan directory of `esdtool allocate --target lr`: each planned module's "
+            "LoRA parameters train at --lr x its factor (TempBalance).",
+            show_default=False,
+        ),
+    ] = None,
+    wd_plan: Annotated[
+        Path | None,
+        typer.Option(
+            "--wd-plan",
+            help="A plan directory of `esdtool allocate --target weight-decay`: each planned "
+            "module's LoRA parameters decay at --weight-decay x its factor (AlphaDecay).",
+            show_default=False,
+        ),
+    ] = None,
     epochs: EpochsOpt = 1.0,
     max_steps: MaxStepsOpt = -1,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-4,
@@ -196,6 +214,7 @@ def finetune(
         model, adapter_config, data, output_dir, settings, eval_data=eval_data,
         test_data=test_data, revision=revision, token=os.environ.get("HF_TOKEN"),
         resume_from_checkpoint=resume, dry_run=dry_run, progress=not (quiet or as_json),
+        lr_plan=lr_plan, wd_plan=wd_plan,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one summary per job, from the main process

@@ -29,12 +29,12 @@ from esdtool.spectral.metrics import SpectrumMetrics
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Columns added after version 1, with the version that added them: an older table reads as if
 # they were null.
 _ADDED = {"quantization": 2, "adapter": 3, "lora_rank": 3, "lora_alpha": 3, "effective_rank": 3,
           "alpha_median_farms": 4, "alpha_fix_finger_farms": 4, "alpha_ks_farms": 4,
-          "spikes_farms": 4, "farms_windows": 4}  # fmt: skip
+          "spikes_farms": 4, "farms_windows": 4, "alpha_peak": 5}  # fmt: skip
 METADATA_KEY = b"esdtool"
 
 _f64, _i64, _str = pa.float64(), pa.int64(), pa.string()
@@ -140,6 +140,12 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         "FARMS: pooled eigenvalues above the Tracy-Widom edge of one window's shape, per window",
     ),
     ("farms_windows", _i64, "FARMS: windows pooled (window settings in the table's metadata)"),
+    (
+        "alpha_peak",
+        _f64,
+        "AlphaPruning's alpha: xmin searched near the peak of the log10 histogram, float32, "
+        "as its code computes it (--preset alphapruning; null otherwise)",
+    ),
     ("seconds", _f64, "wall time spent on this row"),
     ("device", _str, "device the spectrum was computed on"),
 )
@@ -161,6 +167,7 @@ class MatrixRow:
     eigenvalues: float32 eigenvalues ascending, None when no spectrum was computed.
     metrics:     the spectrum's numbers, None when no spectrum was computed or it was not finite.
     farms:       the FARMS numbers (``--estimator farms``), None otherwise.
+    alpha_peak:  AlphaPruning's alpha (``--preset alphapruning``), None otherwise.
     """
 
     name: str
@@ -183,6 +190,7 @@ class MatrixRow:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     farms: FarmsMetrics | None = None
+    alpha_peak: float | None = None
 
     @property
     def M(self) -> int | None:
@@ -248,6 +256,7 @@ class MatrixRow:
             "matrix_rank": m.matrix_rank if m else None,
             "effective_rank": m.effective_rank if m else None,
             **_farms_columns(self.farms),
+            "alpha_peak": math.nan if self.alpha_peak is None else self.alpha_peak,
             "seconds": self.seconds,
             "device": self.device,
         }
@@ -434,6 +443,11 @@ def check_values(path: Path, df: pd.DataFrame, hint: str | None = None) -> None:
             problems.append(
                 f"{column} holds {values[outside][0]!r} (a fitted alpha is in (1, 1e100])"
             )
+    if "alpha_peak" in df.columns:  # AlphaPruning's: 0 where no candidate fitted (their quirk)
+        values = df["alpha_peak"].to_numpy(dtype=float)
+        outside = ~np.isnan(values) & ~((values >= 0) & (values <= _ALPHA_RANGE[1]))
+        if outside.any():
+            problems.append(f"alpha_peak holds {values[outside][0]!r} (it is in [0, 1e100])")
     for column in ("num_spikes", "num_spikes_bulk", "rows", "cols", "M", "N", "num_evals",
                    "spikes_farms", "farms_windows"):  # fmt: skip
         if (df[column].dropna() < 0).any():

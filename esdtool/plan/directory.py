@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,13 @@ import pandas as pd
 
 from esdtool.adapters.serving import ServingCheck, config_serving
 from esdtool.analysis.settings import PRESETS as ANALYSIS_PRESETS
-from esdtool.errors import OptionError
+from esdtool.errors import EsdtoolError, OptionError
 from esdtool.extras import require
 from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.source import resolve_source
 from esdtool.io.table import check_frame, load_metrics
+from esdtool.plan.layerwise import ModulePlan
+from esdtool.plan.module_plan import TARGET_FILES, plan_modules, write_module_plan
 from esdtool.plan.peft_config import (
     CONFIG_NAME,
     CSV_NAME,
@@ -40,19 +44,25 @@ from esdtool.version import __version__
 class AllocateResult:
     """The plan, and where it was written (None when nothing was).
 
-    allocation:  every candidate's score, selection and rank (:class:`Allocation`).
+    allocation:  every candidate's score, selection and rank (:class:`Allocation`); None for
+                 the other targets, whose plan is ``modules``.
+    modules:     the pruning / lr / weight-decay plan (:class:`ModulePlan`: one number per
+                 module); None for a LoRA plan. ``files``: the plan files written
+                 (sparsity.json, lr_factors.json, ...; ``config`` is None for these targets).
     lora_config: the adapter_config.json content; ``rank_pattern`` / ``alpha_pattern`` are its
                  per-module ranks and alphas, ``to_lora_config()`` PEFT's ``LoraConfig``.
     serving:     the ``--max-lora-rank`` a vLLM server needs to load the trained adapter
                  (:class:`~esdtool.adapters.serving.ServingCheck`; ``fits`` False: none can).
     """
 
-    allocation: Allocation
+    allocation: Allocation | None
     config: Path | None
     csv: Path | None
     report: Path | None = None
     lora_config: dict[str, Any] = field(default_factory=dict, repr=False)
     _save: Callable[[Path], AllocateResult] | None = field(default=None, repr=False, compare=False)
+    modules: ModulePlan | None = None
+    files: tuple[Path, ...] = ()
 
     @property
     def rank_pattern(self) -> dict[str, int]:
@@ -79,7 +89,11 @@ class AllocateResult:
         return self._save(Path(outdir))
 
     def summary(self) -> dict[str, object]:
-        """Modules adapted, rank histogram, trainable parameters vs uniform LoRA."""
+        """Modules adapted, rank histogram, trainable parameters vs uniform LoRA; for the other
+        targets, the range of the plan's numbers."""
+        if self.modules is not None:
+            return self._module_summary(self.modules)
+        assert self.allocation is not None
         kept = self.allocation.kept
         return {
             "config": str(self.config) if self.config else None,
@@ -100,12 +114,30 @@ class AllocateResult:
             "shape": self.allocation.shape.to_dict(),
         }
 
+    def _module_summary(self, plan: ModulePlan) -> dict[str, object]:
+        values = plan.table[plan.column]
+        summary: dict[str, object] = {
+            "target": plan.target,
+            "csv": str(self.csv) if self.csv else None,
+            "report": str(self.report) if self.report else None,
+            "files": [str(f) for f in self.files],
+            "modules": len(plan.table),
+            "model_order": plan.model_order,
+            f"{plan.column}_min": float(values.min()),
+            f"{plan.column}_max": float(values.max()),
+            "notes": list(plan.notes),
+        }
+        if plan.target == "pruning":
+            summary["sparsity_weighted_mean"] = plan.mean_sparsity
+        return summary
+
 
 def allocate(
     metrics: str | os.PathLike[str] | pd.DataFrame,
     outdir: str | os.PathLike[str] | None = None,
     settings: AllocateSettings | None = None,
     *,
+    target: str | None = None,
     task_type: str | None = "CAUSAL_LM",
     lora_dropout: float = 0.05,
     use_rslora: bool = False,
@@ -124,6 +156,12 @@ def allocate(
     new one, never a mix. ``verify``: build the analysed model from its config.json on the meta
     device, apply the config with PEFT, and raise (writing nothing) if any module would get
     another rank or alpha than planned.
+
+    ``target`` (or ``settings.target``): "lora" (the default), or "pruning", "lr",
+    "weight-decay": a per-module sparsity, learning-rate or weight-decay plan from the same
+    alphas (:mod:`esdtool.plan.layerwise`), written as sparsity.json (and, in model order,
+    sparsity_list.json and an llm-compressor recipe.yaml), lr_factors.json or
+    weight_decay_factors.json beside allocation.csv, esdtool_plan.json and report.html.
     """
     if isinstance(outdir, AllocateSettings):  # allocate(table, AllocateSettings(...))
         if settings is not None:
@@ -131,6 +169,16 @@ def allocate(
                               "directory)", hint="allocate(table, outdir, settings)")  # fmt: skip
         outdir, settings = None, outdir
     settings = settings or AllocateSettings()
+    if target is not None and target != settings.target:
+        if settings.target != "lora":
+            raise OptionError(f"allocate: target {target!r} and settings.target "
+                              f"{settings.target!r} differ; give one")  # fmt: skip
+        settings = replace(settings, target=target)
+    lora_only = [flag for flag, given in (("--verify", verify), ("--use-rslora", use_rslora),
+                                          ("--use-dora", use_dora)) if given]  # fmt: skip
+    if lora_only and settings.target != "lora":
+        raise OptionError(f"{', '.join(lora_only)} applies to --target lora, not "
+                          f"{settings.target}")  # fmt: skip
     in_memory = isinstance(metrics, pd.DataFrame)
     where = Path("<table>") if in_memory else Path(metrics)  # type: ignore[arg-type]
     if outdir is not None:
@@ -148,6 +196,9 @@ def allocate(
             "esdtool report shows how this adapter used its ranks",
         )
     overrides = _check_preset(where, settings, meta)
+    if settings.target != "lora":
+        return _allocate_modules(table, where, outdir, settings, meta, overrides,
+                                 report=report, max_plots=max_plots)  # fmt: skip
     needs_model = verify or settings.candidates == "model"
     model_dir = model_directory(meta) if needs_model else None
     modules = None
@@ -174,6 +225,9 @@ def allocate(
         use_dora=use_dora, base_model=base_model,
     )  # fmt: skip
     record = {
+        "target": "lora",
+        "metric": settings.alpha_column,
+        "table_fingerprint": table_fingerprint(table, None if in_memory else where),
         "metrics": None if in_memory else str(where.resolve()),
         "source": meta.get("source"),
         "revision": meta.get("revision"),
@@ -208,6 +262,96 @@ def allocate(
     if outdir is None:
         return AllocateResult(allocation, None, None, None, config, save)
     return save(Path(outdir))
+
+
+def _allocate_modules(
+    table: pd.DataFrame,
+    where: Path,
+    outdir: str | os.PathLike[str] | None,
+    settings: AllocateSettings,
+    meta: dict[str, Any],
+    overrides: list[str],
+    *,
+    report: bool,
+    max_plots: int,
+) -> AllocateResult:
+    """A pruning / lr / weight-decay plan: computed whole, then written as allocate writes a
+    LoRA plan (one directory swapped in whole)."""
+    in_memory = str(where) == "<table>"
+    order, why = model_order(meta)
+    try:
+        plan = plan_modules(table, settings, order)
+    except OptionError as exc:
+        raise OptionError(f"{where}: {exc}", hint=exc.hint) from None
+    if why:
+        plan.notes.append(why)
+    if overrides:
+        plan.notes.append(f"not {settings.preset}'s own plan: options override the preset: "
+                          + ", ".join(overrides))  # fmt: skip
+    html = (
+        render(table, None, settings.alpha_column, max_plots, modules=plan)[0].encode("utf-8")
+        if report
+        else None
+    )
+    record = {
+        "target": settings.target,
+        "metric": settings.alpha_column,
+        "table_fingerprint": table_fingerprint(table, None if in_memory else where),
+        "metrics": None if in_memory else str(where.resolve()),
+        "source": meta.get("source"),
+        "revision": meta.get("revision"),
+        "allocate_settings": asdict(settings),
+        "preset_overrides": overrides,
+        "model_order": plan.model_order,
+        "notes": plan.notes,
+        "esdtool_version": __version__,
+    }
+
+    def save(out: Path) -> AllocateResult:
+        written: list[str] = []
+
+        def build(directory: Path) -> None:
+            written.extend(write_module_plan(plan, directory, CSV_NAME))
+            text = json.dumps(record, indent=2, default=str) + "\n"
+            (directory / PLAN_RECORD).write_text(text, encoding="utf-8")
+            if html is not None:
+                (directory / REPORT_NAME).write_bytes(html)
+
+        check_output_dir(out, [] if in_memory else [where])
+        atomic_dir(out, build, PLAN_FILES + TARGET_FILES, marker=PLAN_RECORD)
+        return AllocateResult(
+            None, None, out / CSV_NAME, out / REPORT_NAME if report else None, {}, save, plan,
+            tuple(out / name for name in written),
+        )  # fmt: skip
+
+    if outdir is None:
+        return AllocateResult(None, None, None, None, {}, save, plan)
+    return save(Path(outdir))
+
+
+def model_order(meta: dict[str, Any]) -> tuple[list[str] | None, str | None]:
+    """The analysed model's Linear/Conv2d module names in ``named_modules`` order, built on
+    the meta device from its config.json, or None and why not (the plan then keeps the
+    table's order, and a pruning plan writes no list: a list is only as good as its order)."""
+    try:
+        model = build_meta_model(model_directory(meta))
+        return [name for name, _ in linear_modules(model)], None
+    except EsdtoolError as exc:
+        return None, (f"rows in the table's order, and no sparsity_list.json / recipe.yaml: "
+                      f"the model's module order is unknown ({exc})")  # fmt: skip
+
+
+def table_fingerprint(table: pd.DataFrame, path: Path | None) -> str:
+    """sha256 of the table file, or (a table in memory) of its rows' identities and alphas."""
+    digest = hashlib.sha256()
+    if path is not None:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return "sha256:" + digest.hexdigest()
+    columns = [c for c in table.columns if c != "eigenvalues"]
+    digest.update(table[columns].to_csv(index=False).encode("utf-8"))
+    return "sha256:" + digest.hexdigest()
 
 
 def _check_preset(metrics: Path, settings: AllocateSettings, meta: dict[str, object]) -> list[str]:

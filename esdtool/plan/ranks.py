@@ -7,16 +7,17 @@ the PEFT files is :mod:`esdtool.plan.peft_config`'s job.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
 from esdtool.errors import OptionError
+from esdtool.plan.layerwise import target_problems
 from esdtool.plan.shape import WITHIN, ShapeInfluence, groups, shape_influence
 from esdtool.plan.targets import TARGET_PRESETS, model_params, pick_targets, round_to_multiple
-from esdtool.spectral import ALPHA_COLUMNS, FARMS_ALPHA_COLUMNS
+from esdtool.spectral import FARMS_ALPHA_COLUMNS, TABLE_ALPHA_COLUMNS
 from esdtool.untrusted import user_regex
 
 EPS = 1e-8
@@ -33,6 +34,10 @@ PRESETS: dict[str, dict[str, object]] = {
                 "top_n_percentile": 0.5, "min_rank": 4, "max_rank": 64,
                 "rank_scaling": "linear", "alpha_factor": 2.0, "normalise_within": "none",
                 "rank_multiple": 1},
+    # "alphapruning": AlphaPruning's main.py defaults (epsilon 0.3, block_wise mapping) on its
+    # alpha_peak (analyze --preset alphapruning); every Linear of the blocks, in model order.
+    "alphapruning": {"target": "pruning", "alpha_column": "alpha_peak", "epsilon": 0.3,
+                     "mapping": "block", "normalise_within": "none"},
 }  # fmt: skip
 
 
@@ -65,6 +70,13 @@ class AllocateSettings:
     rank_cap:          cap each rank at min(rows, cols), the most rank a LoRA update of that
                        matrix can have (the lora-ar preset does not).
     preset:            the preset these settings came from (recorded in the plan), or None.
+    target:            what the plan sets per module: "lora" (ranks, the fields above), or
+                       "pruning" / "lr" / "weight-decay" (plan.layerwise): sparsity (the
+                       model's target share of pruned weights), epsilon (0.3) and mapping
+                       ("block") for pruning; lr_map / wd_map ("linear"), min_factor /
+                       max_factor (0.5 / 1.5 for lr, 0.6666 / 3 for weight decay) and
+                       min_evals (50: fewer eigenvalues, no factor) for the others. None: the
+                       target's default; an option of another target is refused.
     """
 
     targets: str | None = None
@@ -86,6 +98,15 @@ class AllocateSettings:
     rank_cap: bool = True
     normalise_within: str = "none"
     preset: str | None = None
+    target: str = "lora"
+    sparsity: float | None = None
+    epsilon: float | None = None
+    mapping: str | None = None
+    lr_map: str | None = None
+    wd_map: str | None = None
+    min_factor: float | None = None
+    max_factor: float | None = None
+    min_evals: int | None = None
 
     @classmethod
     def from_preset(cls, preset: str | None, **overrides: object) -> AllocateSettings:
@@ -138,9 +159,9 @@ class AllocateSettings:
                 problems.append(f"{flag} must be a finite number >= 0, not {weight}")
         if all(weight == 0 for _, weight in weights):
             problems.append("--w-hill and --w-mp-spikes are both 0: every score would tie")
-        if self.alpha_column not in (*ALPHA_COLUMNS, *FARMS_ALPHA_COLUMNS):
+        if self.alpha_column not in TABLE_ALPHA_COLUMNS:
             problems.append(
-                f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS + FARMS_ALPHA_COLUMNS)}"
+                f"--alpha-column must be one of {', '.join(TABLE_ALPHA_COLUMNS)}"
                 f", not {self.alpha_column!r}"
             )
         if self.spikes_column not in SPIKE_COLUMNS:
@@ -163,6 +184,8 @@ class AllocateSettings:
                 user_regex(self.targets, "--targets")
             except ValueError as exc:
                 problems.append(str(exc))
+        defaults = {f.name: f.default for f in fields(self)}
+        problems += target_problems(self, defaults)
         if problems:
             raise OptionError("; ".join(problems))
 
@@ -220,10 +243,18 @@ def candidates(
             )
     if settings.candidates == "model":
         return _model_candidates(metrics, df, settings, modules)
+    if settings.alpha_column == "alpha_peak" and (
+        "alpha_peak" not in df.columns or not df["alpha_peak"].notna().any()
+    ):
+        raise OptionError(
+            "--alpha-column alpha_peak: the table has no alpha_peak (AlphaPruning's alpha; it "
+            "was analysed without --preset alphapruning)",
+            hint="esdtool analyze MODEL --preset alphapruning -o metrics.parquet",
+        )
     df = pick_targets(df, settings.targets)
-    usable = (
-        np.isfinite(df[settings.alpha_column].astype(float)) & df[settings.spikes_column].notna()
-    )
+    usable = np.isfinite(df[settings.alpha_column].astype(float))
+    if settings.target == "lora":  # the other plans read alpha alone
+        usable &= df[settings.spikes_column].notna()
     twice = df.module[df.module.duplicated()].unique()
     if len(twice):  # e.g. tensors "x.weight" and "x": one PEFT module, two plans
         raise OptionError(

@@ -28,13 +28,14 @@ from esdtool.errors import OptionError
 from esdtool.io.atomic import atomic_write, check_output_file
 from esdtool.io.table import COLUMNS, check_frame, load_metrics
 from esdtool.io.trajectory import load_trajectory
-from esdtool.render import MAX_PLOTS, glance, header, plots, sections, usage
+from esdtool.render import MAX_PLOTS, glance, header, module_plan, plots, sections, usage
 from esdtool.render.trajectory import check as check_trajectory
 from esdtool.render.trajectory import section as trajectory_section
-from esdtool.spectral import ALPHA_COLUMNS, FARMS_ALPHA_COLUMNS
+from esdtool.spectral import FARMS_ALPHA_COLUMNS, TABLE_ALPHA_COLUMNS
 from esdtool.version import __version__
 
 if TYPE_CHECKING:  # the plan is drawn, never computed here
+    from esdtool.plan.layerwise import ModulePlan
     from esdtool.plan.ranks import Allocation
 
 # Table columns shown in the report: (column, label, kind, format).
@@ -203,10 +204,9 @@ def _model_files(meta: object) -> list[Path]:
 def check_options(alpha_column: str, max_plots: int) -> None:
     """Refuse report options that cannot be drawn, listing every problem (before any work)."""
     problems = []
-    if alpha_column not in (*ALPHA_COLUMNS, *FARMS_ALPHA_COLUMNS):
+    if alpha_column not in TABLE_ALPHA_COLUMNS:
         problems.append(
-            f"--alpha-column must be one of {', '.join(ALPHA_COLUMNS + FARMS_ALPHA_COLUMNS)}, "
-            f"not {alpha_column!r}"
+            f"--alpha-column must be one of {', '.join(TABLE_ALPHA_COLUMNS)}, not {alpha_column!r}"
         )
     if max_plots < 0:
         problems.append(f"--max-plots must be >= 0, not {max_plots}")
@@ -221,9 +221,11 @@ def render(
     max_plots: int,
     *,
     trajectory: pd.DataFrame | None = None,
+    modules: ModulePlan | None = None,
 ) -> tuple[str, int, int]:
     """The report's HTML, with how many spectra were drawn and how many left out
-    (``trajectory``: a checked training trajectory of the table's adapter, or None)."""
+    (``trajectory``: a checked training trajectory of the table's adapter, or None;
+    ``modules``: a pruning / lr / weight-decay plan to draw instead of a LoRA plan)."""
     meta = table.attrs.get("esdtool", {})
     meta = meta if isinstance(meta, dict) else {}
     settings_meta = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
@@ -250,6 +252,7 @@ def render(
         # An adapter's updates have no power-law fits: its overview is planned vs used rank.
         "overview": [] if lora else sections.overview(ok, allocation, alpha_column),
         "usage": lora,
+        "modules": module_plan.section(modules, alpha_column),
         "trajectory": None if trajectory is None else trajectory_section(trajectory),
         "gallery": gallery,
         "gallery_count": plotted,

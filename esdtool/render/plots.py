@@ -307,3 +307,23 @@ def _decade(value: float, _pos: object = None) -> str:
 
 def _finite(value: object) -> bool:
     return isinstance(value, int | float | np.floating) and math.isfinite(float(value))
+
+
+def module_values(plan: pd.DataFrame, column: str, ylabel: str, alpha_label: str) -> bytes:
+    """A per-module plan by depth: its number (top) and the alpha it came from (bottom), one
+    line per module kind (the median where a layer holds several of a kind)."""
+    fig = Figure(figsize=(6.4, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    data = plan.dropna(subset=["layer"])
+    for kind, group in data.groupby("kind", sort=True):
+        by_layer = group.groupby("layer")
+        top.plot(by_layer[column].median(), marker="o", ms=3, lw=1.2, label=_label(kind))
+        bottom.plot(by_layer["mapped_alpha"].median(), marker="o", ms=3, lw=1.2)
+    top.set(ylabel=ylabel, title=f"{ylabel} by layer")
+    bottom.set(ylabel=alpha_label, xlabel="layer")
+    for ax in (top, bottom):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if data["kind"].nunique():
+        fig.legend(loc="outside lower center", fontsize=8, frameon=False, ncol=2)
+    return _svg(fig)

@@ -9,3 +9,6 @@ ALPHA_METHODS: tuple[str, ...] = ("median", "fix_finger", "ks")
 ALPHA_COLUMNS: tuple[str, ...] = tuple(f"alpha_{m}" for m in ALPHA_METHODS)
 # The same fits on FARMS' pooled window spectrum (analyze --estimator farms).
 FARMS_ALPHA_COLUMNS: tuple[str, ...] = tuple(f"{c}_farms" for c in ALPHA_COLUMNS)
+# Every alpha column a plan or the report can read: the fits, their FARMS twins, and
+# AlphaPruning's alpha_peak (analyze --preset alphapruning).
+TABLE_ALPHA_COLUMNS: tuple[str, ...] = (*ALPHA_COLUMNS, *FARMS_ALPHA_COLUMNS, "alpha_peak")

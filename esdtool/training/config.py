@@ -11,9 +11,10 @@ error; the recipe (:mod:`esdtool.training.recipe`) starts only from a clean :cla
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from esdtool.errors import (
 from esdtool.extras import require
 from esdtool.io.atomic import check_output_dir
 from esdtool.io.source import TOKENIZER_PATTERNS, resolve_source
+from esdtool.plan.module_plan import load_factors
 from esdtool.plan.peft_config import CONFIG_NAME
 from esdtool.plan.verify import raise_problems, read_plan, verify_plan
 from esdtool.training.data import load_training_data
@@ -197,6 +199,8 @@ class Prepared:
     data_format: the format the data was read as.
     model_dir: the local directory of the model (a hub snapshot for hub ids).
     tokenizer: the model's tokenizer, with a pad token.
+    factors:   the lr / weight-decay plans' factors by target ("lr", "weight-decay"), module ->
+               factor; empty without --lr-plan / --wd-plan.
     """
 
     stack: dict[str, Any]
@@ -207,6 +211,7 @@ class Prepared:
     model_dir: Path
     tokenizer: Any
     test: Any = None
+    factors: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def prepare(
@@ -221,6 +226,8 @@ def prepare(
     revision: str | None = None,
     token: str | None = None,
     resume_from_checkpoint: str | bool | None = None,
+    lr_plan: str | os.PathLike[str] | None = None,
+    wd_plan: str | os.PathLike[str] | None = None,
 ) -> Prepared:
     """Check every input of a run (see the module docstring); raise one error listing every
     problem, of the first problem's type."""
@@ -254,8 +261,13 @@ def prepare(
                 hint="use prompt/completion records, or a model with a chat template",
             )
         )
+    factors: dict[str, dict[str, float]] = {}
+    for target, where in (("lr", lr_plan), ("weight-decay", wd_plan)):
+        found = check(load_factors, where, target) if where is not None else None
+        if found is not None:
+            factors[target] = found
     if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
-        check(_check_resume, resume_from_checkpoint, output_dir, plan_dir, settings)
+        check(_check_resume, resume_from_checkpoint, output_dir, plan_dir, settings, factors)
     if settings.bf16:
         check(_check_bf16)
     if settings.eval_steps is not None and eval_data is None:
@@ -281,6 +293,7 @@ def prepare(
         data_format=loaded[1],
         model_dir=model_dir,
         tokenizer=tokenizer,
+        factors=factors,
     )
 
 
@@ -362,7 +375,11 @@ _RESUME_DEFAULTS: dict[str, Any] = {"alpha_pattern": {}, "rank_pattern": {}, "us
 
 
 def _check_resume(
-    resume: str | bool, output_dir: Path, plan_dir: Path, settings: FinetuneSettings | None = None
+    resume: str | bool,
+    output_dir: Path,
+    plan_dir: Path,
+    settings: FinetuneSettings | None = None,
+    factors: dict[str, dict[str, float]] | None = None,
 ) -> None:
     """--resume-from-checkpoint names a Trainer checkpoint (``last``: the newest in the output
     directory) trained with this plan: every field that changes the adapter's arithmetic
@@ -383,6 +400,15 @@ def _check_resume(
                 f"{checkpoint}: not a training checkpoint (no trainer_state.json)",
                 hint="pass a checkpoint-N directory of an earlier run, or 'last'",
             )
+    saved = read_factors(checkpoint)
+    if saved != (factors or {}):
+        changed = sorted(t for t in {*saved, *(factors or {})}
+                         if saved.get(t) != (factors or {}).get(t))  # fmt: skip
+        raise PlanMismatchError(
+            f"{checkpoint}: was trained with other {' and '.join(changed)} factors than given "
+            "(--lr-plan / --wd-plan): the optimizer state would carry its groups' values",
+            hint="resume with the plans it was trained with, or start a new --output-dir",
+        )
     if not (checkpoint / CONFIG_NAME).is_file() or not (plan_dir / CONFIG_NAME).is_file():
         return  # what the plan check or the Trainer reports
     mine, theirs = dict(read_plan(plan_dir)[0]), read_plan(checkpoint)[0]
@@ -408,6 +434,23 @@ def _check_resume(
             hint="resume with the plan and options it was trained with, or start a new "
             "--output-dir",
         )
+
+
+# Written into each checkpoint: the lr / weight-decay factors its optimizer groups came from.
+FACTORS_RECORD = "esdtool_factors.json"
+
+
+def read_factors(checkpoint: Path) -> dict[str, dict[str, float]]:
+    """The factors a checkpoint was trained with ({} when it records none: no plans)."""
+    try:
+        data = json.loads((checkpoint / FACTORS_RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{checkpoint / FACTORS_RECORD}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise OptionError(f"{checkpoint / FACTORS_RECORD}: not an object")
+    return data
 
 
 def _check_reporter(name: str) -> None:

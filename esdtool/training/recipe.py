@@ -25,7 +25,8 @@ from esdtool.errors import EsdtoolError, ModelLoadError, OptionError
 from esdtool.io.trajectory import TRAJECTORY_NAME
 from esdtool.plan.peft_config import PLAN_RECORD
 from esdtool.plan.verify import adapted_modules, apply_plan, plan_problems, raise_problems
-from esdtool.training.config import FinetuneSettings, Prepared, prepare
+from esdtool.training.config import FACTORS_RECORD, FinetuneSettings, Prepared, prepare
+from esdtool.training.groups import param_groups
 from esdtool.version import __version__
 
 __all__ = ["FinetuneResult", "FinetuneSettings", "finetune"]
@@ -90,6 +91,8 @@ def finetune(
     progress: bool = True,
     callbacks: list[Any] | None = None,
     adapter_report: bool = True,
+    lr_plan: str | os.PathLike[str] | None = None,
+    wd_plan: str | os.PathLike[str] | None = None,
 ) -> FinetuneResult:
     """Train the adapters planned in ``adapter_config`` (a directory holding
     adapter_config.json) on ``model`` with ``data``; save them to ``output_dir``.
@@ -99,18 +102,27 @@ def finetune(
     is applied to the loaded model. ``progress`` False: no progress bars and no loss lines on
     stdout (the CLI's --quiet/--json). ``adapter_report`` False: the saved adapter is read back
     into adapter_metrics.parquet without drawing adapter_report.html (ablate's many runs).
+    ``lr_plan`` / ``wd_plan``: plan directories of ``allocate --target lr`` / ``weight-decay``:
+    each planned module's LoRA parameters train at ``settings.lr`` / ``settings.weight_decay``
+    times its factor (AdamW parameter groups, :func:`esdtool.param_groups`; the scheduler
+    scales them alike), recorded in esdtool_run.json and in every checkpoint, so a resume
+    under other factors is refused.
     """
     settings = settings or FinetuneSettings()
     plan_dir, outdir = Path(adapter_config), Path(output_dir)
     run = prepare(
         model, plan_dir, data, outdir, settings, eval_data=eval_data, test_data=test_data,
         revision=revision, token=token, resume_from_checkpoint=resume_from_checkpoint,
+        lr_plan=lr_plan, wd_plan=wd_plan,
     )  # fmt: skip
     if not progress:
         run.stack["datasets"].disable_progress_bars()
         run.stack["transformers"].utils.logging.disable_progress_bar()
 
     peft_model = _setup(run, settings, plan_dir, model)
+    plans = [p for p in (lr_plan, wd_plan) if p is not None]
+    if plans:  # the plans name this model's modules (a dry run says so before any step)
+        param_groups(peft_model, plans, settings.lr, settings.weight_decay)
     ranks = {name: m.r["default"] for name, m in adapted_modules(peft_model).items()}
     trainable, total = (int(n) for n in peft_model.get_nb_trainable_parameters())
     result = FinetuneResult(outdir, run.data_format, ranks, trainable, total, dry_run=dry_run)
@@ -133,11 +145,19 @@ def finetune(
     if settings.spectral_every:
         spectral = SpectralCallback(settings.spectral_every, outdir)
         watchers.append(spectral)
-    trainer = _trainer(run, peft_model, outdir, settings, progress, callbacks or [], watchers)
+    callbacks = [*(callbacks or []), _factors_callback()(run.factors)]
+    trainer = _trainer(run, peft_model, outdir, settings, progress, callbacks, watchers)
     if getattr(run.config, "init_lora_weights", None) == "eva" and not resume_from_checkpoint:
         _eva(peft_model, trainer.get_train_dataloader(), run.config, progress)
         ranks = {name: m.r["default"] for name, m in adapted_modules(peft_model).items()}
         trainable, total = (int(n) for n in peft_model.get_nb_trainable_parameters())
+    optimizer = None
+    if plans:  # after EVA, which replaces the adapters' parameters; the Trainer keeps it
+        import torch
+
+        groups = param_groups(peft_model, plans, settings.lr, settings.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+        trainer.optimizer = optimizer
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(outdir))  # adapter_config.json + adapter_model.safetensors + tokenizer
     eval_loss = None
@@ -181,6 +201,9 @@ def finetune(
             "data_format": run.data_format,
             "settings": asdict(settings),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "lr_plan": os.fspath(lr_plan) if lr_plan is not None else None,
+            "wd_plan": os.fspath(wd_plan) if wd_plan is not None else None,
+            "param_groups": _groups_record(optimizer),
             "result": {k: v for k, v in result.to_dict().items() if k != "losses"},
         }
         (outdir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -382,6 +405,37 @@ def _token_count_mode() -> str | bool:
     from packaging.version import Version
 
     return "non_padding" if Version(transformers.__version__) >= Version("4.57") else True
+
+
+def _groups_record(optimizer: Any) -> list[dict[str, Any]] | None:
+    """What each parameter group of a planned optimizer holds: module, lr, weight decay and
+    parameter count (None: the Trainer's own optimizer)."""
+    if optimizer is None:
+        return None
+    return [
+        {"module": g.get("module"), "lr": g.get("initial_lr", g["lr"]),
+         "weight_decay": g["weight_decay"], "parameters": sum(p.numel() for p in g["params"])}
+        for g in optimizer.param_groups
+    ]  # fmt: skip
+
+
+def _factors_callback() -> type:
+    from transformers import TrainerCallback
+
+    class SaveFactors(TrainerCallback):
+        """Write the lr / weight-decay factors beside each checkpoint's optimizer state, so
+        resuming under other factors is refused before the state is loaded."""
+
+        def __init__(self, factors: dict[str, dict[str, float]]) -> None:
+            self.factors = factors
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            where = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and where.is_dir():
+                (where / FACTORS_RECORD).write_text(json.dumps(self.factors) + "\n")
+            return control
+
+    return SaveFactors
 
 
 def _log_last_step_callback() -> type:
