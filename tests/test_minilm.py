@@ -74,7 +74,7 @@ def test_table_metadata_records_how_it_was_made(minilm_table, minilm_dir):
     meta = minilm_table.attrs["esdtool"]
     from esdtool.io.table import SCHEMA_VERSION
 
-    assert meta["schema_version"] == SCHEMA_VERSION == 4
+    assert meta["schema_version"] == SCHEMA_VERSION == 5
     assert meta["source"] == str(minilm_dir)
     assert meta["settings"]["dtype"] == "float64"  # "auto" resolved: float64 on a CPU
     assert meta["model_type"] == "bert"

@@ -43,7 +43,7 @@ def llama2_table() -> pd.DataFrame:
         rows.append(MatrixRow(name=f"{module}.weight", module=module, role="linear",
                               layer=layer, shard="model.safetensors", dtype="F16", rows=out,
                               cols=inp, status="ok", alpha_peak=alpha))  # fmt: skip
-    return metrics_frame(rows, {"source": "llama2-7b-stand-in"})
+    return metrics_frame(rows, {"source": "llama2-7b-stand-in", "source_kind": "memory"})
 
 
 def _numels() -> np.ndarray:
@@ -69,7 +69,7 @@ def test_pruning_ratios_equal_ww_sparsity_on_the_published_llama2_vector(llama2_
                 mapping=mapping,
             )
             if reference.max() < 1:
-                plan = allocate(llama2_table, settings=settings).modules
+                plan = allocate(llama2_table, settings=settings, report=False).modules
                 ours = plan.table.sparsity.to_numpy()
                 assert np.max(np.abs(ours - reference)) < 1e-12
                 assert plan.mean_sparsity == pytest.approx(sparsity, abs=1e-14)
@@ -80,7 +80,7 @@ def test_pruning_ratios_equal_ww_sparsity_on_the_published_llama2_vector(llama2_
                 continue
             refused += 1
             with pytest.raises(OptionError) as caught:
-                allocate(llama2_table, settings=settings)
+                allocate(llama2_table, settings=settings, report=False)
             message = str(caught.value)
             over = [f"model.layers.{k // 7}.{LLAMA_BLOCK[k % 7][0]}" for k in
                     np.flatnonzero(reference >= 1)]  # fmt: skip
@@ -100,8 +100,8 @@ def test_pruning_ratios_equal_ww_sparsity_on_the_published_llama2_vector(llama2_
 def test_lr_factors_equal_tempbalance(minilm_table, how):
     """Each TempBalance map on MiniLM's alphas: the factors times a base lr equal
     get_layer_temps' learning rates to 1e-12 (their step map with a stable order)."""
-    plan = allocate(minilm_table, target="lr",
-                    settings=AllocateSettings(target="lr", lr_map=how)).modules  # fmt: skip
+    settings = AllocateSettings(target="lr", lr_map=how)
+    plan = allocate(minilm_table, target="lr", settings=settings, report=False).modules
     alphas = plan.table.alpha.to_numpy()
     reference = tb.tempbalance_lrs(alphas, 1e-3, f"tb_{how}" if how != "linear" else
                                    "tb_linear_map")  # fmt: skip
@@ -113,9 +113,12 @@ def test_lr_factors_equal_tempbalance(minilm_table, how):
 def test_weight_decay_factors_equal_alphadecay(minilm_table, how):
     """Each AlphaDecay map (0.6666 / 3 by default; sigmoid within each block) on MiniLM's
     alphas, against get_layer_temps to 1e-12, any alpha column (a FARMS one too)."""
-    for column in ("alpha_median", "alpha_ks"):
+    # a FARMS column as analyze --estimator farms fills it (here: other alphas in it)
+    farms = minilm_table.assign(alpha_ks_farms=minilm_table.alpha_fix_finger * 1.1)
+    farms.attrs = minilm_table.attrs
+    for column in ("alpha_median", "alpha_ks", "alpha_ks_farms"):
         settings = AllocateSettings(target="weight-decay", wd_map=how, alpha_column=column)
-        plan = allocate(minilm_table, settings=settings).modules
+        plan = allocate(farms, settings=settings, report=False).modules
         alphas = plan.table.alpha.to_numpy()
         name = {"linear": "tb_linear_map", "sigmoid": "layerwise_sigmoid"}.get(how, f"tb_{how}")
         reference = tb.alphadecay_wds(alphas, 0.1, name, blocks=plan.table.layer.to_numpy())
@@ -129,8 +132,10 @@ def test_min_evals_leaves_small_modules_at_the_base_value(tiny_causal_lm, plan):
     from esdtool import load_metrics
 
     table = load_metrics(plan.parent / "m.parquet")
-    default = allocate(table, target="lr").modules
-    every = allocate(table, settings=AllocateSettings(target="lr", min_evals=2)).modules
+    default = allocate(table, target="lr", report=False).modules
+    every = allocate(
+        table, settings=AllocateSettings(target="lr", min_evals=2), report=False
+    ).modules
     small = set(every.table.module[np.minimum(every.table.rows, every.table.cols) < 50])
     assert small and not small & set(default.table.module)
     assert any("fewer than 50 eigenvalues" in n for n in default.notes)
@@ -226,3 +231,169 @@ def test_bad_target_options_are_one_line_before_any_work(tmp_path, capsys, args,
                                     "-o", tmp_path / "out"], capsys)  # fmt: skip
     assert code == 2 and message in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_alphapruning_preset_computes_their_alpha_peak(minilm_dir, tmp_path, capsys):
+    """analyze --preset alphapruning: float32 eigenvalues, zeros kept, and alpha_peak equal to
+    the numpy re-implementation of net_esd_estimator(fix_fingers="xmin_peak") within float32's
+    rounding; allocate --preset alphapruning plans from it, and refuses a table without it."""
+    from esdtool import load_metrics
+
+    table_path = tmp_path / "ap.parquet"
+    code, _, stderr = run_cli(["analyze", minilm_dir, "-o", table_path, "--preset", "alphapruning",
+                               "--include", r"encoder\.layer\.[01]\.", "-q"], capsys)  # fmt: skip
+    assert code == 0, stderr
+    table = load_metrics(table_path)
+    ok = table[table.status == "ok"]
+    assert len(ok) == 12 and table.attrs["esdtool"]["settings"]["eig_threshold"] == 0.0
+    for row in ok.itertuples():
+        evals = np.asarray(row.eigenvalues, dtype=np.float64)
+        reference = ap.alpha_peak(evals, "float64")
+        assert row.alpha_peak == pytest.approx(reference, rel=2e-5), row.name
+        assert row.alpha_peak != row.alpha_fix_finger  # another xmin rule, another number
+    out = tmp_path / "plan"
+    code, _, stderr = run_cli(["allocate", table_path, "--preset", "alphapruning",
+                                    "--sparsity", "0.7", "-o", out, "--json"], capsys)  # fmt: skip
+    assert code == 0, stderr
+    record = json.loads((out / "esdtool_plan.json").read_text())
+    assert record["metric"] == "alpha_peak" and record["allocate_settings"]["mapping"] == "block"
+    ratios = pd.read_csv(out / "allocation.csv")
+    means = ok.groupby("layer").alpha_peak.mean()
+    assert np.allclose(ratios.mapped_alpha, ratios.layer.map(means), rtol=1e-12)
+    plain = tmp_path / "plain.parquet"
+    run_cli(["analyze", minilm_dir, "-o", plain, "--include", r"encoder\.layer\.0\.", "-q"],
+            capsys)  # fmt: skip
+    code, _, stderr = run_cli(["allocate", plain, "--preset", "alphapruning", "--sparsity", "0.7",
+                               "-o", tmp_path / "no"], capsys)  # fmt: skip
+    assert code == 2 and "--preset alphapruning" in stderr
+
+
+def test_alpha_peak_keeps_their_quirks():
+    """Their lower bound is log10(0.95 xmin2) against linear eigenvalues: with a peak above
+    1/0.95 it cuts, below it nothing is cut; a zero eigenvalue gives no number (their histc
+    refuses log10 0); a spectrum where no candidate fits gives their alpha 0."""
+    import torch
+
+    from esdtool.spectral.peak import alpha_peak
+
+    rng = np.random.default_rng(3)
+    for scale in (1e-3, 1.0, 50.0):  # peaks below and above the quirk's threshold
+        evals = np.sort(rng.pareto(2.5, 400) + 1) * scale
+        ours = alpha_peak(torch.tensor(evals, dtype=torch.float32))
+        assert ours == pytest.approx(ap.alpha_peak(evals.astype(np.float32).astype(float)),
+                                     rel=2e-5)  # fmt: skip
+    # a power law from 2 cut at 9, under a narrow cluster at 20 (the histogram's peak): their
+    # bound, log10(19) = 1.28, keeps the power law's start among the candidates (alpha 2.36);
+    # a bound of 0.95 x 20 would leave only the cluster (alpha 981)
+    tail = 2 * (np.random.default_rng(0).pareto(1.0, 1700) + 1)
+    cluster = 20 + np.random.default_rng(0).normal(0, 0.05, 120)
+    evals = np.sort(np.concatenate([tail[tail < 9], cluster]))
+    ours = alpha_peak(torch.tensor(evals, dtype=torch.float32))
+    assert ours == pytest.approx(ap.alpha_peak(evals.astype(np.float32).astype(float)), rel=2e-5)
+    assert ours < 3
+    assert np.isnan(alpha_peak(torch.tensor([0.0, 1.0, 2.0, 3.0])))
+    flat = torch.full((20,), 2.0)  # every alpha is 1 + n / 0 = inf: no D < 1, slot 0's alpha
+    assert alpha_peak(flat) == ap.alpha_peak(np.full(20, 2.0))
+
+
+def test_param_groups_give_each_module_its_factors(tiny_causal_lm, plan, tmp_path):
+    """param_groups on the PEFT model: every LoRA parameter's group has lr x its module's lr
+    factor and weight decay x its weight-decay factor (the module read off the parameter's
+    name here), the rest the base values; torch's AdamW takes the groups as they are."""
+    import peft
+    import torch
+    import transformers
+
+    from esdtool import load_metrics, param_groups
+    from esdtool.plan.verify import read_plan
+
+    table = load_metrics(plan.parent / "m.parquet")
+    lr_settings = AllocateSettings(target="lr", min_evals=2)
+    wd_settings = AllocateSettings(target="weight-decay", wd_map="sqrt")
+    lr_plan = allocate(table, tmp_path / "lr", settings=lr_settings, report=False)
+    wd_plan = allocate(table, tmp_path / "wd", settings=wd_settings, report=False)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    model = peft.get_peft_model(base, peft.LoraConfig(**{
+        k: v for k, v in read_plan(plan)[0].items() if k not in ("peft_type",)}))  # fmt: skip
+    groups = param_groups(model, [tmp_path / "lr", wd_plan], lr=1e-3, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(groups)
+    lr_f, wd_f = lr_plan.modules.values, wd_plan.modules.values
+    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    checked = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert id(param) not in where
+            continue
+        module = name.removeprefix("base_model.model.").split(".lora_")[0]
+        group = where[id(param)]
+        assert group["lr"] == pytest.approx(1e-3 * lr_f.get(module, 1.0), rel=1e-15)
+        assert group["weight_decay"] == pytest.approx(0.1 * wd_f.get(module, 1.0), rel=1e-15)
+        checked += module in lr_f
+    assert checked > 0
+    with pytest.raises(OptionError, match="two lr plans"):
+        param_groups(model, [lr_plan, tmp_path / "lr"], lr=1e-3)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(OptionError, match="no planned module holds a trainable parameter"):
+        param_groups(other, lr_plan, lr=1e-3)
+
+
+def test_finetune_trains_with_the_plans_groups_and_refuses_to_resume_under_others(
+    tiny_causal_lm, plan, tmp_path, capsys
+):
+    """finetune --lr-plan --wd-plan: the optimizer the Trainer steps has each module's
+    groups (read in a callback), esdtool_run.json records them, every checkpoint records the
+    factors; resuming with another lr plan, or none, is one line, exit 2."""
+    from transformers import TrainerCallback
+
+    from esdtool import finetune, load_metrics
+    from esdtool.training import FinetuneSettings
+    from helpers import write_jsonl
+
+    table = load_metrics(plan.parent / "m.parquet")
+    allocate(
+        table, tmp_path / "lr", settings=AllocateSettings(target="lr", min_evals=2), report=False
+    )
+    step = AllocateSettings(target="lr", lr_map="step", min_evals=2)
+    allocate(table, tmp_path / "lr-step", settings=step, report=False)
+    allocate(
+        table,
+        tmp_path / "wd",
+        settings=AllocateSettings(target="weight-decay", min_evals=2),
+        report=False,
+    )
+    factors = json.loads((tmp_path / "lr" / "lr_factors.json").read_text())
+    decays = json.loads((tmp_path / "wd" / "weight_decay_factors.json").read_text())
+    seen: dict[str, tuple[float, float]] = {}
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    module = name.removeprefix("base_model.model.").split(".lora_")[0]
+                    seen[module] = (where[id(param)]["lr"], where[id(param)]["weight_decay"])
+
+    records = [{"prompt": f"q{i} ", "completion": f"a{i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    out = tmp_path / "run"
+    settings = FinetuneSettings(max_steps=4, save_steps=2, lr=5e-3, weight_decay=0.01,
+                                batch_size=4, logging_steps=1)  # fmt: skip
+    finetune(tiny_causal_lm, plan, data, out, settings, progress=False, callbacks=[Grab()],
+             lr_plan=tmp_path / "lr", wd_plan=tmp_path / "wd", adapter_report=False)  # fmt: skip
+    adapted = {m for m in seen if m in factors}
+    assert adapted
+    for module in adapted:
+        assert seen[module][0] == pytest.approx(5e-3 * factors[module], rel=1e-12)
+        assert seen[module][1] == pytest.approx(0.01 * decays.get(module, 1.0), rel=1e-12)
+    record = json.loads((out / "esdtool_run.json").read_text())
+    recorded = {g["module"]: g["lr"] for g in record["param_groups"] if g["module"]}
+    assert recorded == {m: pytest.approx(5e-3 * factors[m], rel=1e-12) for m in recorded}
+    saved = json.loads((out / "checkpoint-2" / "esdtool_factors.json").read_text())
+    assert saved == {"lr": factors, "weight-decay": decays}
+    common = ["finetune", tiny_causal_lm, "--adapter-config", plan, "--data", data, "-o", out,
+              "--max-steps", "6", "--resume-from-checkpoint", "last", "--wd-plan",
+              tmp_path / "wd"]  # fmt: skip
+    for lr_args in (["--lr-plan", tmp_path / "lr-step"], []):
+        code, _, stderr = run_cli([*common, *lr_args], capsys)
+        assert code == 2 and "other lr factors" in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1

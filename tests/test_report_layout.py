@@ -331,3 +331,45 @@ def test_an_adapter_report_never_scrolls_sideways(browser, adapter_report, width
         shoot(p, "adapter", tmp_path)
     finally:
         p.close()
+
+
+@pytest.fixture(scope="module")
+def target_reports(minilm_metrics, tmp_path_factory) -> dict[str, Path]:
+    """MiniLM's pruning, lr and weight-decay plans: their report.html pages."""
+    from esdtool.plan.ranks import AllocateSettings
+
+    root = tmp_path_factory.mktemp("targets")
+    settings = {"pruning": AllocateSettings(target="pruning", sparsity=0.5),
+                "lr": AllocateSettings(target="lr"),
+                "weight-decay": AllocateSettings(target="weight-decay")}  # fmt: skip
+    for target, chosen in settings.items():
+        allocate(minilm_metrics, root / target, chosen)
+    return {target: root / target / "report.html" for target in settings}
+
+
+@pytest.mark.parametrize("target", ["pruning", "lr", "weight-decay"])
+def test_other_plans_draw_their_numbers_with_their_alpha(browser, target_reports, target,
+                                                         tmp_path):  # fmt: skip
+    """Each target's plan section at a phone's and a laptop's width: the figure (the plan's
+    number and the alpha by layer) loads, every module is a row with its alpha and its number
+    as in allocation.csv, and the page never scrolls sideways."""
+    import pandas as pd
+
+    report = target_reports[target]
+    plan = pd.read_csv(report.parent / "allocation.csv")
+    column = {"pruning": "sparsity", "lr": "lr_factor", "weight-decay": "weight_decay_factor"}
+    for width in (PHONE, LAPTOP):
+        p = Opened(browser, report, width)
+        p.page.locator("#plan").scroll_into_view_if_needed()
+        wait_for_plots(p, "#plan")
+        assert_no_sideways_scrolling(p)
+        rows = p.js("[...document.querySelectorAll('#plan tbody tr')].map(r => "
+                    "[...r.cells].map(c => c.textContent))")  # fmt: skip
+        assert [r[0] for r in rows] == list(plan.module)
+        for (_, _, alpha, _, value), want in zip(rows, plan.itertuples(), strict=True):
+            assert float(alpha) == pytest.approx(want.alpha, abs=5e-5)
+            assert float(value) == pytest.approx(getattr(want, column[target]), rel=1e-5)
+        figure = p.js("document.querySelector('#plan img').naturalWidth")
+        assert figure > 300
+        shoot(p, f"plan-{target}", tmp_path)
+        p.close()

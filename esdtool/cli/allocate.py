@@ -61,8 +61,8 @@ def allocate(
         float | None,
         typer.Option(
             "--epsilon",
-            help="pruning: ratios span [1 - e, 1 + e] x the mean before "
-            "scaling, e in (0, 1) (default: 0.3).",
+            help="pruning: before scaling, ratios span 1 - e to 1 + e times the mean; "
+            "e in (0, 1) (default: 0.3).",
             show_default=False,
         ),
     ] = None,
