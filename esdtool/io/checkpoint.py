@@ -20,6 +20,7 @@ import math
 import os
 import queue
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -255,11 +256,14 @@ class Checkpoint:
         self.files = tuple(Path(f) for f in files)
         self._tensors: dict[str, TensorInfo] = {}
         self._metadata: dict[str, str] = {}
+        self._data_start: dict[Path, int] = {}
         shards = []
         for path in self.files:
             tensors, metadata = read_header(path)
             _check_safe_open(path)
             shards.append((str(path), tensors, metadata))
+            with open(path, "rb") as f:  # where the data begins: after the 8 bytes and header
+                self._data_start[path] = 8 + int.from_bytes(f.read(8), "little")
         self._merge(shards, index)
 
     def _merge(
@@ -317,13 +321,37 @@ class Checkpoint:
         return None
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor into CPU memory (as stored; no upcast)."""
+        """Read one tensor into CPU memory (as stored; no upcast): its byte range, at the
+        offsets the header checked on opening gave, so a read costs the same whatever the
+        number of tensors in the file (``safe_open`` per tensor parsed the whole header again:
+        quadratic in the tensor count). The dtype is the one ``safe_open`` gives."""
         info = self._tensors[name]
+        if sys.byteorder != "little":  # safetensors' bytes are little-endian: let it swap them
+            return self._safe_open(info)
+        data = bytearray(info.nbytes)
+        try:
+            with open(info.shard, "rb") as f:
+                f.seek(self._data_start[info.shard] + info.begin)
+                got = f.readinto(data)
+        except OSError as exc:
+            raise CheckpointError(f"{info.shard}: cannot read tensor {name!r} "
+                                  f"({exc.strerror or exc})") from exc  # fmt: skip
+        if got != info.nbytes:  # the file shrank since its header was checked
+            short = info.nbytes - got
+            raise CheckpointError(
+                f"{info.shard}: cannot read tensor {name!r} (the file ends {short} bytes "
+                "early; was it replaced?)"
+            )
+        return tensor_from_bytes(data, info, str(info.shard))
+
+    def _safe_open(self, info: TensorInfo) -> torch.Tensor:
         try:
             with safe_open(os.fspath(info.shard), framework="pt") as f:
-                return f.get_tensor(name)
+                return f.get_tensor(info.name)
         except Exception as exc:  # safetensors raises its own SafetensorError or OSError
-            raise CheckpointError(f"{info.shard}: cannot read tensor {name!r} ({exc})") from exc
+            raise CheckpointError(
+                f"{info.shard}: cannot read tensor {info.name!r} ({exc})"
+            ) from exc
 
     def close(self) -> None:
         """Stop what reads ahead (a hub checkpoint's download); no further tensor is needed.
@@ -340,6 +368,33 @@ class Checkpoint:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
+}  # fmt: skip
+
+
+def tensor_from_bytes(data: bytearray, info: TensorInfo, where: str) -> torch.Tensor:
+    """The tensor ``info`` describes, over ``data`` (its little-endian bytes, no copy), with
+    the dtype ``safetensors.safe_open`` gives it; a dtype torch lacks is refused as safe_open
+    refuses it."""
+    dtype = getattr(torch, _TORCH_DTYPES.get(info.dtype, ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(
+            f"{where}: cannot read tensor {info.name!r} (dtype {info.dtype} is not understood "
+            f"by torch {torch.__version__})"
+        )
+    shape = list(info.shape)
+    if info.dtype == "F4":  # two 4-bit values per byte, as safetensors gives them
+        shape[-1] //= 2
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def _check_safe_open(path: Path) -> None:

@@ -45,6 +45,7 @@ from esdtool.io.checkpoint import (
     TensorInfo,
     check_header,
     header_length,
+    tensor_from_bytes,
 )
 from esdtool.io.hub import (
     FileVersion,
@@ -251,30 +252,3 @@ def cached_identity(resolved: ResolvedSource) -> dict[str, str] | None:
 def _facts(ckpt: Checkpoint, names: Iterable[str]) -> dict[str, tuple[object, ...]]:
     """What two headers of one shard must agree on: each tensor's dtype, shape and offsets."""
     return {n: (i.dtype, i.shape, i.begin, i.end) for n in names for i in [ckpt.info(n)]}
-
-
-_TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool", "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
-}  # fmt: skip
-
-
-def tensor_from_bytes(data: bytearray, info: TensorInfo, where: str) -> torch.Tensor:
-    """The tensor ``info`` describes, over ``data`` (its little-endian bytes, no copy), with
-    the dtype ``safetensors.safe_open`` gives it; a dtype torch lacks is refused as safe_open
-    refuses it."""
-    dtype = getattr(torch, _TORCH_DTYPES.get(info.dtype, ""), None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(
-            f"{where}: cannot read tensor {info.name!r} (dtype {info.dtype} is not understood "
-            f"by torch {torch.__version__})"
-        )
-    shape = list(info.shape)
-    if info.dtype == "F4":  # two 4-bit values per byte, as safetensors gives them
-        shape[-1] //= 2
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
