@@ -75,3 +75,27 @@ def spreadsheet_frame(frame: Any) -> Any:
         if not (is_numeric_dtype(kind) or is_bool_dtype(kind)):  # object, str, string
             out[column] = out[column].astype(object).map(spreadsheet_cell)
     return out
+
+
+def read_json_file(path: Any, limit: int = 64 << 20) -> Any:
+    """The JSON value of a small file a user or a checkpoint gave: a regular file (a FIFO,
+    a device or a directory would hang or never end), at most ``limit`` bytes, parsed without
+    letting deep nesting escape as RecursionError. Raises ValueError saying what is wrong and
+    OSError when it cannot be read; FileNotFoundError when it is absent."""
+    import json
+    import os
+    import stat
+
+    info = os.stat(path)  # FileNotFoundError / OSError propagate
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"larger than {limit >> 20} MB")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None

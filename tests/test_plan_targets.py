@@ -292,8 +292,8 @@ def test_alpha_peak_keeps_their_quirks():
     assert ours == pytest.approx(ap.alpha_peak(evals.astype(np.float32).astype(float)), rel=2e-5)
     assert ours < 3
     assert np.isnan(alpha_peak(torch.tensor([0.0, 1.0, 2.0, 3.0])))
-    flat = torch.full((20,), 2.0)  # every alpha is 1 + n / 0 = inf: no D < 1, slot 0's alpha
-    assert alpha_peak(flat) == ap.alpha_peak(np.full(20, 2.0))
+    flat = torch.full((20,), 2.0)  # every alpha is 1 + n / 0 = inf: theirs is inf, no number
+    assert np.isinf(ap.alpha_peak(np.full(20, 2.0))) and np.isnan(alpha_peak(flat))
 
 
 def test_param_groups_give_each_module_its_factors(tiny_causal_lm, plan, tmp_path):
@@ -397,3 +397,176 @@ def test_finetune_trains_with_the_plans_groups_and_refuses_to_resume_under_other
         code, _, stderr = run_cli([*common, *lr_args], capsys)
         assert code == 2 and "other lr factors" in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1
+    # a checkpoint without its factors record (killed between the two writes): the optimizer's
+    # own groups still refuse a resume without the plans, in one line
+    for record in out.glob("checkpoint-*/esdtool_factors.json"):
+        record.unlink()
+    code, _, stderr = run_cli(common[:-2], capsys)
+    assert code == 2 and "other parameter groups" in stderr, stderr
+
+
+def _synthetic(modules: dict[str, float], shape=(64, 64)) -> pd.DataFrame:
+    rows = [MatrixRow(name=f"{m}.weight", module=m, role="linear", layer=None, shard="x",
+                      dtype="F32", rows=shape[0], cols=shape[1], status="ok", alpha_peak=a)
+            for m, a in modules.items()]  # fmt: skip
+    table = metrics_frame(rows, {"source": "synthetic", "source_kind": "memory"})
+    table["alpha_median"] = table["alpha_peak"]
+    from esdtool.analysis.roles import block_index
+
+    table["layer"] = [block_index(n) for n in table.name]
+    return table
+
+
+def test_blocks_of_two_stacks_stay_apart():
+    """An encoder's layer 0 and a decoder's layer 0 are two blocks: block mapping and the
+    sigmoid map average and z-score within each, not across the stacks; a module outside the
+    blocks keeps factor 1 under sigmoid (its own group)."""
+    table = _synthetic({"model.encoder.layers.0.q": 2.0, "model.encoder.layers.0.k": 3.0,
+                        "model.decoder.layers.0.q": 6.0, "model.decoder.layers.0.k": 8.0,
+                        "lm_head": 4.0})  # fmt: skip
+    settings = AllocateSettings(target="pruning", sparsity=0.5, alpha_column="alpha_peak",
+                                targets=r"layers|lm_head")  # fmt: skip
+    plan = allocate(table, settings=settings, report=False).modules.table.set_index("module")
+    assert plan.mapped_alpha.to_dict() == {
+        "model.encoder.layers.0.q": 2.5, "model.encoder.layers.0.k": 2.5,
+        "model.decoder.layers.0.q": 7.0, "model.decoder.layers.0.k": 7.0, "lm_head": 4.0,
+    }  # fmt: skip
+    wd = AllocateSettings(target="weight-decay", wd_map="sigmoid", targets=r"layers|lm_head",
+                          min_evals=2)  # fmt: skip
+    factors = allocate(table, settings=wd, report=False).modules.values
+    reference = tb.alphadecay_wds(np.array([2.0, 3.0]), 1.0, "layerwise_sigmoid",
+                                  blocks=np.array([0, 0]))  # fmt: skip
+    assert factors["model.encoder.layers.0.q"] == pytest.approx(reference[0], rel=1e-12)
+    decoder = tb.alphadecay_wds(np.array([6.0, 8.0]), 1.0, "layerwise_sigmoid",
+                                blocks=np.array([0, 0]))  # fmt: skip
+    assert factors["model.decoder.layers.0.q"] == pytest.approx(decoder[0], rel=1e-12)
+    assert factors["lm_head"] == 1.0
+
+
+def test_a_factor_of_zero_is_refused_and_hostile_factor_files_are_one_line(tmp_path):
+    """alpha_peak's 0 ("no fit") under the sqrt map would give an lr of 0: refused. Factor
+    files that are deeply nested, hold a 400-digit integer or are not regular files are one
+    OptionError each, never a RecursionError, OverflowError or a hang."""
+    import os
+
+    from esdtool import param_groups
+    from esdtool.plan.module_plan import load_factors
+
+    table = _synthetic({"model.layers.0.q": 0.0, "model.layers.0.k": 3.0})
+    with pytest.raises(OptionError, match="factor of 0"):
+        sqrt = AllocateSettings(target="lr", lr_map="sqrt", min_evals=2, alpha_column="alpha_peak")
+        allocate(table, settings=sqrt, report=False)
+    good = _synthetic({"model.layers.0.q": 2.0, "model.layers.0.k": 3.0})
+    allocate(good, tmp_path / "lr", settings=AllocateSettings(target="lr", min_evals=2),
+             report=False)  # fmt: skip
+    factors = tmp_path / "lr" / "lr_factors.json"
+    for content in ("[" * 100_000, '{"model.layers.0.q": 1' + "0" * 400 + "}", '{"\u0000": 1}'):
+        factors.write_text(content)
+        with pytest.raises(OptionError, match=r"lr_factors\.json"):
+            load_factors(tmp_path / "lr", "lr")
+        with pytest.raises(OptionError):
+            param_groups(torch_model(), tmp_path / "lr", lr=1e-3)
+    factors.unlink()
+    os.mkfifo(factors)
+    with pytest.raises(OptionError, match="not a regular file"):
+        load_factors(tmp_path / "lr", "lr")
+
+
+def torch_model():
+    import torch
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.model.layers[0].q = torch.nn.Linear(4, 4)
+    return model
+
+
+def test_lists_only_where_the_plan_covers_every_block_linear(tiny_causal_lm, plan, tmp_path,
+                                                             capsys):  # fmt: skip
+    """AlphaPruning's list and llm-compressor's recipe give values by position over every
+    Linear of the blocks: a plan of some of them (--targets) writes neither and says why;
+    all of them writes both. A LoRA plan may replace a pruning plan's directory."""
+    table = plan.parent / "m.parquet"
+    some, every = tmp_path / "some", tmp_path / "every"
+    code, _, stderr = run_cli(["allocate", table, "--target", "pruning", "--sparsity", "0.5",
+                               "--targets", "q_proj|v_proj", "-o", some], capsys)  # fmt: skip
+    assert code == 0 and "no sparsity_list.json / recipe.yaml" in stderr
+    assert not (some / "sparsity_list.json").exists() and not (some / "recipe.yaml").exists()
+    code, _, stderr = run_cli(["allocate", table, "--target", "pruning", "--sparsity", "0.5",
+                               "-o", every, "-q"], capsys)  # fmt: skip
+    assert code == 0 and (every / "sparsity_list.json").is_file(), stderr
+    code, _, stderr = run_cli(["allocate", table, "-o", every, "-q"], capsys)
+    assert code == 0 and (every / "adapter_config.json").is_file(), stderr
+
+
+def test_a_hub_tables_order_comes_from_the_cache_never_the_network(tmp_path, monkeypatch):
+    """A table of a hub model whose config.json is not in the HF cache: rows in the table's
+    order, said in a note, and nothing fetched (HF_HUB_OFFLINE would refuse a fetch)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a))
+    table = _synthetic({"model.layers.0.q": 2.0, "model.layers.0.k": 3.0})
+    table.attrs["esdtool"] = {"source": "acme/model", "source_kind": "hub", "revision": "a" * 40}
+    plan = allocate(table, settings=AllocateSettings(target="lr", min_evals=2), report=False)
+    assert not plan.modules.model_order and calls == []
+    assert any("not in the HF cache" in n for n in plan.modules.notes)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "lr", "--lr-map", "sqrt", "--min-factor", "0.1"], "the sqrt map has none"),
+        (
+            ["--target", "lr", "--lr-map", "step", "--normalise-within", "shape"],
+            "--normalise-within shape applies to the linear map",
+        ),
+        (
+            ["--preset", "alphapruning", "--target", "lora", "--sparsity", "0.5"],
+            "--preset alphapruning plans --target pruning, not lora",
+        ),
+        (["--preset", "alphapruning", "--target", "lr"], "plans --target pruning, not lr"),
+    ],
+)
+def test_options_a_map_or_preset_does_not_take_are_refused(tmp_path, capsys, args, message):
+    code, _, stderr = run_cli(["allocate", tmp_path / "absent.parquet", *args,
+                               "-o", tmp_path / "out"], capsys)  # fmt: skip
+    assert code == 2 and message in stderr, stderr
+
+
+def test_a_wd_plan_without_weight_decay_is_refused(tiny_causal_lm, plan, tmp_path, capsys):
+    from esdtool import load_metrics
+    from helpers import write_jsonl
+
+    table = load_metrics(plan.parent / "m.parquet")
+    allocate(table, tmp_path / "wd", settings=AllocateSettings(target="weight-decay"),
+             report=False)  # fmt: skip
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a ", "completion": "b"}])
+    code, _, stderr = run_cli(["finetune", tiny_causal_lm, "--adapter-config", plan, "--data",
+                               data, "-o", tmp_path / "run", "--wd-plan", tmp_path / "wd",
+                               "--dry-run"], capsys)  # fmt: skip
+    assert code == 2 and "--wd-plan scales --weight-decay, which is 0" in stderr
+
+
+def test_a_flat_spectrum_leaves_a_table_every_reader_takes(tmp_path, capsys):
+    """An identity weight's spectrum is flat: their alpha is inf; the preset stores no
+    alpha_peak (null), so the table still loads and plans (the module is left out, noted)."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.eye(64),
+               "model.layers.0.self_attn.k_proj.weight": torch.randn(64, 64, generator=generator),
+               "model.layers.0.self_attn.v_proj.weight": torch.randn(64, 64, generator=generator)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    table = tmp_path / "t.parquet"
+    code, _, stderr = run_cli(["analyze", tmp_path / "model.safetensors", "-o", table,
+                               "--preset", "alphapruning", "-q"], capsys)  # fmt: skip
+    assert code == 0, stderr
+    args = ["--sparsity", "0.5", "--mapping", "module", "-o", tmp_path / "p"]
+    code, _, stderr = run_cli(["allocate", table, "--preset", "alphapruning", *args], capsys)
+    assert code == 0, stderr
+    assert "q_proj: no alpha_peak" in stderr

@@ -26,6 +26,15 @@ def block_index(name: str) -> int | None:
     return int(m.group(1))
 
 
+def block_key(name: str) -> str | None:
+    """The block a module belongs to, named by its path ("model.encoder.layers.0": an encoder's
+    and a decoder's layer 0 are two blocks), or None outside the blocks."""
+    m = _BLOCK.search(name)
+    if m is None or len(m.group(1)) > 18:
+        return None
+    return name[: m.end() - 1]
+
+
 def infer_role(name: str, ndim: int) -> str:
     """The role of tensor ``name`` with ``ndim`` dimensions (see the module docstring)."""
     if ndim == 4:

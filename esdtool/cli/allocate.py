@@ -40,14 +40,15 @@ def allocate(
         Path, typer.Option("--output", "-o", help="Directory to write the config to.")
     ] = Path("lora-plan"),
     target: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--target",
             help="What the plan sets per module: lora (ranks), pruning (sparsity, as "
             "AlphaPruning), lr (learning-rate factors, as TempBalance) or weight-decay "
-            "(weight-decay factors, as AlphaDecay).",
+            "(weight-decay factors, as AlphaDecay) (default: lora).",
+            show_default=False,
         ),
-    ] = "lora",
+    ] = None,
     sparsity: Annotated[
         float | None,
         typer.Option(
@@ -257,7 +258,7 @@ def allocate(
         min_rank=min_rank, max_rank=max_rank, rank_scaling=rank_scaling,
         alpha_factor=alpha_factor, budget_params=budget_params, match_rank=match_rank,
         normalise_within=normalise_within, budget_percent=budget_percent,
-        rank_multiple=rank_multiple, target=None if target == "lora" else target,
+        rank_multiple=rank_multiple, target=target,
         sparsity=sparsity, epsilon=epsilon, mapping=mapping, lr_map=lr_map, wd_map=wd_map,
         min_factor=min_factor, max_factor=max_factor, min_evals=min_evals,
     )  # fmt: skip

@@ -253,7 +253,7 @@ def allocate(
                 (directory / REPORT_NAME).write_bytes(html)
 
         check_output_dir(out, [] if in_memory else [where])
-        atomic_dir(out, build, PLAN_FILES, marker=PLAN_RECORD)
+        atomic_dir(out, build, PLAN_FILES + TARGET_FILES, marker=PLAN_RECORD)
         return AllocateResult(
             allocation, out / CONFIG_NAME, out / CSV_NAME, out / REPORT_NAME if report else None,
             config, save,
@@ -278,7 +278,7 @@ def _allocate_modules(
     """A pruning / lr / weight-decay plan: computed whole, then written as allocate writes a
     LoRA plan (one directory swapped in whole)."""
     in_memory = str(where) == "<table>"
-    order, why = model_order(meta)
+    order, why = model_order(meta, settings.target)
     try:
         plan = plan_modules(table, settings, order)
     except OptionError as exc:
@@ -329,16 +329,32 @@ def _allocate_modules(
     return save(Path(outdir))
 
 
-def model_order(meta: dict[str, Any]) -> tuple[list[str] | None, str | None]:
+def model_order(meta: dict[str, Any], target: str) -> tuple[list[str] | None, str | None]:
     """The analysed model's Linear/Conv2d module names in ``named_modules`` order, built on
     the meta device from its config.json, or None and why not (the plan then keeps the
-    table's order, and a pruning plan writes no list: a list is only as good as its order)."""
+    table's order, and a pruning plan writes no list: a list is only as good as its order).
+    A hub model's config.json is read from the HF cache only: a plan never downloads."""
+    what = ("rows in the table's order" + (", and no sparsity_list.json / recipe.yaml"
+                                           if target == "pruning" else ""))  # fmt: skip
     try:
-        model = build_meta_model(model_directory(meta))
-        return [name for name, _ in linear_modules(model)], None
-    except EsdtoolError as exc:
-        return None, (f"rows in the table's order, and no sparsity_list.json / recipe.yaml: "
-                      f"the model's module order is unknown ({exc})")  # fmt: skip
+        if meta.get("source_kind") in ("file", "directory"):
+            directory = model_directory(meta)
+        elif meta.get("source_kind") == "hub" and isinstance(meta.get("source"), str):
+            from huggingface_hub import try_to_load_from_cache
+
+            revision = meta.get("revision")
+            found = try_to_load_from_cache(
+                str(meta["source"]), "config.json",
+                revision=revision if isinstance(revision, str) else None,
+            )  # fmt: skip
+            if not isinstance(found, str):
+                return None, f"{what}: the model's config.json is not in the HF cache"
+            directory = Path(found).parent
+        else:
+            return None, f"{what}: the table names no model files to read the order from"
+        return [name for name, _ in linear_modules(build_meta_model(directory))], None
+    except (EsdtoolError, ValueError) as exc:  # huggingface_hub's validation errors too
+        return None, f"{what}: the model's module order is unknown ({exc})"
 
 
 def table_fingerprint(table: pd.DataFrame, path: Path | None) -> str:

@@ -48,6 +48,8 @@ class ModulePlan:
     model_order: True when the rows are in the model's ``named_modules`` order (read off the
     model built from its config.json), False when in the table's order.
     mapping: a pruning plan's "block" or "module" mapping; None for the other targets.
+    covers_blocks: the rows are every Linear / Conv2d inside the model's blocks, in model
+    order: the plan lines up with lists indexed by position (AlphaPruning's, llm-compressor's).
     """
 
     target: str
@@ -55,6 +57,7 @@ class ModulePlan:
     model_order: bool
     notes: list[str] = field(default_factory=list)
     mapping: str | None = None
+    covers_blocks: bool = False
 
     @property
     def column(self) -> str:
@@ -90,14 +93,14 @@ def minmax(values: np.ndarray, within: np.ndarray | None = None, eps: float = 0.
     return out
 
 
-def block_means(alpha: np.ndarray, layers: np.ndarray) -> np.ndarray:
-    """Each module's block mean of ``alpha`` (the plain mean over the modules of its layer, as
-    AlphaPruning's block_wise mapping); a module outside the blocks (layer NaN) keeps its own."""
+def block_means(alpha: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Each module's block mean of ``alpha`` (the plain mean over the modules of its block, as
+    AlphaPruning's block_wise mapping); ``blocks`` holds each module's block (None: outside
+    the blocks, where a module keeps its own alpha)."""
     alpha = np.asarray(alpha, dtype=float)
-    layers = np.asarray(layers, dtype=float)
     out = alpha.copy()
-    for layer in np.unique(layers[~np.isnan(layers)]):
-        mask = layers == layer
+    for block in {b for b in blocks if b is not None}:
+        mask = np.array([b == block for b in blocks])
         out[mask] = np.mean(alpha[mask])
     return out
 
@@ -157,7 +160,8 @@ def factors(
     linear: low + (high - low) u, u alpha min-max normalised (np.interp onto [low, high]);
     sqrt / log2: n f(a_i) / sum f(a) (mean 1; AlphaDecay adds 1e-8 to each term of the sum);
     step: the k-th smallest alpha (stable order, k from 0) gets low + (high - low) k / n;
-    sigmoid: 2 / (1 + exp(-4 z)), z alpha's z-score within its block (``blocks``)."""
+    sigmoid: 2 / (1 + exp(-4 z)), z alpha's z-score within its block (``blocks``: each
+    module's block, None outside the blocks: a group of its own, z 0, factor 1)."""
     alpha = np.asarray(alpha, dtype=float)
     n = alpha.size
     pad = 1e-8 if target == "weight-decay" else 0.0
@@ -177,10 +181,11 @@ def factors(
         out[np.argsort(alpha, kind="stable")] = low + (high - low) * np.arange(n) / n
         return out
     if how == "sigmoid":
-        labels = np.zeros(n) if blocks is None else blocks
-        z = np.empty(n)
-        for label in np.unique(labels):
-            mask = labels == label
+        labels = [None] * n if blocks is None else list(blocks)
+        labels = [f"\0{i}" if b is None else b for i, b in enumerate(labels)]  # alone
+        z = np.zeros(n)
+        for label in set(labels):
+            mask = np.array([b == label for b in labels])
             part = alpha[mask]
             z[mask] = (part - part.mean()) / (part.std() + 1e-8)
         return 2 / (1 + np.exp(-SIGMOID_SLOPE * z))
@@ -196,11 +201,14 @@ def check_ratios(plan: pd.DataFrame, alpha: np.ndarray, numel: np.ndarray, spars
     limit = largest_epsilon(alpha, numel, sparsity, within)
     names = ", ".join(repr(str(m)) for m in bad.module[:3])
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-    fits = math.floor(limit * 1e4) / 1e4  # rounded down: it still fits
+    digits = 4
+    while math.floor(limit * 10**digits) == 0 and digits < 12:
+        digits += 1
+    fits = math.floor(limit * 10**digits) / 10**digits  # rounded down: it still fits
     raise OptionError(
-        f"--sparsity {sparsity:g} with --epsilon {epsilon:g} gives {len(bad)} module(s) a ratio "
-        f"of 1 or more (largest {bad.sparsity.max():.4f}): {names}{more}; the largest epsilon "
-        f"that fits is just below {limit:.6g} (e.g. {fits:g})",
+        f"--sparsity {sparsity!r} with --epsilon {epsilon!r} gives {len(bad)} module(s) a ratio "
+        f"of 1 or more (largest {float(bad.sparsity.max()):.4f}): {names}{more}; the largest "
+        f"epsilon that fits is just below {limit:.6g} (e.g. {fits:g})",
     )
 
 
@@ -267,6 +275,14 @@ def target_problems(settings: object, defaults: dict[str, object]) -> list[str]:
         lo, hi = resolved_factors(target, low, high)
         if _number(lo) and _number(hi) and lo > hi:
             problems.append(f"--min-factor {lo:g} is above --max-factor {hi:g}")
+        ranged = [f for f, v in (("--min-factor", low), ("--max-factor", high)) if v is not None]
+        if how in ("sqrt", "log2", "sigmoid") and ranged:
+            problems.append(f"{' and '.join(ranged)} set the linear and step maps' range; "
+                            f"the {how} map has none")  # fmt: skip
+        within = settings.normalise_within
+        if how not in (None, "linear") and within != "none":
+            problems.append(f"--normalise-within {within} applies to the linear map (min-max), "
+                            f"not to {how}")  # fmt: skip
         min_evals = settings.min_evals
         if min_evals is not None and (isinstance(min_evals, bool) or not isinstance(min_evals, int)
                                       or min_evals < 1):  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from esdtool.analysis.roles import block_key
 from esdtool.errors import OptionError
 from esdtool.plan.layerwise import (
     DEFAULT_EPSILON,
@@ -26,7 +27,7 @@ from esdtool.plan.layerwise import (
 )
 from esdtool.plan.ranks import AllocateSettings, candidates
 from esdtool.plan.shape import groups
-from esdtool.untrusted import spreadsheet_frame
+from esdtool.untrusted import read_json_file, spreadsheet_frame
 
 SPARSITY_NAME = "sparsity.json"  # module -> ratio, in model order
 SPARSITY_LIST = "sparsity_list.json"  # the ratios alone, in model order (AlphaPruning's list)
@@ -55,7 +56,7 @@ def plan_modules(
     if df.empty:
         what = f"--targets {settings.targets!r}" if settings.targets else "role 'linear'"
         raise OptionError(f"no candidate modules: no analysed matrix matches {what}")
-    model_order = False
+    model_order = covers = False
     if order is not None:
         where = {name: i for i, name in enumerate(order)}
         missing = [m for m in df.module if m not in where]
@@ -64,38 +65,57 @@ def plan_modules(
         else:
             df = df.iloc[np.argsort([where[m] for m in df.module], kind="stable")]
             model_order = True
+            inside = [m for m in order if block_key(m) is not None]
+            covers = list(df.module) == inside
+            if target == "pruning" and not covers:
+                notes.append(
+                    f"no sparsity_list.json / recipe.yaml: the plan holds {len(df)} of the "
+                    f"{len(inside)} Linear modules inside the model's blocks, and AlphaPruning's "
+                    "list and llm-compressor's recipe give values by position over all of them"
+                )
     alpha = df[settings.alpha_column].to_numpy(float)
     within = groups(df.module, df.rows, df.cols, settings.normalise_within)
-    layers = df.layer.astype("Float64").to_numpy(float, na_value=np.nan)
+    blocks = np.array([block_key(str(m)) for m in df.module], dtype=object)
     rows, cols = df.rows.to_numpy(int), df.cols.to_numpy(int)
     table = pd.DataFrame({"module": df.module.to_numpy(), "layer": df.layer.to_numpy(),
                           "rows": rows, "cols": cols, "alpha": alpha})  # fmt: skip
     if target == "pruning":
         assert settings.sparsity is not None
         epsilon = settings.epsilon or DEFAULT_EPSILON
-        mapped = block_means(alpha, layers) if (settings.mapping or "block") == "block" else alpha
+        block = (settings.mapping or "block") == "block"
+        if block and all(b is None for b in blocks):
+            notes.append("no module is inside a block: --mapping block maps each on its own")
+        mapped = block_means(alpha, blocks) if block else alpha
         numel = rows.astype(float) * cols
         table["mapped_alpha"] = mapped
-        table["sparsity"] = pruning_ratios(mapped, numel, settings.sparsity, epsilon, within)
+        try:
+            ratios = pruning_ratios(mapped, numel, settings.sparsity, epsilon, within)
+        except OptionError as exc:
+            if not block:
+                raise
+            raise OptionError(
+                f"every block has the same mean alpha ({mapped[0]:g}): the pruning map has no "
+                "range",
+                hint="--mapping module",
+            ) from exc
+        table["sparsity"] = ratios
         check_ratios(table, mapped, numel, settings.sparsity, epsilon, within)
     else:
         how = (settings.lr_map if target == "lr" else settings.wd_map) or "linear"
-        if how != "linear" and within is not None:
-            raise OptionError(f"--normalise-within {settings.normalise_within} applies to the "
-                              f"linear map (min-max), not to {how}")  # fmt: skip
         low, high = resolved_factors(target, settings.min_factor, settings.max_factor)
         table["mapped_alpha"] = alpha
-        table[VALUE_COLUMN[target]] = factors(
-            alpha,
-            how,
-            float(low),
-            float(high),
-            target,
-            within,
-            layers,  # type: ignore[arg-type]
-        )
+        values = factors(alpha, how, float(low), float(high), target, within, blocks)  # type: ignore[arg-type]
+        bad = ~(np.isfinite(values) & (values > 0))
+        if bad.any():  # e.g. alpha_peak's 0 ("no fit") under sqrt: an lr of 0 trains nothing
+            i = int(np.argmax(bad))
+            raise OptionError(
+                f"the {how} map gives module {df.module.iloc[i]!r} a factor of {values[i]:g} "
+                f"(its {settings.alpha_column} is {alpha[i]:g}); factors must be finite and > 0",
+                hint="the linear map, or another --alpha-column",
+            )
+        table[VALUE_COLUMN[target]] = values
     mapping = (settings.mapping or "block") if target == "pruning" else None
-    return ModulePlan(target, table.reset_index(drop=True), model_order, notes, mapping)
+    return ModulePlan(target, table.reset_index(drop=True), model_order, notes, mapping, covers)
 
 
 def write_module_plan(plan: ModulePlan, directory: Path, csv_name: str) -> list[str]:
@@ -106,7 +126,7 @@ def write_module_plan(plan: ModulePlan, directory: Path, csv_name: str) -> list[
     if plan.target == "pruning":
         _json(directory / SPARSITY_NAME, plan.values)
         written.append(SPARSITY_NAME)
-        if plan.model_order:
+        if plan.covers_blocks:
             _json(directory / SPARSITY_LIST, list(plan.values.values()))
             written.append(SPARSITY_LIST)
             text = recipe(plan)
@@ -158,12 +178,13 @@ def recipe(plan: ModulePlan) -> str | None:
 
 def load_factors(plan_dir: str | Path, target: str) -> dict[str, float]:
     """module -> factor of an lr or weight-decay plan directory, checked: its record says
-    ``target``, every key is a module name and every factor a finite number > 0."""
+    ``target``, every key is a module name (printable, at most 1000 characters) and every
+    factor a finite number > 0. Each file is read as untrusted JSON (read_json_file)."""
     directory = Path(plan_dir)
     flag = "--lr-plan" if target == "lr" else "--wd-plan"
     path = directory / FACTORS_NAME[target]
     try:
-        record = json.loads((directory / "esdtool_plan.json").read_text(encoding="utf-8"))
+        record = read_json_file(directory / "esdtool_plan.json")
         made = record.get("target") if isinstance(record, dict) else None
     except (OSError, ValueError):
         made = None
@@ -174,21 +195,33 @@ def load_factors(plan_dir: str | Path, target: str) -> dict[str, float]:
             hint=f"esdtool allocate METRICS --target {target} -o PLAN_DIR",
         )
     try:
-        if path.stat().st_size > 64 << 20:
-            raise OptionError(f"{path}: larger than 64 MB; not a factors file")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_file(path)
     except OSError as exc:
         raise OptionError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except ValueError as exc:
-        raise OptionError(f"{path}: not JSON ({exc})") from None
+        raise OptionError(f"{path}: {exc}") from None
     if not isinstance(data, dict) or not data:
         raise OptionError(f"{path}: expected an object of module name -> factor")
+    factors = {}
     for key, value in data.items():
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (ok and math.isfinite(value) and value > 0) or not _MODULE.fullmatch(key):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        try:
+            factor = float(value) if number else math.nan
+        except OverflowError:  # an integer of 400 digits
+            factor = math.nan
+        if not (math.isfinite(factor) and factor > 0) or not (0 < len(key) <= 1000
+                                                               and key.isprintable()):  # fmt: skip
             raise OptionError(f"{path}: entry {key[:80]!r}: a module name and a finite factor "
                               f"> 0 expected, not {str(value)[:40]!r}")  # fmt: skip
-    return {k: float(v) for k, v in data.items()}
+        factors[key] = factor
+    return factors
 
 
-_MODULE = re.compile(r"[A-Za-z0-9_.\-]{1,1000}")  # no quantifier nesting: linear time
+def plan_target(plan_dir: str | Path) -> str | None:
+    """The target an esdtool plan directory's record names, or None."""
+    try:
+        record = read_json_file(Path(plan_dir) / "esdtool_plan.json")
+    except (OSError, ValueError):
+        return None
+    target = record.get("target") if isinstance(record, dict) else None
+    return target if isinstance(target, str) else None

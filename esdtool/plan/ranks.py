@@ -115,6 +115,10 @@ class AllocateSettings:
         if preset is not None and preset not in PRESETS:
             raise OptionError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
         base = PRESETS[preset] if preset else {}
+        target = overrides.get("target")
+        if preset is not None and target is not None and target != base.get("target", "lora"):
+            raise OptionError(f"--preset {preset} plans --target {base.get('target', 'lora')}, "
+                              f"not {target}")  # fmt: skip
         return cls(**{**base, **overrides, "preset": preset})  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:

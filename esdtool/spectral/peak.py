@@ -25,8 +25,9 @@ def alpha_peak(evals: torch.Tensor, bins: int = PEAK_BINS) -> float:
     """``alpha_peak`` of one spectrum (``evals`` ascending; computed in float32 as theirs is).
 
     NaN where their code has no number: fewer than 2 eigenvalues (their search is empty and
-    ``argmin`` of nothing fails) or a zero eigenvalue (log10 0 is -inf and ``torch.histc``
-    refuses an infinite range)."""
+    ``argmin`` of nothing fails), a zero eigenvalue (log10 0 is -inf and ``torch.histc``
+    refuses an infinite range), or an infinite alpha (a flat spectrum, as of an orthogonal
+    matrix: n / 0)."""
     nz = evals.detach().to("cpu", torch.float32)
     N = nz.numel()
     if N < 2 or not bool((nz > 0).all()) or not bool(torch.isfinite(nz).all()):
@@ -53,4 +54,6 @@ def alpha_peak(evals: torch.Tensor, bins: int = PEAK_BINS) -> float:
         alphas[i] = alpha
         if alpha > 1:
             Ds[i] = torch.max(torch.abs(1 - (nz[i:] / xmin) ** (-alpha + 1) - seq / n))
-    return float(alphas[torch.argmin(Ds)])
+    alpha = float(alphas[torch.argmin(Ds)])
+    # Their inf (a flat spectrum: sum of log ratios 0) or NaN is no alpha; the table holds none.
+    return alpha if math.isfinite(alpha) else math.nan

@@ -11,7 +11,6 @@ error; the recipe (:mod:`esdtool.training.recipe`) starts only from a clean :cla
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from esdtool.plan.module_plan import load_factors
 from esdtool.plan.peft_config import CONFIG_NAME
 from esdtool.plan.verify import raise_problems, read_plan, verify_plan
 from esdtool.training.data import load_training_data
+from esdtool.untrusted import read_json_file
 
 # Learning-rate schedules finetune offers: transformers' ``SchedulerType`` names that need no
 # scheduler arguments beyond warmup (cosine_with_min_lr, warmup_stable_decay and
@@ -262,6 +262,13 @@ def prepare(
             )
         )
     factors: dict[str, dict[str, float]] = {}
+    if wd_plan is not None and settings.weight_decay == 0:
+        problems.append(
+            OptionError(
+                "--wd-plan scales --weight-decay, which is 0: every factor would give 0",
+                hint="give --weight-decay (e.g. 0.01)",
+            )
+        )
     for target, where in (("lr", lr_plan), ("weight-decay", wd_plan)):
         found = check(load_factors, where, target) if where is not None else None
         if found is not None:
@@ -401,6 +408,8 @@ def _check_resume(
                 hint="pass a checkpoint-N directory of an earlier run, or 'last'",
             )
     saved = read_factors(checkpoint)
+    if saved is None:  # unknown: the Trainer's own check of its optimizer groups is the last word
+        saved = factors or {}
     if saved != (factors or {}):
         changed = sorted(t for t in {*saved, *(factors or {})}
                          if saved.get(t) != (factors or {}).get(t))  # fmt: skip
@@ -440,16 +449,18 @@ def _check_resume(
 FACTORS_RECORD = "esdtool_factors.json"
 
 
-def read_factors(checkpoint: Path) -> dict[str, dict[str, float]]:
-    """The factors a checkpoint was trained with ({} when it records none: no plans)."""
+def read_factors(checkpoint: Path) -> dict[str, dict[str, float]] | None:
+    """The factors a checkpoint was trained with ({}: none), or None when it records nothing
+    (a checkpoint of an esdtool before plans, or one killed between its save and this file)."""
+    where = checkpoint / FACTORS_RECORD
     try:
-        data = json.loads((checkpoint / FACTORS_RECORD).read_text(encoding="utf-8"))
+        data = read_json_file(where)
     except FileNotFoundError:
-        return {}
+        return None
     except (OSError, ValueError) as exc:
-        raise OptionError(f"{checkpoint / FACTORS_RECORD}: unreadable ({exc})") from None
+        raise OptionError(f"{where}: unreadable ({exc})") from None
     if not isinstance(data, dict):
-        raise OptionError(f"{checkpoint / FACTORS_RECORD}: not an object")
+        raise OptionError(f"{where}: not an object")
     return data
 
 

@@ -19,16 +19,20 @@ from typing import Any
 
 from esdtool.errors import OptionError
 from esdtool.plan.layerwise import ModulePlan
-from esdtool.plan.module_plan import load_factors
+from esdtool.plan.module_plan import load_factors, plan_target
 
 PlanLike = str | os.PathLike[str] | ModulePlan | Any  # a directory, a ModulePlan or a result
 
 
 def _factors(plan: PlanLike) -> tuple[str, dict[str, float]]:
     """(target, module -> factor) of a plan directory, ModulePlan or AllocateResult."""
-    modules = getattr(plan, "modules", None)
-    if isinstance(modules, ModulePlan):
-        plan = modules
+    if hasattr(plan, "modules") and hasattr(plan, "allocation"):  # an AllocateResult
+        if plan.modules is None:
+            raise OptionError(
+                "a LoRA plan (allocate's default target) sets ranks, not optimizer values; "
+                "param_groups takes --target lr and weight-decay plans"
+            )
+        plan = plan.modules
     if isinstance(plan, ModulePlan):
         if plan.target not in ("lr", "weight-decay"):
             raise OptionError(f"a --target {plan.target} plan sets no optimizer values; "
@@ -36,13 +40,15 @@ def _factors(plan: PlanLike) -> tuple[str, dict[str, float]]:
         return plan.target, plan.values
     if isinstance(plan, str | os.PathLike):
         directory = Path(plan)
-        for target in ("lr", "weight-decay"):
-            try:
-                return target, load_factors(directory, target)
-            except OptionError:
-                continue
-        raise OptionError(f"{directory}: not an lr or weight-decay plan directory",
-                          hint="esdtool allocate METRICS --target lr -o PLAN_DIR")  # fmt: skip
+        target = plan_target(directory)
+        if target not in ("lr", "weight-decay"):
+            raise OptionError(
+                f"{directory}: not an lr or weight-decay plan directory (its esdtool_plan.json "
+                f"says target {target!r})" if target else
+                f"{directory}: not an esdtool plan directory (no readable esdtool_plan.json)",
+                hint="esdtool allocate METRICS --target lr -o PLAN_DIR",
+            )  # fmt: skip
+        return target, load_factors(directory, target)
     raise OptionError(f"param_groups: a plan directory, ModulePlan or allocate result expected, "
                       f"not {type(plan).__name__}")  # fmt: skip
 

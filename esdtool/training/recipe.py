@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from esdtool.errors import EsdtoolError, ModelLoadError, OptionError
+from esdtool.errors import EsdtoolError, ModelLoadError, OptionError, PlanMismatchError
 from esdtool.io.trajectory import TRAJECTORY_NAME
 from esdtool.plan.peft_config import PLAN_RECORD
 from esdtool.plan.verify import adapted_modules, apply_plan, plan_problems, raise_problems
@@ -158,7 +158,16 @@ def finetune(
         groups = param_groups(peft_model, plans, settings.lr, settings.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         trainer.optimizer = optimizer
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except ValueError as exc:  # torch: the checkpoint's optimizer has other parameter groups
+        if resume_from_checkpoint and "parameter group" in str(exc):
+            raise PlanMismatchError(
+                f"{outdir}: the checkpoint's optimizer was built with other parameter groups "
+                "(other --lr-plan / --wd-plan factors, or none)",
+                hint="resume with the plans it was trained with, or start a new --output-dir",
+            ) from exc
+        raise
     trainer.save_model(str(outdir))  # adapter_config.json + adapter_model.safetensors + tokenizer
     eval_loss = None
     if run.evaluation is not None:  # the number to compare plans by, at the end of training
