@@ -30,7 +30,7 @@ def hub(tmp_path, monkeypatch):
     retries that wait milliseconds instead of seconds."""
     from huggingface_hub import constants
 
-    from esdtool.io import hub as hub_module
+    from esdtool.io import hub_calls as hub_module
 
     home = tmp_path / "hf-home"
     with HubStub(tmp_path / "hub-repos") as stub:

@@ -3,10 +3,9 @@
 Byte ranges (``Range: bytes=a-b`` on ``/{repo}/resolve/{commit}/{file}``) go through
 ``huggingface_hub``'s session, headers (``HF_TOKEN``, user agent) and error mapping, so
 ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` mean what they mean to every other hub
-client; whole shards go through ``hf_hub_download`` into the HF cache. A dropped connection, a
-5xx or a short body is retried with exponential backoff and the whole range read again; when
-the retries run out the error is a :class:`~esdtool.errors.TransferError`. A 401/403/404 is a
-:class:`~esdtool.errors.HubRefusedError` saying which (gated repo, wrong id, missing token).
+client; whole shards go through ``hf_hub_download`` into the HF cache. What the hub's answers
+mean and the retries (:mod:`esdtool.io.hub_calls`) are shared by both: a short body is retried
+and the whole range read again.
 
 Network data is untrusted: a whole-file read (config.json, the index) is refused past
 :data:`MAX_SMALL_FILE` before anything is allocated, and every byte-range read of a file must
@@ -16,41 +15,32 @@ Content-Range, and the ETag when the server sends one).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib
 import inspect
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from esdtool.errors import (
     CheckpointError,
-    HubCacheError,
-    HubRefusedError,
     SourceError,
-    TransferError,
+)
+from esdtool.io.hub_calls import (
+    Cancelled,
+    Retry,
+    call_hub,
+    hub_errors,
+    transport_errors,
+    with_retries,
 )
 
-RETRIES = 5  # tries after the first, per request
-BACKOFF_S = 0.5  # the first wait; it doubles with each retry (0.5 s ... 8 s, 15.5 s in all)
 MAX_SMALL_FILE = 64 * 2**20  # config.json and the shard index are read whole into memory
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 OnFetch = Callable[[int], None]
 T = TypeVar("T")
-
-
-class _Retry(Exception):
-    """A failure worth another try: a dropped connection, a 5xx or 429, a short body."""
-
-
-class _Cancelled(Exception):
-    """A download stopped because the analysis is over (Ctrl-C, a fatal error)."""
 
 
 class RangesNotServed(SourceError):
@@ -123,13 +113,13 @@ class HubRepo:
         if end <= start:
             raise ValueError(f"empty range {start}..{end}")
         get = lambda: self._get(filename, start, end, version, tail_ok)  # noqa: E731
-        return _with_retries(get, self.where(filename))
+        return with_retries(get, self.where(filename))
 
     def read_all(self, filename: str) -> bytes:
         """A small file (config.json, the shard index) into memory, never onto the disk; one
         announced larger than :data:`MAX_SMALL_FILE` is refused before anything is read."""
         get = lambda: self._get(filename, 0, None, None, False)  # noqa: E731
-        return bytes(_with_retries(get, self.where(filename))[0])
+        return bytes(with_retries(get, self.where(filename))[0])
 
     def _get(
         self,
@@ -153,7 +143,7 @@ class HubRepo:
             ) as response:
                 status = response.status_code
                 if status >= 500 or status in (408, 429):
-                    raise _Retry(f"HTTP {status}")
+                    raise Retry(f"HTTP {status}")
                 if status == 416 and end is not None:  # the range lies past the file's end
                     raise _changed(self.where(filename), version, f"no bytes {start}-{end - 1}")
                 if status >= 400:
@@ -164,7 +154,7 @@ class HubRepo:
                                        version)  # fmt: skip
                 return self._body(response, want), got
         except transport_errors() as exc:  # connect, read, dropped mid-body, timeouts
-            raise _Retry(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+            raise Retry(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 
     def _body(self, response: Any, want: int) -> bytearray:
         """The body into one preallocated buffer (no copy per chunk kept), exactly ``want``
@@ -173,20 +163,20 @@ class HubRepo:
         view, got = memoryview(buffer), 0
         for chunk in response.iter_raw():
             if got + len(chunk) > want:
-                raise _Retry(f"body longer than the {want} bytes asked for")
+                raise Retry(f"body longer than the {want} bytes asked for")
             view[got : got + len(chunk)] = chunk
             got += len(chunk)
             if self.on_fetch is not None:
                 self.on_fetch(len(chunk))
         if got != want:
-            raise _Retry(f"body cut short at {got} of {want} bytes")
+            raise Retry(f"body cut short at {got} of {want} bytes")
         return buffer
 
     def download(self, filename: str, stop: threading.Event | None = None) -> Path:
         """``filename`` into the HF cache by ``hf_hub_download`` (a second run, or
         transformers, reuses it), retried like :meth:`read`; its path in the snapshot. Once
         ``stop`` is set the download ends (at its next chunk, or between tries) with
-        :class:`_Cancelled`."""
+        :class:`Cancelled`."""
         from huggingface_hub import hf_hub_download
 
         # tqdm_class (huggingface_hub >= 1.1) hears each chunk, and can stop the download;
@@ -197,7 +187,7 @@ class HubRepo:
 
         def fetch() -> Path:
             if stop is not None and stop.is_set():
-                raise _Cancelled(filename)
+                raise Cancelled(filename)
             return Path(hf_hub_download(self.repo_id, filename, revision=self.commit,
                                         token=self.token, **extra))  # fmt: skip
 
@@ -209,7 +199,7 @@ class HubRepo:
 
     def _counter(self, stop: threading.Event | None) -> Any:
         """A tqdm stand-in for hf_hub_download that passes each chunk's size on, and raises
-        :class:`_Cancelled` (out of hf_hub_download, which drops its partial file) once
+        :class:`Cancelled` (out of hf_hub_download, which drops its partial file) once
         ``stop`` is set."""
         on_fetch = self.on_fetch
 
@@ -225,7 +215,7 @@ class HubRepo:
 
             def update(self, n: float | None = 1) -> None:
                 if stop is not None and stop.is_set():
-                    raise _Cancelled("download stopped")
+                    raise Cancelled("download stopped")
                 if on_fetch is not None and n and n > 0:
                     on_fetch(int(n))
 
@@ -238,17 +228,6 @@ class HubRepo:
         return _Counter
 
 
-@functools.cache
-def transport_errors() -> tuple[type[BaseException], ...]:
-    """The connection-level errors of the HTTP client huggingface_hub uses: httpx2's
-    (huggingface_hub 2.x) or httpx's (1.x)."""
-    found = []
-    for module in ("httpx2", "httpx"):
-        with contextlib.suppress(ImportError, AttributeError):
-            found.append(importlib.import_module(module).TransportError)
-    return tuple(found)
-
-
 def serves_ranges() -> bool:
     """Whether this huggingface_hub can stream byte ranges: its session is an httpx-style
     client (huggingface_hub >= 1.0). Older ones (requests) read hub ids the local way."""
@@ -257,56 +236,6 @@ def serves_ranges() -> bool:
     except ImportError:
         return False
     return callable(getattr(get_session(), "stream", None)) and bool(transport_errors())
-
-
-def call_hub(
-    fetch: Callable[[], T],
-    repo_id: str,
-    revision: str | None,
-    where: str,
-    filename: str | None,
-    *,
-    stop: threading.Event | None = None,
-) -> T:
-    """``fetch()``, a huggingface_hub download into the HF cache, with :func:`hub_errors`'
-    messages and the retries of :meth:`HubRepo.read` for what the network did (a 5xx, a lost
-    connection, huggingface_hub's own size and metadata checks). An error of the local disk
-    (an OSError with an errno: a full disk, no permission, a file where a folder belongs) is
-    no network failure: it is a :class:`HubCacheError` naming the cache, at once."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
-
-    def once() -> T:
-        try:
-            with hub_errors(repo_id, revision, filename):
-                return fetch()
-        except SourceError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, HfHubHTTPError) and _retryable_status(cause):
-                raise _Retry(str(cause).splitlines()[0]) from cause
-            raise
-        except transport_errors() as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-        except OSError as exc:
-            # huggingface_hub's consistency check ("file should be of size ...") and its
-            # LocalEntryNotFoundError / FileMetadataError carry no errno; nor does a lost
-            # connection it did not wrap (ConnectionError, TimeoutError) belong to the disk.
-            if exc.errno is None or isinstance(exc, ConnectionError | TimeoutError):
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-            path = f": {exc.filename}" if exc.filename else ""
-            raise HubCacheError(
-                f"{where}: cannot write it into the HF cache at {constants.HF_HUB_CACHE} "
-                f"({exc.strerror or type(exc).__name__}{path})",
-                hint="free space or fix the permissions there, set HF_HOME to another folder, "
-                "or use --stream (which stores no shard)",
-            ) from exc
-
-    return _with_retries(once, where, stop)
-
-
-def _retryable_status(exc: Any) -> bool:
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    return status is not None and (status >= 500 or status in (408, 429))
 
 
 def _changed(where: str, version: FileVersion | None, detail: str) -> CheckpointError:
@@ -334,10 +263,10 @@ def _file_size(
     tensor). A whole file must announce a length of at most :data:`MAX_SMALL_FILE`."""
     if end is None:
         if response.status_code != 200:
-            raise _Retry(f"HTTP {response.status_code} for a whole file")
+            raise Retry(f"HTTP {response.status_code} for a whole file")
         length = response.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            raise _Retry("no Content-Length")
+            raise Retry("no Content-Length")
         if int(length) > MAX_SMALL_FILE:
             raise SourceError(
                 f"{where}: the server announces {int(length)} bytes; esdtool reads at most "
@@ -353,102 +282,12 @@ def _file_size(
         )
     match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
     if match is None or match[3] == "*":
-        raise _Retry(f"bad Content-Range {response.headers.get('Content-Range')!r}")
+        raise Retry(f"bad Content-Range {response.headers.get('Content-Range')!r}")
     first, last, size = int(match[1]), int(match[2]), int(match[3])
     got = FileVersion.of(response, size)
     if version is not None and not version.same_as(got):  # before the range: a shorter file
         raise _changed(where, version, f"now {got.size} bytes, ETag {got.etag}")
     tail = tail_ok and last == size - 1 < end - 1
     if first != start or not (last == end - 1 or tail) or size <= last:
-        raise _Retry(f"Content-Range {first}-{last}/{size} for bytes {start}-{end - 1}")
+        raise Retry(f"Content-Range {first}-{last}/{size} for bytes {start}-{end - 1}")
     return got, last - first + 1
-
-
-def _with_retries(
-    attempt: Callable[[], Any], where: str, stop: threading.Event | None = None
-) -> Any:
-    """``attempt()``, tried again after :data:`BACKOFF_S`, twice that, ... :data:`RETRIES`
-    times on a :class:`_Retry`; then a :class:`TransferError`. ``stop`` set during a wait
-    ends it with :class:`_Cancelled`."""
-    for n in range(RETRIES + 1):
-        try:
-            return attempt()
-        except _Retry as exc:
-            last = exc
-            if n < RETRIES:
-                if stop is None:
-                    time.sleep(BACKOFF_S * 2**n)
-                elif stop.wait(BACKOFF_S * 2**n):
-                    raise _Cancelled(where) from exc
-    raise TransferError(
-        f"{where}: transfer failed {RETRIES + 1} times, the last with {last}",
-        hint="check the connection (or HF_ENDPOINT) and run the same command again",
-    ) from last
-
-
-def resolve_commit(repo_id: str, revision: str | None, token: str | None) -> tuple[str, list[str]]:
-    """(the commit ``revision`` names now, the repo's file names) from the hub's
-    ``/api/models/{repo}/revision/{revision}``."""
-    from huggingface_hub import HfApi
-
-    with hub_errors(repo_id, revision):
-        info = HfApi().model_info(repo_id, revision=revision, token=token)
-    if not isinstance(info.sha, str) or not re.fullmatch(r"[0-9a-f]{40}", info.sha):
-        raise SourceError(f"{repo_id}: the hub gave no commit hash for revision {revision!r}")
-    return info.sha, [s.rfilename for s in info.siblings or []]
-
-
-@contextlib.contextmanager
-def hub_errors(repo_id: str, revision: str | None, filename: str | None = None) -> Iterator[None]:
-    """huggingface_hub's errors for a refused request as one :class:`HubRefusedError` line
-    each (during an analysis it stops the run: every later request would be refused too)."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        yield
-    except OfflineModeIsEnabled as exc:
-        raise HubRefusedError(
-            f"{repo_id}: the hub cannot be reached: HF_HUB_OFFLINE is set"
-        ) from exc
-    except GatedRepoError as exc:
-        raise HubRefusedError(
-            f"{repo_id}: gated repository; access not granted (HTTP 403)",
-            hint="accept its terms on the hub and log in (hf auth login) or set HF_TOKEN",
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise HubRefusedError(
-            f"{repo_id}: no such repository on the hub, or it is private and no valid token "
-            f"was sent (HTTP {_status(exc)})",
-            hint="check the id; for a private repo log in (hf auth login) or set HF_TOKEN",
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise HubRefusedError(f"{repo_id}: revision {revision!r} not found (HTTP 404)") from exc
-    except RemoteEntryNotFoundError as exc:
-        raise HubRefusedError(
-            f"{repo_id}: {filename!r} not found at {revision} (HTTP 404)"
-        ) from exc
-    except HfHubHTTPError as exc:
-        status = _status(exc)
-        if status == 401:
-            raise HubRefusedError(
-                f"{repo_id}: the hub refused the token (HTTP 401)",
-                hint="log in again (hf auth login) or set a valid HF_TOKEN",
-            ) from exc
-        if status == 403:
-            raise HubRefusedError(
-                f"{repo_id}: access denied (HTTP 403)",
-                hint="the token lacks read access to this repo; use one that has it",
-            ) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HubRefusedError(f"{repo_id}: hub request failed ({first})") from exc
-
-
-def _status(exc: Any) -> int | None:
-    return getattr(getattr(exc, "response", None), "status_code", None)

@@ -15,14 +15,8 @@ from typing import Any
 
 from esdtool.errors import OptionError, PickleRefusedError, ShardMissingError, SourceError
 from esdtool.io.checkpoint import Checkpoint
-from esdtool.io.hub import (
-    HubRepo,
-    OnFetch,
-    RangesNotServed,
-    call_hub,
-    resolve_commit,
-    serves_ranges,
-)
+from esdtool.io.hub import HubRepo, OnFetch, RangesNotServed, serves_ranges
+from esdtool.io.hub_calls import call_hub, resolve_commit
 from esdtool.io.remote import DownloadingCheckpoint, StreamedCheckpoint
 from esdtool.io.source import (
     ADAPTER_WEIGHTS,
