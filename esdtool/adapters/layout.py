@@ -43,6 +43,8 @@ class LowRankUpdate:
     scaling:  alpha / r, or alpha / sqrt(r) with rsLoRA.
     label:    the ``adapter`` column: "lora", "dora", with " rslora" when it applies.
     magnitude: the DoRA magnitude vector's name, or None.
+    embedding: an embedding's update (lora_embedding_A / _B): B A transposed to the table's
+              [num_embeddings, dim].
     """
 
     name: str
@@ -55,9 +57,15 @@ class LowRankUpdate:
     scaling: float
     label: str
     magnitude: str | None = None
+    embedding: bool = False
 
     def parts(self) -> list[tuple[str, str]]:
         return [("A", self.a), ("B", self.b)]
+
+    def merge_parts(self) -> list[tuple[str, str]]:
+        """The tensors a merge reads: the factors, and DoRA's magnitude vector."""
+        extra = [("magnitude", self.magnitude)] if self.magnitude else []
+        return self.parts() + extra
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,7 @@ def adapter_layout(infos: Mapping[str, TensorInfo], config: AdapterConfig) -> Ad
             name=a.name, module=module, a=a.name, b=b.name, shape=shape, rank=r, alpha=alpha,
             scaling=config.scaling(r, alpha), label=config.label(),
             magnitude=magnitude.name if magnitude else None,
+            embedding=kinds[module] == {"embedding"},
         )  # fmt: skip
         updates[a.name] = update
         notes[b.name] = (

@@ -46,6 +46,10 @@ class AnalyzeResult:
               format cannot be decoded); empty for plain checkpoints.
     rank_use: of a LoRA adapter, (modules, planned rank, used rank): the analysed updates, the
               sum of their min(lora_rank, M) and of their effective_rank; None for a model.
+    merged_adapter: the adapter merged into the model's weights (``adapter=``), as the table's
+              metadata records it (path, config, modules); None without one.
+    notes:    what the user should know about the run (an adapter whose config names another
+              base model); a progress hook hears them as they happen.
     table:    (property) the metrics table itself: the DataFrame :func:`~esdtool.load_metrics`
               gives for the parquet file (the same columns, dtypes and ``attrs["esdtool"]``),
               also when no file was written.
@@ -65,6 +69,8 @@ class AnalyzeResult:
     resumed: int = 0
     quantization: list[str] = field(default_factory=list)
     rank_use: tuple[int, int, int] | None = None
+    merged_adapter: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
     _table: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -97,6 +103,10 @@ class AnalyzeResult:
             "lora": None
             if self.rank_use is None
             else dict(zip(("modules", "planned_rank", "used_rank"), self.rank_use, strict=True)),
+            "merged_adapter": None
+            if self.merged_adapter is None
+            else {k: self.merged_adapter.get(k) for k in ("path", "modules", "modules_to_save")},
+            "notes": self.notes,
         }
 
 

@@ -8,6 +8,7 @@ progress through an optional hook and never prints.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -23,6 +24,7 @@ from esdtool.adapters import AdapterLayout, adapter_layout, read_adapter_config
 from esdtool.analysis import distributed
 from esdtool.analysis.distributed import matrix_cost
 from esdtool.analysis.memory import analyze_memory, is_in_memory
+from esdtool.analysis.merged import MergedAdapter, match_adapter, open_adapter
 from esdtool.analysis.progress import TqdmProgress
 from esdtool.analysis.resources import memory_budget, resolve_device
 from esdtool.analysis.result import AnalyzeResult, ProgressHook, summarise
@@ -76,6 +78,7 @@ def analyze(
     resume: bool = True,
     weights: str = "base",
     stream: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> AnalyzeResult:
     """Analyse every selected tensor of ``source``; the table is ``result.table`` and, when
     ``output`` is given, the parquet file written there.
@@ -107,6 +110,13 @@ def analyze(
     request the hub refuses :class:`~esdtool.errors.HubRefusedError`, a shard the HF cache
     cannot hold :class:`~esdtool.errors.HubCacheError`; each keeps the finished rows for the
     next run.
+
+    ``adapter`` (a PEFT LoRA adapter's directory or hub id) analyses the fine-tuned model
+    without writing it: each weight the adapter adapts is merged as PEFT's ``merge_and_unload``
+    merges it (W + scaling * B A, DoRA's magnitude applied, a quantized weight dequantized
+    first) while the model's tensors stream, and its row, under the base tensor's name, says
+    ``merged lora`` (or ``merged dora``, ...) in the ``adapter`` column; every other tensor is
+    analysed as it is. The table's metadata records the adapter (``merged_adapter``).
     """
     if isinstance(output, AnalyzeSettings):  # analyze(source, AnalyzeSettings(...))
         if settings is not None:
@@ -118,7 +128,7 @@ def analyze(
         try:
             return analyze(source, output, settings, revision=revision, token=token,
                            progress=bar, resume=resume, weights=weights,
-                           stream=stream)  # fmt: skip
+                           stream=stream, adapter=adapter)  # fmt: skip
         finally:
             bar.close()
     progress = progress or None
@@ -129,6 +139,11 @@ def analyze(
     if output is not None:  # before a download or a sidecar: -o /dev/null, -o dir/
         output = check_output_file(output)
     if is_in_memory(source):
+        if adapter is not None:
+            raise OptionError(
+                "adapter= merges an adapter's files into a model's files; this model is in memory",
+                hint="load the adapter with PEFT and analyse weights='merged'",
+            )
         return _analyze_memory(source, output, settings, progress, weights, started)
     world = distributed.join(settings.device)
     try:
@@ -138,11 +153,19 @@ def analyze(
         if not world.main:
             distributed.barrier(world)  # rank 0 fetches a hub snapshot first; we reuse it
         resolved, opened = _open(source, revision, token, stream, progress)
+        try:
+            merging = None if adapter is None else open_adapter(adapter, token)
+        except BaseException:
+            opened.close()
+            raise
         if world.main:
             distributed.barrier(world)
-        if output is not None:
-            check_output_file(output, resolved.files)  # never the checkpoint itself
-        with opened as ckpt:
+        with opened as ckpt, contextlib.ExitStack() as stack:
+            if merging is not None:
+                stack.enter_context(merging.checkpoint)
+            if output is not None:  # never the checkpoint (or the adapter) itself
+                theirs = merging.resolved.files if merging else ()
+                check_output_file(output, resolved.files + theirs)
             names = list(filter(settings.selects, ckpt.keys()))
             if not ckpt.keys():
                 raise CheckpointError(f"{resolved.source}: holds no tensors")
@@ -154,17 +177,22 @@ def analyze(
             scheme = read_scheme(resolved.config, f"{resolved.source}: config.json")
             infos = {n: ckpt.info(n) for n in ckpt.keys()}  # noqa: SIM118 (not a dict)
             layout = layout_of(infos, scheme, ckpt.get_tensor)
-            adapter = _adapter_layout(resolved, infos)
-            _check_something_analysable(ckpt, names, layout, settings, resolved.source, adapter)
+            lora = _adapter_layout(resolved, infos)
+            if merging is not None:  # one-line refusals of what cannot be merged
+                match_adapter(merging, infos, layout, settings.raw_codes, resolved, lora)
+                note = getattr(progress, "note", None)
+                if merging.note and note is not None and world.main:
+                    note(merging.note)  # its config names another base model
+            _check_something_analysable(ckpt, names, layout, settings, resolved.source, lora,
+                                        merging)  # fmt: skip
             hub = getattr(ckpt, "identity", None) or cached_identity(resolved)  # a hub id
-            side = (
-                _open_sidecar(Path(output), resolved, settings, world, resume, progress, hub)
-                if output is not None
-                else Sidecar.none()
-            )
+            side = Sidecar.none()
+            if output is not None:
+                side = _open_sidecar(Path(output), resolved, settings, world, resume, progress,
+                                     hub, merging)  # fmt: skip
             try:
                 mine = _analyze_names(ckpt, names, layout, settings, device, progress, world, side,
-                                      adapter)  # fmt: skip
+                                      lora, merging)  # fmt: skip
             except KeyboardInterrupt:
                 side.close()
                 if output is None:  # nothing was being written, so nothing is kept
@@ -185,7 +213,7 @@ def analyze(
                     else f"{len(side.kept) + side.appended} finished tensor(s) kept in {side.path}"
                 )
                 raise type(exc)(f"{exc}; {kept}", exc.hint) from exc
-            metadata = _metadata(resolved, ckpt, settings, device, world, layout, adapter)
+            metadata = _metadata(resolved, ckpt, settings, device, world, layout, lora, merging)
         rows = distributed.gather_rows(world, mine)
         table = None
         if rows is not None:  # rank 0: the table, in the checkpoint's order
@@ -202,6 +230,8 @@ def analyze(
         return replace(
             result, source=resolved.source, revision=resolved.revision, resumed=side.kept_rows,
             quantization=layout.summary(names, settings.raw_codes), _table=table,
+            merged_adapter=metadata["merged_adapter"],
+            notes=[merging.note] if merging and merging.note else [],
         )  # fmt: skip
     finally:
         distributed.leave(world)
@@ -217,12 +247,14 @@ def _analyze_names(
     world: distributed.World,
     side: Sidecar,
     adapter: AdapterLayout | None = None,
+    merging: MergedAdapter | None = None,
 ) -> list[MatrixRow]:
-    """Rows of this process's share of ``names``. Tensors (every part of a quantized weight)
-    are read one ahead by a reader thread while the current one computes. Tensors the sidecar
-    already holds are not computed again; new ones are appended to it. Rank 0 also writes the
-    rows decided from headers alone."""
-    tasks = plan_tasks(ckpt, names, layout, settings, memory_budget(settings, device), adapter)
+    """Rows of this process's share of ``names``. Tensors (every part of a quantized weight,
+    the adapter tensors merged into a weight) are read one ahead by a reader thread while the
+    current one computes. Tensors the sidecar already holds are not computed again; new ones
+    are appended to it. Rank 0 also writes the rows decided from headers alone."""
+    tasks = plan_tasks(ckpt, names, layout, settings, memory_budget(settings, device), adapter,
+                       merging.merges if merging else None)  # fmt: skip
     work = [i for i, t in enumerate(tasks) if t.status is None]
     shares = distributed.partition([matrix_cost(tasks[i].info.shape) for i in work], world.size)
     work = [work[j] for j in shares[world.rank]]
@@ -245,7 +277,7 @@ def _analyze_names(
     shard_rank = {path.name: i for i, path in enumerate(ckpt.files)}
     todo.sort(key=lambda task: shard_rank.get(task.info.shard.name, 0))
     ckpt.will_read(n for task in todo for n in _names_read(task))
-    read = lambda task: read_task(ckpt, task)  # noqa: E731
+    read = lambda task: read_task(ckpt, task, merging.checkpoint if merging else None)  # noqa: E731
     reads = prefetched(todo, read, pin=device.type == "cuda")
     try:
         _analyze_reads(reads, settings, device, progress, side, rows)
@@ -311,7 +343,10 @@ def _open(
 
 
 def _names_read(task: Task) -> list[str]:
-    """The stored tensors a task reads (every part of a quantized weight or a LoRA update)."""
+    """The model's stored tensors a task reads (every part of a quantized weight or a LoRA
+    update; none for a tensor a merged adapter's own copy replaces)."""
+    if task.merge is not None and task.merge.saved is not None:
+        return []
     parts = task.weight.parts if task.weight else task.update.parts() if task.update else []
     return [task.info.name, *(n for _, n in parts)]
 
@@ -323,9 +358,11 @@ def _check_something_analysable(
     settings: AnalyzeSettings,
     source: str,
     adapter: AdapterLayout | None = None,
+    merging: MergedAdapter | None = None,
 ) -> None:
     """Fail before any work when no selected tensor can have a spectrum, saying why."""
-    tasks = plan_tasks(ckpt, names, layout, settings, None, adapter)
+    tasks = plan_tasks(ckpt, names, layout, settings, None, adapter,
+                       merging.merges if merging else None)  # fmt: skip
     check_farms_windows([t.info for t in tasks if t.status is None and t.update is None],
                         settings)  # fmt: skip
     if all(t.status is not None for t in tasks):
@@ -357,6 +394,7 @@ def _open_sidecar(
     resume: bool,
     progress: ProgressHook | None,
     hub: dict[str, str] | None = None,
+    merging: MergedAdapter | None = None,
 ) -> Sidecar:
     path = sidecar_path(output, world.rank, world.size)
     # config.json's quantization_config decides how weights decode: a changed one is another run.
@@ -367,6 +405,9 @@ def _open_sidecar(
     if hub is not None:  # a hub checkpoint read as it arrives: repo, commit, headers
         extra["hub"] = hub
     files = list(resolved.files) if hub is None else []
+    if merging is not None:  # another adapter (or the same one re-saved) is another run
+        extra["merged_adapter"] = dict(merging.config.raw)
+        files += list(merging.resolved.files)
     digest = fingerprint(files, settings.to_dict(), extra)
     try:
         side = Sidecar.open(path, digest, resume=resume)
@@ -389,6 +430,7 @@ def _metadata(
     world: distributed.World,
     layout: Layout,
     adapter: AdapterLayout | None = None,
+    merging: MergedAdapter | None = None,
 ) -> dict[str, Any]:
     config = resolved.config or {}
     local = resolved.kind in ("file", "directory")
@@ -406,6 +448,9 @@ def _metadata(
         # A PEFT adapter's config (untrusted, as found); None for a model. Its rows are the
         # modules' weight changes (the adapter, lora_rank, lora_alpha columns).
         "adapter": dict(adapter.config.raw) if adapter else None,
+        # An adapter merged into this model's weights (--adapter): its path, config (as found)
+        # and modules. The rows are the fine-tuned model's weights: a model's table.
+        "merged_adapter": merging.metadata() if merging else None,
         "esdtool_version": __version__,
         "torch_version": torch.__version__,
         "settings": settings.to_dict(),

@@ -1,15 +1,17 @@
 """What analysing each selected tensor takes, decided from headers before any data is read: a
 :class:`Task` per tensor name, with its row facts, the bytes to read, and either the reason it
-gets no spectrum or, for a quantized weight, the parts to read and dequantize."""
+gets no spectrum or, for a quantized weight, the parts to read and dequantize; with an adapter
+merged in (``analyze MODEL --adapter``), the adapter tensors each adapted weight adds."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
-from esdtool.adapters import AdapterLayout, LowRankUpdate
+from esdtool.adapters import AdapterLayout, LowRankUpdate, Merge, merged_weight
 from esdtool.adapters.layout import strip_prefix
 from esdtool.analysis.resources import skip_reason
 from esdtool.analysis.roles import infer_role, module_name
@@ -19,6 +21,9 @@ from esdtool.dequant import Layout, QuantizedWeight
 from esdtool.errors import OptionError
 from esdtool.io.checkpoint import Checkpoint, TensorInfo
 from esdtool.io.table import MatrixRow
+
+# The adapter's tensors among a quantized weight's parts (by role) when an adapter changes it.
+FROM_ADAPTER = "adapter:"
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,8 @@ class Task:
     module:  the module name of the row when it is not the tensor name without ``.weight``.
     label:   the ``quantization`` column.
     update:  a LoRA module's low-rank update, analysed from its factors, or None.
-    adapter: the ``adapter`` column (rows of an adapter).
+    adapter: the ``adapter`` column (rows of an adapter, or of a weight an adapter changed).
+    merge:   an adapter's change to this base tensor (``--adapter``), or None.
     """
 
     info: TensorInfo
@@ -45,6 +51,7 @@ class Task:
     label: str | None = None
     update: LowRankUpdate | None = None
     adapter: str | None = None
+    merge: Merge | None = None
 
 
 def plan_tasks(
@@ -54,9 +61,12 @@ def plan_tasks(
     settings: AnalyzeSettings,
     budget: int | None,
     adapter: AdapterLayout | None = None,
+    merges: Mapping[str, tuple[Merge, TensorInfo | None, str]] | None = None,
 ) -> list[Task]:
     """A :class:`Task` for each of ``names`` (``budget``: bytes one tensor may use, or None to
-    ignore memory); ``adapter``: the layout of a PEFT adapter's file."""
+    ignore memory); ``adapter``: the layout of a PEFT adapter's file; ``merges``: by base
+    tensor name, what a merged adapter does to it (the :class:`Merge`, the header of the
+    adapter tensor that replaces it, and the ``adapter`` column)."""
     if adapter is not None:
         return [_adapter_task(ckpt, ckpt.info(name), adapter, settings, budget) for name in names]
     tasks = []
@@ -75,8 +85,43 @@ def plan_tasks(
         else:
             reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
             task = Task(info, info.nbytes, "skipped" if reason else None, reason)
+        if merges and name in merges:
+            task = _merged(task, *merges[name], settings, budget)
         tasks.append(task)
     return tasks
+
+
+def _merged(
+    task: Task,
+    merge: Merge,
+    saved: TensorInfo | None,
+    label: str,
+    settings: AnalyzeSettings,
+    budget: int | None,
+) -> Task:
+    """``task`` with an adapter's change: a ``modules_to_save`` tensor read from the adapter in
+    place of the base one, or a LoRA update added to the (dequantized) base weight."""
+    if saved is not None:  # the adapter's tensor, under the base tensor's name
+        info = replace(saved, name=task.info.name)
+        reason = skip_reason(info, settings.min_evals, budget, settings.dtype)
+        return Task(info, info.nbytes, "skipped" if reason else None, reason,
+                    module=task.module, adapter=label, merge=merge)  # fmt: skip
+    update = merge.update
+    assert update is not None
+    task = replace(task, adapter=label, merge=merge)
+    if task.status is not None or budget is None:
+        return task
+    # Memory beside the weight's own analysis: the factors, the dense update and the sum (and
+    # DoRA's transposed sum), in float32 or wider.
+    count = math.prod(task.info.shape)
+    width = 8 if task.info.dtype == "F64" else 4
+    need = 2 * update.rank * sum(update.shape) * width + 3 * count * width
+    dense = task.info
+    if task.weight is not None:  # as _quantized counts it: the parts, the decoding's temporaries
+        dense = replace(task.info, dtype="F32", end=task.info.begin + 4 * count)
+        need += 2 * task.nbytes + 12 * count
+    reason = skip_reason(dense, settings.min_evals, budget - need, settings.dtype)
+    return replace(task, status="skipped" if reason else None, reason=reason)
 
 
 def _adapter_task(
@@ -186,11 +231,25 @@ def check_farms_windows(infos: list[TensorInfo], settings: AnalyzeSettings) -> N
         )
 
 
-def read_task(ckpt: Checkpoint, task: Task) -> torch.Tensor | dict[str, torch.Tensor]:
+def read_task(
+    ckpt: Checkpoint, task: Task, adapter: Checkpoint | None = None
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """The stored tensor of a plain task, or the parts of a quantized weight or a LoRA update
-    by role."""
+    by role. Of a weight an adapter (``adapter``) changes: the adapter's tensor that replaces
+    it; a plain weight merged here, on the CPU (in the reader thread, while the device works;
+    on every machine the same bits as PEFT's merge on a CPU); a quantized weight's parts and
+    the adapter's (keys prefixed :data:`FROM_ADAPTER`), merged once decoded on the device."""
     if task.update is not None:
         return {role: ckpt.get_tensor(name) for role, name in task.update.parts()}
+    if task.merge is not None:
+        assert adapter is not None
+        if task.merge.saved is not None:
+            return adapter.get_tensor(task.merge.saved)
+        factors = {role: adapter.get_tensor(name) for role, name in task.merge.parts()}
+        if task.weight is None:
+            return merged_weight(ckpt.get_tensor(task.info.name), factors, task.merge)
+        parts = {role: ckpt.get_tensor(name) for role, name in task.weight.parts}
+        return {**parts, **{FROM_ADAPTER + role: t for role, t in factors.items()}}
     if task.weight is None:
         return ckpt.get_tensor(task.info.name)
     return {role: ckpt.get_tensor(name) for role, name in task.weight.parts}
@@ -199,8 +258,22 @@ def read_task(ckpt: Checkpoint, task: Task) -> torch.Tensor | dict[str, torch.Te
 def materialize(
     task: Task, stored: torch.Tensor | dict[str, torch.Tensor], device: torch.device
 ) -> torch.Tensor:
-    """The tensor to analyse, on ``device``: the stored one, or the dequantized weight (its
-    parts moved to ``device`` and decoded there)."""
+    """The tensor to analyse, on ``device``: the stored (or already merged) one, or the
+    dequantized weight (its parts moved to ``device`` and decoded there), with a LoRA update
+    merged in there when an adapter changes it."""
+    if task.merge is None or task.merge.update is None or task.weight is None:
+        return _dense(task, stored, device)
+    assert isinstance(stored, dict)
+    factors = {role.removeprefix(FROM_ADAPTER): t.to(device, non_blocking=True)
+               for role, t in stored.items() if role.startswith(FROM_ADAPTER)}  # fmt: skip
+    parts = {role: t for role, t in stored.items() if not role.startswith(FROM_ADAPTER)}
+    return merged_weight(_dense(task, parts, device), factors, task.merge)
+
+
+def _dense(
+    task: Task, stored: torch.Tensor | dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """The stored tensor, or the dequantized weight, on ``device``."""
     if task.weight is None:
         assert isinstance(stored, torch.Tensor)
         return stored.to(device, non_blocking=True)

@@ -32,7 +32,8 @@ HELP = (
     "model.safetensors.index.json), or a Hugging Face hub id such as org/name. A PEFT LoRA "
     "adapter (adapter_config.json + adapter_model.safetensors, a directory or hub id) gives "
     "one row per adapted module for its weight change scaling * B A, with lora_rank and "
-    "effective_rank."
+    "effective_rank. With --adapter, SOURCE is the adapter's base model and the rows are the "
+    "fine-tuned model's weights (each adapted one merged as PEFT merges it, nothing written)."
 )
 
 EXAMPLES = """[bold]Examples[/bold]
@@ -45,7 +46,9 @@ EXAMPLES = """[bold]Examples[/bold]
 
   HF_HUB_OFFLINE=1 esdtool analyze org/name -o m.parquet --json
 
-  esdtool analyze ./run -o adapter.parquet      # a trained LoRA adapter: planned vs used rank"""
+  esdtool analyze ./run -o adapter.parquet      # a trained LoRA adapter: planned vs used rank
+
+  esdtool analyze ./base --adapter ./run -o tuned.parquet   # the fine-tuned model, merged"""
 
 
 class _RichProgress:
@@ -252,6 +255,18 @@ def analyze(
             "into the HF cache while the analysis runs.",
         ),
     ] = False,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            "--adapter",
+            help="A PEFT LoRA adapter (directory or hub id) trained on SOURCE: analyse the "
+            "fine-tuned model, each adapted weight merged as PEFT's merge_and_unload merges it "
+            "(W + scaling * B A; DoRA's magnitude applied; quantized weights dequantized first) "
+            "while the weights stream, without writing merged weights. Compare with the base: "
+            "esdtool compare base.parquet tuned.parquet.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -272,8 +287,9 @@ def analyze(
     hook = None if (quiet or as_json or not main_rank) else _RichProgress()
     try:
         result = run_analyze(
-            source, output, settings, revision=revision, progress=hook, resume=resume, stream=stream
-        )
+            source, output, settings, revision=revision, progress=hook, resume=resume,
+            stream=stream, adapter=adapter,
+        )  # fmt: skip
     finally:
         if hook is not None:
             hook.close()
@@ -305,6 +321,13 @@ def _print_summary(result: AnalyzeResult) -> None:
         table.add_row("errors / non-finite", f"{len(result.errors)} / {len(result.warnings)}")
     for line in result.quantization:
         table.add_row("quantized", Text(safe(line)))
+    if result.merged_adapter:
+        merged = result.merged_adapter
+        saved = merged.get("modules_to_save") or 0
+        also = f", {saved} modules_to_save" if saved else ""
+        table.add_row("merged adapter",
+                      Text(f"{safe(str(merged.get('path')))} ({merged.get('modules')} "
+                           f"modules{also})"))  # fmt: skip
     if result.rank_use:
         modules, planned, used = result.rank_use
         share = f" ({100 * used / planned:.0f}%)" if planned else ""

@@ -183,8 +183,9 @@ def _check_same_kind(frames: list[pd.DataFrame], labels: list[str]) -> None:
             f"{printable(adapter)} is a trained adapter's table (its weight changes, delta W) and "
             f"{printable(model)} a model's (its weights W): they measure different things",
             hint="compare adapters with adapters; to compare a base model with its fine-tuned "
-            "version, analyse the merged model (esdtool.analyze(peft_model, weights='merged'), "
-            "or merge_and_unload() and save) and compare that table with the base's",
+            "version, analyse the fine-tuned model (esdtool analyze BASE --adapter ADAPTER, or "
+            "esdtool.analyze(peft_model, weights='merged')) and compare that table with the "
+            "base's",
         )
 
 

@@ -61,7 +61,9 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
         _str,
         "rows of a PEFT adapter: 'lora' or 'dora' (with ' rslora') for a module's update "
         "scaling * B A, 'modules_to_save' or 'trainable_tokens' for a weight saved in full, "
-        "'lora_B', 'dora_magnitude' or 'lora_bias' for parts; null for a model's weights",
+        "'lora_B', 'dora_magnitude' or 'lora_bias' for parts; of a model analysed with "
+        "--adapter, 'merged lora' (or 'merged dora', ..., 'merged modules_to_save') for a "
+        "weight the adapter changed; null for a model's other weights",
     ),
     ("lora_rank", _i64, "r of the module's LoRA update (its planned rank); null otherwise"),
     ("lora_alpha", _f64, "lora_alpha resolved for the module (alpha_pattern or the default)"),
