@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from esdtool.ablation import AblateResult, AblateSettings, ablate
     from esdtool.analysis import AnalyzeResult, AnalyzeSettings, analyze
     from esdtool.comparison import CompareResult, compare
-    from esdtool.io.table import SCHEMA_VERSION, load_metrics
+    from esdtool.io.table import SCHEMA_VERSION
+    from esdtool.io.table_read import load_metrics
     from esdtool.io.trajectory import load_trajectory
     from esdtool.plan import AllocateResult, AllocateSettings, allocate
     from esdtool.render import ReportResult, plot_esd, report
@@ -72,7 +73,7 @@ _WHERE = {
     "ablate": "ablation.study", "AblateResult": "ablation.study",
     "AblateSettings": "ablation.settings",
     "analyze": "analysis.run", "AnalyzeResult": "analysis.result",
-    "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table",
+    "AnalyzeSettings": "analysis.settings", "load_metrics": "io.table_read",
     "load_trajectory": "io.trajectory",
     "SCHEMA_VERSION": "io.table", "allocate": "plan.directory", "AllocateResult": "plan.directory",
     "AllocateSettings": "plan.ranks", "report": "render.page", "ReportResult": "render.page",

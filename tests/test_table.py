@@ -15,9 +15,9 @@ from esdtool.io.table import (
     METADATA_KEY,
     SCHEMA_VERSION,
     MatrixRow,
-    load_metrics,
     write_metrics,
 )
+from esdtool.io.table_read import load_metrics
 
 
 def _row(name: str = "a.weight", **fields) -> MatrixRow:

@@ -15,7 +15,7 @@ from esdtool.ablation.arms import Arm, budget_of, build_arms, check_budget, lora
 from esdtool.ablation.settings import AblateSettings
 from esdtool.errors import EsdtoolError, OptionError, OutputError
 from esdtool.io.atomic import atomic_write
-from esdtool.io.table import load_metrics
+from esdtool.io.table_read import load_metrics
 from esdtool.plan.peft_config import CONFIG_NAME, lora_config_dict, write_plan_files
 from esdtool.plan.ranks import AllocateSettings
 from esdtool.plan.verify import build_meta_model, linear_modules, read_plan

@@ -46,7 +46,7 @@ from esdtool.ablation.summary import (
 from esdtool.ablation.worker import code_fingerprint
 from esdtool.errors import OutputError, listed
 from esdtool.io.atomic import atomic_write, check_output_dir
-from esdtool.io.table import load_metrics
+from esdtool.io.table_read import load_metrics
 from esdtool.plan.ranks import AllocateSettings
 
 RUNS_CSV, SUMMARY_CSV, PAGE = "runs.csv", "summary.csv", "ablation.html"

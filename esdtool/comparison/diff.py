@@ -22,7 +22,7 @@ import pandas as pd
 from esdtool.analysis.roles import module_kind
 from esdtool.errors import MetricsSchemaError, OptionError
 from esdtool.io.atomic import atomic_dir, check_output_dir
-from esdtool.io.table import check_frame, load_metrics
+from esdtool.io.table_read import check_frame, load_metrics
 from esdtool.io.trajectory import is_trajectory, load_trajectory, step_tables
 from esdtool.render import plots
 from esdtool.untrusted import printable, spreadsheet_frame

@@ -24,16 +24,8 @@ import pyarrow.parquet as pq
 
 from esdtool.errors import MetricsSchemaError, OptionError, listed
 from esdtool.io.atomic import atomic_write
-from esdtool.io.table import (
-    METADATA_KEY,
-    SCHEMA,
-    SCHEMA_VERSION,
-    check_columns,
-    check_frame,
-    check_values,
-    read_rows,
-    read_schema,
-)
+from esdtool.io.table import METADATA_KEY, SCHEMA, SCHEMA_VERSION
+from esdtool.io.table_read import check_columns, check_frame, check_values, read_rows, read_schema
 from esdtool.untrusted import printable
 
 if TYPE_CHECKING:
@@ -52,12 +44,13 @@ def write_trajectory(
     metadata: dict[str, Any],
 ) -> Path:
     """Write the metrics tables of ``steps`` ((step, table) pairs, each table as
-    ``AnalyzeResult.table`` or :func:`~esdtool.io.table.load_metrics` gives it) to ``path`` as one
-    parquet file, atomically: ``step`` first, then the schema's columns with the schema's types
-    (a float's missing value is NaN, as in a metrics table). The file's metadata is ``metadata``
-    with ``schema_version`` and ``trajectory: {"steps": [...]}`` set. Steps are integers >= 0,
-    each given once, written in ascending order; a step whose table measures one module
-    (and expert) twice is refused, as :func:`load_trajectory` would refuse the file."""
+    ``AnalyzeResult.table`` or :func:`~esdtool.io.table_read.load_metrics` gives it) to
+    ``path`` as one parquet file, atomically: ``step`` first, then the schema's columns with
+    the schema's types (a float's missing value is NaN, as in a metrics table). The file's
+    metadata is ``metadata`` with ``schema_version`` and ``trajectory: {"steps": [...]}`` set.
+    Steps are integers >= 0, each given once, written in ascending order; a step whose table
+    measures one module (and expert) twice is refused, as :func:`load_trajectory` would refuse
+    the file."""
     path = Path(path)
     if not steps:
         raise OptionError(f"{path}: no steps to write (measure the adapter at least once)")
@@ -91,7 +84,7 @@ def write_trajectory(
 
 def load_trajectory(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a training trajectory into pandas, validated: ``step`` (int64) and the metrics
-    table's columns (nullable integers, as :func:`~esdtool.io.table.load_metrics` gives them),
+    table's columns (nullable integers, as :func:`~esdtool.io.table_read.load_metrics` gives them),
     rows in ascending step order, the metadata in ``df.attrs["esdtool"]`` (the steps in its
     ``trajectory``). ``df[df.step == s].drop(columns="step")`` is the table of step ``s``.
 

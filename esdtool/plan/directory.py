@@ -18,7 +18,7 @@ from esdtool.errors import EsdtoolError, OptionError
 from esdtool.extras import require
 from esdtool.io.atomic import atomic_dir, check_output_dir
 from esdtool.io.source import resolve_source
-from esdtool.io.table import check_frame, load_metrics
+from esdtool.io.table_read import check_frame, load_metrics
 from esdtool.plan.layerwise import ModulePlan
 from esdtool.plan.module_plan import TARGET_FILES, plan_modules, write_module_plan
 from esdtool.plan.peft_config import (

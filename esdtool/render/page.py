@@ -26,7 +26,8 @@ import pandas as pd
 from esdtool.analysis.roles import module_kind
 from esdtool.errors import OptionError
 from esdtool.io.atomic import atomic_write, check_output_file
-from esdtool.io.table import COLUMNS, check_frame, load_metrics
+from esdtool.io.table import COLUMNS
+from esdtool.io.table_read import check_frame, load_metrics
 from esdtool.io.trajectory import load_trajectory
 from esdtool.render import MAX_PLOTS, glance, header, module_plan, plots, sections, usage
 from esdtool.render.trajectory import check as check_trajectory
