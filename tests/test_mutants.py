@@ -848,7 +848,7 @@ def test_no_candidates_message(small_table, settings, message):
          "--budget-params and --match-rank are exclusive: give one"),
         ({"alpha_column": "alpha"},
          "--alpha-column must be one of alpha_median, alpha_fix_finger, alpha_ks, "
-         "alpha_median_farms, alpha_fix_finger_farms, alpha_ks_farms, not 'alpha'"),
+         "alpha_median_farms, alpha_fix_finger_farms, alpha_ks_farms, alpha_peak, not 'alpha'"),
         ({"spikes_column": "spikes"},
          "--spikes-column must be one of num_spikes, num_spikes_bulk, spikes_farms, not 'spikes'"),
         ({"targets": "(a"}, "--targets '(a' is not a"),
