@@ -19,7 +19,7 @@ failures into matching GETs: a connection dropped after N body bytes, a 500, a b
 (an honest but short Content-Length), a refusal (401, 403 GatedRepo, 404 EntryNotFound).
 ``ignore_ranges`` answers every GET with 200 and the whole file (a server without range
 support); ``announce`` makes a file's answer claim another Content-Length (the real body is
-sent, then the connection closed).
+sent, then the connection closed); ``loops`` makes a file's every answer a redirect to itself.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class HubStub:
         self.gated: set[str] = set()
         self.ignore_ranges = False  # answer a Range request with 200 and the whole file
         self.announce: dict[str, int] = {}  # file name -> the Content-Length its answer claims
+        self.loops: set[str] = set()  # file names whose every answer redirects to themselves
         self._lock = threading.Lock()
         self._link = threading.Lock()  # the throttled link: one chunk at a time
         self._next = 0.0
@@ -249,6 +250,13 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.hub.root / repo_id / name
         if "/" in name or not path.is_file():
             return self._error(404, "EntryNotFound", "Entry not found")
+        if name in self.hub.loops:  # a misconfigured mirror: a redirect to the same URL
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self._log(302)
+            return
         size = path.stat().st_size
         start, end, status = 0, size, 200
         wanted = None if self.hub.ignore_ranges else self.headers.get("Range")

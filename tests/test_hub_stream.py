@@ -485,6 +485,22 @@ def test_a_small_file_announcing_a_huge_length_is_refused_before_it_is_read(
     one_line(err, f"{REPO}/{name}", "announces 1000000000000000 bytes", "at most 64 MB")
 
 
+@pytest.mark.parametrize("name", ["config.json", "model-00002-of-00011.safetensors"])
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "download"])
+def test_a_redirect_loop_is_one_line_on_both_roads(
+    hub, tiny_llama_sharded, tmp_path, capsys, stream, name
+):
+    """A server that redirects a file to itself forever: one line naming the file, exit 2
+    (or the transfer error's), never 'unexpected TooManyRedirects'."""
+    hub.add_repo(REPO, tiny_llama_sharded)
+    assert (tiny_llama_sharded / name).is_file()
+    hub.loops.add(name)
+    args = [REPO, "-o", tmp_path / "a.parquet"] + (["--stream"] if stream else [])
+    code, _, err = hub_run(args, capsys)
+    assert code == 2 and "unexpected" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "redirect" in err.lower(), err
+
+
 def test_a_server_without_byte_ranges_takes_the_download_road(
     hub, tiny_llama_sharded, local_table, tmp_path, capsys
 ):

@@ -32,6 +32,7 @@ from esdtool.io.hub_calls import (
     Retry,
     call_hub,
     hub_errors,
+    redirect_errors,
     transport_errors,
     with_retries,
 )
@@ -153,6 +154,11 @@ class HubRepo:
                 got, want = _file_size(response, start, end, self.where(filename), tail_ok,
                                        version)  # fmt: skip
                 return self._body(response, want), got
+        except redirect_errors() as exc:  # a server that redirects to itself: no retry
+            raise SourceError(
+                f"{self.where(filename)}: the server redirects the request in a loop ({exc})",
+                hint="check HF_ENDPOINT (a mirror or proxy that redirects to itself)",
+            ) from exc
         except transport_errors() as exc:  # connect, read, dropped mid-body, timeouts
             raise Retry(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 

@@ -31,6 +31,17 @@ class Cancelled(Exception):
 
 
 @functools.cache
+def redirect_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's "too many redirects" (httpx2's or httpx's): a server that sends a
+    request round in a loop. Not retried: the next try would loop the same."""
+    found = []
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(importlib.import_module(module).TooManyRedirects)
+    return tuple(found)
+
+
+@functools.cache
 def transport_errors() -> tuple[type[BaseException], ...]:
     """The connection-level errors of the HTTP client huggingface_hub uses: httpx2's
     (huggingface_hub 2.x) or httpx's (1.x)."""
@@ -140,6 +151,12 @@ def hub_errors(repo_id: str, revision: str | None, filename: str | None = None) 
 
     try:
         yield
+    except redirect_errors() as exc:
+        what = f"{repo_id}/{filename}" if filename else repo_id
+        raise SourceError(
+            f"{what}: the server redirects the request in a loop ({_first_line(exc)})",
+            hint="check HF_ENDPOINT (a mirror or proxy that redirects to itself)",
+        ) from exc
     except OfflineModeIsEnabled as exc:
         raise HubRefusedError(
             f"{repo_id}: the hub cannot be reached: HF_HUB_OFFLINE is set"
@@ -175,6 +192,11 @@ def hub_errors(repo_id: str, revision: str | None, filename: str | None = None) 
             ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HubRefusedError(f"{repo_id}: hub request failed ({first})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def http_status(exc: Any) -> int | None:
