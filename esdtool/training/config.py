@@ -33,6 +33,7 @@ from esdtool.io.source import TOKENIZER_PATTERNS, resolve_source
 from esdtool.plan.module_plan import load_factors
 from esdtool.plan.peft_config import CONFIG_NAME
 from esdtool.plan.verify import raise_problems, read_plan, verify_plan
+from esdtool.training.bounded import bound_records
 from esdtool.training.data import load_training_data
 from esdtool.untrusted import read_json_file
 
@@ -291,10 +292,16 @@ def prepare(
         hints = list(dict.fromkeys(p.hint for p in problems if p.hint))  # each once, in order
         raise type(first)(message, hint="; ".join(hints) or None)
     assert config is not None and loaded is not None and model_dir is not None
+    # Each record cut to what training sees, before TRL tokenizes it whole (bounded memory).
+    train = bound_records(loaded[0], tokenizer, settings.max_length)
+    if evaluation is not None:
+        evaluation = (bound_records(evaluation[0], tokenizer, settings.max_length), evaluation[1])
+    if test is not None:
+        test = (bound_records(test[0], tokenizer, settings.max_length), test[1])
     return Prepared(
         stack=stack,
         config=config,
-        train=loaded[0],
+        train=train,
         evaluation=evaluation[0] if evaluation is not None else None,
         test=test[0] if test is not None else None,
         data_format=loaded[1],
