@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -413,3 +414,37 @@ def test_hostile_quantized_parts_fail_their_row_only(tmp_path, capsys):
     table = load_metrics(tmp_path / "b.parquet").set_index("name")
     assert table.loc[module + ".qweight", "status"] == "error"
     assert table.loc["model.layers.0.mlp.gate_proj.weight", "status"] == "ok"
+
+
+def test_an_fp8_state_dict_in_memory_gives_the_files_rows(fp8_block, fp8_table):
+    """The in-memory road plans tasks as files do: the FP8 checkpoint's state dict analysed
+    in memory gives every row the file gives (the weights dequantized with their scales, the
+    scales noted), not the raw codes' spectra (alpha_median 1.142 against 1.679 before)."""
+    _, expected = fp8_table
+    table = analyze(load_file(str(fp8_block / "model.safetensors"))).table
+    by_name = expected.set_index("name")
+    ours = table.set_index("name").loc[by_name.index]
+    cols = ["status", "reason", "quantization", "rows", "cols", "alpha_median", "alpha_ks",
+            "lambda_max", "num_spikes", "stable_rank"]  # fmt: skip
+    pd.testing.assert_frame_equal(ours[cols], by_name[cols])
+    for name in by_name.index[by_name.status == "ok"]:
+        assert np.array_equal(ours.loc[name, "eigenvalues"], by_name.loc[name, "eigenvalues"])
+
+
+def test_tensors_without_a_readable_matrix_get_a_reason_for_people():
+    """Sparse, nested, complex and meta tensors of a state dict: a skipped row each, saying
+    what it is and what to do, beside the plain tensor's ok row."""
+    weight = torch.randn(32, 16)
+    state = {
+        "dense.weight": weight,
+        "sparse.weight": weight.to_sparse(),
+        "nested.weight": torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(5, 4)]),
+        "complex.weight": torch.randn(32, 16, dtype=torch.complex64),
+        "meta.weight": torch.empty(32, 16, device="meta"),
+    }
+    rows = analyze(state, settings=AnalyzeSettings(min_evals=2)).table.set_index("name")
+    assert rows.loc["dense.weight", "status"] == "ok"
+    reasons = {"sparse.weight": "sparse tensor (sparse_coo)", "nested.weight": "nested tensor",
+               "complex.weight": "complex values", "meta.weight": "meta device"}  # fmt: skip
+    for name, words in reasons.items():
+        assert rows.loc[name, "status"] == "skipped" and words in rows.loc[name, "reason"], name

@@ -16,8 +16,16 @@ from esdtool.adapters import adapter_layout, read_adapter_config
 from esdtool.analysis.resources import memory_budget, resolve_device, skip_reason
 from esdtool.analysis.rows import analyze_tensor, analyze_update, header_row
 from esdtool.analysis.settings import AnalyzeSettings
-from esdtool.analysis.tasks import check_farms_windows, plan_tasks, read_task, task_row
+from esdtool.analysis.tasks import (
+    check_farms_windows,
+    materialize,
+    plan_tasks,
+    read_task,
+    task_row,
+)
 from esdtool.dequant import Layout
+from esdtool.dequant.layout import layout_of
+from esdtool.dequant.scheme import read_scheme
 from esdtool.errors import OptionError
 from esdtool.io.checkpoint import TensorInfo, natural_key
 from esdtool.io.table import MatrixRow
@@ -204,6 +212,88 @@ def analyze_memory(
     return rows, metadata, device
 
 
+def _unreadable(tensor: torch.Tensor) -> str | None:
+    """Why an in-memory tensor has no matrix esdtool can read, in words, or None."""
+    if tensor.is_nested:
+        return "a nested tensor (ragged rows): there is no one matrix to measure"
+    if tensor.layout != torch.strided:
+        return (f"a sparse tensor ({str(tensor.layout).removeprefix('torch.')}): analyse its "
+                "dense form (tensor.to_dense())")  # fmt: skip
+    if tensor.is_complex():
+        return "complex values: esdtool measures real weight matrices"
+    if tensor.is_meta:
+        return "on the meta device: no data (not loaded, or offloaded)"
+    return None
+
+
+def _scheme(source: object) -> Any:
+    """The quantization scheme a model in memory was loaded with (its config's
+    ``quantization_config``), as a checkpoint's config.json would give it; None for a state
+    dict or an unquantized model (FP8 weights with their scales are found by name either way)."""
+    model = source.get_base_model() if _is_peft(source) else source  # type: ignore[attr-defined]
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return None
+    raw = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    return read_scheme({"quantization_config": json.loads(json.dumps(raw, default=_plain))},
+                       "<in-memory model>")  # fmt: skip
+
+
+def _planned_rows(
+    source: object,
+    settings: AnalyzeSettings,
+    progress: Any,
+    device: torch.device,
+    budget: int | None,
+) -> list[MatrixRow]:
+    """The base weights' rows through the same task planning as files (quantized weights
+    dequantized with their scales, scales and zero points noted, the same refusals), so every
+    row equals the row of the same tensors saved and analysed from disk. The tensors are the
+    model's own (references, no copies)."""
+    tensors = dict(named_tensors(source, "base"))
+    if not tensors:
+        raise OptionError("nothing to analyse: the model or state dict holds no tensor")
+    if all(t.is_meta for t in tensors.values()):
+        raise OptionError(
+            "the model's weights are on the meta device (not loaded, or offloaded): there "
+            "is nothing to measure",
+            hint="analyse the checkpoint's files instead: esdtool.analyze('path/to/model')",
+        )
+    names = [n for n in tensors if settings.selects(n)]
+    if not names:
+        raise OptionError("nothing to analyse: no tensor name passes --include/--exclude")
+    odd = {n: r for n in tensors if (r := _unreadable(tensors[n])) is not None}
+    readable = _StateDict({n: t for n, t in tensors.items() if n not in odd})
+    layout = layout_of(readable.infos, _scheme(source), readable.get_tensor)
+    plain = [n for n in names if n not in odd]
+    tasks = {t.info.name: t for t in plan_tasks(readable, plain, layout, settings, budget)}  # type: ignore[arg-type]
+    check_farms_windows([t.info for t in tasks.values() if t.status is None], settings)
+    if progress:
+        progress.start(len(names), sum(t.nbytes for t in tasks.values()))
+    rows: list[MatrixRow] = []
+    for name in names:
+        if name in odd:
+            info = TensorInfo(name, str(tensors[name].dtype).removeprefix("torch.").upper(), (),
+                              MEMORY, 0, 0)  # fmt: skip
+            rows.append(header_row(info, "skipped", odd[name]))
+            if progress:
+                progress.advance(name, 0)
+            continue
+        task = tasks[name]
+        try:
+            if task.status is not None:
+                rows.append(task_row(task, task.status))
+            else:
+                tensor = materialize(task, read_task(readable, task), device)  # type: ignore[arg-type]
+                rows.extend(analyze_tensor(task.info, tensor, settings, device,
+                                           task_row(task, "ok")))  # fmt: skip
+        except Exception as exc:  # one bad tensor must not lose the others' rows
+            rows.append(task_row(task, "error", f"{type(exc).__name__}: {exc}"))
+        if progress:
+            progress.advance(name, task.nbytes)
+    return rows
+
+
 def _tensor_rows(
     source: object,
     weights: str,
@@ -212,7 +302,10 @@ def _tensor_rows(
     device: torch.device,
     budget: int | None,
 ) -> list[MatrixRow]:
-    """The rows of every selected named tensor (weights "base" or "merged")."""
+    """The rows of every selected named tensor: the base weights through the files' task
+    planning; a PEFT model's merged weights one at a time (each sum made as it is read)."""
+    if weights == "base":
+        return _planned_rows(source, settings, progress, device, budget)
     infos, count = [], 0
     for name, tensor in named_tensors(source, weights):
         count += 1
