@@ -6,6 +6,7 @@ of any shape, scale and content (zeros, rank-deficient, NaN/Inf) get ok, zero or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -192,3 +193,73 @@ def test_valid_float_matrices_are_measured_never_errors(tmp_path, case_dtype):
         assert row.status == "ok", (kind, row.status, row.reason)
         expected = np.linalg.svd(w64, compute_uv=False)[0] ** 2
         assert row.lambda_max == pytest.approx(expected, rel=1e-5 if dtype == "float32" else 1e-9)
+
+
+# -- the API's in-memory inputs -------------------------------------------------------------
+
+DTYPES = [getattr(__import__("torch"), n) for n in (
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+    "bool", "complex64", "float8_e4m3fn", "float8_e5m2")]  # fmt: skip
+
+
+@st.composite
+def odd_tensor(draw):
+    import torch
+
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 9), min_size=0, max_size=4)))
+    kind = draw(st.sampled_from(["dense", "sparse", "transposed", "meta", "special"]))
+    base = torch.randn(shape) * draw(st.sampled_from([0.0, 1e-30, 1.0, 1e30]))
+    if kind == "special" and base.numel():
+        base.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), 0.0]))
+    tensor = base.to(dtype) if not dtype.is_complex else torch.complex(base, base).to(dtype)
+    if kind == "sparse" and tensor.ndim >= 1 and dtype not in DTYPES[-2:]:
+        tensor = tensor.to_sparse()
+    elif kind == "transposed" and tensor.ndim == 2:
+        tensor = tensor.T  # a non-contiguous view
+    elif kind == "meta":
+        tensor = torch.empty(shape, dtype=dtype, device="meta")
+    return tensor
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["a.weight", "layers.0.q.weight", "b", "layers.1.k.weight",
+                                        "x.weight_scale_inv", "y.qweight", "y.scales"]),
+                       odd_tensor(), min_size=1, max_size=5))  # fmt: skip
+def test_state_dicts_of_any_dtype_and_shape_end_cleanly(state):
+    """analyze(state_dict) of tensors of every dtype, shape (0-sized, vectors, 4-D), layout
+    (sparse, transposed, meta) and content (NaN, inf, 1e30, zeros): a table whose every row
+    has a known status (an ``error`` row only with its exception named), or one EsdtoolError;
+    never another exception."""
+    from esdtool import AnalyzeSettings
+
+    try:
+        table = analyze(state, settings=AnalyzeSettings(min_evals=2)).table
+    except EsdtoolError:
+        return
+    assert set(table.status) <= {"ok", "zero", "nonfinite", "skipped", "error"}
+    assert table.reason[table.status.isin(["skipped", "error"])].notna().all()
+
+
+COLUMNS = ["alpha_median", "alpha_ks", "num_spikes", "rows", "layer", "status", "module",
+           "eigenvalues", "lambda_max"]  # fmt: skip
+VALUES = ["text", None, float("nan"), -1, 1e300, [1, 2], b"x", True]
+SLOW = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=SLOW)
+@given(column=st.sampled_from(COLUMNS), value=st.sampled_from(VALUES))
+def test_tables_with_a_retyped_column_end_cleanly(minilm_table, column, value):
+    """allocate, report and plot_esd on MiniLM's table with one column retyped (text, None,
+    NaN, negative, huge, lists, bytes, booleans): a plan and a page, or one EsdtoolError."""
+    import pandas as pd
+
+    from esdtool import allocate, plot_esd, report
+
+    table = minilm_table.copy()
+    table.attrs = minilm_table.attrs
+    table[column] = pd.Series([value] * len(table), dtype=object)
+    for call in (lambda: allocate(table, report=False), lambda: report(table),
+                 lambda: plot_esd(table, str(minilm_table.name.iloc[5]))):  # fmt: skip
+        with contextlib.suppress(EsdtoolError):
+            call()

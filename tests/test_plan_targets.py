@@ -410,7 +410,7 @@ def _synthetic(modules: dict[str, float], shape=(64, 64)) -> pd.DataFrame:
                       dtype="F32", rows=shape[0], cols=shape[1], status="ok", alpha_peak=a)
             for m, a in modules.items()]  # fmt: skip
     table = metrics_frame(rows, {"source": "synthetic", "source_kind": "memory"})
-    table["alpha_median"] = table["alpha_peak"]
+    table["alpha_median"] = table["alpha_peak"].where(table["alpha_peak"] > 1)  # a fit is > 1
     from esdtool.analysis.roles import block_index
 
     table["layer"] = [block_index(n) for n in table.name]

@@ -157,8 +157,9 @@ def check_values(path: Path, df: pd.DataFrame, hint: str | None = None) -> None:
 
 def check_frame(df: pd.DataFrame) -> None:
     """A DataFrame handed to allocate, report or plot_esd is an esdtool metrics table: every
-    column of the schema (but those added in later versions) is there, numbers are numbers and
-    each spectrum a sequence of numbers (a table read back from CSV holds text there)."""
+    column of the schema (but those added in later versions) is there, numbers are numbers,
+    text is text and each spectrum a sequence of numbers (a table read back from CSV holds text
+    there), and its values pass the checks a file's do (:func:`check_values`)."""
     missing = [c for c in COLUMN_NAMES if c not in df.columns and c not in ADDED_IN]
     hint = "pass what esdtool.analyze(...).table or esdtool.load_metrics(path) gives"
     if missing:
@@ -171,6 +172,15 @@ def check_frame(df: pd.DataFrame) -> None:
     numeric = [name for name, dtype, _ in COLUMNS if dtype in (pa.float64(), pa.int64())]
     text = [c for c in numeric if c in df.columns and not is_numeric_dtype(df[c].dtype)
             and df[c].notna().any()]  # fmt: skip
+    texts = ("name", "module", "status", "role", "reason", "shard", "dtype")
+    words = [c for c in texts if c in df.columns
+             and not all(isinstance(v, str) for v in df[c].dropna())]  # fmt: skip
+    if words:
+        raise MetricsSchemaError(
+            f"not an esdtool metrics table: columns {listed(words, 5)} hold something other "
+            "than text",
+            hint=hint,
+        )
     spectra = df["eigenvalues"].dropna()
     if len(spectra) and not all(isinstance(v, np.ndarray | list | tuple) for v in spectra):
         text.append("eigenvalues")
@@ -180,6 +190,7 @@ def check_frame(df: pd.DataFrame) -> None:
             "(a table read back from CSV?)",
             hint=hint + " (the parquet table, not a CSV export)",
         )
+    check_values(Path("<table>"), df, hint)  # the values a file's check refuses, refused here too
 
 
 def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
