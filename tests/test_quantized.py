@@ -448,3 +448,22 @@ def test_tensors_without_a_readable_matrix_get_a_reason_for_people():
                "complex.weight": "complex values", "meta.weight": "meta device"}  # fmt: skip
     for name, words in reasons.items():
         assert rows.loc[name, "status"] == "skipped" and words in rows.loc[name, "reason"], name
+
+
+def test_packed_parts_of_a_state_dict_without_its_format_are_not_measured():
+    """A GPTQ-packed module in a bare state dict (no quantization_config to say bits, groups,
+    order): its scales were an ok "linear" row a plan could adapt; planned as files are, every
+    part is skipped, saying what it is (the test fails on the unplanned road)."""
+    state = {
+        "layers.0.q_proj.qweight": torch.zeros(8, 64, dtype=torch.int32),
+        "layers.0.q_proj.scales": torch.rand(4, 64, dtype=torch.float16) + 0.1,
+        "layers.0.q_proj.qzeros": torch.zeros(4, 8, dtype=torch.int32),
+        "layers.0.q_proj.g_idx": torch.arange(64, dtype=torch.int32) // 16,
+        "layers.0.k_proj.weight": torch.randn(64, 64),
+    }
+    rows = analyze(state, settings=AnalyzeSettings(min_evals=2)).table.set_index("name")
+    assert rows.loc["layers.0.k_proj.weight", "status"] == "ok"
+    assert rows.loc["layers.0.q_proj.qweight", "status"] == "skipped"  # integer codes
+    for part in ("scales", "qzeros", "g_idx"):
+        row = rows.loc[f"layers.0.q_proj.{part}"]
+        assert row["status"] == "skipped" and f"({part}), not a weight" in row["reason"]
