@@ -570,3 +570,32 @@ def test_a_flat_spectrum_leaves_a_table_every_reader_takes(tmp_path, capsys):
     code, _, stderr = run_cli(["allocate", table, "--preset", "alphapruning", *args], capsys)
     assert code == 0, stderr
     assert "q_proj: no alpha_peak" in stderr
+
+
+def test_pruning_normalised_within_shape_and_its_epsilon_bound(llama2_table):
+    """--normalise-within shape: alpha min-max within each shape (Llama-2's 4096 x 4096 and
+    4096 x 11008 modules apart), then one scale to the target, equal to a plain numpy
+    computation to 1e-12; the largest epsilon the refusal names is exact for these groups
+    (a hair below it fits, a hair above it does not)."""
+    values = np.array(json.loads(REFERENCE.read_text())["values"])
+    numel = _numels()
+    shapes = np.array([min(o, i) * 100000 + max(o, i) for _, o, i in LLAMA_BLOCK] * 32)
+
+    def reference(epsilon: float, sparsity: float) -> np.ndarray:
+        u = np.empty_like(values)
+        for shape in np.unique(shapes):
+            part = values[shapes == shape]
+            u[shapes == shape] = (part - part.min()) / (part.max() - part.min())
+        r = (1 - epsilon) + 2 * epsilon * u
+        return r * (numel.sum() * sparsity / (numel * r).sum())
+
+    common = {"target": "pruning", "alpha_column": "alpha_peak", "mapping": "module",
+              "normalise_within": "shape"}  # fmt: skip
+    settings = AllocateSettings(sparsity=0.5, epsilon=0.3, **common)
+    ours = allocate(llama2_table, settings=settings, report=False).modules.table.sparsity
+    assert np.max(np.abs(ours.to_numpy() - reference(0.3, 0.5))) < 1e-12
+    refused = AllocateSettings(sparsity=0.8, epsilon=0.5, **common)
+    with pytest.raises(OptionError) as caught:
+        allocate(llama2_table, settings=refused, report=False)
+    limit = float(str(caught.value).split("just below ")[1].split(" ")[0])
+    assert reference(limit * (1 - 1e-5), 0.8).max() < 1 <= reference(limit * (1 + 1e-5), 0.8).max()
