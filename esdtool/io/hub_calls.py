@@ -190,13 +190,12 @@ def hub_errors(repo_id: str, revision: str | None, filename: str | None = None) 
                 f"{repo_id}: access denied (HTTP 403)",
                 hint="the token lacks read access to this repo; use one that has it",
             ) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HubRefusedError(f"{repo_id}: hub request failed ({first})") from exc
+        raise HubRefusedError(f"{repo_id}: hub request failed ({_first_line(exc)})") from exc
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def http_status(exc: Any) -> int | None:
