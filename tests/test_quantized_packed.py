@@ -25,7 +25,11 @@ LAYER = "encoder.layer.0."
 # GPT-QModel lives apart from the test environment (make install puts it here) and runs in a
 # child process: importing it patches transformers and safetensors, and PEFT refuses to add LoRA
 # layers anywhere once gptqmodel is importable without optimum.
-REFERENCE_FORMATS = ROOT / ".venv" / "reference-formats"
+# `make mutation` runs the tests from a copy in ./mutants, below the repo that holds .venv.
+REFERENCE_FORMATS = next(
+    (p for r in (ROOT, ROOT.parent) if (p := r / ".venv" / "reference-formats").is_dir()),
+    ROOT / ".venv" / "reference-formats",
+)
 
 
 NAMES = ("attention.self.query.weight", "intermediate.dense.weight", "output.dense.weight")
