@@ -1,5 +1,6 @@
 """Shared fixtures: the real MiniLM checkpoint, tiny Llama checkpoints built from a config and
-a tiny causal LM with its own tokenizer. The plain helpers they use live in helpers.py."""
+a tiny causal LM with its own tokenizer, the local stand-in for the Hub (``hub``). The plain
+helpers they use live in helpers.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import build_tiny_causal_lm, build_tiny_llama, run_subprocess
+from hubstub import HubStub
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +62,31 @@ def plan(tiny_causal_lm, tmp_path_factory) -> Path:
         proc = run_subprocess(args)
         assert proc.returncode == 0, proc.stderr
     return work / "plan"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The stand-in on 127.0.0.1, HF_ENDPOINT pointing at it, a fresh HF_HOME, no token, and
+    retries that wait milliseconds instead of seconds."""
+    from huggingface_hub import constants
+
+    from esdtool.io import hub_calls as hub_module
+
+    home = tmp_path / "hf-home"
+    with HubStub(tmp_path / "hub-repos") as stub:
+        endpoint = stub.endpoint
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setenv("HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setattr(hub_module, "BACKOFF_S", 0.001)
+        stub.home = home
+        yield stub

@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,8 +52,11 @@ class Fault:
     kind:  "drop" (close the connection after ``after`` body bytes), "500", "truncate"
            (announce and send only ``after`` bytes of the body), or a refusal as the hub
            answers it: "401" (a token it refuses), "403" (GatedRepo), "404" (EntryNotFound).
+           "call": run ``then`` once ``after`` body bytes are sent, and send the rest.
     times: how many requests it hits.
-    whole: only GETs of a whole file (no Range: hf_hub_download's), never a range request.
+    whole: only GETs of a whole file or of the rest of one (no Range, hf_hub_download's; or
+           a Range running to the file's last byte, esdtool's copy into the cache), never the
+           range reads of a header or a tensor.
     """
 
     kind: str
@@ -61,6 +65,7 @@ class Fault:
     times: int = 1
     min_start: int = 0
     whole: bool = False
+    then: Callable[[], None] | None = None  # also run after a "drop", before the connection ends
 
 
 class HubStub:
@@ -267,7 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(match[1])
             end = min(size, int(match[2]) + 1) if match[2] else size
             status = 206
-        fault = self.hub.take_fault(path.name, start, bool(wanted)) if body else None
+        rest = not wanted or end == size  # the whole file, or all of it from start on
+        fault = self.hub.take_fault(path.name, start, not rest) if body else None
         if fault is not None and fault.kind == "500":
             return self._error(500, None, "Internal Error (injected)")
         refusals = {"401": None, "403": "GatedRepo", "404": "EntryNotFound"}
@@ -294,12 +300,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         limit = fault.after if fault is not None and fault.kind == "drop" else length
+        call = fault.after if fault is not None and fault.kind == "call" else None
         step = 4096 if self.hub.rate else 1 << 16  # a throttled link trickles, as a real one
         with open(path, "rb") as f:
             f.seek(start)
             sent = 0
             while sent < min(length, limit):
-                chunk = f.read(min(step, min(length, limit) - sent))
+                if sent == call and fault is not None and fault.then is not None:
+                    fault.then()
+                upto = min(length, limit) if call is None or sent >= call else call
+                chunk = f.read(min(step, upto - sent))
                 self.hub.throttle(len(chunk))
                 try:
                     self.wfile.write(chunk)
@@ -308,6 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.hub.count(path.name, len(chunk))
                 sent += len(chunk)
         if fault is not None and fault.kind == "drop":
+            if fault.then is not None:
+                fault.then()
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)  # mid-body: the client sees a broken stream

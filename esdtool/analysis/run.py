@@ -13,6 +13,7 @@ import datetime as _dt
 import os
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -280,7 +281,7 @@ def _analyze_names(
     read = lambda task: read_task(ckpt, task, merging.checkpoint if merging else None)  # noqa: E731
     reads = prefetched(todo, read, pin=device.type == "cuda")
     try:
-        _analyze_reads(reads, settings, device, progress, side, rows)
+        _analyze_reads(reads, settings, device, progress, side, rows, ckpt)
     except BaseException:  # Ctrl-C, a fatal read: a hub download stops first, so the reader
         ckpt.close()  # thread waiting on it is let go before it is joined
         raise
@@ -296,9 +297,29 @@ def _analyze_reads(
     progress: ProgressHook | None,
     side: Sidecar,
     rows: list[MatrixRow],
+    ckpt: Checkpoint | None = None,
 ) -> None:
     """Each task's rows from its stored tensors (or its read error), into ``rows`` and the
-    sidecar."""
+    sidecar. Rows computed from a hub shard still arriving are held until the whole shard has
+    checked out (its size and sha256): a shard that fails replaces them by error rows, so no
+    number from bytes the file does not hold is kept."""
+    held: list[tuple[Task, list[MatrixRow], list[Future[object]]]] = []
+
+    def settle(wait: bool) -> None:
+        waiting = []
+        for task, new, futures in held:
+            if not wait and not all(f.done() for f in futures):
+                waiting.append((task, new, futures))
+                continue
+            failed = next((e for f in futures if (e := _failure(f)) is not None), None)
+            if isinstance(failed, _FATAL_READS):
+                raise failed
+            if failed is not None:
+                new = [task_row(task, "error", f"{type(failed).__name__}: {failed}")]
+            side.append(new)
+            rows.extend(new)
+        held[:] = waiting
+
     for task, stored in reads:
         if isinstance(stored, _FATAL_READS):  # the hub is gone: stop, keeping the rows
             raise stored
@@ -318,10 +339,19 @@ def _analyze_reads(
         except Exception as exc:  # one bad tensor must not lose the others' rows
             new = [task_row(task, "error", f"{type(exc).__name__}: {exc}")]
         del stored
-        side.append(new)
-        rows.extend(new)
+        futures = ckpt.unverified(_names_read(task)) if ckpt is not None else []
+        held.append((task, new, futures))
+        settle(wait=False)
         if progress:
             progress.advance(task.info.name, task.nbytes)
+    settle(wait=True)
+
+
+def _failure(future: Future[object]) -> BaseException | None:
+    """What a shard's download ended with (None: it checked out)."""
+    if future.cancelled():  # only when the analysis itself is stopping
+        return AnalysisInterrupted("the download was stopped")
+    return future.exception()
 
 
 def _open(

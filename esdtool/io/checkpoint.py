@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -319,6 +320,12 @@ class Checkpoint:
         """The tensors about to be read, in that order: a hub checkpoint downloads their shards
         in this order (:mod:`esdtool.io.remote`); local files need nothing."""
         return None
+
+    def unverified(self, names: Iterable[str]) -> list[Future[object]]:
+        """For tensors read before their file was complete (a hub shard still arriving): the
+        futures that say whether the whole file checked out. A row computed from them counts
+        only once every future has succeeded. Local files: none."""
+        return []
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor into CPU memory (as stored; no upcast): its byte range, at the

@@ -15,10 +15,11 @@ Content-Range, and the ETag when the server sends one).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,6 +117,46 @@ class HubRepo:
         get = lambda: self._get(filename, start, end, version, tail_ok)  # noqa: E731
         return with_retries(get, self.where(filename))
 
+    def copy_range(
+        self,
+        filename: str,
+        end: int,
+        version: FileVersion,
+        write: Callable[[bytes, int], None],
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Bytes ``[0, end)`` of ``version`` of ``filename``, handed to ``write(chunk,
+        offset)`` in order as they arrive, by one streamed request; a dropped connection or a
+        short body asks for the rest only, from the same version (every answer is checked as
+        :meth:`read`'s are, so two versions never meet in one copy). The retries of
+        :meth:`read` count per stall: an answer that brought bytes starts them afresh (a copy
+        of gigabytes over a flaky link may drop many times and still finish). ``stop`` set
+        ends the copy at its next chunk with :class:`Cancelled`."""
+        done = 0
+
+        def attempt() -> None:
+            nonlocal done
+            start = done
+            try:
+                with self._answer(filename, done, end, version, False) as (response, _, _):
+                    for chunk in response.iter_raw():
+                        if stop is not None and stop.is_set():
+                            raise Cancelled(filename)
+                        if done + len(chunk) > end:
+                            raise Retry(f"body longer than the {end - start} bytes asked for")
+                        write(chunk, done)
+                        done += len(chunk)
+                        if self.on_fetch is not None:
+                            self.on_fetch(len(chunk))
+                if done != end:
+                    raise Retry(f"body cut short at {done - start} of {end - start} bytes")
+            except Retry:
+                if done == start:
+                    raise
+
+        while done < end:
+            with_retries(attempt, self.where(filename), stop)
+
     def read_all(self, filename: str) -> bytes:
         """A small file (config.json, the shard index) into memory, never onto the disk; one
         announced larger than :data:`MAX_SMALL_FILE` is refused before anything is read."""
@@ -130,6 +171,21 @@ class HubRepo:
         version: FileVersion | None,
         tail_ok: bool,
     ) -> tuple[bytearray, FileVersion]:
+        with self._answer(filename, start, end, version, tail_ok) as (response, got, want):
+            return self._body(response, want), got
+
+    @contextlib.contextmanager
+    def _answer(
+        self,
+        filename: str,
+        start: int,
+        end: int | None,
+        version: FileVersion | None,
+        tail_ok: bool,
+    ) -> Iterator[tuple[Any, FileVersion, int]]:
+        """One GET of bytes ``[start, end)`` (the whole file for ``end`` None), its status
+        and Content-Range checked: (the streamed response, the file's version, the body's
+        length). Failures worth another try are :class:`Retry`."""
         from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -153,7 +209,7 @@ class HubRepo:
                         hf_raise_for_status(response)
                 got, want = _file_size(response, start, end, self.where(filename), tail_ok,
                                        version)  # fmt: skip
-                return self._body(response, want), got
+                yield response, got, want
         except redirect_errors() as exc:  # a server that redirects to itself: no retry
             raise SourceError(
                 f"{self.where(filename)}: the server redirects the request in a loop ({exc})",

@@ -66,7 +66,6 @@ def call_hub(
     connection, huggingface_hub's own size and metadata checks). An error of the local disk
     (an OSError with an errno: a full disk, no permission, a file where a folder belongs) is
     no network failure: it is a :class:`HubCacheError` naming the cache, at once."""
-    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
     def once() -> T:
@@ -86,15 +85,23 @@ def call_hub(
             # connection it did not wrap (ConnectionError, TimeoutError) belong to the disk.
             if exc.errno is None or isinstance(exc, ConnectionError | TimeoutError):
                 raise Retry(f"{type(exc).__name__}: {exc}") from exc
-            path = f": {exc.filename}" if exc.filename else ""
-            raise HubCacheError(
-                f"{where}: cannot write it into the HF cache at {constants.HF_HUB_CACHE} "
-                f"({exc.strerror or type(exc).__name__}{path})",
-                hint="free space or fix the permissions there, set HF_HOME to another folder, "
-                "or use --stream (which stores no shard)",
-            ) from exc
+            raise cache_error(where, exc) from exc
 
     return with_retries(once, where, stop)
+
+
+def cache_error(where: str, exc: OSError) -> HubCacheError:
+    """A local error writing the HF cache (a full disk, no permission, a file where a folder
+    belongs) as one line naming the cache."""
+    from huggingface_hub import constants
+
+    path = f": {exc.filename}" if exc.filename else ""
+    return HubCacheError(
+        f"{where}: cannot write it into the HF cache at {constants.HF_HUB_CACHE} "
+        f"({exc.strerror or type(exc).__name__}{path})",
+        hint="free space or fix the permissions there, set HF_HOME to another folder, "
+        "or use --stream (which stores no shard)",
+    )
 
 
 def retryablehttp_status(exc: Any) -> bool:

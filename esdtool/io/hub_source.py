@@ -19,6 +19,7 @@ from esdtool.io.hub import HubRepo, OnFetch, RangesNotServed, serves_ranges
 from esdtool.io.hub_calls import call_hub, resolve_commit
 from esdtool.io.remote import DownloadingCheckpoint, StreamedCheckpoint
 from esdtool.io.source import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     INDEX_NAME,
     PICKLE_SUFFIXES,
@@ -72,17 +73,25 @@ def open_hub(
     on_fetch: OnFetch | None = None,
 ) -> tuple[ResolvedSource, Checkpoint] | None:
     """The source and an open checkpoint for a hub id, or None when the overlapped download
-    has nothing to gain (no shard index, or every shard already in the cache) or cannot be
-    had (the endpoint serves no byte ranges, so no header can be read ahead): the caller then
-    takes the plain :func:`~esdtool.io.source.resolve_source` road."""
+    has nothing to gain (an adapter; a repo of neither a shard index nor a model.safetensors;
+    every shard already in the cache) or cannot be had (the endpoint serves no byte ranges,
+    so no header can be read ahead): the caller then takes the plain
+    :func:`~esdtool.io.source.resolve_source` road."""
     if stream:
         return _open_streamed(repo_id, revision, token, on_fetch)
     snapshot, commit = _index_snapshot(repo_id, revision, token)
     index_path = snapshot / INDEX_NAME
-    if not index_path.is_file():
+    index = read_index(index_path) if index_path.is_file() else None
+    if index is not None:
+        shards = tuple(dict.fromkeys(index.weight_map.values()))
+    elif (snapshot / ADAPTER_CONFIG).is_file() and not (snapshot / "config.json").is_file():
+        return None  # a PEFT adapter: small, read the local way
+    elif (snapshot / SINGLE_NAME).is_file():
+        return None  # in the cache already
+    elif SINGLE_NAME in resolve_commit(repo_id, commit, token)[1]:
+        shards = (SINGLE_NAME,)  # one file: its tensors are analysed as they land too
+    else:
         return None
-    index = read_index(index_path)
-    shards = tuple(dict.fromkeys(index.weight_map.values()))
     if all((snapshot / s).is_file() for s in shards):
         return None
     try:
@@ -90,8 +99,8 @@ def open_hub(
     except RangesNotServed:  # a mirror without range support: download first, then analyse
         return None
     files = tuple(snapshot / s for s in shards)
-    return ResolvedSource(repo_id, "hub", files, _json_object(index_path.parent / "config.json"),
-                          commit, index), ckpt  # fmt: skip
+    return ResolvedSource(repo_id, "hub", files, _json_object(snapshot / "config.json"), commit,
+                          index), ckpt  # fmt: skip
 
 
 def _index_snapshot(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, str]:

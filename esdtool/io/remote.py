@@ -5,13 +5,16 @@ Both read every shard's header first, with two byte-range requests each (the 8-b
 then the JSON), and check it exactly as a local header is checked (:func:`check_header`): a
 header from the network is as untrusted as a file. Then:
 
-- :class:`DownloadingCheckpoint` fetches whole shards into the HF cache with ``hf_hub_download``
-  on a background thread, in the order the analysis will read them (:meth:`will_read`), so the
-  first tensors are computed while later shards are still downloading. A tensor waits for its
-  shard, whose size and header are then checked again on disk and must equal the ones planned
-  from; a small tensor (under :data:`SMALL_READ` bytes: a ``weight_shape``) read while the
-  analysis is planned, before any shard is queued, is read by a range request instead of
-  waiting for its whole shard.
+- :class:`DownloadingCheckpoint` fetches whole shards into the HF cache on a background
+  thread, in the order the analysis will read them (:meth:`will_read`), by ranged reads of its
+  own (:mod:`esdtool.io.hub_cache`): a tensor is computed as soon as its bytes have landed, in
+  the shard still arriving, and its row is held until the whole shard has checked out (size,
+  sha256 against the hub's ETag, header). Where the cache cannot be written exactly as
+  ``hf_hub_download`` writes it, ``hf_hub_download`` fetches the shard and its tensors wait for
+  it. The finished shard's size and header are checked again on disk and must equal the ones
+  planned from. A small tensor (under :data:`SMALL_READ` bytes: a ``weight_shape``) read while
+  the analysis is planned, before any shard is queued, is read by a range request instead of
+  waiting for its shard.
 - :class:`StreamedCheckpoint` reads each tensor with one range request into memory (the reader
   thread of :func:`esdtool.io.checkpoint.prefetched` keeps one tensor ahead: that is the
   read-ahead bound) and writes nothing to disk.
@@ -51,6 +54,7 @@ from esdtool.io.hub import (
     FileVersion,
     HubRepo,
 )
+from esdtool.io.hub_cache import Landing, cache_target, download_shard
 from esdtool.io.source import (
     ResolvedSource,
     ShardIndex,
@@ -124,6 +128,8 @@ class DownloadingCheckpoint(HubCheckpoint):
     def __init__(self, repo: HubRepo, shards: Iterable[str], index: ShardIndex | None) -> None:
         super().__init__(repo, shards, index)
         self._shards: dict[str, Future[Checkpoint]] = {}
+        self._landings: dict[str, Landing] = {}
+        self._early: dict[str, Future[Checkpoint]] = {}  # tensors read before their shard ended
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -134,19 +140,39 @@ class DownloadingCheckpoint(HubCheckpoint):
             self._shard(shard)
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        """The tensor, once its shard is in the cache (read from there like a local file).
-        A small one of a shard not queued for download (by :meth:`will_read`) is read by a
-        range request instead: compressed-tensors' ``weight_shape``, read for every weight
-        while the analysis is planned, would otherwise queue and wait for every shard before
-        the first tensor is analysed. Tensors of a queued shard wait for it (read twice,
-        their bytes would be fetched twice)."""
+        """The tensor, as soon as its bytes have landed in the shard being downloaded (or
+        once its shard is in the cache, read from there like a local file). A small one of a
+        shard not queued for download (by :meth:`will_read`) is read by a range request
+        instead: compressed-tensors' ``weight_shape``, read for every weight while the
+        analysis is planned, would otherwise queue and wait for every shard before the first
+        tensor is analysed. Tensors of a queued shard wait for it (read twice, their bytes
+        would be fetched twice)."""
         info = self._tensors[name]
         shard = info.shard.name
         with self._lock:
             queued = shard in self._shards
         if info.nbytes < SMALL_READ and not queued:
             return self._read_range(name)
-        return self._shard(shard).result().get_tensor(name)
+        future = self._shard(shard)
+        landing = self._landings[shard]
+        if not future.done() and info.nbytes:
+            start = self._data_start[shard]
+            data = landing.read(start + info.begin, start + info.end)
+            if data is not None:
+                with self._lock:
+                    self._early[name] = future
+                return tensor_from_bytes(data, info, self.repo.where(shard))
+        return future.result().get_tensor(name)
+
+    def unverified(self, names: Iterable[str]) -> list[Future[object]]:
+        with self._lock:
+            return [self._early[n] for n in names if n in self._early]
+
+    @property
+    def waited(self) -> float:
+        """Seconds the analysis has waited for bytes to land."""
+        with self._lock:
+            return sum(landing.waited for landing in self._landings.values())
 
     def _shard(self, shard: str) -> Future[Checkpoint]:
         """The future of ``shard``'s local checkpoint; a shard not asked for yet joins the
@@ -158,6 +184,7 @@ class DownloadingCheckpoint(HubCheckpoint):
                 return future
             if shard not in self._shards:
                 self._shards[shard] = Future()
+                self._landings[shard] = Landing()
                 self._queue.put(shard)
                 if self._thread is None:
                     self._thread = threading.Thread(
@@ -168,20 +195,30 @@ class DownloadingCheckpoint(HubCheckpoint):
 
     def _download_all(self) -> None:
         while (shard := self._queue.get()) is not None:
-            future = self._shards[shard]
+            future, landing = self._shards[shard], self._landings[shard]
             if self._stop.is_set():  # the analysis is over (or stopped): fetch no more
+                landing.finish()
                 future.cancel()
                 continue
             try:
-                future.set_result(self._download(shard))
+                future.set_result(self._download(shard, landing))
             except BaseException as exc:  # handed to every tensor of the shard
                 future.set_exception(exc)
+            finally:
+                landing.finish()
 
-    def _download(self, shard: str) -> Checkpoint:
-        """``shard`` in the cache, opened (its header checked by read_header and safetensors)
-        and compared with the size and header the analysis was planned from."""
-        path = self.repo.download(shard, self._stop)
+    def _download(self, shard: str, landing: Landing) -> Checkpoint:
+        """``shard`` in the cache (by :func:`~esdtool.io.hub_cache.download_shard` where it
+        can write the cache as hf_hub_download would, else by hf_hub_download), opened (its
+        header checked by read_header and safetensors) and compared with the size and header
+        the analysis was planned from."""
         version = self._versions[shard]
+        target = cache_target(self.repo, shard, version)
+        if target is None:
+            landing.finish()  # nothing lands early: readers wait for the whole file
+            path = self.repo.download(shard, self._stop)
+        else:
+            path = download_shard(self.repo, shard, version, target, landing, self._stop)
         size, planned_size = path.stat().st_size, version.size
         if size != planned_size:
             raise CheckpointError(

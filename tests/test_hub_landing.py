@@ -1,0 +1,149 @@
+"""The default hub road computes a tensor as soon as its bytes have landed, inside a shard still
+arriving (esdtool/io/hub_cache.py), against the local stand-in for the Hub (tests/hubstub.py):
+the table is the local one, the cache ends up as hf_hub_download leaves it, and a shard that
+does not check out (replaced mid-transfer, damaged bytes) keeps no number computed from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_hub_stream import TimedHook, assert_same_table, byte_times, checkpoint_bytes
+
+from esdtool import analyze, load_metrics
+from hubstub import Fault, commit_of
+
+REPO = "big-org/one-shard"
+
+
+def _model(folder: Path, indexed: bool) -> Path:
+    """Four 256 x 512 float32 matrices (2 MB) in one file: model.safetensors alone, or one
+    shard named by an index."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(3)
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(256, 512, generator=gen)
+               for i in range(4)}  # fmt: skip
+    name = "model-00001-of-00001.safetensors" if indexed else "model.safetensors"
+    save_file(tensors, str(folder / name))
+    if indexed:
+        index = {"metadata": {}, "weight_map": dict.fromkeys(tensors, name)}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def _storage(home: Path) -> Path:
+    return home / "hub" / f"models--{REPO.replace('/', '--')}"
+
+
+def _entry(storage: Path, name: str) -> tuple[str, str, bytes]:
+    """How the cache holds one file: the snapshot's link target, the blob's name and bytes."""
+    pointer = storage / "snapshots" / commit_of(REPO) / name
+    target = os.readlink(pointer)
+    return target, Path(target).name, (pointer.parent / target).read_bytes()
+
+
+def _leftovers(storage: Path, *contents: bytes) -> list[str]:
+    """Blobs of these contents (named by their sha256), and partial files, in the cache."""
+    names = {hashlib.sha256(c).hexdigest() for c in contents}
+    found = (storage / "blobs").glob("*") if storage.exists() else []
+    return sorted(p.name for p in found if p.name in names or p.name.endswith(".incomplete"))
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["model.safetensors", "one-shard-index"])
+def test_tensors_are_analysed_before_their_shard_has_landed(hub, tmp_path, indexed):
+    """Throttled to about 1.5 s for the only shard: the first tensor's row comes before the
+    shard's last byte is sent (the stand-in's clock and the progress hook), the table is the
+    local one, and the cache holds what hf_hub_download leaves, found there by it offline."""
+    from huggingface_hub import hf_hub_download
+
+    model = _model(tmp_path / "m", indexed)
+    local = load_metrics(analyze(model, tmp_path / "local.parquet").output)
+    hub.add_repo(REPO, model)
+    hub.rate = checkpoint_bytes(model) / 1.5
+    sent = byte_times(hub)
+    hook = TimedHook()
+    result = analyze(REPO, tmp_path / "h.parquet", progress=hook)
+    assert_same_table(load_metrics(result.output), local)
+    assert len(hook.advanced) == 4 and hook.advanced[0] < sent[-1] - 0.3, (hook.advanced, sent[-1])
+    assert hub.served_bytes() <= 1.05 * checkpoint_bytes(model)  # every byte fetched once
+
+    name = next(p.name for p in model.glob("*.safetensors"))
+    ours = _entry(_storage(hub.home), name)
+    hub.rate = None
+    other = tmp_path / "other-cache"
+    hf_hub_download(REPO, name, revision=commit_of(REPO), cache_dir=other)
+    theirs = _entry(other / f"models--{REPO.replace('/', '--')}", name)
+    assert ours == theirs  # the same relative link, blob name (sha256) and bytes
+    assert _leftovers(_storage(hub.home)) == []  # no partial file
+    found = hf_hub_download(REPO, name, revision=commit_of(REPO), local_files_only=True)
+    assert Path(found) == _storage(hub.home) / "snapshots" / commit_of(REPO) / name
+
+
+def test_a_copy_that_drops_often_but_moves_finishes_without_refetching(hub, tmp_path):
+    """Eight dropped connections, more than the retries of one request: each answer brought
+    bytes, so each stall gets its own retries, and every retry asks for the rest only."""
+    from esdtool.io.hub_calls import RETRIES
+
+    model = _model(tmp_path / "m", indexed=True)
+    local = load_metrics(analyze(model, tmp_path / "local.parquet").output)
+    hub.add_repo(REPO, model)
+    drops = Fault("drop", match="model-00001", after=100_000, times=RETRIES + 3, whole=True)
+    hub.faults.append(drops)
+    result = analyze(REPO, tmp_path / "h.parquet")
+    assert drops.times == 0 and not result.errors
+    assert_same_table(load_metrics(result.output), local)
+    assert hub.served_bytes() <= 1.05 * checkpoint_bytes(model)
+
+
+@pytest.mark.parametrize("how", ["between-requests", "inside-one-answer"])
+def test_a_shard_replaced_mid_transfer_keeps_no_number_and_no_cache_entry(hub, tmp_path, how):
+    """The stand-in swaps the shard for other bytes of the same size (the same header) once
+    the copy is 1 MB in: after a dropped connection (the resumed request meets another version)
+    or inside one answer (the rest of the body is the other file's: only the sha256 at the end
+    can tell). Rows computed from the bytes that landed first are held until the shard checks
+    out, so every row is an error saying why; no blob, link or partial file is left."""
+    model = _model(tmp_path / "m", indexed=True)
+    name = "model-00001-of-00001.safetensors"
+    original = (model / name).read_bytes()
+    start = 8 + int.from_bytes(original[:8], "little")
+    other = original[:start] + bytes(b ^ 0x5A for b in original[start:])
+    hub.add_repo(REPO, model)
+    hub.rate = checkpoint_bytes(model) / 1.5  # the first tensors are computed before the swap
+    swap = lambda: hub.replace(REPO, name, other)  # noqa: E731
+    kind = "drop" if how == "between-requests" else "call"
+    hub.faults.append(Fault(kind, match=name, after=2**20, whole=True, then=swap))
+    hook = TimedHook()
+    result = analyze(REPO, tmp_path / "h.parquet", progress=hook)
+    table = load_metrics(result.output)
+    assert (table.status == "error").all(), table.status.tolist()
+    words = "changed since its header was read" if kind == "drop" else "hash to sha256"
+    assert result.errors and all(words in e for e in result.errors), result.errors
+    assert hook.advanced[0] < hook.advanced[-1]  # rows were computed while bytes arrived
+    storage = _storage(hub.home)
+    assert not (storage / "snapshots" / commit_of(REPO) / name).exists()
+    assert _leftovers(storage, original, other) == [], _leftovers(storage, original, other)
+
+
+def test_where_the_cache_cannot_be_written_as_hf_does_the_shard_is_downloaded_whole(
+    hub, tmp_path, monkeypatch
+):
+    """No sha256 ETag (a mirror without the hub's headers): hf_hub_download fetches the shard
+    and the analysis reads it once it is there; the same table, the same cache."""
+    from esdtool.io import remote
+
+    model = _model(tmp_path / "m", indexed=True)
+    local = load_metrics(analyze(model, tmp_path / "local.parquet").output)
+    hub.add_repo(REPO, model)
+    monkeypatch.setattr(remote, "cache_target", lambda *args: None)
+    result = analyze(REPO, tmp_path / "h.parquet")
+    assert_same_table(load_metrics(result.output), local)
+    heads = [p for m, p, r, s in hub.requests if m == "HEAD" and p.endswith(".safetensors")]
+    assert heads  # hf_hub_download's
+    name = "model-00001-of-00001.safetensors"
+    assert _entry(_storage(hub.home), name)[2] == (model / name).read_bytes()
