@@ -77,6 +77,7 @@ class HubStub:
         self.faults: list[Fault] = []
         self.served: Counter[str] = Counter()  # file name -> body bytes sent
         self.requests: list[tuple[str, str, str | None, int]] = []  # method, path, range, status
+        self.request_times: list[float] = []  # when each of ``requests`` was answered
         self.private: dict[str, str] = {}  # repo id -> the token it needs
         self.gated: set[str] = set()
         self.ignore_ranges = False  # answer a Range request with 200 and the whole file
@@ -340,6 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _log(self, status: int) -> None:
         with self.hub._lock:
             self.hub.requests.append((self.command, self.path, self.headers.get("Range"), status))
+            self.hub.request_times.append(time.monotonic())
 
 
 _SHA: dict[str, tuple[tuple[int, int], str]] = {}

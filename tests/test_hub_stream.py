@@ -375,10 +375,10 @@ def test_a_downloaded_shard_must_match_the_header_planned_from(
     """The default road plans from headers fetched by range, then reads the downloaded file:
     a file whose header says otherwise (a stale or damaged cache entry) gives error rows naming
     it, never numbers from other bytes."""
-    from esdtool.io import remote
+    from esdtool.io import hub_cache
 
     hub.add_repo(REPO, tiny_llama_sharded)
-    real = remote.download_shard
+    real = hub_cache.download_shard
     other = write_tensors(tmp_path / "other.safetensors", {"x": torch.zeros(3, 3).numpy()})
     damaged = sorted(p.name for p in tiny_llama_sharded.glob("*.safetensors"))[0]
 
@@ -386,7 +386,7 @@ def test_a_downloaded_shard_must_match_the_header_planned_from(
         path = real(repo, filename, version, target, landing, stop)
         return other if filename == damaged else path
 
-    monkeypatch.setattr(remote, "download_shard", download)
+    monkeypatch.setattr(hub_cache, "download_shard", download)
     result = analyze(REPO, tmp_path / "m.parquet")
     assert result.errors and all("differs from the one fetched" in e for e in result.errors)
     table = load_metrics(result.output)
@@ -427,9 +427,9 @@ def test_an_old_huggingface_hub_takes_the_download_road(
 ):
     """huggingface_hub < 1.0 (a requests session, no byte-range streaming): --stream says what
     it needs in one line; the default road downloads first and gives the same table."""
-    from esdtool.io import hub_source
+    from esdtool.io import hub_prefetch
 
-    monkeypatch.setattr(hub_source, "serves_ranges", lambda: False)
+    monkeypatch.setattr(hub_prefetch, "serves_ranges", lambda: False)
     hub.add_repo(REPO, tiny_llama_sharded)
     code, _, err = hub_run([REPO, "--stream", "-o", tmp_path / "s.parquet"], capsys)
     assert code == 2

@@ -270,8 +270,6 @@ def analyze(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from esdtool.analysis import analyze as run_analyze
-
     given = dict(
         dtype=dtype, eig_threshold=eig_threshold, min_evals=min_evals, sigma_fit=sigma_fit,
         spike_rule=spike_rule, tw_quantile=tw_quantile, conv_norm=conv_norm,
@@ -286,11 +284,17 @@ def analyze(
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     hook = None if (quiet or as_json or not main_rank) else _RichProgress()
     try:
+        _prefetch(source, revision, stream, settings, hook)
+        from esdtool.analysis import analyze as run_analyze  # torch: seconds, the link busy
+
         result = run_analyze(
             source, output, settings, revision=revision, progress=hook, resume=resume,
             stream=stream, adapter=adapter,
         )  # fmt: skip
     finally:
+        from esdtool.io import hub_prefetch
+
+        hub_prefetch.discard()  # one the analysis did not take (it failed first) stops
         if hook is not None:
             hook.close()
     if not main_rank:
@@ -306,6 +310,26 @@ def analyze(
         print_error(line)
     if result.errors:
         raise typer.Exit(2)
+
+
+def _prefetch(
+    source: str,
+    revision: str | None,
+    stream: bool,
+    settings: AnalyzeSettings,
+    hook: _RichProgress | None,
+) -> None:
+    """A hub id on the default road starts fetching (commit, index, headers, then the shards
+    the selection reads) before torch and the spectral code are imported; the analysis takes
+    it over (esdtool.io.hub_prefetch). Nothing else changes what is imported first. Under
+    torchrun only the ranks' own analysis fetches (they share the cache)."""
+    if stream or os.environ.get("WORLD_SIZE", "1") != "1":
+        return
+    from esdtool.io import hub_prefetch
+
+    if hub_prefetch.wants_hub(source, stream):
+        fetched = hook.fetched if hook is not None else None
+        hub_prefetch.start(source, revision, on_fetch=fetched, selects=settings.selects)
 
 
 def _print_summary(result: AnalyzeResult) -> None:

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from esdtool.errors import CheckpointError
+from esdtool.io.source import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     from esdtool.io.source import ShardIndex
@@ -53,7 +54,6 @@ DTYPE_SIZES: dict[str, int] = {
 SUB_BYTE_BITS: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 KNOWN_DTYPES = frozenset(DTYPE_SIZES) | frozenset(SUB_BYTE_BITS)
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"}
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 INT64_LIMIT = 2**63  # shapes and element counts must fit int64 (torch, numpy, parquet)
 
 

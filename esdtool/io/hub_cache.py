@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,29 @@ from esdtool.io.hub import FileVersion, HubRepo
 from esdtool.io.hub_calls import cache_error
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class RawHeader:
+    """A shard's first 8 bytes, its version, and the header bytes they announce (None where
+    the length is not one to fetch: the checkpoint reader says why)."""
+
+    prefix: bytes
+    version: FileVersion
+    raw: bytes | None
+
+
+def read_raw_header(repo: HubRepo, shard: str, limit: int) -> RawHeader:
+    """Two range reads: the length prefix, then (up to ``limit`` bytes) the header JSON.
+    Nothing is parsed here (:class:`~esdtool.io.remote.HubCheckpoint` checks it all)."""
+    prefix, version = repo.read(shard, 0, 8, tail_ok=True)
+    n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    raw = None
+    if n == 0:
+        raw = b""
+    elif 0 < n <= limit and 8 + n <= version.size:
+        raw = bytes(repo.read(shard, 8, 8 + n, version=version)[0])
+    return RawHeader(bytes(prefix), version, raw)
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,10 @@ class Landing:
         self._landed = 0
         self._over = False
         self.waited = 0.0
+
+    @property
+    def landed_bytes(self) -> int:
+        return self._landed
 
     def begin(self, path: Path) -> None:
         with self._cond:
@@ -204,3 +233,86 @@ def _write_blob(
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+_JOIN_S = 5.0  # how long closing waits for the download thread to stop
+
+
+class ShardQueue:
+    """Shards downloaded into the HF cache one at a time (the first asked for lands soonest)
+    on a background thread, in the order they are asked for: :meth:`fetch` gives a shard's
+    future (its path in the snapshot) and its :class:`Landing`. Torch-free, so the CLI starts
+    it before the heavy imports (:mod:`esdtool.io.hub_prefetch`)."""
+
+    def __init__(self, repo: HubRepo, versions: dict[str, FileVersion]) -> None:
+        self.repo = repo
+        self.versions = versions
+        self._shards: dict[str, tuple[Future[Path], Landing]] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.stop = threading.Event()  # set on closing: the download under way stops too
+
+    def fetch(self, shard: str) -> tuple[Future[Path], Landing]:
+        """``shard``'s future and landing; a shard not asked for yet joins the queue's end."""
+        with self._lock:
+            if shard not in self._shards:
+                future: Future[Path] = Future()
+                landing = Landing()
+                self._shards[shard] = future, landing
+                if self.stop.is_set():  # closed: nothing starts
+                    landing.finish()
+                    future.cancel()
+                    return future, landing
+                self._queue.put(shard)
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._download_all, name="esdtool-download", daemon=True
+                    )
+                    self._thread.start()
+            return self._shards[shard]
+
+    def flowing(self) -> bool:
+        """Whether bytes of a shard have landed (or a download has ended) since the start."""
+        with self._lock:
+            return any(f.done() or landing.landed_bytes > 0 for f, landing in self._shards.values())
+
+    def waited(self) -> float:
+        """Seconds readers have waited for bytes to land, all shards together."""
+        with self._lock:
+            return sum(landing.waited for _, landing in self._shards.values())
+
+    def _download_all(self) -> None:
+        while (shard := self._queue.get()) is not None:
+            future, landing = self._shards[shard]
+            if self.stop.is_set():  # the analysis is over (or stopped): fetch no more
+                landing.finish()
+                future.cancel()
+                continue
+            try:
+                future.set_result(self._download(shard, landing))
+            except BaseException as exc:  # handed to every tensor of the shard
+                future.set_exception(exc)
+            finally:
+                landing.finish()
+
+    def _download(self, shard: str, landing: Landing) -> Path:
+        version = self.versions[shard]
+        target = cache_target(self.repo, shard, version)
+        if target is None:
+            landing.finish()  # nothing lands early: readers wait for the whole file
+            return self.repo.download(shard, self.stop)
+        return download_shard(self.repo, shard, version, target, landing, self.stop)
+
+    def close(self) -> None:
+        """The download under way stops at its next chunk (a reader waiting on it gets an
+        error at once), no other starts, and the thread is joined (for :data:`_JOIN_S` at
+        most: a read blocked on a silent server ends with the hub's download timeout)."""
+        with self._lock:
+            if self.stop.is_set():
+                return
+            self.stop.set()
+            thread = self._thread
+        self._queue.put(None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_JOIN_S)

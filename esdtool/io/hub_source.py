@@ -1,6 +1,7 @@
-"""Which road a hub id takes, and opening it: :func:`wants_hub` decides (a hub id, online, with
-a huggingface_hub that streams byte ranges), :func:`open_hub` resolves the commit, reads
-config.json and the shard index, and opens the shards as a
+"""Opening a hub id: :func:`wants_hub` (from :mod:`esdtool.io.hub_prefetch`) decides whether
+it is read as it arrives (a hub id, online, with a huggingface_hub that streams byte ranges),
+:func:`open_hub` resolves the commit, reads config.json and the shard index (or takes them from
+the CLI's prefetch), and opens the shards as a
 :class:`~esdtool.io.remote.DownloadingCheckpoint` (the default) or a
 :class:`~esdtool.io.remote.StreamedCheckpoint` (``--stream``). Anything else, and a hub id with
 nothing to gain from overlapping, goes the local way (:func:`~esdtool.io.source.resolve_source`).
@@ -9,59 +10,24 @@ nothing to gain from overlapping, goes the local way (:func:`~esdtool.io.source.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from esdtool.errors import OptionError, PickleRefusedError, ShardMissingError, SourceError
+from esdtool.io import hub_prefetch
 from esdtool.io.checkpoint import Checkpoint
-from esdtool.io.hub import HubRepo, OnFetch, RangesNotServed, serves_ranges
-from esdtool.io.hub_calls import call_hub, resolve_commit
+from esdtool.io.hub import HubRepo, OnFetch, RangesNotServed
+from esdtool.io.hub_calls import resolve_commit
+from esdtool.io.hub_prefetch import hub_offline, wants_hub  # noqa: F401 (the analysis asks here)
 from esdtool.io.remote import DownloadingCheckpoint, StreamedCheckpoint
 from esdtool.io.source import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     INDEX_NAME,
     PICKLE_SUFFIXES,
     SINGLE_NAME,
     ResolvedSource,
-    is_hub_id,
     read_index,
 )
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) forbids reaching the hub."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return constants.is_offline_mode() or flag
-
-
-def wants_hub(source: object, stream: bool) -> bool:
-    """Whether ``source`` is read from the hub as it arrives (a hub id that is not a local
-    path, with the hub reachable); ``stream`` on anything else is refused with the reason."""
-    text = os.fspath(source) if isinstance(source, str | os.PathLike) else None
-    hub = text is not None and is_hub_id(text) and not Path(text).expanduser().exists()
-    if stream and not hub:
-        what = text or type(source).__name__
-        raise OptionError(f"{what}: --stream reads hub ids (org/name) only")
-    if stream and hub_offline():
-        raise SourceError(
-            f"{text}: --stream reads from the hub, but HF_HUB_OFFLINE is set",
-            hint="unset HF_HUB_OFFLINE, or drop --stream to read the model from the local HF cache",
-        )
-    if hub and not serves_ranges():  # huggingface_hub < 1.0: the download-then-analyse road
-        if stream:
-            import huggingface_hub
-
-            raise OptionError(
-                f"{text}: --stream needs huggingface_hub >= 1.0 (this is "
-                f"{huggingface_hub.__version__})",
-                hint="pip install -U huggingface_hub, or drop --stream",
-            )
-        return False
-    return hub and not hub_offline()
 
 
 def open_hub(
@@ -79,48 +45,26 @@ def open_hub(
     :func:`~esdtool.io.source.resolve_source` road."""
     if stream:
         return _open_streamed(repo_id, revision, token, on_fetch)
-    snapshot, commit = _index_snapshot(repo_id, revision, token)
-    index_path = snapshot / INDEX_NAME
-    index = read_index(index_path) if index_path.is_file() else None
-    if index is not None:
-        shards = tuple(dict.fromkeys(index.weight_map.values()))
-    elif (snapshot / ADAPTER_CONFIG).is_file() and not (snapshot / "config.json").is_file():
-        return None  # a PEFT adapter: small, read the local way
-    elif (snapshot / SINGLE_NAME).is_file():
-        return None  # in the cache already
-    elif SINGLE_NAME in resolve_commit(repo_id, commit, token)[1]:
-        shards = (SINGLE_NAME,)  # one file: its tensors are analysed as they land too
-    else:
-        return None
-    if all((snapshot / s).is_file() for s in shards):
-        return None
+    prefetch = hub_prefetch.take(repo_id, revision, token)
     try:
-        ckpt = DownloadingCheckpoint(HubRepo(repo_id, commit, token, on_fetch), shards, index)
+        plan = (
+            prefetch.result()
+            if prefetch is not None
+            else hub_prefetch.plan_hub(repo_id, revision, token, on_fetch)
+        )
+        if plan is None:
+            return None
+        try:
+            ckpt = DownloadingCheckpoint(plan.repo, plan.shards, plan.index, plan.headers,
+                                         plan.downloads)  # fmt: skip
+        except BaseException:  # a header refused: the prefetch's downloads stop too
+            plan.downloads.close()
+            raise
     except RangesNotServed:  # a mirror without range support: download first, then analyse
         return None
-    files = tuple(snapshot / s for s in shards)
-    return ResolvedSource(repo_id, "hub", files, _json_object(snapshot / "config.json"), commit,
-                          index), ckpt  # fmt: skip
-
-
-def _index_snapshot(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, str]:
-    """config.json and the shard index into the HF cache (as huggingface_hub keeps them): the
-    snapshot folder and its commit."""
-    import huggingface_hub
-    from huggingface_hub.utils import tqdm
-
-    class Quiet(tqdm):  # two small files: the analysis draws its own progress
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **{**kwargs, "disable": True})
-
-    def fetch() -> Path:
-        patterns = ["config.json", INDEX_NAME, "adapter_config.json"]
-        return Path(huggingface_hub.snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=patterns, tqdm_class=Quiet
-        ))  # fmt: skip
-
-    snapshot = call_hub(fetch, repo_id, revision, f"{repo_id}/{INDEX_NAME}", INDEX_NAME)
-    return snapshot, snapshot.name
+    files = tuple(plan.snapshot / s for s in plan.shards)
+    config = _json_object(plan.snapshot / "config.json")
+    return ResolvedSource(repo_id, "hub", files, config, plan.repo.commit, plan.index), ckpt
 
 
 def _open_streamed(

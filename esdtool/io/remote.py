@@ -31,9 +31,8 @@ digest of the headers) stands in for the file facts in the resume fingerprint.
 from __future__ import annotations
 
 import hashlib
-import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from esdtool.io.hub import (
     FileVersion,
     HubRepo,
 )
-from esdtool.io.hub_cache import Landing, cache_target, download_shard
+from esdtool.io.hub_cache import Landing, RawHeader, ShardQueue, read_raw_header
 from esdtool.io.source import (
     ResolvedSource,
     ShardIndex,
@@ -62,13 +61,18 @@ from esdtool.io.source import (
 
 _HEADER_WORKERS = 8  # shard headers fetched at once
 SMALL_READ = 64 * 2**10  # the default road reads a tensor this small by range, not waiting
-_JOIN_S = 5.0  # how long closing waits for the download thread to stop
 
 
 class HubCheckpoint(Checkpoint):
     """The headers of a hub checkpoint's shards, checked; see the module docstring."""
 
-    def __init__(self, repo: HubRepo, shards: Iterable[str], index: ShardIndex | None) -> None:
+    def __init__(
+        self,
+        repo: HubRepo,
+        shards: Iterable[str],
+        index: ShardIndex | None,
+        headers: Mapping[str, RawHeader] | None = None,
+    ) -> None:
         self.repo = repo
         shards = tuple(shards)
         self.files = tuple(Path(s) for s in shards)
@@ -78,7 +82,9 @@ class HubCheckpoint(Checkpoint):
         self._shard_metadata: dict[str, dict[str, str]] = {}
         self._versions: dict[str, FileVersion] = {}
         with ThreadPoolExecutor(_HEADER_WORKERS, thread_name_prefix="esdtool-header") as pool:
-            headers = list(pool.map(self._header, shards))
+            ahead = dict(headers or {})
+            read = lambda shard: self._header(shard, ahead.get(shard))  # noqa: E731
+            headers = list(pool.map(read, shards))
         for shard, (_, metadata, start, version, _) in zip(shards, headers, strict=True):
             self._data_start[shard] = start
             self._versions[shard] = version
@@ -89,13 +95,17 @@ class HubCheckpoint(Checkpoint):
         self.identity = hub_identity(repo.repo_id, repo.commit, facts)
 
     def _header(
-        self, shard: str
+        self, shard: str, read: RawHeader | None = None
     ) -> tuple[dict[str, TensorInfo], dict[str, str], int, FileVersion, bytes]:
-        """(tensors, metadata, where the data starts, the file's version, the raw header)."""
+        """(tensors, metadata, where the data starts, the file's version, the raw header),
+        from the bytes ``read`` ahead (the CLI's prefetch) or read now."""
         where = self.repo.where(shard)
-        prefix, version = self.repo.read(shard, 0, 8, tail_ok=True)
-        n = header_length(bytes(prefix), version.size, where)
-        raw = bytes(self.repo.read(shard, 8, 8 + n, version=version)[0]) if n else b""
+        read = read or read_raw_header(self.repo, shard, MAX_HEADER_BYTES)
+        version = read.version
+        n = header_length(read.prefix, version.size, where)
+        raw = read.raw if read.raw is not None and len(read.raw) == n else None
+        if raw is None:
+            raw = bytes(self.repo.read(shard, 8, 8 + n, version=version)[0]) if n else b""
         tensors, metadata = check_header(raw, version.size, Path(shard), where)
         return tensors, metadata, 8 + n, version, raw
 
@@ -123,17 +133,23 @@ class StreamedCheckpoint(HubCheckpoint):
 
 class DownloadingCheckpoint(HubCheckpoint):
     """The default road for a hub id: shards downloaded into the HF cache on a background
-    thread while the tensors of the shards already there are analysed."""
+    thread (:class:`~esdtool.io.hub_cache.ShardQueue`) while the tensors already there are
+    analysed. ``downloads``: a queue started before the analysis (the CLI's prefetch)."""
 
-    def __init__(self, repo: HubRepo, shards: Iterable[str], index: ShardIndex | None) -> None:
-        super().__init__(repo, shards, index)
-        self._shards: dict[str, Future[Checkpoint]] = {}
+    def __init__(
+        self,
+        repo: HubRepo,
+        shards: Iterable[str],
+        index: ShardIndex | None,
+        headers: Mapping[str, RawHeader] | None = None,
+        downloads: ShardQueue | None = None,
+    ) -> None:
+        super().__init__(repo, shards, index, headers)
+        self._downloads = downloads or ShardQueue(repo, dict(self._versions))
+        self._checked: dict[str, Future[Checkpoint]] = {}
         self._landings: dict[str, Landing] = {}
         self._early: dict[str, Future[Checkpoint]] = {}  # tensors read before their shard ended
-        self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()  # set on closing: the download under way stops too
 
     def will_read(self, names: Iterable[str]) -> None:
         for shard in dict.fromkeys(self._tensors[n].shard.name for n in names):
@@ -150,19 +166,18 @@ class DownloadingCheckpoint(HubCheckpoint):
         info = self._tensors[name]
         shard = info.shard.name
         with self._lock:
-            queued = shard in self._shards
+            queued = shard in self._checked
         if info.nbytes < SMALL_READ and not queued:
             return self._read_range(name)
-        future = self._shard(shard)
-        landing = self._landings[shard]
-        if not future.done() and info.nbytes:
+        checked = self._shard(shard)
+        if not checked.done() and info.nbytes:
             start = self._data_start[shard]
-            data = landing.read(start + info.begin, start + info.end)
+            data = self._landings[shard].read(start + info.begin, start + info.end)
             if data is not None:
                 with self._lock:
-                    self._early[name] = future
+                    self._early[name] = checked
                 return tensor_from_bytes(data, info, self.repo.where(shard))
-        return future.result().get_tensor(name)
+        return checked.result().get_tensor(name)
 
     def unverified(self, names: Iterable[str]) -> list[Future[object]]:
         with self._lock:
@@ -171,54 +186,30 @@ class DownloadingCheckpoint(HubCheckpoint):
     @property
     def waited(self) -> float:
         """Seconds the analysis has waited for bytes to land."""
-        with self._lock:
-            return sum(landing.waited for landing in self._landings.values())
+        return self._downloads.waited()
 
     def _shard(self, shard: str) -> Future[Checkpoint]:
-        """The future of ``shard``'s local checkpoint; a shard not asked for yet joins the
-        end of the queue (one download at a time: the first shard lands soonest)."""
+        """The future of ``shard``'s local checkpoint, checked against the header planned
+        from; a shard not asked for yet joins the end of the download queue."""
         with self._lock:
-            if shard not in self._shards and self._stop.is_set():  # closed: nothing starts
-                future: Future[Checkpoint] = Future()
-                future.cancel()
-                return future
-            if shard not in self._shards:
-                self._shards[shard] = Future()
-                self._landings[shard] = Landing()
-                self._queue.put(shard)
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._download_all, name="esdtool-download", daemon=True
-                    )
-                    self._thread.start()
-            return self._shards[shard]
+            if shard not in self._checked:
+                downloaded, landing = self._downloads.fetch(shard)
+                checked: Future[Checkpoint] = Future()
+                self._checked[shard], self._landings[shard] = checked, landing
 
-    def _download_all(self) -> None:
-        while (shard := self._queue.get()) is not None:
-            future, landing = self._shards[shard], self._landings[shard]
-            if self._stop.is_set():  # the analysis is over (or stopped): fetch no more
-                landing.finish()
-                future.cancel()
-                continue
-            try:
-                future.set_result(self._download(shard, landing))
-            except BaseException as exc:  # handed to every tensor of the shard
-                future.set_exception(exc)
-            finally:
-                landing.finish()
+                def check(done: Future[Path]) -> None:
+                    try:
+                        checked.set_result(self._check(shard, done.result()))
+                    except BaseException as exc:  # handed to every tensor of the shard
+                        checked.set_exception(exc)
 
-    def _download(self, shard: str, landing: Landing) -> Checkpoint:
-        """``shard`` in the cache (by :func:`~esdtool.io.hub_cache.download_shard` where it
-        can write the cache as hf_hub_download would, else by hf_hub_download), opened (its
-        header checked by read_header and safetensors) and compared with the size and header
-        the analysis was planned from."""
+                downloaded.add_done_callback(check)
+            return self._checked[shard]
+
+    def _check(self, shard: str, path: Path) -> Checkpoint:
+        """``shard`` in the cache, opened (its header checked by read_header and safetensors)
+        and compared with the size and header the analysis was planned from."""
         version = self._versions[shard]
-        target = cache_target(self.repo, shard, version)
-        if target is None:
-            landing.finish()  # nothing lands early: readers wait for the whole file
-            path = self.repo.download(shard, self._stop)
-        else:
-            path = download_shard(self.repo, shard, version, target, landing, self._stop)
         size, planned_size = path.stat().st_size, version.size
         if size != planned_size:
             raise CheckpointError(
@@ -248,17 +239,8 @@ class DownloadingCheckpoint(HubCheckpoint):
         return local
 
     def close(self) -> None:
-        """The download under way stops at its next chunk (a reader waiting on it gets an
-        error at once), no other starts, and the thread is joined (for :data:`_JOIN_S` at
-        most: a read blocked on a silent server ends with the hub's download timeout)."""
-        with self._lock:
-            if self._stop.is_set():
-                return
-            self._stop.set()
-            thread = self._thread
-        self._queue.put(None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=_JOIN_S)
+        """The download under way stops at its next chunk; see ShardQueue.close."""
+        self._downloads.close()
 
 
 def hub_identity(

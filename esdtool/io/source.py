@@ -21,6 +21,7 @@ from esdtool.errors import CheckpointError, PickleRefusedError, ShardMissingErro
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header's JSON
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
