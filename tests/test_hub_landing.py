@@ -187,3 +187,32 @@ def test_the_cli_fetches_before_it_imports_torch(hub, tmp_path):
     proc = run_subprocess(["analyze", model, "-o", tmp_path / "l.parquet", "--json"], env=env)
     assert proc.returncode == 0, proc.stderr
     assert stamp.exists() and hub.requests == []
+
+
+@pytest.mark.parametrize("throttled", [True, False], ids=["download-bound", "compute-bound"])
+def test_the_progress_hook_hears_how_long_the_analysis_waited_for_bytes(hub, tmp_path, throttled):
+    """Throttled to 2.5 s for 2 MB that compute in well under a second, the analysis waits
+    most of the time; unthrottled it hardly waits. The CLI's bar says which bounds the run."""
+    from esdtool.cli.analyze import _RichProgress
+
+    model = _model(tmp_path / "m", indexed=True)
+    hub.add_repo(REPO, model)
+    hub.rate = checkpoint_bytes(model) / 2.5 if throttled else None
+    heard: list[float] = []
+
+    class Hook(TimedHook):
+        def waiting(self, seconds: float) -> None:
+            heard.append(seconds)
+
+    analyze(REPO, tmp_path / "h.parquet", progress=Hook())
+    assert len(heard) == 4 and heard == sorted(heard)
+    assert heard[-1] > 1.5 if throttled else heard[-1] < 0.5, heard
+
+    bar = _RichProgress()
+    bar.waiting(0.0, now=10.0)
+    bar.waiting(0.9, now=10.5)  # under a second since the mark: no verdict yet
+    assert bar.bar.tasks[0].fields["bound"] == ""
+    bar.waiting(1.2, now=11.5)
+    assert bar.bar.tasks[0].fields["bound"] == "download-bound"
+    bar.waiting(1.3, now=13.0)
+    assert bar.bar.tasks[0].fields["bound"] == "compute-bound"

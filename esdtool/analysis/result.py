@@ -26,7 +26,9 @@ class ProgressHook(Protocol):
         """Something the user should know now (e.g. that a run resumes)."""
 
     # Optional: ``fetched(nbytes)``, bytes received from the hub (called from a reader or
-    # download thread); hooks without it draw no fetch progress.
+    # download thread); hooks without it draw no fetch progress. ``waiting(seconds)``, after
+    # each tensor of a hub id read as it downloads: the seconds the analysis has waited for
+    # bytes so far (a share of the wall time near 1 means the download bounds the run).
 
 
 @dataclass(frozen=True)

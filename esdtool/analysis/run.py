@@ -344,6 +344,9 @@ def _analyze_reads(
         settle(wait=False)
         if progress:
             progress.advance(task.info.name, task.nbytes)
+            waiting, waited = getattr(progress, "waiting", None), getattr(ckpt, "waited", None)
+            if waiting is not None and waited is not None:
+                waiting(waited)
     settle(wait=True)
 
 

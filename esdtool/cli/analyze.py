@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -54,7 +55,8 @@ EXAMPLES = """[bold]Examples[/bold]
 class _RichProgress:
     """ProgressHook drawing one bar over bytes analysed, with tensors done and the bytes/s
     rate, and for a hub id a second one over bytes fetched, with its own rate (hidden until
-    the first bytes arrive). Bytes fetched count every byte received, those of an attempt
+    the first bytes arrive); while a hub id downloads, the first says which of the two rates
+    bounds the run. Bytes fetched count every byte received, those of an attempt
     later retried too, so after a dropped connection the count exceeds the checkpoint."""
 
     def __init__(self) -> None:
@@ -65,17 +67,19 @@ class _RichProgress:
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
+            TextColumn("{task.fields[bound]}", markup=False),
             TextColumn("{task.fields[current]}", markup=False),
             console=err,
             transient=True,
             disable=not err.is_terminal,
         )
-        self.task = self.bar.add_task("analyze", total=None, current="", count="")
+        self.task = self.bar.add_task("analyze", total=None, current="", count="", bound="")
         # Made here, not on the first fetched(): that is called from several threads at once
         # (the header readers, the download thread), and rich's update() is thread-safe.
         self.fetch: TaskID = self.bar.add_task(
-            "fetch", total=None, current="", count="", visible=False
+            "fetch", total=None, current="", count="", bound="", visible=False
         )
+        self._mark: tuple[float, float] | None = None  # (when, seconds waited then)
         self.done = 0
         self.tensors = 0
 
@@ -90,6 +94,20 @@ class _RichProgress:
 
     def close(self) -> None:
         self.bar.stop()
+
+    def waiting(self, seconds: float, now: float | None = None) -> None:
+        """Seconds the analysis has waited for the download so far: over each second or more,
+        a wait of more than half the time says the download bounds the run, else compute."""
+        now = time.monotonic() if now is None else now
+        if self._mark is None:
+            self._mark = (now, seconds)
+            return
+        then, before = self._mark
+        if now - then >= 1.0:
+            share = (seconds - before) / (now - then)
+            bound = "download-bound" if share > 0.5 else "compute-bound"
+            self.bar.update(self.task, bound=bound)
+            self._mark = (now, seconds)
 
     def advance(self, name: str, nbytes: int) -> None:
         self.done += 1
