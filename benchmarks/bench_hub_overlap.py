@@ -14,7 +14,15 @@ rate set to size / that time). Then, each with an empty HF cache:
 The ratio overlapped / download-then-analyse approaches max(D, C) / (D + C) = 0.5 with many
 shards; the first shard is never overlapped. Target: <= 0.65.
 
+``--processes`` times whole processes instead, as a user meets them (start-up and imports
+included), for 12 matrices in 1, 3 and 12 shards, with the link throttled so that the download
+takes about 1.5x the local analysis (download-bound) or 0.4x (compute-bound): the download alone
+(``snapshot_download`` in a fresh interpreter), ``esdtool analyze DIR`` of the local copy, and
+``esdtool analyze org/name`` (empty cache). Target: the hub run's wall <= max(download, local)
++ 0.5 x min(download, local), i.e. a ratio <= 1.
+
     python benchmarks/bench_hub_overlap.py [--shards 16] [--size 768] [--repeat 2]
+    python benchmarks/bench_hub_overlap.py --processes [--size 768]
 """
 
 from __future__ import annotations
@@ -92,12 +100,81 @@ def point_hub_at(endpoint: str, cache: Path) -> None:
     constants.HF_HUB_OFFLINE = False
 
 
+def write_split(directory: Path, matrices: int, shards: int, size: int) -> int:
+    """``matrices`` float32 matrices (size x 2 size) spread over ``shards`` shards, with an
+    index; the bytes written."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    per = -(-matrices // shards)
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        rows = range(s * per, min(matrices, (s + 1) * per))
+        tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(size, 2 * size,
+                                                                       generator=gen)
+                   for i in rows}  # fmt: skip
+        save_file(tensors, str(directory / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += (directory / name).stat().st_size
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return total
+
+
+def timed_process(args: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one fresh interpreter running ``args``."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, *args], check=True, env={**os.environ, **env},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return time.perf_counter() - started
+
+
+def processes(size: int) -> None:
+    """The --processes table (see the module docstring)."""
+    print("| shards | bound | MB | download s | local s | hub s | target s | hub / target |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for shards in (1, 3, 12):
+            model = work / f"model-{shards}"
+            nbytes = write_split(model, 12, shards, size)
+            repos = work / f"repos-{shards}"
+            shutil.copytree(model, repos / REPO)
+            analyse = ["-m", "esdtool", "analyze"]
+            timed_process([*analyse, str(model), "-o", str(work / "warm.parquet"), "--quiet"], {})
+            local = timed_process([*analyse, str(model), "-o", str(work / "l.parquet"),
+                                   "--quiet"], {})  # fmt: skip
+            for bound, factor in (("download", 1.5), ("compute", 0.4)):
+                rate = nbytes / (factor * local)
+                with hub_process(repos, rate) as endpoint:
+                    homes = [str(work / f"home-{shards}-{bound}-{tag}") for tag in "dh"]
+                    fetch = f"from huggingface_hub import snapshot_download as s; s({REPO!r})"
+                    download = timed_process(["-c", fetch], {"HF_ENDPOINT": endpoint,
+                                                             "HF_HOME": homes[0]})  # fmt: skip
+                    hub = timed_process([*analyse, REPO, "-o", str(work / "h.parquet"),
+                                         "--quiet"], {"HF_ENDPOINT": endpoint,
+                                                      "HF_HOME": homes[1]})  # fmt: skip
+                target = max(download, local) + 0.5 * min(download, local)
+                print(
+                    f"| {shards} | {bound} | {nbytes / 1e6:.0f} | {download:.2f} | "
+                    f"{local:.2f} | {hub:.2f} | {target:.2f} | {hub / target:.2f} |"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--size", type=int, default=768, help="rows of each matrix")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each road (best kept)")
+    parser.add_argument("--processes", action="store_true", help="whole processes; see above")
     args = parser.parse_args()
+    if args.processes:
+        processes(args.size)
+        return
 
     import torch
     from huggingface_hub import snapshot_download
