@@ -259,3 +259,52 @@ def test_gptq_v1_zero_points_of_zero(tmp_path, gptq_awq):
     assert any((v < 0).any() for k, v in stored.items() if "qzeros" in k)
     _, table = _analysed(directory, tmp_path / "m.parquet")
     _check(table, reference, "gptq int4 g128", ".qweight", directory)
+
+
+@pytest.mark.parametrize("case", ["gptq-4-128-False-gptq", "gptq-3-64-True-gptq_v2", "awq-128",
+                                  "compressed-int4-group-asym"])  # fmt: skip
+def test_a_state_dict_with_its_quantization_config_gives_the_files_rows(
+    tmp_path, minilm_linears, gptq_awq, case
+):
+    """The checkpoint's tensors loaded into a state dict and analysed in memory with its
+    config.json's quantization_config give every row the files give (the codes decoded with
+    their scales and zero points, the parts noted), eigenvalues equal to the last bit; without
+    it the packed parts are skipped, never measured as stored."""
+    import pandas as pd
+
+    from esdtool.errors import CheckpointError, OptionError
+
+    if case.startswith("compressed"):
+        pytest.importorskip("compressed_tensors", reason="pip install 'esdtool[test]'")
+        import qref_compressed as ct
+
+        linears = {k: v for k, v in minilm_linears.items() if v.shape[1] % 32 == 0}
+        directory = ct.build_compressed_checkpoint(
+            tmp_path / "m", linears, format="pack-quantized", num_bits=4, type="int",
+            strategy="group", group_size=32, symmetric=False,
+        )  # fmt: skip
+    else:
+        directory = gptq_awq[case][0]
+    _, files = _analysed(directory, tmp_path / "f.parquet")
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    ours = analyze(state, quantization_config=config).table.set_index("name")
+    expected = files.set_index("name")
+    assert sorted(ours.index) == sorted(expected.index)
+    ours = ours.loc[expected.index]
+    cols = ["status", "reason", "quantization", "module", "role", "rows", "cols",
+            "alpha_median", "alpha_ks", "lambda_max", "num_spikes", "stable_rank"]  # fmt: skip
+    pd.testing.assert_frame_equal(ours[cols], expected[cols])
+    decoded_rows = expected.index[expected.quantization.notna() & (expected.status == "ok")]
+    assert len(decoded_rows) >= 3
+    for name in decoded_rows:
+        assert np.array_equal(ours.loc[name, "eigenvalues"], expected.loc[name, "eigenvalues"])
+
+    bare = analyze(state).table.set_index("name")
+    assert (bare.loc[decoded_rows, "status"] == "skipped").all()
+    with pytest.raises(OptionError, match="quantization_config= is for tensors in memory"):
+        analyze(directory, quantization_config=config)
+    with pytest.raises(CheckpointError, match="in-memory quantization_config"):
+        analyze(state, quantization_config={"quant_method": 3})

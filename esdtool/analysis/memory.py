@@ -184,15 +184,21 @@ def _base_name(
 
 
 def analyze_memory(
-    source: object, settings: AnalyzeSettings, progress: Any, weights: str
+    source: object,
+    settings: AnalyzeSettings,
+    progress: Any,
+    weights: str,
+    quantization_config: Any = None,
 ) -> tuple[list[MatrixRow], dict[str, Any], torch.device]:
     """The rows of every selected tensor of an in-memory ``source``, the table's metadata, and
-    the device the spectra were computed on."""
+    the device the spectra were computed on. ``quantization_config``: how a state dict's
+    quantized tensors decode (config.json's), checked as a file's is."""
     device = resolve_device(settings.device)
     if settings.dtype == "auto":
         settings = replace(settings, dtype=str(auto_dtype(device)).removeprefix("torch."))
     budget = memory_budget(settings, device)
     adapter_meta = None
+    scheme, raw_config = _scheme(source, quantization_config)
     if weights not in WEIGHTS:
         raise OptionError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
     if weights == "adapter":
@@ -200,11 +206,11 @@ def analyze_memory(
             raise OptionError("weights='adapter' is for a PEFT model; this has no adapters")
         rows, adapter_meta = _adapter_rows(source, settings, progress, device, budget)
     else:
-        rows = _tensor_rows(source, weights, settings, progress, device, budget)
+        rows = _tensor_rows(source, weights, settings, progress, device, budget, scheme)
     metadata = {
         "source_path": None, "revision": None, "files": [], "model_type": None,
         "architectures": None, **describe(source, weights), "checkpoint_metadata": {},
-        "quantization_config": None, "adapter": adapter_meta, "esdtool_version": __version__,
+        "quantization_config": raw_config, "adapter": adapter_meta, "esdtool_version": __version__,
         "torch_version": torch.__version__, "settings": settings.to_dict(),
         "device": str(device), "world_size": 1,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -226,17 +232,24 @@ def _unreadable(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def _scheme(source: object) -> Any:
-    """The quantization scheme a model in memory was loaded with (its config's
-    ``quantization_config``), as a checkpoint's config.json would give it; None for a state
-    dict or an unquantized model (FP8 weights with their scales are found by name either way)."""
-    model = source.get_base_model() if _is_peft(source) else source  # type: ignore[attr-defined]
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+def _scheme(source: object, given: Any = None) -> tuple[Any, dict[str, Any] | None]:
+    """The quantization scheme of tensors in memory, as a checkpoint's config.json would give
+    it, and that config as plain JSON: ``given`` (config.json's ``quantization_config``), else
+    the config a model was loaded with; (None, None) for a plain state dict or an unquantized
+    model (FP8 weights with their scales are found by name either way)."""
+    qc = given
+    if qc is None and isinstance(source, torch.nn.Module):
+        model = source.get_base_model() if _is_peft(source) else source  # type: ignore[operator]
+        qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if qc is None:
-        return None
+        return None, None
     raw = qc.to_dict() if hasattr(qc, "to_dict") else qc
-    return read_scheme({"quantization_config": json.loads(json.dumps(raw, default=_plain))},
-                       "<in-memory model>")  # fmt: skip
+    try:
+        plain = json.loads(json.dumps(raw, default=_plain))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise OptionError(f"quantization_config: not a JSON object ({exc})") from exc
+    scheme = read_scheme({"quantization_config": plain}, "<in-memory quantization_config>")
+    return scheme, plain if isinstance(plain, dict) else None
 
 
 def _planned_rows(
@@ -245,6 +258,7 @@ def _planned_rows(
     progress: Any,
     device: torch.device,
     budget: int | None,
+    scheme: Any = None,
 ) -> list[MatrixRow]:
     """The base weights' rows through the same task planning as files (quantized weights
     dequantized with their scales, scales and zero points noted, the same refusals), so every
@@ -264,7 +278,7 @@ def _planned_rows(
         raise OptionError("nothing to analyse: no tensor name passes --include/--exclude")
     odd = {n: r for n in tensors if (r := _unreadable(tensors[n])) is not None}
     readable = _StateDict({n: t for n, t in tensors.items() if n not in odd})
-    layout = layout_of(readable.infos, _scheme(source), readable.get_tensor)
+    layout = layout_of(readable.infos, scheme, readable.get_tensor)
     plain = [n for n in names if n not in odd]
     tasks = {t.info.name: t for t in plan_tasks(readable, plain, layout, settings, budget)}  # type: ignore[arg-type]
     check_farms_windows([t.info for t in tasks.values() if t.status is None], settings)
@@ -301,11 +315,12 @@ def _tensor_rows(
     progress: Any,
     device: torch.device,
     budget: int | None,
+    scheme: Any = None,
 ) -> list[MatrixRow]:
     """The rows of every selected named tensor: the base weights through the files' task
     planning; a PEFT model's merged weights one at a time (each sum made as it is read)."""
     if weights == "base":
-        return _planned_rows(source, settings, progress, device, budget)
+        return _planned_rows(source, settings, progress, device, budget, scheme)
     infos, count = [], 0
     for name, tensor in named_tensors(source, weights):
         count += 1

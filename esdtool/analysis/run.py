@@ -80,6 +80,7 @@ def analyze(
     weights: str = "base",
     stream: bool = False,
     adapter: str | os.PathLike[str] | None = None,
+    quantization_config: Mapping[str, Any] | Any | None = None,
 ) -> AnalyzeResult:
     """Analyse every selected tensor of ``source``; the table is ``result.table`` and, when
     ``output`` is given, the parquet file written there.
@@ -118,6 +119,12 @@ def analyze(
     first) while the model's tensors stream, and its row, under the base tensor's name, says
     ``merged lora`` (or ``merged dora``, ...) in the ``adapter`` column; every other tensor is
     analysed as it is. The table's metadata records the adapter (``merged_adapter``).
+
+    ``quantization_config`` (config.json's ``quantization_config``, a dict or a transformers
+    quantization config) says how a state dict's quantized tensors decode (GPTQ, AWQ,
+    compressed-tensors: their codes mean nothing without it), so its rows equal those of the
+    same tensors saved with that config.json; a model in memory's own config is read by itself,
+    and files bring theirs.
     """
     if isinstance(output, AnalyzeSettings):  # analyze(source, AnalyzeSettings(...))
         if settings is not None:
@@ -128,8 +135,8 @@ def analyze(
         bar = TqdmProgress()
         try:
             return analyze(source, output, settings, revision=revision, token=token,
-                           progress=bar, resume=resume, weights=weights,
-                           stream=stream, adapter=adapter)  # fmt: skip
+                           progress=bar, resume=resume, weights=weights, stream=stream,
+                           adapter=adapter, quantization_config=quantization_config)  # fmt: skip
         finally:
             bar.close()
     progress = progress or None
@@ -145,7 +152,14 @@ def analyze(
                 "adapter= merges an adapter's files into a model's files; this model is in memory",
                 hint="load the adapter with PEFT and analyse weights='merged'",
             )
-        return _analyze_memory(source, output, settings, progress, weights, started)
+        return _analyze_memory(source, output, settings, progress, weights, started,
+                               quantization_config)  # fmt: skip
+    if quantization_config is not None:
+        raise OptionError(
+            f"{os.fspath(source)}: quantization_config= is for tensors in memory; a "
+            "checkpoint's comes from its config.json",
+            hint="drop quantization_config=",
+        )
     world = distributed.join(settings.device)
     try:
         device = resolve_device(distributed.rank_device(settings.device, world))
@@ -500,9 +514,11 @@ def _analyze_memory(
     progress: ProgressHook | None,
     weights: str,
     started: float,
+    quantization_config: Any = None,
 ) -> AnalyzeResult:
     """:func:`analyze` of a module or state dict: the same rows, one tensor at a time."""
-    rows, metadata, device = analyze_memory(source, settings, progress, weights)
+    rows, metadata, device = analyze_memory(source, settings, progress, weights,
+                                            quantization_config)  # fmt: skip
     if output is not None:
         write_metrics(rows, Path(output), metadata)
     result = summarise(rows, output, time.perf_counter() - started, device)
