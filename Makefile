@@ -79,7 +79,8 @@ MUTATION_JOBS ?= 2
 mutation: install
 	$(BIN)/python -m pip install -q "mutmut>=3.8,<4"
 	rm -rf mutants
-	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+	OMP_NUM_THREADS=1 ESDTOOL_REFERENCE_CACHE=$(CURDIR)/mutants/.reference-cache \
+		$(BIN)/mutmut run --max-children $(MUTATION_JOBS)
 	$(BIN)/mutmut export-cicd-stats
 	@cat mutants/mutmut-cicd-stats.json; echo
 	@echo "surviving mutants (mutmut show NAME for the diff):"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,20 +56,19 @@ def gptq_awq(minilm_linears, tmp_path_factory) -> dict[str, tuple[Path, dict[str
     child process: {case: (checkpoint directory, reference weights)}."""
     if not (REFERENCE_FORMATS / "gptqmodel").is_dir():
         pytest.fail(f"the GPTQ/AWQ reference is not installed in {REFERENCE_FORMATS}: make install")
+    # `make mutation` sets this: GPT-QModel's checkpoints do not depend on esdtool's code, so
+    # they are built once for the whole run (in its ./mutants), not once per mutant (6 s each).
+    cache = os.environ.get("ESDTOOL_REFERENCE_CACHE")
+    built = Path(cache) / "gptq-awq" if cache else None
+    if built is not None and (built / "jobs.json").is_file():
+        return {case: (built / case, load_file(str(built / f"{case}.safetensors")))
+                for case in _gptq_awq_cases()}  # fmt: skip
     root = tmp_path_factory.mktemp("gptq-awq")
     linears = {k: v for k, v in minilm_linears.items() if v.shape[1] % 32 == 0}
     positive = {k: v.abs() for k, v in linears.items()}
     save_file({k: v.contiguous() for k, v in linears.items()}, str(root / "dense.safetensors"))
     save_file({k: v.contiguous() for k, v in positive.items()}, str(root / "positive.safetensors"))
-    cases: dict[str, tuple[str, str, dict]] = {}
-    for bits, group, desc_act, fmt in GPTQ:
-        kwargs = {"bits": bits, "group_size": group, "desc_act": desc_act, "checkpoint_format": fmt}
-        cases[f"gptq-{bits}-{group}-{desc_act}-{fmt}"] = ("gptq", "dense", kwargs)
-    for group in AWQ:
-        cases[f"awq-{group}"] = ("awq", "dense", {"group_size": group})
-    cases["gptq-v1-asym-positive"] = ("gptq", "positive",
-                                      {"bits": 4, "group_size": 128, "sym": False,
-                                       "checkpoint_format": "gptq"})  # fmt: skip
+    cases = _gptq_awq_cases()
     jobs = []
     for case, (kind, source, kwargs) in cases.items():
         directory = root / case
@@ -84,7 +84,28 @@ def gptq_awq(minilm_linears, tmp_path_factory) -> dict[str, tuple[Path, dict[str
     proc = subprocess.run([sys.executable, script, "batch", str(root / "jobs.json")], env=env,
                           capture_output=True, text=True, timeout=900, cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if built is not None:  # a copy, then one rename: a parallel mutant sees all of it or none
+        staged = built.with_name(f"gptq-awq.{os.getpid()}")
+        shutil.copytree(root, staged)
+        try:
+            staged.rename(built)
+        except OSError:  # another mutant's copy got there first: the same files
+            shutil.rmtree(staged, ignore_errors=True)
     return {case: (root / case, load_file(str(root / f"{case}.safetensors"))) for case in cases}
+
+
+def _gptq_awq_cases() -> dict[str, tuple[str, str, dict]]:
+    """{case: (format, source weights, arguments)} of the gptq_awq fixture."""
+    cases: dict[str, tuple[str, str, dict]] = {}
+    for bits, group, desc_act, fmt in GPTQ:
+        kwargs = {"bits": bits, "group_size": group, "desc_act": desc_act, "checkpoint_format": fmt}
+        cases[f"gptq-{bits}-{group}-{desc_act}-{fmt}"] = ("gptq", "dense", kwargs)
+    for group in AWQ:
+        cases[f"awq-{group}"] = ("awq", "dense", {"group_size": group})
+    cases["gptq-v1-asym-positive"] = ("gptq", "positive",
+                                      {"bits": 4, "group_size": 128, "sym": False,
+                                       "checkpoint_format": "gptq"})  # fmt: skip
+    return cases
 
 
 def _analysed(directory: Path, out: Path):
