@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from esdtool.errors import OptionError
 from esdtool.plan.ranks import AllocateSettings, allocate_ranks
-from helpers import run_cli
+from helpers import run_cli, write_tensors
 
 
 @pytest.mark.parametrize("budget", [None, {"match_rank": 8}, {"match_rank": 16}])
@@ -129,3 +130,30 @@ def test_the_cli_writes_multiples_into_the_config(minilm_metrics, tmp_path, caps
     config = json.loads((out / "adapter_config.json").read_text())
     assert all(r % 8 == 0 for r in config["rank_pattern"].values()) and config["r"] % 8 == 0
     assert json.loads(stdout)["budget_params"] > 0
+
+
+def test_the_parameter_count_is_every_stored_element(tmp_path):
+    """--budget-percent's base: every element of the checkpoint, counted from the table's
+    shapes as safetensors' own tensor listing counts them (a scalar 1, a vector its length, a
+    matrix rows x cols, batched experts each); a table analysed with --exclude has no count."""
+    from esdtool import analyze
+    from esdtool.analysis import AnalyzeSettings
+    from esdtool.plan.targets import model_params
+
+    path = write_tensors(tmp_path / "m.safetensors", {
+        "scale": np.array(2.0, dtype=np.float32),
+        "norm.weight": np.ones(48, dtype=np.float32),
+        "proj.weight": np.random.default_rng(0).normal(size=(40, 24)).astype(np.float32),
+        "experts.weight": np.random.default_rng(1).normal(size=(3, 16, 12)).astype(np.float32),
+    })  # fmt: skip
+    with safe_open(str(path), "np") as f:
+        expected = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
+    table = analyze(path, settings=AnalyzeSettings(min_evals=2)).table
+    assert model_params(table) == expected == 1 + 48 + 40 * 24 + 3 * 16 * 12
+    for option in ("include", "exclude"):
+        table.attrs["esdtool"] = {"settings": {option: "proj"}}
+        with pytest.raises(OptionError) as caught:
+            model_params(table)
+        message = str(caught.value)
+        assert message.startswith("--budget-percent needs the model's parameter count")
+        assert caught.value.hint == "give --budget-params, or analyse every tensor"

@@ -6,6 +6,7 @@ alpha_peak vector) or MiniLM's real table."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -599,3 +600,42 @@ def test_pruning_normalised_within_shape_and_its_epsilon_bound(llama2_table):
         allocate(llama2_table, settings=refused, report=False)
     limit = float(str(caught.value).split("just below ")[1].split(" ")[0])
     assert reference(limit * (1 - 1e-5), 0.8).max() < 1 <= reference(limit * (1 + 1e-5), 0.8).max()
+
+
+def _largest_ratio(alpha, numel, sparsity, epsilon, within=None) -> float:
+    from esdtool.plan.layerwise import pruning_ratios
+
+    return float(pruning_ratios(alpha, numel, sparsity, epsilon, within).max())
+
+
+def test_largest_epsilon_is_where_the_largest_ratio_reaches_one_by_bisection():
+    """The closed form against a plain bisection on the ratios themselves, on 300 random small
+    plans (1 to 5000 elements a module, sparsities 0.05 to 0.95, ties, groups that are all
+    ties, so the offset of the largest ratio is 0): the largest ratio stays below 1 a hair
+    under the bound and reaches it a hair over, and where no epsilon up to 1 reaches it the
+    answer is 1, never more."""
+    rng = np.random.default_rng(7)
+    capped = tied = 0
+    for trial in range(300):
+        n = int(rng.integers(2, 7))
+        numel = rng.integers(1, 5000, n).astype(float)
+        alpha = np.round(rng.uniform(2, 6, n), 1 if trial % 3 else 3)
+        within = None
+        if trial % 5 == 0:  # every module its own group: all ties, u = 0.5
+            within, tied = np.arange(n), tied + 1
+        elif np.ptp(alpha) == 0:
+            continue
+        sparsity = float(rng.uniform(0.05, 0.95))
+        bound = largest_epsilon(alpha, numel, sparsity, within)
+        top = functools.partial(_largest_ratio, alpha, numel, sparsity, within=within)
+        assert 0 < bound <= 1, (trial, bound)
+        if bound == 1:
+            capped += 1
+            assert top(1 - 1e-9) < 1, trial
+            continue
+        lo, hi = 0.0, 1.0  # bisection on the ratios: the epsilon where the largest reaches 1
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if top(mid) < 1 else (lo, mid)
+        assert abs(bound - lo) < 1e-9 * max(1.0, bound), (trial, bound, lo)
+    assert capped >= 20 and tied >= 20  # both kinds of answer 1 were met
