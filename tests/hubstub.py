@@ -81,6 +81,7 @@ class HubStub:
         self.private: dict[str, str] = {}  # repo id -> the token it needs
         self.gated: set[str] = set()
         self.ignore_ranges = False  # answer a Range request with 200 and the whole file
+        self.whole_as_200 = False  # answer a Range asking for all of a file with 200
         self.announce: dict[str, int] = {}  # file name -> the Content-Length its answer claims
         self.loops: set[str] = set()  # file names whose every answer redirects to themselves
         self._lock = threading.Lock()
@@ -266,6 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
         size = path.stat().st_size
         start, end, status = 0, size, 200
         wanted = None if self.hub.ignore_ranges else self.headers.get("Range")
+        if wanted and self.hub.whole_as_200 and wanted.strip() == f"bytes=0-{size - 1}":
+            wanted = None  # a proxy that answers a request for the whole file with all of it
         if wanted:
             match = _RANGE.fullmatch(wanted.strip())
             if match is None or int(match[1]) >= size:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,36 @@ def test_the_progress_hook_hears_how_long_the_analysis_waited_for_bytes(hub, tmp
     assert bar.bar.tasks[0].fields["bound"] == "download-bound"
     bar.waiting(1.3, now=13.0)
     assert bar.bar.tasks[0].fields["bound"] == "compute-bound"
+
+
+def test_a_server_answering_the_copy_whole_gets_it_downloaded_by_hf(hub, tmp_path):
+    """A proxy that serves byte ranges but answers a request for all of a file with 200 (the
+    copy's first request): the shard goes through hf_hub_download instead, same table."""
+    model = _model(tmp_path / "m", indexed=True)
+    local = load_metrics(analyze(model, tmp_path / "local.parquet").output)
+    hub.add_repo(REPO, model)
+    hub.whole_as_200 = True
+    result = analyze(REPO, tmp_path / "h.parquet")
+    assert not result.errors
+    assert_same_table(load_metrics(result.output), local)
+    name = "model-00001-of-00001.safetensors"
+    assert _entry(_storage(hub.home), name)[2] == (model / name).read_bytes()
+
+
+def test_a_prefetch_no_analysis_takes_stops_and_leaves_no_partial_file(hub, tmp_path):
+    """The CLI's prefetch, its command failed before the analysis: discard() stops the copy
+    under way; no partial file and no link stay, and no more bytes are sent."""
+    from esdtool.io import hub_prefetch
+
+    model = _model(tmp_path / "m", indexed=True)
+    hub.add_repo(REPO, model)
+    hub.rate = checkpoint_bytes(model) / 3.0
+    hub_prefetch.start(REPO, None, selects=lambda name: True)  # returns once bytes flow
+    hub_prefetch.discard()
+    time.sleep(0.3)
+    sent = hub.served_bytes()
+    time.sleep(0.5)
+    assert hub.served_bytes() == sent < checkpoint_bytes(model)
+    storage = _storage(hub.home)
+    assert _leftovers(storage, (model / "model-00001-of-00001.safetensors").read_bytes()) == []
+    assert hub_prefetch.take(REPO, None, None) is None

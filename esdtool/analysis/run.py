@@ -13,7 +13,7 @@ import datetime as _dt
 import os
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -52,6 +52,7 @@ from esdtool.errors import (
 )
 from esdtool.io.atomic import check_output_file
 from esdtool.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, prefetched
+from esdtool.io.hub_calls import Cancelled
 from esdtool.io.hub_source import open_hub, wants_hub
 from esdtool.io.remote import cached_identity
 from esdtool.io.source import ADAPTER_CONFIG, ResolvedSource, resolve_source
@@ -320,22 +321,26 @@ def _analyze_reads(
     held: list[tuple[Task, list[MatrixRow], list[Future[object]]]] = []
 
     def settle(wait: bool) -> None:
-        waiting = []
+        waiting, fatal = [], None
         for task, new, futures in held:
             if not wait and not all(f.done() for f in futures):
                 waiting.append((task, new, futures))
                 continue
             failed = next((e for f in futures if (e := _failure(f)) is not None), None)
-            if isinstance(failed, _FATAL_READS):
-                raise failed
+            if isinstance(failed, _FATAL_READS):  # after every row that checked out is kept
+                fatal = fatal or failed
+                continue
             if failed is not None:
                 new = [task_row(task, "error", f"{type(failed).__name__}: {failed}")]
             side.append(new)
             rows.extend(new)
         held[:] = waiting
+        if fatal is not None:
+            raise fatal
 
     for task, stored in reads:
         if isinstance(stored, _FATAL_READS):  # the hub is gone: stop, keeping the rows
+            settle(wait=False)
             raise stored
         try:
             if isinstance(stored, Exception):
@@ -366,9 +371,10 @@ def _analyze_reads(
 
 def _failure(future: Future[object]) -> BaseException | None:
     """What a shard's download ended with (None: it checked out)."""
-    if future.cancelled():  # only when the analysis itself is stopping
-        return AnalysisInterrupted("the download was stopped")
-    return future.exception()
+    failed = None if future.cancelled() else future.exception()
+    if future.cancelled() or isinstance(failed, CancelledError | Cancelled):
+        return AnalysisInterrupted("the download was stopped")  # the analysis is stopping
+    return failed
 
 
 def _open(

@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from esdtool.errors import (
     CheckpointError,
     SourceError,
 )
+from esdtool.io import hub_calls
 from esdtool.io.hub_calls import (
     Cancelled,
     Retry,
@@ -155,7 +157,12 @@ class HubRepo:
                     raise
 
         while done < end:
+            before = done
             with_retries(attempt, self.where(filename), stop)
+            if done < end and done > before:  # dropped after some bytes: a pause, then on
+                pause = hub_calls.BACKOFF_S
+                if stop.wait(pause) if stop is not None else time.sleep(pause):
+                    raise Cancelled(filename)
 
     def read_all(self, filename: str) -> bytes:
         """A small file (config.json, the shard index) into memory, never onto the disk; one

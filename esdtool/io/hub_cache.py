@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from esdtool.errors import CheckpointError
-from esdtool.io.hub import FileVersion, HubRepo
+from esdtool.io.hub import FileVersion, HubRepo, RangesNotServed
 from esdtool.io.hub_calls import cache_error
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -101,6 +101,8 @@ def cache_target(repo: HubRepo, shard: str, version: FileVersion) -> CacheTarget
     cache = Path(constants.HF_HUB_CACHE)
     folder = repo_folder_name(repo_id=repo.repo_id, repo_type="model")
     storage = cache / folder
+    if os.name == "nt" and len(str(storage.resolve() / "snapshots" / repo.commit / shard)) > 250:
+        return None  # past MAX_PATH: hf_hub_download knows Windows' extended paths
     return CacheTarget(
         blob=storage / "blobs" / etag,
         pointer=storage / "snapshots" / repo.commit / shard,
@@ -128,6 +130,11 @@ class Landing:
     @property
     def landed_bytes(self) -> int:
         return self._landed
+
+    @property
+    def path(self) -> Path | None:
+        """The incomplete file being written, while it is."""
+        return self._path
 
     def begin(self, path: Path) -> None:
         with self._cond:
@@ -191,8 +198,8 @@ def download_shard(
                         _write_blob(repo, shard, version, target, landing, stop)
                     target.link(str(target.blob), str(target.pointer), new_blob=new)
         except OSError as exc:
-            if exc.errno is None:
-                raise
+            if exc.errno is None or isinstance(exc, ConnectionError | TimeoutError):
+                raise  # not the disk's: the shard's tensors get error rows saying what
             raise cache_error(where, exc) from exc
     finally:
         landing.finish()
@@ -230,9 +237,8 @@ def _write_blob(
                 hint="the server (or a proxy) serves damaged bytes; run again",
             )
         landing.finish(lambda: os.replace(tmp, target.blob))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    finally:  # readers are let go first: none is inside the file when it goes
+        landing.finish(lambda: tmp.unlink(missing_ok=True))
 
 
 _JOIN_S = 5.0  # how long closing waits for the download thread to stop
@@ -299,10 +305,13 @@ class ShardQueue:
     def _download(self, shard: str, landing: Landing) -> Path:
         version = self.versions[shard]
         target = cache_target(self.repo, shard, version)
-        if target is None:
-            landing.finish()  # nothing lands early: readers wait for the whole file
-            return self.repo.download(shard, self.stop)
-        return download_shard(self.repo, shard, version, target, landing, self.stop)
+        if target is not None:
+            try:
+                return download_shard(self.repo, shard, version, target, landing, self.stop)
+            except RangesNotServed:  # a proxy that answers the copy whole: hf_hub_download
+                pass
+        landing.finish()  # nothing lands early: readers wait for the whole file
+        return self.repo.download(shard, self.stop)
 
     def close(self) -> None:
         """The download under way stops at its next chunk (a reader waiting on it gets an
@@ -316,3 +325,9 @@ class ShardQueue:
         self._queue.put(None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=_JOIN_S)
+            if thread.is_alive():  # a read blocked on a silent server: no partial file stays
+                with self._lock:
+                    paths = [landing.path for _, landing in self._shards.values()]
+                for path in paths:
+                    if path is not None:
+                        path.unlink(missing_ok=True)

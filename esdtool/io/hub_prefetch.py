@@ -155,6 +155,7 @@ class Prefetch:
         self.key = key
         self._plan: HubPlan | None = None
         self._error: BaseException | None = None
+        self._dropped = False
         self._thread = threading.Thread(
             target=self._run, args=(key, kwargs), name="esdtool-prefetch", daemon=True
         )
@@ -162,9 +163,25 @@ class Prefetch:
 
     def _run(self, key: tuple[str, str | None, str | None], kwargs: dict[str, Any]) -> None:
         try:
-            self._plan = plan_hub(*key, **kwargs)
+            plan = plan_hub(*key, **kwargs)
         except BaseException as exc:  # raised again where the analysis joins it
             self._error = exc
+            return
+        with _lock:
+            self._plan, dropped = plan, self._dropped
+        if dropped and plan is not None:  # discarded while it planned: nothing may start
+            plan.downloads.close()
+
+    def drop(self, timeout: float) -> None:
+        """No analysis will take this: stop its downloads (now, or once its plan is made,
+        if that takes longer than ``timeout`` seconds)."""
+        with _lock:
+            self._dropped = True
+        self._thread.join(timeout)
+        with _lock:
+            plan = self._plan
+        if plan is not None:
+            plan.downloads.close()
 
     def flowing(self, timeout: float) -> None:
         """Wait (``timeout`` seconds at most) until the first shard's bytes are arriving, or
@@ -215,15 +232,12 @@ def take(repo_id: str, revision: str | None, token: str | None) -> Prefetch | No
         return _started.pop((repo_id, revision, token), None)
 
 
-def discard() -> None:
-    """Stop and forget every prefetch not taken (the command ended before the analysis)."""
+def discard(timeout: float = 2.0) -> None:
+    """Stop every prefetch not taken (the command ended before its analysis): the downloads
+    it started stop and leave no partial file, waiting ``timeout`` seconds at most for one
+    still planning (it stops itself once its plan is made)."""
     with _lock:
         pending = list(_started.values())
         _started.clear()
     for prefetch in pending:
-        try:
-            plan = prefetch.result()
-        except BaseException:
-            continue
-        if plan is not None:
-            plan.downloads.close()
+        prefetch.drop(timeout)

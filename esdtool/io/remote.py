@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -150,6 +151,7 @@ class DownloadingCheckpoint(HubCheckpoint):
         self._landings: dict[str, Landing] = {}
         self._early: dict[str, Future[Checkpoint]] = {}  # tensors read before their shard ended
         self._lock = threading.Lock()
+        self._waited = 0.0  # for whole shards (hf_hub_download's road)
 
     def will_read(self, names: Iterable[str]) -> None:
         for shard in dict.fromkeys(self._tensors[n].shard.name for n in names):
@@ -177,6 +179,11 @@ class DownloadingCheckpoint(HubCheckpoint):
                 with self._lock:
                     self._early[name] = checked
                 return tensor_from_bytes(data, info, self.repo.where(shard))
+        if not checked.done():  # the whole shard awaited (hf_hub_download's road): counted too
+            t0 = time.perf_counter()
+            checked.exception()
+            with self._lock:
+                self._waited += time.perf_counter() - t0
         return checked.result().get_tensor(name)
 
     def unverified(self, names: Iterable[str]) -> list[Future[object]]:
@@ -185,8 +192,10 @@ class DownloadingCheckpoint(HubCheckpoint):
 
     @property
     def waited(self) -> float:
-        """Seconds the analysis has waited for bytes to land."""
-        return self._downloads.waited()
+        """Seconds the analysis has waited for bytes to land (or for a whole shard)."""
+        with self._lock:
+            waited = self._waited
+        return waited + self._downloads.waited()
 
     def _shard(self, shard: str) -> Future[Checkpoint]:
         """The future of ``shard``'s local checkpoint, checked against the header planned
