@@ -277,7 +277,8 @@ def target_problems(settings: object, defaults: dict[str, object]) -> list[str]:
             problems.append(f"--min-factor {lo:g} is above --max-factor {hi:g}")
         ranged = [f for f, v in (("--min-factor", low), ("--max-factor", high)) if v is not None]
         if how in ("sqrt", "log2", "sigmoid") and ranged:
-            problems.append(f"{' and '.join(ranged)} set the linear and step maps' range; "
+            verb = "set" if len(ranged) > 1 else "sets"
+            problems.append(f"{' and '.join(ranged)} {verb} the linear and step maps' range; "
                             f"the {how} map has none")  # fmt: skip
         within = settings.normalise_within
         if how not in (None, "linear") and within != "none":
@@ -291,6 +292,7 @@ def target_problems(settings: object, defaults: dict[str, object]) -> list[str]:
 
 
 def resolved_factors(target: str, low: object, high: object) -> tuple[object, object]:
-    """The factor range of ``target`` (its reference's default where not given)."""
-    default = DEFAULT_FACTORS.get(target, (None, None))
-    return (default[0] if low is None else low, default[1] if high is None else high)
+    """The factor range of ``target`` ("lr" or "weight-decay"; its reference's default where
+    not given)."""
+    default_low, default_high = DEFAULT_FACTORS[target]
+    return (default_low if low is None else low, default_high if high is None else high)

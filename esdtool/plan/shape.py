@@ -92,9 +92,11 @@ def eta_squared(values: np.ndarray, labels: np.ndarray) -> float:
 
 def _eta_squared(values: np.ndarray, codes: np.ndarray) -> float:
     """:func:`eta_squared` of integer group codes (0..G-1)."""
+    if codes.size == 0 or codes.max() < 1:  # no group, or one
+        return float("nan")
     centred = values - values.mean()
     total = float((centred**2).sum())
-    if total <= 0 or codes.max(initial=0) < 1:
+    if total <= 0:
         return float("nan")
     counts = np.bincount(codes)
     sums = np.bincount(codes, weights=centred)

@@ -32,14 +32,13 @@ TARGET_PRESETS: dict[str, str | None] = {
 def pick_targets(df: pd.DataFrame, targets: str | None) -> pd.DataFrame:
     """Candidates among analysed matrices: a preset (among role ``linear``), a regex searched
     in module names (any role), or role ``linear`` (None)."""
+    pattern = targets
     if targets is None or targets in TARGET_PRESETS:
         df = df[df.role == "linear"]
-        pattern = TARGET_PRESETS.get(targets) if targets else None
+        pattern = TARGET_PRESETS.get(targets)  # all-linear and None: every linear
         if pattern is None:
             return df
-        regex = user_regex(pattern, "--targets")
-        return df[[regex.search(str(m)) is not None for m in df.module]]
-    regex = user_regex(targets, "--targets")  # RE2: linear in each name
+    regex = user_regex(pattern, "--targets")  # RE2: linear in each name
     return df[[regex.search(str(m)) is not None for m in df.module]]
 
 
