@@ -354,3 +354,267 @@ def test_groups_by_kind_keep_modules_outside_blocks_apart():
     got = shape.groups(modules, pd.Series([4] * 4), pd.Series([8] * 4), "kind")
     assert got[0] == got[1] != got[2] != got[3]
     assert list(got[2:]) == ["lm_head", "embed_out"]
+
+
+# ------------------------------------------------------------------ presets and LoRA options
+
+
+def test_preset_refusals_word_for_word():
+    cases = {
+        ("nope", None): "--preset must be one of lora-ar, alphapruning, not 'nope'",
+        ("alphapruning", "lr"): "--preset alphapruning plans --target pruning, not lr",
+        ("lora-ar", "pruning"): "--preset lora-ar plans --target lora, not pruning",
+    }
+    for (preset, target), message in cases.items():
+        with pytest.raises(OptionError) as info:
+            AllocateSettings.from_preset(preset, **({"target": target} if target else {}))
+        assert str(info.value) == message
+    # the preset's own target, named or not, is accepted
+    assert AllocateSettings.from_preset("lora-ar", target="lora").preset == "lora-ar"
+    assert AllocateSettings.from_preset("alphapruning", target="pruning",
+                                        sparsity=0.5).target == "pruning"  # fmt: skip
+
+
+LORA_REFUSED = [
+    (dict(normalise_within="x", candidates="y", preset="z"), [
+        "--normalise-within must be one of none, shape, kind, not 'x'",
+        "candidates must be role or model, not 'y'",
+        "--preset must be one of lora-ar, alphapruning, not 'z'",
+    ]),
+    (dict(candidates="model", targets="q_proj"), [
+        "--targets picks candidates by name, and --preset lora-ar takes every Linear of the "
+        "model: drop one of them",
+    ]),
+    (dict(rank_multiple=1025, max_rank=4096), ["--rank-multiple must be an integer in 1..1024, "
+                                               "not 1025"]),
+    (dict(rank_multiple=True), ["--rank-multiple must be an integer in 1..1024, not True"]),
+    (dict(rank_multiple=2.0), ["--rank-multiple must be an integer in 1..1024, not 2.0"]),
+    (dict(budget_percent=100.5), ["--budget-percent must lie in (0, 100], not 100.5"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("options", "problems"), LORA_REFUSED)
+def test_lora_option_problems_word_for_word(options, problems):
+    with pytest.raises(OptionError) as info:
+        AllocateSettings(**options)
+    assert str(info.value) == "; ".join(problems)
+
+
+@pytest.mark.parametrize("options", [
+    dict(budget_percent=100), dict(rank_multiple=1024, max_rank=2048),
+    dict(candidates="model"), dict(candidates="role", targets="q_proj"),
+])  # fmt: skip
+def test_lora_options_on_the_edge_are_accepted(options):
+    AllocateSettings(**options)
+
+
+def test_scores_within_groups_on_integer_counts():
+    """Min-max inside each group, spikes flipped (fewer is better), a group of ties at 0.5 on
+    both; integer inputs (spike counts are integers) are not truncated."""
+    from esdtool.plan.ranks import EPS, scores
+
+    alpha = np.array([2, 4, 3, 3, 5])
+    spikes = np.array([1, 3, 7, 7, 0])
+    within = np.array(["a", "a", "b", "b", "c"])
+    got = scores(alpha, spikes, 0.7, 0.3, within)
+    a = np.array([0, 2 / (2 + EPS), 0.5, 0.5, 0.5])
+    s = np.array([1 - 0, 1 - 2 / (2 + EPS), 0.5, 0.5, 0.5])
+    np.testing.assert_allclose(got, 0.7 * a + 0.3 * s, rtol=1e-15)
+    fractional = scores(np.array([1.0, 2.0]), np.array([0.2, 0.5]), 0.0, 1.0, np.array(["g", "g"]))
+    np.testing.assert_allclose(fractional, [1.0, 1 - 0.3 / (0.3 + EPS)], rtol=1e-15)
+
+
+# ------------------------------------------------- candidates: the model's modules, refusals
+
+
+def metrics_rows(*rows: dict) -> pd.DataFrame:
+    """A metrics table's columns that candidates() reads, one dict per tensor (defaults: an
+    analysed 2-D linear with finite alphas and a spike count)."""
+    base = dict(status="ok", slice=pd.NA, role="linear", M=8, N=16, rows=8, cols=16,
+                reason=None, fit_status="ok", alpha_median=2.0, alpha_ks=2.5, num_spikes=1)
+    table = pd.DataFrame([{**base, **row} for row in rows])
+    for column in ("M", "N", "rows", "cols", "num_spikes"):
+        table[column] = table[column].astype("Int64")
+    return table
+
+
+def lora_ar() -> AllocateSettings:
+    return AllocateSettings.from_preset("lora-ar")
+
+
+def refused(table: pd.DataFrame, settings: AllocateSettings, modules=None) -> OptionError:
+    from esdtool.plan.ranks import candidates
+
+    with pytest.raises(OptionError) as info:
+        candidates(table, settings, modules)
+    return info.value
+
+
+def test_model_candidates_are_the_models_modules_in_its_order():
+    from esdtool.plan.ranks import candidates
+
+    table = metrics_rows(
+        dict(name="embed.weight", module="embed", role="embedding", alpha_ks=3.0),
+        dict(name="l.0.q.weight", module="l.0.q", alpha_ks=2.0),
+        dict(name="l.0.k.weight", module="l.0.k", alpha_ks=4.0),
+    )
+    modules = [("l.0.k", "l.0.k.weight"), ("l.0.q", "l.0.q.weight"),
+               ("lm_head", "embed.weight")]  # tied: read from the embedding's tensor
+    rows, dropped = candidates(table, lora_ar(), modules)
+    assert list(rows.module) == ["l.0.k", "l.0.q", "lm_head"]
+    assert list(rows.name) == ["l.0.k.weight", "l.0.q.weight", "embed.weight"]
+    assert list(rows.alpha_ks) == [4.0, 2.0, 3.0] and dropped == []
+
+
+def test_model_candidates_need_the_modules():
+    error = refused(metrics_rows(dict(name="a.weight", module="a")), lora_ar())
+    assert str(error) == "candidates from the model need the model's Linear/Conv2d modules"
+
+
+def test_a_module_whose_tensor_is_not_in_the_table():
+    table = metrics_rows(dict(name="a.weight", module="a"))
+    one = refused(table, lora_ar(), [("a", "a.weight"), ("b", "model.b.weight")])
+    assert str(one) == "module 'b': the table has no tensor 'model.b.weight'"
+    assert one.hint == (
+        "the model's parameter names differ from the checkpoint's tensor names (transformers "
+        "renames some architectures' modules on loading); the preset cannot pair them. "
+        "Analysed with --include/--exclude? Analyse every tensor."
+    )
+    three = refused(table, lora_ar(), [("b", "b.weight"), ("c", "c.weight"), ("d", "d.weight")])
+    assert str(three) == "module 'b': the table has no tensor 'b.weight'; 2 more like it"
+
+
+@pytest.mark.parametrize(("row", "message", "hint"), [
+    (dict(M=1, N=64, rows=1, cols=64, reason="one eigenvalue"),
+     "module 'x' has one eigenvalue (a 1 x 64 weight): Adaptive Rank LoRA's code crashes on "
+     "such a module (argmin of an empty KS search), so there is no plan of its to reproduce",
+     "plan without --preset (pick the modules with --targets)"),
+    (dict(M=pd.NA, N=pd.NA, reason="not a matrix"),
+     "module 'x': its weight 'x.weight' has no spectrum (not a matrix)", None),
+    (dict(M=5, N=9, reason="non-finite entries"),
+     "module 'x': its weight 'x.weight' has no spectrum (non-finite entries)", None),
+    (dict(M=1, N=pd.NA, reason="odd"), "module 'x': its weight 'x.weight' has no spectrum (odd)",
+     None),
+])  # fmt: skip
+def test_a_module_whose_tensor_has_no_spectrum(row, message, hint):
+    table = metrics_rows(dict(name="ok.weight", module="ok"),
+                         dict(name="x.weight", module="x", status="skipped", **row))  # fmt: skip
+    error = refused(table, lora_ar(), [("ok", "ok.weight"), ("x", "x.weight")])
+    assert (str(error), error.hint) == (message, hint)
+
+
+def test_a_model_module_without_alpha_or_spikes_is_refused():
+    table = metrics_rows(dict(name="a.weight", module="a"),
+                         dict(name="b.weight", module="b", alpha_ks=np.nan, fit_status="ks:flat"),
+                         dict(name="c.weight", module="c", num_spikes=pd.NA))  # fmt: skip
+    for absent in ("b", "c"):
+        modules = [("a", "a.weight"), (absent, f"{absent}.weight")]
+        error = refused(table, lora_ar(), modules)
+        status = "ks:flat" if absent == "b" else "ok"
+        assert str(error) == (
+            f"module '{absent}' has no alpha_ks or num_spikes (fit status {status}; e.g. all its "
+            "eigenvalues are equal, as for an identity or orthogonal matrix): the preset's scores "
+            "need every Linear"
+        )
+
+
+def test_farms_and_peak_columns_missing_from_the_table():
+    table = metrics_rows(dict(name="a.weight", module="a"), dict(name="b.weight", module="b"))
+    for options, flag, column in (({"alpha_column": "alpha_median_farms"}, "--alpha-column",
+                                   "alpha_median_farms"),
+                                  ({"spikes_column": "spikes_farms"}, "--spikes-column",
+                                   "spikes_farms")):  # fmt: skip
+        error = refused(table, AllocateSettings(**options))
+        assert str(error) == (f"{flag} {column}: the table has no FARMS columns (it was analysed "
+                              "without --estimator farms)")  # fmt: skip
+        assert error.hint == "esdtool analyze MODEL --estimator farms -o metrics.parquet"
+    for peaks in (None, [np.nan, np.nan]):
+        with_peak = table if peaks is None else table.assign(alpha_peak=peaks)
+        error = refused(with_peak, AllocateSettings(alpha_column="alpha_peak"))
+        assert str(error) == ("--alpha-column alpha_peak: the table has no alpha_peak "
+                              "(AlphaPruning's alpha; it was analysed without --preset "
+                              "alphapruning)")  # fmt: skip
+        assert error.hint == "esdtool analyze MODEL --preset alphapruning -o metrics.parquet"
+
+
+# ----------------------------------------------------------------- allocate_ranks on small tables
+
+
+def ten_linears(**columns) -> pd.DataFrame:
+    """Ten analysed linears in nullable columns (as a table read back from parquet holds them):
+    sides 48 x 96 (modules 0-4) and 8 x 16, alphas 2.0-6.5, spike counts 9-0 (the score
+    rises with the index)."""
+    rows = [dict(name=f"l.{i}.weight", module=f"l.{i}", rows=48 if i < 5 else 8,
+                 cols=96 if i < 5 else 16, M=48 if i < 5 else 8, N=96 if i < 5 else 16,
+                 alpha_median=2.0 + 0.5 * i, alpha_ks=2.0 + 0.5 * i, num_spikes=9 - i)
+            for i in range(10)]  # fmt: skip
+    table = metrics_rows(*rows)
+    table["alpha_median"] = table["alpha_median"].astype("Float64")
+    return table.assign(**columns)
+
+
+def test_the_allocation_table_has_plain_dtypes_from_nullable_columns():
+    from esdtool.plan.ranks import allocate_ranks
+
+    table = allocate_ranks(ten_linears()).table
+    assert {c: table[c].dtype.kind for c in ("rows", "cols", "alpha", "spikes", "score",
+                                             "rank", "params")} == {
+        "rows": "i", "cols": "i", "alpha": "f", "spikes": "i", "score": "f", "rank": "i",
+        "params": "i"}  # fmt: skip
+    np.testing.assert_array_equal(table.alpha, 2.0 + 0.5 * np.arange(10))
+
+
+def test_farms_spike_shares_stay_fractional():
+    from esdtool.plan.ranks import allocate_ranks
+
+    shares = np.linspace(0.05, 0.5, 10)
+    table = ten_linears(spikes_farms=shares, alpha_median_farms=np.linspace(2, 6, 10))
+    settings = AllocateSettings(alpha_column="alpha_median_farms", spikes_column="spikes_farms")
+    np.testing.assert_array_equal(allocate_ranks(table, settings).table.spikes, shares)
+
+
+def test_without_the_cap_a_rank_can_exceed_the_smaller_side():
+    from esdtool.plan.ranks import allocate_ranks
+
+    settings = AllocateSettings(rank_cap=False, select="lowest", top_n_percentile=1.0)
+    capped = allocate_ranks(ten_linears(), AllocateSettings(select="lowest", top_n_percentile=1.0))
+    free = allocate_ranks(ten_linears(), settings)
+    assert free.table["rank"].iloc[9] == 64  # an 8 x 16
+    assert capped.table["rank"].iloc[9] == 8
+    assert capped.notes == ["5 module(s) capped at min(rows, cols), the most rank a LoRA update "
+                            "of that matrix can have (e.g. l.5)"]  # fmt: skip
+    assert free.notes == []
+
+
+def test_a_model_without_linears_has_no_candidates():
+    from esdtool.plan.ranks import allocate_ranks
+
+    with pytest.raises(OptionError) as info:
+        allocate_ranks(ten_linears(), AllocateSettings.from_preset("lora-ar"), modules=[])
+    assert str(info.value) == "no candidate modules: the model has no nn.Linear or nn.Conv2d"
+
+
+def test_a_tiny_budget_percent_is_one_parameter(monkeypatch):
+    from esdtool.plan import ranks
+
+    monkeypatch.setattr(ranks, "model_params", lambda metrics: 1000)
+    plan = ranks.allocate_ranks(ten_linears(), AllocateSettings(budget_percent=0.01))
+    assert plan.budget == 1  # 0.1 parameters, rounded, but never 0 (no budget at all)
+
+
+def test_a_missed_budget_on_multiples_and_stuck_modules_are_noted():
+    from esdtool.plan.ranks import allocate_ranks
+
+    settings = AllocateSettings(budget_params=10, rank_multiple=2, min_rank=4, max_rank=8,
+                                top_n_percentile=1.0)  # fmt: skip
+    plan = allocate_ranks(ten_linears(), settings)
+    total = int(plan.table.params.sum())
+    assert plan.notes[-1] == (
+        f"budget 10 missed: the plan has {total:,} ({total / 10 - 1:+.0%}) because ranks stay "
+        "within 4..8 on multiples of 2; widen --min-rank / --max-rank or keep more modules "
+        "(--top-n-percentile)"
+    )
+    stuck = allocate_ranks(ten_linears(), AllocateSettings(rank_multiple=16, max_rank=32,
+                                                           top_n_percentile=1.0))  # fmt: skip
+    assert stuck.notes[0] == ("5 module(s) cannot take a rank that is a multiple of 16 within "
+                              "4..min(rows, cols, 32): they keep the largest rank they can")

@@ -346,11 +346,11 @@ def scores(
 
 def interpolate_ranks(score: np.ndarray, settings: AllocateSettings) -> np.ndarray:
     """Ranks from kept scores: rmin + (rmax - rmin) (f(s) - f(smin)) / (f(smax) - f(smin) + eps),
-    f the scaling, rounded half to even and clipped to [rmin, rmax]."""
+    f the scaling, rounded half to even (within [rmin, rmax] by construction)."""
     f = SCALINGS[settings.rank_scaling](score)
     lo, hi = settings.min_rank, settings.max_rank
     raw = lo + (hi - lo) * (f - f.min()) / (f.max() - f.min() + EPS)
-    return np.clip(np.rint(raw), lo, hi).astype(int)
+    return np.rint(raw).astype(int)  # in [lo, hi]: the fraction lies in [0, 1)
 
 
 def fit_budget(
