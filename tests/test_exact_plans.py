@@ -121,7 +121,9 @@ def test_ratios_of_one_or_more_are_named_with_the_epsilon_that_fits(monkeypatch)
 
 def test_three_or_four_bad_modules(monkeypatch):
     three = refusal(monkeypatch, [1.0, 1.0, 1.0, 0.0], 0.5)
-    assert "): 'm0', 'm1', 'm2'; the largest epsilon that fits is just below 0.5 (e.g. 0.5)" in three
+    assert (
+        "): 'm0', 'm1', 'm2'; the largest epsilon that fits is just below 0.5 (e.g. 0.5)" in three
+    )
     four = refusal(monkeypatch, [1.0, 1.0, 1.0, 1.0], 0.5)
     assert "): 'm0', 'm1', 'm2' and 1 more; the largest" in four
 
@@ -296,7 +298,11 @@ def test_shape_influence_against_a_plain_permutation_test():
     assert got.p_value == pytest.approx((1 + np.sum(null >= observed - 1e-9)) / 2001)
     assert got.p_value > 0.25  # the ties counted
     assert (got.top_shape, got.kept_share, got.candidate_share, got.shapes) == (
-        "8 x 32", 2 / 3, 0.5, 2)
+        "8 x 32",
+        2 / 3,
+        0.5,
+        2,
+    )
     assert got == shape.shape_influence(influence_table(shapes, scores, [True, True, True, False]),
                                         seed=0)  # fmt: skip
     assert got.sentence() == (
@@ -319,9 +325,14 @@ def test_shape_influence_on_nullable_columns():
     """A table read back from parquet may hold pandas' nullable dtypes."""
     shapes = [(8, 32), (16, 16), (16, 16)]
     plain = shape.shape_influence(influence_table(shapes, [0.2, 0.4, 0.9], [True, False, True]))
-    nullable = shape.shape_influence(influence_table(
-        shapes, [0.2, 0.4, 0.9], [True, False, True],
-        {"rows": "Int64", "cols": "Int64", "score": "Float64", "selected": "boolean"}))
+    nullable = shape.shape_influence(
+        influence_table(
+            shapes,
+            [0.2, 0.4, 0.9],
+            [True, False, True],
+            {"rows": "Int64", "cols": "Int64", "score": "Float64", "selected": "boolean"},
+        )
+    )
     assert nullable == plain
 
 
@@ -331,7 +342,8 @@ def test_eta_squared_edges():
     assert math.isnan(shape.eta_squared(np.array([0.1, 0.2]), np.array(["a", "a"])))
     small = np.array([0.01, 0.02, 0.04])  # total sum of squares far below 1
     assert shape.eta_squared(small, np.array(["a", "a", "b"])) == pytest.approx(
-        eta_squared_loop(small, ["a", "a", "b"]))
+        eta_squared_loop(small, ["a", "a", "b"])
+    )
 
 
 def test_shape_influence_sentences_and_json():
@@ -342,8 +354,10 @@ def test_shape_influence_sentences_and_json():
                               "candidates); one shape among the candidates, so shape cannot "
                               "drive the scores")  # fmt: skip
     flat = shape.ShapeInfluence("8 x 8", 0.5, 0.25, 3, math.nan, math.nan, math.nan)
-    assert flat.sentence() == ("50% of the kept modules are 8 x 8 (against 25% of the "
-                               "candidates); the scores do not vary, so shape cannot drive them")
+    assert flat.sentence() == (
+        "50% of the kept modules are 8 x 8 (against 25% of the "
+        "candidates); the scores do not vary, so shape cannot drive them"
+    )
     assert flat.to_dict() == {"top_shape": "8 x 8", "kept_share": 0.5, "candidate_share": 0.25,
                               "shapes": 3, "variance_explained": None, "chance": None,
                               "p_value": None}  # fmt: skip
@@ -430,8 +444,20 @@ def test_scores_within_groups_on_integer_counts():
 def metrics_rows(*rows: dict) -> pd.DataFrame:
     """A metrics table's columns that candidates() reads, one dict per tensor (defaults: an
     analysed 2-D linear with finite alphas and a spike count)."""
-    base = dict(status="ok", slice=pd.NA, role="linear", M=8, N=16, rows=8, cols=16,
-                reason=None, fit_status="ok", alpha_median=2.0, alpha_ks=2.5, num_spikes=1)
+    base = dict(
+        status="ok",
+        slice=pd.NA,
+        role="linear",
+        M=8,
+        N=16,
+        rows=8,
+        cols=16,
+        reason=None,
+        fit_status="ok",
+        alpha_median=2.0,
+        alpha_ks=2.5,
+        num_spikes=1,
+    )
     table = pd.DataFrame([{**base, **row} for row in rows])
     for column in ("M", "N", "rows", "cols", "num_spikes"):
         table[column] = table[column].astype("Int64")
@@ -458,8 +484,11 @@ def test_model_candidates_are_the_models_modules_in_its_order():
         dict(name="l.0.q.weight", module="l.0.q", alpha_ks=2.0),
         dict(name="l.0.k.weight", module="l.0.k", alpha_ks=4.0),
     )
-    modules = [("l.0.k", "l.0.k.weight"), ("l.0.q", "l.0.q.weight"),
-               ("lm_head", "embed.weight")]  # tied: read from the embedding's tensor
+    modules = [
+        ("l.0.k", "l.0.k.weight"),
+        ("l.0.q", "l.0.q.weight"),
+        ("lm_head", "embed.weight"),
+    ]  # tied: read from the embedding's tensor
     rows, dropped = candidates(table, lora_ar(), modules)
     assert list(rows.module) == ["l.0.k", "l.0.q", "lm_head"]
     assert list(rows.name) == ["l.0.k.weight", "l.0.q.weight", "embed.weight"]
@@ -616,5 +645,7 @@ def test_a_missed_budget_on_multiples_and_stuck_modules_are_noted():
     )
     stuck = allocate_ranks(ten_linears(), AllocateSettings(rank_multiple=16, max_rank=32,
                                                            top_n_percentile=1.0))  # fmt: skip
-    assert stuck.notes[0] == ("5 module(s) cannot take a rank that is a multiple of 16 within "
-                              "4..min(rows, cols, 32): they keep the largest rank they can")
+    assert stuck.notes[0] == (
+        "5 module(s) cannot take a rank that is a multiple of 16 within "
+        "4..min(rows, cols, 32): they keep the largest rank they can"
+    )

@@ -89,3 +89,205 @@ def test_a_low_rank_spectrum_in_float32_uses_float32_eps():
     tol = 8.0 * 30 * float(np.finfo(np.float32).eps)  # 2.9e-5: 1e-9 and 1e-6 fall below
     assert tol > 1e-6
     assert (got.num_nonzero, got.matrix_rank) == (3, 3)
+
+
+# ------------------------------------------------------------------------- effective rank
+
+
+def effective_rank_np(ev: np.ndarray) -> int:
+    """The fewest largest eigenvalues whose sum reaches 90% of the total (1e-12 relative slack),
+    by a plain loop in float64."""
+    total = float(ev.sum())
+    if total <= 0:
+        return 0
+    held = 0.0
+    for k, value in enumerate(np.sort(ev)[::-1], start=1):
+        held += value
+        if held >= 0.9 * total * (1 - 1e-12):
+            return k
+    return ev.size
+
+
+@pytest.mark.parametrize("ev", [
+    [0.0, 0.0], [0.1, 0.2, 0.3], [1.0] * 10, [0.5] * 20, [1e-3, 2e-3, 0.4, 0.5],
+    [0.0, 0.0, 0.0, 7.0], list(np.linspace(0.01, 0.02, 50)),
+])  # fmt: skip
+def test_effective_rank_equals_a_plain_loop(ev):
+    from esdtool.spectral.metrics import effective_rank
+
+    ev = np.array(ev, dtype=np.float64)
+    assert effective_rank(torch.tensor(ev)) == effective_rank_np(ev)
+
+
+def test_effective_rank_compares_in_float64():
+    """90% of the total lands a quarter of a float32 step above the top eigenvalue: in float64
+    one eigenvalue is not enough, in float32 it would be."""
+    from esdtool.spectral.metrics import effective_rank
+
+    top = float(np.nextafter(np.float32(9.0), np.float32(0)))  # the float32 below 9
+    ulp = 9.0 - top
+    small = (top + ulp / 4) / (0.9 * (1 - 1e-12)) - top
+    ev = np.array([small, top])
+    assert 0.9 * ev.sum() * (1 - 1e-12) > top >= float(np.float32(0.9 * ev.sum() * (1 - 1e-12)))
+    assert effective_rank(torch.tensor(ev)) == effective_rank_np(ev) == 2
+    assert effective_rank(torch.tensor([1.0] * 10, dtype=torch.float64)) == 9  # exactly 90%
+
+
+# ------------------------------------------------------------------ the KS search's lower bound
+
+
+def ks_bound_np(x: np.ndarray, alphas: np.ndarray, i: int, step: int) -> float:
+    """max over the tail points p in {0, step, 2 step, ..., n - 1} with p >= i of
+    |1 - (x_p / x_i)^(1 - alpha_i) - (p - i) / (n - i)|, in float64."""
+    n = x.size
+    points = sorted(set(range(0, n, step)) | {n - 1})
+    return max(abs(1 - (x[p] / x[i]) ** (1 - alphas[i]) - (p - i) / (n - i))
+               for p in points if p >= i)  # fmt: skip
+
+
+@pytest.mark.parametrize(("n", "step"), [(50, 7), (49, 8), (30, 1), (64, 63)])
+def test_ks_lower_bounds_equal_the_deviation_on_the_grid(n, step):
+    """Each candidate's bound is its largest deviation on every step-th point of its tail and
+    the last one; float32 eigenvalues are taken in float64."""
+    from esdtool.spectral import powerlaw
+
+    rng = np.random.default_rng(n)
+    x = np.sort(rng.pareto(1.5, n) + 1).astype(np.float32)
+    x64 = x.astype(np.float64)
+    alphas = powerlaw.hill_alphas(torch.tensor(x64))
+    candidates = torch.arange(n - 1)
+    got = powerlaw.ks_lower_bounds(torch.tensor(x), alphas, candidates, step)
+    assert got.dtype == torch.float64
+    want = [ks_bound_np(x64, alphas.numpy(), i, step) for i in range(n - 1)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-15)
+    exact = powerlaw.ks_distances(torch.tensor(x64), alphas, candidates)
+    assert bool((got <= exact * (1 + 1e-12)).all())  # a lower bound of D
+
+
+def test_ks_lower_bounds_in_blocks(monkeypatch):
+    """Candidates split into blocks give every candidate's bound, as one block does."""
+    from esdtool.spectral import powerlaw
+
+    x = torch.tensor(np.sort(np.random.default_rng(2).pareto(2.0, 300) + 1))
+    alphas = powerlaw.hill_alphas(x)
+    candidates = torch.arange(1, 299, 2)
+    whole = powerlaw.ks_lower_bounds(x, alphas, candidates, 17)
+    monkeypatch.setattr(powerlaw, "_KS_BLOCK_ELEMENTS", 19 * 7)  # blocks of 7 candidates
+    blocked = powerlaw.ks_lower_bounds(x, alphas, candidates, 17)
+    assert torch.equal(whole, blocked)
+
+
+# ------------------------------------------------------------------ a LoRA update's spectrum
+
+
+@pytest.mark.parametrize(("out", "inp", "r"), [(40, 24, 4), (24, 40, 4), (6, 9, 8), (5, 5, 5)])
+def test_lowrank_eigenvalues_equal_the_formed_products(out, inp, r):
+    """The eigenvalues of (s B A)(s B A)^T on the smaller side, ascending, M of them: numpy's
+    eigvalsh of the formed product to rounding, the rest exact zeros."""
+    from esdtool.spectral.lowrank import lowrank_eigenvalues
+
+    rng = np.random.default_rng(out * inp + r)
+    B, A = rng.standard_normal((out, r)), rng.standard_normal((r, inp))
+    M = min(out, inp)
+    got = lowrank_eigenvalues(torch.tensor(B, dtype=torch.float32),
+                              torch.tensor(A, dtype=torch.float32), 0.75, M)  # fmt: skip
+    W = 0.75 * B.astype(np.float32).astype(np.float64) @ A.astype(np.float32).astype(np.float64)
+    G = W @ W.T if out <= inp else W.T @ W
+    want = np.linalg.eigvalsh(G)
+    assert got.dtype == torch.float64 and got.shape == (M,)
+    k = min(r, M)
+    np.testing.assert_allclose(got.numpy()[M - k :], want[M - k :], rtol=1e-10)
+    assert bool((got[: M - k] == 0).all())
+    assert bool((got[1:] >= got[:-1]).all())
+
+
+def test_lowrank_eigenvalues_that_overflow_are_infinite():
+    from esdtool.spectral.lowrank import lowrank_eigenvalues
+
+    B = torch.full((8, 2), 1e200, dtype=torch.float64)
+    got = lowrank_eigenvalues(B, B.mT.contiguous(), 1.0, 8)
+    assert got.dtype == torch.float64 and got.shape == (8,) and bool(torch.isinf(got).all())
+
+
+def test_small_factors_are_factorised_on_one_thread(monkeypatch):
+    """LAPACK's threads cost more than a small QR: one thread inside, the caller's count
+    restored after; large factors keep the caller's threads."""
+    from esdtool.spectral import lowrank
+
+    seen = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda m: (seen.append(torch.get_num_threads()),
+                                                       real_qr(m))[1])  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lowrank.lowrank_eigenvalues(torch.ones(16, 2), torch.ones(2, 8), 1.0, 8)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(lowrank, "ONE_THREAD_ELEMENTS", 10)
+        lowrank.lowrank_eigenvalues(torch.ones(16, 2), torch.ones(2, 8), 1.0, 8)
+        assert seen == [2, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------- AlphaPruning's alpha_peak
+
+
+def peak_spectra() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((100, 200))
+    return {
+        "alpha near 1.5": np.sort(rng.pareto(0.5, 300) + 1),
+        "pareto 2.5": np.sort(rng.pareto(2.5, 400) + 1) * 3,
+        "two": np.array([1.0, 3.0]),
+        "three": np.array([1.0, 2.0, 3.5]),
+        "marchenko-pastur": np.linalg.eigvalsh(W @ W.T / 200),
+        "peak at the top": np.sort(np.concatenate([rng.uniform(1, 2, 30), 9 + rng.random(200)])),
+        "small values": np.sort(rng.pareto(1.2, 250) + 1) * 1e-4,
+    }
+
+
+@pytest.mark.parametrize("case", list(peak_spectra()))
+def test_alpha_peak_is_their_float32_computation(case):
+    """Against tests/origin_alphapruning.py run in float32 (their net_esd_estimator, line by
+    line): the same candidate, so the same alpha to a float32 rounding."""
+    import origin_alphapruning as ap
+
+    from esdtool.spectral.peak import alpha_peak
+
+    evals = peak_spectra()[case].astype(np.float32)
+    theirs = ap.alpha_peak(evals.astype(float), "float32")
+    ours = alpha_peak(torch.tensor(evals))
+    assert theirs > 1 and ours == pytest.approx(theirs, rel=3e-7)
+
+
+# ------------------------------------------------------------------------------ FARMS windows
+
+
+def test_farms_windows_refusals_word_for_word():
+    from esdtool.spectral.farms import windows
+
+    needs = "FARMS needs window rows >= 2, Q > 0 and a grid >= 1 (got "
+    for args, message in (
+        ((64, 64, 1, 1.0, 3), needs + "1, 1.0, 3)"),
+        ((64, 64, 8, 0.0, 3), needs + "8, 0.0, 3)"),
+        ((64, 64, 8, math.inf, 3), needs + "8, inf, 3)"),
+        ((64, 64, 8, 1.0, 0), needs + "8, 1.0, 0)"),
+        ((4, 10, 8, 4.0, 2), "a 4 x 16 window does not fit a 4 x 10 matrix"),
+        ((10, 10, 4, 0.2, 2), "a 4 x 0 window does not fit a 10 x 10 matrix"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            windows(*args)
+        assert str(info.value) == message
+
+
+def test_farms_windows_of_one_column_and_their_starts():
+    from esdtool.spectral.farms import windows
+
+    one = windows(10, 10, 2, 0.5, 1)  # n q = 1 exactly: one column, allowed
+    assert (one.n, one.c, one.row_starts, one.col_starts) == (2, 1, (0,), (0,))
+    placed = windows(20, 50, 8, 2.0, 4)  # 8 x 16 windows, 4 starts a side, the last at the edge
+    assert (placed.n, placed.c) == (8, 16)
+    assert placed.row_starts == (0, 4, 8, 12) and placed.col_starts == (0, 11, 22, 33)
+    assert windows(8, 16, 8, 2.0, 5).row_starts == (0,)  # the window is the matrix

@@ -75,7 +75,7 @@ def _starts(side: int, window: int, grid: int) -> tuple[int, ...]:
         return (0,)
     step = max(1, (side - window) // (grid - 1))
     count = min(grid, max(1, (side - window) // step + 1))
-    return tuple(min(i * step, side - window) for i in range(count))
+    return tuple(i * step for i in range(count))  # the last start is at most side - window
 
 
 def farms_spectrum(
