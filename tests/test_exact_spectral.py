@@ -235,16 +235,25 @@ def test_small_factors_are_factorised_on_one_thread(monkeypatch):
 
 
 def peak_spectra() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1)
-    W = rng.standard_normal((100, 200))
+    """Spectra whose chosen candidate is not the first, with alphas below 2 among them."""
+    rng = np.random.default_rng
+    W = rng(1).standard_normal((100, 200))
+    law = rng(6).pareto(1.0, 600) + 1
     return {
-        "alpha near 1.5": np.sort(rng.pareto(0.5, 300) + 1),
-        "pareto 2.5": np.sort(rng.pareto(2.5, 400) + 1) * 3,
+        "alpha 1.5 at the 2nd candidate": np.sort(rng(1).pareto(0.5, 300) + 1),
+        "alpha 1.7 at the 53rd": np.sort(rng(0).pareto(0.8, 300) + 1),
+        "alpha 1.99 at the 37th": np.sort(rng(2).pareto(0.9, 300) + 1),
+        "pareto 2.5": np.sort(rng(3).pareto(2.5, 400) + 1) * 3,
         "two": np.array([1.0, 3.0]),
         "three": np.array([1.0, 2.0, 3.5]),
         "marchenko-pastur": np.linalg.eigvalsh(W @ W.T / 200),
-        "peak at the top": np.sort(np.concatenate([rng.uniform(1, 2, 30), 9 + rng.random(200)])),
-        "small values": np.sort(rng.pareto(1.2, 250) + 1) * 1e-4,
+        "peak at the top": np.sort(
+            np.concatenate([rng(4).uniform(1, 2, 30), 9 + rng(4).random(200)])
+        ),
+        "small values": np.sort(rng(5).pareto(1.2, 250) + 1) * 1e-4,
+        "power law from 1 under a cluster at 10": np.sort(
+            np.concatenate([law[law < 9], 10 + rng(6).normal(0, 0.02, 150)])
+        ),
     }
 
 
@@ -291,3 +300,33 @@ def test_farms_windows_of_one_column_and_their_starts():
     assert (placed.n, placed.c) == (8, 16)
     assert placed.row_starts == (0, 4, 8, 12) and placed.col_starts == (0, 11, 22, 33)
     assert windows(8, 16, 8, 2.0, 5).row_starts == (0,)  # the window is the matrix
+
+
+# ----------------------------------------------------- the float32 path hands over to float64
+
+
+@pytest.mark.parametrize("where", ["one huge entry", "all subnormal squares"])
+def test_float32_weights_whose_top_square_leaves_float32_take_float64(where):
+    """float32 weights on the float32 path whose largest eigenvalue float32 cannot hold (an
+    entry of 1e20 squares to 1e40; entries of 1e-23 to subnormals): computed in float64 on the
+    same weights instead, the batch's other matrices too. The second-largest eigenvalue is
+    in range, so only the largest tells."""
+    rng = np.random.default_rng(21)
+    W = rng.standard_normal((2, 10, 16)).astype(np.float32)
+    if where == "one huge entry":
+        W[1, 3, 4] = 1e20
+    else:
+        W[1] *= np.float32(1e-23)
+    evals, finite = spectra_checked(torch.from_numpy(W), torch.float32)
+    assert evals.dtype == torch.float64 and finite.tolist() == [True, True]
+    for k in range(2):
+        want = np.linalg.eigvalsh(W[k].astype(np.float64) @ W[k].astype(np.float64).T)
+        np.testing.assert_allclose(evals[k].numpy(), np.clip(want, 0, None), rtol=1e-9,
+                                   atol=1e-12 * want.max())  # fmt: skip
+    assert math.isfinite(float(evals[1, -1])) and float(evals[1, -1]) > 0
+
+
+def spectra_checked(W: torch.Tensor, dtype: torch.dtype):
+    from esdtool.spectral.spectra import checked_eigenvalues
+
+    return checked_eigenvalues(W, dtype)
