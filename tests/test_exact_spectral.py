@@ -224,8 +224,8 @@ def test_small_factors_are_factorised_on_one_thread(monkeypatch):
         lowrank.lowrank_eigenvalues(torch.ones(16, 2), torch.ones(2, 8), 1.0, 8)
         assert seen == [1, 1] and torch.get_num_threads() == 2
         seen.clear()
-        monkeypatch.setattr(lowrank, "ONE_THREAD_ELEMENTS", 10)
-        lowrank.lowrank_eigenvalues(torch.ones(16, 2), torch.ones(2, 8), 1.0, 8)
+        monkeypatch.setattr(lowrank, "ONE_THREAD_ELEMENTS", 40)
+        lowrank.lowrank_eigenvalues(torch.ones(16, 2), torch.ones(2, 40), 1.0, 16)  # 32 + 80
         assert seen == [2, 2]
     finally:
         torch.set_num_threads(before)

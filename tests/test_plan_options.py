@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from safetensors import safe_open
 
@@ -154,6 +155,13 @@ def test_the_parameter_count_is_every_stored_element(tmp_path):
         table.attrs["esdtool"] = {"settings": {option: "proj"}}
         with pytest.raises(OptionError) as caught:
             model_params(table)
-        message = str(caught.value)
-        assert message.startswith("--budget-percent needs the model's parameter count")
+        assert str(caught.value) == (
+            "--budget-percent needs the model's parameter count, and this table was analysed "
+            "with --include/--exclude (some tensors are not in it)"
+        )
         assert caught.value.hint == "give --budget-params, or analyse every tensor"
+    # a row without a shape (a tensor that could not be read) counts nothing, a row without
+    # cols (a vector) its rows
+    rows = pd.DataFrame({"rows": pd.array([4, 6, None], dtype="Int64"),
+                         "cols": pd.array([8, None, None], dtype="Int64")})  # fmt: skip
+    assert model_params(rows) == 4 * 8 + 6
