@@ -6,7 +6,7 @@
 #   make install everything the tests need: the demo's packages, the test extras (which include
 #                transformers, PEFT, TRL: what `esdtool finetune` needs) and the GPTQ/AWQ code
 #   make bench   install the benchmark peers, then run every benchmark
-#   make mutation  mutation testing of the spectral math and the rank allocation (mutmut, in
+#   make mutation  mutation testing of the spectral math, the plans and the packed formats (mutmut, in
 #                ./mutants; not part of make test); docs/testing.md has the last score
 PYTHON ?= python3
 VENV ?= .venv
