@@ -25,9 +25,10 @@ def minilm_metrics(minilm_dir, tmp_path_factory) -> Path:
     """MiniLM analysed once per session with default settings (float64): the parquet path.
 
     Under `make mutation` (ESDTOOL_REFERENCE_CACHE set) the table is analysed once per run, by
-    the unmutated code (mutmut's first pass), and copied for each mutant: about 8 s saved per
-    mutant whose tests read it. The tests that read it check plans, so a mutant of the spectral
-    code is then left to the spectral tests, which compute their own spectra."""
+    the unmutated code (mutmut's first pass), and copied for each mutant: the analysis (1-3 s
+    on 2 cores) is not paid again by every mutant whose tests read it. The tests that read it
+    check plans, so a mutant of the spectral code is left to the spectral tests, which compute
+    their own spectra."""
     from esdtool import analyze
 
     out = tmp_path_factory.mktemp("minilm") / "metrics.parquet"

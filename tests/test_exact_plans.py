@@ -12,8 +12,14 @@ import pandas as pd
 import pytest
 
 from esdtool.errors import OptionError
-from esdtool.plan import layerwise, shape, targets
-from esdtool.plan.ranks import AllocateSettings
+from esdtool.plan import layerwise, ranks, shape, targets
+from esdtool.plan.ranks import (
+    EPS,
+    AllocateSettings,
+    allocate_ranks,
+    candidates,
+    scores,
+)
 
 # ------------------------------------------------------- AllocateSettings: every problem, once
 
@@ -70,13 +76,6 @@ REFUSED = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("options", "problems"), REFUSED)
-def test_every_problem_of_the_target_options_is_listed_in_order(options, problems):
-    with pytest.raises(OptionError) as info:
-        AllocateSettings(**options)
-    assert str(info.value) == "; ".join(problems)
-
-
 ACCEPTED = [
     dict(target="pruning", sparsity=0.7),
     dict(target="pruning", sparsity=1e-9, epsilon=0.999999, mapping="module"),
@@ -87,12 +86,6 @@ ACCEPTED = [
     dict(target="lr", lr_map="linear", normalise_within="shape"),
     dict(target="weight-decay", wd_map="sqrt", min_evals=2),
 ]  # fmt: skip
-
-
-@pytest.mark.parametrize("options", ACCEPTED)
-def test_options_on_the_edge_of_each_check_are_accepted(options):
-    settings = AllocateSettings(**options)
-    assert all(getattr(settings, k) == v for k, v in options.items())
 
 
 # ------------------------------------------------------- pruning ratios outside [0, 1): refused
@@ -407,26 +400,30 @@ LORA_REFUSED = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("options", "problems"), LORA_REFUSED)
-def test_lora_option_problems_word_for_word(options, problems):
+@pytest.mark.parametrize(("options", "problems"), REFUSED + LORA_REFUSED)
+def test_every_problem_of_the_options_is_listed_in_order_word_for_word(options, problems):
     with pytest.raises(OptionError) as info:
         AllocateSettings(**options)
     assert str(info.value) == "; ".join(problems)
 
 
-@pytest.mark.parametrize("options", [
-    dict(budget_percent=100), dict(rank_multiple=1024, max_rank=2048),
-    dict(candidates="model"), dict(candidates="role", targets="q_proj"),
-])  # fmt: skip
-def test_lora_options_on_the_edge_are_accepted(options):
-    AllocateSettings(**options)
+LORA_ACCEPTED = [
+    dict(budget_percent=100),
+    dict(rank_multiple=1024, max_rank=2048),
+    dict(candidates="model"),
+    dict(candidates="role", targets="q_proj"),
+]
+
+
+@pytest.mark.parametrize("options", ACCEPTED + LORA_ACCEPTED)
+def test_options_on_the_edge_of_each_check_are_accepted(options):
+    settings = AllocateSettings(**options)
+    assert all(getattr(settings, k) == v for k, v in options.items())
 
 
 def test_scores_within_groups_on_integer_counts():
     """Min-max inside each group, spikes flipped (fewer is better), a group of ties at 0.5 on
     both; integer inputs (spike counts are integers) are not truncated."""
-    from esdtool.plan.ranks import EPS, scores
-
     alpha = np.array([2, 4, 3, 3, 5])
     spikes = np.array([1, 3, 7, 7, 0])
     within = np.array(["a", "a", "b", "b", "c"])
@@ -469,16 +466,12 @@ def lora_ar() -> AllocateSettings:
 
 
 def refused(table: pd.DataFrame, settings: AllocateSettings, modules=None) -> OptionError:
-    from esdtool.plan.ranks import candidates
-
     with pytest.raises(OptionError) as info:
         candidates(table, settings, modules)
     return info.value
 
 
 def test_model_candidates_are_the_models_modules_in_its_order():
-    from esdtool.plan.ranks import candidates
-
     table = metrics_rows(
         dict(name="embed.weight", module="embed", role="embedding", alpha_ks=3.0),
         dict(name="l.0.q.weight", module="l.0.q", alpha_ks=2.0),
@@ -583,8 +576,6 @@ def ten_linears(**columns) -> pd.DataFrame:
 
 
 def test_the_allocation_table_has_plain_dtypes_from_nullable_columns():
-    from esdtool.plan.ranks import allocate_ranks
-
     table = allocate_ranks(ten_linears()).table
     assert {c: table[c].dtype.kind for c in ("rows", "cols", "alpha", "spikes", "score",
                                              "rank", "params")} == {
@@ -594,8 +585,6 @@ def test_the_allocation_table_has_plain_dtypes_from_nullable_columns():
 
 
 def test_farms_spike_shares_stay_fractional():
-    from esdtool.plan.ranks import allocate_ranks
-
     shares = np.linspace(0.05, 0.5, 10)
     table = ten_linears(spikes_farms=shares, alpha_median_farms=np.linspace(2, 6, 10))
     settings = AllocateSettings(alpha_column="alpha_median_farms", spikes_column="spikes_farms")
@@ -603,8 +592,6 @@ def test_farms_spike_shares_stay_fractional():
 
 
 def test_without_the_cap_a_rank_can_exceed_the_smaller_side():
-    from esdtool.plan.ranks import allocate_ranks
-
     settings = AllocateSettings(rank_cap=False, select="lowest", top_n_percentile=1.0)
     capped = allocate_ranks(ten_linears(), AllocateSettings(select="lowest", top_n_percentile=1.0))
     free = allocate_ranks(ten_linears(), settings)
@@ -616,24 +603,18 @@ def test_without_the_cap_a_rank_can_exceed_the_smaller_side():
 
 
 def test_a_model_without_linears_has_no_candidates():
-    from esdtool.plan.ranks import allocate_ranks
-
     with pytest.raises(OptionError) as info:
         allocate_ranks(ten_linears(), AllocateSettings.from_preset("lora-ar"), modules=[])
     assert str(info.value) == "no candidate modules: the model has no nn.Linear or nn.Conv2d"
 
 
 def test_a_tiny_budget_percent_is_one_parameter(monkeypatch):
-    from esdtool.plan import ranks
-
     monkeypatch.setattr(ranks, "model_params", lambda metrics: 1000)
     plan = ranks.allocate_ranks(ten_linears(), AllocateSettings(budget_percent=0.01))
     assert plan.budget == 1  # 0.1 parameters, rounded, but never 0 (no budget at all)
 
 
 def test_a_missed_budget_on_multiples_and_stuck_modules_are_noted():
-    from esdtool.plan.ranks import allocate_ranks
-
     settings = AllocateSettings(budget_params=10, rank_multiple=2, min_rank=4, max_rank=8,
                                 top_n_percentile=1.0)  # fmt: skip
     plan = allocate_ranks(ten_linears(), settings)

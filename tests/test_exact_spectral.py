@@ -15,6 +15,7 @@ import torch
 from esdtool.spectral.marchenko_pastur import SpikeCount
 from esdtool.spectral.metrics import spectrum_metrics
 from esdtool.spectral.powerlaw import PowerLawFit
+from esdtool.spectral.spectra import checked_eigenvalues
 
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -317,16 +318,10 @@ def test_float32_weights_whose_top_square_leaves_float32_take_float64(where):
         W[1, 3, 4] = 1e20
     else:
         W[1] *= np.float32(1e-23)
-    evals, finite = spectra_checked(torch.from_numpy(W), torch.float32)
+    evals, finite = checked_eigenvalues(torch.from_numpy(W), torch.float32)
     assert evals.dtype == torch.float64 and finite.tolist() == [True, True]
     for k in range(2):
         want = np.linalg.eigvalsh(W[k].astype(np.float64) @ W[k].astype(np.float64).T)
         np.testing.assert_allclose(evals[k].numpy(), np.clip(want, 0, None), rtol=1e-9,
                                    atol=1e-12 * want.max())  # fmt: skip
     assert math.isfinite(float(evals[1, -1])) and float(evals[1, -1]) > 0
-
-
-def spectra_checked(W: torch.Tensor, dtype: torch.dtype):
-    from esdtool.spectral.spectra import checked_eigenvalues
-
-    return checked_eigenvalues(W, dtype)
