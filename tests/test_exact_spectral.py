@@ -9,9 +9,11 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+import oracle as ref
 from esdtool.spectral.marchenko_pastur import SpikeCount
 from esdtool.spectral.metrics import spectrum_metrics
 from esdtool.spectral.powerlaw import PowerLawFit
@@ -138,18 +140,18 @@ def test_effective_rank_compares_in_float64():
 
 
 def ks_bound_np(x: np.ndarray, alphas: np.ndarray, i: int, step: int) -> float:
-    """max over the tail points p in {0, step, 2 step, ..., n - 1} with p >= i of
+    """max over the points p = n - 1, n - 1 - step, ... down to 1 with p >= i of
     |1 - (x_p / x_i)^(1 - alpha_i) - (p - i) / (n - i)|, in float64."""
     n = x.size
-    points = sorted(set(range(0, n, step)) | {n - 1})
+    points = range(n - 1, 0, -step)
     return max(abs(1 - (x[p] / x[i]) ** (1 - alphas[i]) - (p - i) / (n - i))
                for p in points if p >= i)  # fmt: skip
 
 
-@pytest.mark.parametrize(("n", "step"), [(50, 7), (49, 8), (30, 1), (64, 63)])
+@pytest.mark.parametrize(("n", "step"), [(50, 7), (49, 8), (30, 1), (64, 63), (10, 4)])
 def test_ks_lower_bounds_equal_the_deviation_on_the_grid(n, step):
-    """Each candidate's bound is its largest deviation on every step-th point of its tail and
-    the last one; float32 eigenvalues are taken in float64."""
+    """Each candidate's bound is its largest deviation on every step-th point of its tail,
+    counted back from the last; float32 eigenvalues are taken in float64."""
     from esdtool.spectral import powerlaw
 
     rng = np.random.default_rng(n)
@@ -325,3 +327,167 @@ def test_float32_weights_whose_top_square_leaves_float32_take_float64(where):
         np.testing.assert_allclose(evals[k].numpy(), np.clip(want, 0, None), rtol=1e-9,
                                    atol=1e-12 * want.max())  # fmt: skip
     assert math.isfinite(float(evals[1, -1])) and float(evals[1, -1]) > 0
+
+
+# Spectra of few distinct eigenvalues (as rounded or quantized weights give) on which two
+# candidates share the smallest D exactly: the deviation peaks inside a run of equal values,
+# at t / (n - i), the same fraction for both. Found by a search over such spectra.
+TIED_D = {
+    "the smaller index bounds higher": [1, 1, 1, 1, 2, 2, 2, 2, 4],
+    "equal bounds": [1, 1, 1, 1, 1, 4, 4, 8],
+    "the smaller index bounds lower": [1] * 10 + [2] * 6 + [3] * 3 + [4] * 7 + [8] * 4,
+}
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("case", list(TIED_D))
+def test_the_pruned_search_takes_the_smallest_xmin_among_tied_distances(case, batch, monkeypatch):
+    """One candidate per round (or all in one), in the order of their bounds: the plain loop's
+    first minimum (the smallest xmin) wins a tie, whichever of the two comes first."""
+    from esdtool.spectral import powerlaw
+
+    monkeypatch.setattr(powerlaw, "_EXHAUSTIVE", 0)
+    monkeypatch.setattr(powerlaw, "_PRUNED_BATCH", batch)
+    x = np.array(TIED_D[case], dtype=np.float64)
+    fit = powerlaw.fit_ks(torch.from_numpy(x))
+    with np.errstate(divide="ignore"):  # the last run's alpha is inf: not a candidate
+        expected = ref.alpha_ks(x)
+    assert (fit.alpha, fit.xmin, fit.D) == pytest.approx(expected, rel=1e-14)
+    D = [ref.hill(x, i)[1] for i in range(x.size - 1) if x[i] < x[-1]]  # alpha finite, > 1
+    assert sum(d == min(D) for d in D) >= 2  # still a tie: the case tests what it says
+
+
+@pytest.mark.parametrize("n_candidates", [1, 40, 64, 65, 130])
+def test_the_pruned_search_over_a_few_candidates(n_candidates):
+    """Fewer candidates than a round, exactly one round, and a round and a bit: the candidate of
+    smallest D among them, as the plain loop finds it."""
+    from esdtool.spectral import powerlaw
+
+    x = np.sort(np.random.default_rng(n_candidates).pareto(1.8, 400) + 1.0)
+    candidates = np.arange(3, 3 + 2 * n_candidates, 2)
+    i, d = powerlaw._pruned_min(torch.from_numpy(x), powerlaw.hill_alphas(torch.from_numpy(x)),
+                                torch.from_numpy(candidates))  # fmt: skip
+    D = [ref.hill(x, c)[1] for c in candidates]
+    assert (i, d) == (int(candidates[int(np.argmin(D))]), pytest.approx(min(D), rel=1e-12))
+
+
+@pytest.mark.parametrize(("n", "candidates", "pruned"), [
+    (2048, 2047, False), (2049, 2048, True), (4096, 1024, False), (4097, 1024, True),
+])  # fmt: skip
+def test_the_ks_search_is_pruned_above_2_to_22_distances(n, candidates, pruned, monkeypatch):
+    """All D are computed while candidates x n <= 2^22 (4096 x 1024 exactly: still all);
+    above, the pruned search (O(n^1.5)) runs: a FARMS pool of 10^6 eigenvalues must not take
+    O(n^2)."""
+    from esdtool.spectral import powerlaw
+
+    calls = []
+    real = powerlaw._pruned_min
+    monkeypatch.setattr(powerlaw, "_pruned_min", lambda *a: calls.append(1) or real(*a))
+    x = torch.from_numpy(np.sort(np.random.default_rng(0).pareto(1.8, n) + 1.0))
+    powerlaw._best_of(x, powerlaw.hill_alphas(x), torch.arange(candidates))
+    assert bool(calls) is pruned
+
+
+def test_an_unknown_spike_rule_is_refused_by_name():
+    from esdtool.spectral.marchenko_pastur import count_spikes
+
+    with pytest.raises(ValueError) as err:
+        count_spikes(torch.linspace(0.1, 2.0, 30, dtype=torch.float64), 30, 60, rule="bbp")
+    assert str(err.value) == "unknown spike rule 'bbp' (tw or lora-ar)"
+
+
+# ------------------------------------------------------- the default device and dtype are not ours
+
+
+@pytest.fixture
+def foreign_defaults():
+    """A notebook's torch.set_default_device("cuda") and set_default_dtype, here meta and
+    float16: a tensor the code makes without naming the data's device and dtype lands on meta
+    (which cannot be mixed with the CPU data, nor read) or in float16 (whose rounding shows)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def spectral_calls() -> dict[str, object]:
+    """One call per road through the spectral code, on CPU float64 inputs (float32 where the
+    road is float32's)."""
+    from esdtool.spectral import lowrank, marchenko_pastur, metrics, powerlaw, spectra
+
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(np.sort(rng.pareto(2.0, 300) + 1.0))
+    big = torch.from_numpy(np.sort(rng.pareto(1.5, 2100) + 1.0))  # the pruned KS search
+    W = torch.from_numpy(rng.standard_normal((3, 20, 30)))
+    huge = torch.from_numpy(rng.standard_normal((12, 9)) * 1e300)  # the rescaled route
+    bad = W[0].clone()
+    bad[2, 3] = math.nan
+    B = torch.from_numpy(rng.standard_normal((24, 3)))
+    A = torch.from_numpy(rng.standard_normal((3, 16)))
+    evals = torch.from_numpy(np.sort(rng.chisquare(3, 40)))
+    alphas = powerlaw.hill_alphas(x)
+    every7, every = torch.arange(0, 299, 7), torch.arange(299)
+    return {
+        "hill_alphas": lambda: powerlaw.hill_alphas(x),
+        "ks_distances": lambda: powerlaw.ks_distances(x, alphas, every7),
+        "ks_lower_bounds": lambda: powerlaw.ks_lower_bounds(x, alphas, every, 17),
+        "fit_median": lambda: powerlaw.fit_median(x.float()),
+        "fit_fix_finger": lambda: powerlaw.fit_fix_finger(x.float()),
+        "fit_ks": lambda: powerlaw.fit_ks(x.float()),
+        "fit_ks pruned": lambda: powerlaw.fit_ks(big),
+        "eigenvalues": lambda: spectra.checked_eigenvalues(W),
+        "eigenvalues float32": lambda: spectra.checked_eigenvalues(W.float(), torch.float32),
+        "eigenvalues rescaled": lambda: spectra.checked_eigenvalues(huge),
+        "eigenvalues non-finite": lambda: spectra.checked_eigenvalues(bad),
+        "lowrank": lambda: lowrank.lowrank_eigenvalues(B, A, 0.5, 24),
+        "lowrank overflow": lambda: lowrank.lowrank_eigenvalues(B * 1e200, A * 1e200, 1.0, 24),
+        "spectrum_metrics": lambda: metrics.spectrum_metrics(evals, 40, 90),
+        "spectrum_metrics low rank": lambda: metrics.spectrum_metrics(evals, 40, 90, low_rank=True),
+        "count_spikes": lambda: marchenko_pastur.count_spikes(evals, 40, 90),
+    }
+
+
+def same_result(a: object, b: object) -> bool:
+    """`same`, with tensors equal in device, dtype and every value (NaN equal to NaN)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(same_result(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a.device == b.device and a.dtype == b.dtype
+                and bool(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))  # fmt: skip
+    return same(a, b)
+
+
+@pytest.mark.parametrize("road", list(spectral_calls()))
+def test_results_do_not_depend_on_the_default_device_or_dtype(road, request):
+    call = spectral_calls()[road]  # its inputs made on the CPU, under torch's own defaults
+    expected = call()
+    request.getfixturevalue("foreign_defaults")
+    assert same_result(call(), expected)
+
+
+def test_a_whole_analysis_does_not_depend_on_the_default_device_or_dtype(tmp_path):
+    """A file analysed in a session that set torch's default device and dtype (a notebook's
+    set_default_device("cuda")) gives the table it gives in a fresh one, empty tensor too."""
+    from safetensors.torch import save_file
+
+    from esdtool import analyze, load_metrics
+
+    rng = np.random.default_rng(3)
+    save_file({"a.weight": torch.from_numpy(rng.standard_normal((30, 20))).float(),
+               "b.weight": torch.from_numpy(rng.standard_normal((12, 40))).to(torch.bfloat16),
+               "c.weight": torch.zeros(0, 5)}, tmp_path / "model.safetensors")  # fmt: skip
+    analyze(tmp_path / "model.safetensors", tmp_path / "plain.parquet")
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("meta"):
+            analyze(tmp_path / "model.safetensors", tmp_path / "foreign.parquet")
+    finally:
+        torch.set_default_dtype(dtype)
+    plain, foreign = (load_metrics(tmp_path / f"{n}.parquet").drop(columns="seconds")
+                      for n in ("plain", "foreign"))  # fmt: skip
+    assert (plain.status == "ok").sum() == 2
+    pd.testing.assert_frame_equal(foreign, plain)

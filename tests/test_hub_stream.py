@@ -316,6 +316,10 @@ def test_streamed_tensors_have_safe_opens_dtypes_and_values(tmp_path):
             assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
             as_bytes = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731 (bit for bit)
             assert torch.equal(as_bytes(ours), as_bytes(theirs)), name
+    with torch.device("meta"):  # a session's default device is not where the bytes lie
+        devices = {tensor_from_bytes(bytearray(raw[start + i.begin : start + i.end]), i, "x").device
+                   for i in infos.values()}  # fmt: skip
+    assert devices == {torch.device("cpu")}
 
 
 def test_fp8_checkpoint_with_scales_in_another_shard_streams(hub, tmp_path, capsys):

@@ -400,7 +400,7 @@ def tensor_from_bytes(data: bytearray, info: TensorInfo, where: str) -> torch.Te
     if info.dtype == "F4":  # two 4-bit values per byte, as safetensors gives them
         shape[-1] //= 2
     if not data:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device="cpu")  # frombuffer's device, not the default
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
 
 

@@ -45,8 +45,8 @@ def lowrank_eigenvalues(B: torch.Tensor, A: torch.Tensor, scaling: float, M: int
         _, r_a = torch.linalg.qr(A.to(torch.float64).mT)
         core = (r_b * scaling) @ r_a.mT
         if not bool(torch.isfinite(core).all()):  # finite factors whose product leaves float64
-            return torch.full((M,), math.inf, dtype=torch.float64, device=core.device)
+            return core.new_full((M,), math.inf)
         sigma = torch.linalg.svdvals(core)
     nonzero = sigma.square().flip(0)
-    zeros = torch.zeros(M - nonzero.numel(), dtype=torch.float64, device=nonzero.device)
+    zeros = nonzero.new_zeros(M - nonzero.numel())
     return torch.cat([zeros, nonzero])

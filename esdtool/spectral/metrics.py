@@ -159,7 +159,7 @@ def effective_rank(evals: torch.Tensor) -> int:
         return 0
     held = torch.cumsum(evals.flip(0), 0)
     need = EFFECTIVE_RANK_SHARE * total * (1 - 1e-12)
-    k = int(torch.searchsorted(held, torch.tensor([need], dtype=held.dtype))[0]) + 1
+    k = int(torch.searchsorted(held, held.new_tensor([need]))[0]) + 1
     return min(k, evals.numel())
 
 
