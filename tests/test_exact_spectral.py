@@ -491,3 +491,26 @@ def test_a_whole_analysis_does_not_depend_on_the_default_device_or_dtype(tmp_pat
                       for n in ("plain", "foreign"))  # fmt: skip
     assert (plain.status == "ok").sum() == 2
     pd.testing.assert_frame_equal(foreign, plain)
+
+
+@pytest.mark.parametrize("peak", [2.0**61, 2.0**-61])
+def test_float64_weights_beyond_float32s_range_are_not_cast_to_it(peak):
+    """float64 weights asked for on the float32 path with an entry past 2^+-60 (squares past
+    float32's range): computed in float64, as the float64 path computes them."""
+    rng = np.random.default_rng(5)
+    W = np.clip(rng.standard_normal((9, 14)), -1, 1) * (peak / 8 if peak < 1 else 1.0)
+    W[2, 5] = peak
+    evals, finite = checked_eigenvalues(torch.from_numpy(W), torch.float32)
+    want, _ = checked_eigenvalues(torch.from_numpy(W), torch.float64)
+    assert evals.dtype == torch.float64 and bool(finite) and torch.equal(evals, want)
+    np.testing.assert_allclose(evals.numpy(), np.clip(np.linalg.eigvalsh(W @ W.T), 0, None),
+                               rtol=1e-9, atol=1e-12 * float(evals[-1]))  # fmt: skip
+
+
+def test_float32_weights_whose_top_square_is_the_smallest_normal_stay_float32():
+    """2^-63 squares to 2^-126, float32's smallest normal number: still in range."""
+    W = torch.zeros(4, 6)
+    W[1, 2] = 2.0**-63
+    evals, finite = checked_eigenvalues(W, torch.float32)
+    assert evals.dtype == torch.float32 and bool(finite)
+    assert evals.tolist() == [0.0, 0.0, 0.0, 2.0**-126]
