@@ -416,7 +416,7 @@ def foreign_defaults():
 def spectral_calls() -> dict[str, object]:
     """One call per road through the spectral code, on CPU float64 inputs (float32 where the
     road is float32's)."""
-    from esdtool.spectral import lowrank, marchenko_pastur, metrics, powerlaw, spectra
+    from esdtool.spectral import farms, lowrank, marchenko_pastur, metrics, peak, powerlaw, spectra
 
     rng = np.random.default_rng(7)
     x = torch.from_numpy(np.sort(rng.pareto(2.0, 300) + 1.0))
@@ -447,6 +447,9 @@ def spectral_calls() -> dict[str, object]:
         "spectrum_metrics": lambda: metrics.spectrum_metrics(evals, 40, 90),
         "spectrum_metrics low rank": lambda: metrics.spectrum_metrics(evals, 40, 90, low_rank=True),
         "count_spikes": lambda: marchenko_pastur.count_spikes(evals, 40, 90),
+        "alpha_peak": lambda: peak.alpha_peak(x),
+        "farms": lambda: farms.farms_spectrum(W[0], 6, 1.5, 2),
+        "farms float32": lambda: farms.farms_spectrum(W[0].float(), 6, 1.5, 2, torch.float32),
     }
 
 

@@ -329,7 +329,7 @@ def test_synthetic_matrices_equal_reference(kind, shape, settings):
     expected = ref_farms(W, *settings)
     Wt = torch.from_numpy(W)
     pooled, finite, placed = farms_spectrum(Wt, *settings)
-    assert bool(finite)
+    assert finite is True
     assert pooled.dtype == torch.float64
     assert bool((pooled[1:] >= pooled[:-1]).all()), "the pooled spectrum is not ascending"
     assert pooled.numel() == placed.count * placed.M == expected["pooled"].size
@@ -389,7 +389,7 @@ def test_window_with_nan_gives_none():
     W = torch.from_numpy(np.random.default_rng(5).standard_normal((120, 260)))
     W[3, 7] = math.nan
     _, finite, _ = farms_spectrum(W, 40, 2.0, 3)
-    assert not bool(finite)
+    assert finite is False
     assert farms_metrics(W, 40, 2.0, 3) is None
 
 

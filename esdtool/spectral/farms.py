@@ -84,7 +84,7 @@ def farms_spectrum(
     q: float,
     grid: int,
     dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor, FarmsWindows]:
+) -> tuple[torch.Tensor, bool, FarmsWindows]:
     """The pooled spectrum of ``W``'s windows, ascending in ``dtype`` (each window's squared
     singular values as :func:`~esdtool.spectral.spectra.eigenvalues` computes them), whether
     every window was finite, and the windows. The windows go through the eigensolver in
@@ -109,7 +109,7 @@ def farms_spectrum(
         finite = finite and bool(ok.all())
         pooled.append(evals.reshape(-1))
     spectrum = torch.sort(torch.cat(pooled)).values
-    return spectrum, torch.tensor(finite), placed
+    return spectrum, finite, placed
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,6 @@ def farms_metrics(
     """:class:`FarmsMetrics` of ``W`` (``fits``: :func:`spectrum_metrics`' keyword settings);
     None when a window is not finite."""
     pooled, finite, placed = farms_spectrum(W, n_rows, q, grid, dtype)
-    if not bool(finite) or not math.isfinite(float(pooled[-1])):
+    if not finite or not math.isfinite(float(pooled[-1])):
         return None
     return FarmsMetrics(spectrum_metrics(pooled, placed.M, placed.N, **fits), placed)

@@ -33,12 +33,12 @@ def alpha_peak(evals: torch.Tensor, bins: int = PEAK_BINS) -> float:
     if N < 2 or not bool((nz > 0).all()) or not bool(torch.isfinite(nz).all()):
         return math.nan
     log_nz = torch.log(nz)
-    alphas = torch.zeros(N - 1, dtype=torch.float32)
-    Ds = torch.ones(N - 1, dtype=torch.float32)
+    alphas = nz.new_zeros(N - 1)  # float32 on the CPU, as nz, whatever torch's defaults
+    Ds = nz.new_ones(N - 1)
     logs10 = torch.log10(nz)
     lo, hi = logs10.min(), logs10.max()
     counts = torch.histc(logs10, bins, min=float(lo), max=float(hi))
-    edges = torch.linspace(lo, hi, bins + 1)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=nz.dtype, device=nz.device)
     xmin2 = 10 ** edges[torch.argmax(counts)]
     xmin_min = torch.log10(0.95 * xmin2)
     xmin_max = 1.5 * xmin2
@@ -49,7 +49,7 @@ def alpha_peak(evals: torch.Tensor, bins: int = PEAK_BINS) -> float:
         if xmin > xmin_max:
             break
         n = float(N - i)
-        seq = torch.arange(n, dtype=torch.float32)
+        seq = torch.arange(n, dtype=nz.dtype, device=nz.device)
         alpha = 1 + n / (torch.sum(log_nz[i:]) - n * log_nz[i])
         alphas[i] = alpha
         if alpha > 1:
