@@ -153,11 +153,46 @@ def test_minmax_on_integers_groups_ties_and_eps():
     np.testing.assert_array_equal(got, [1.0, 0.0, 0.5, 0.5, 0.5])
     np.testing.assert_array_equal(layerwise.minmax([3.0, 3.0]), [0.5, 0.5])
     np.testing.assert_array_equal(layerwise.minmax([3.0]), [0.5])
+    assert layerwise.minmax([]).shape == (0,)  # no values, no group
 
 
 def test_block_means_of_integer_alphas_are_not_truncated():
     got = layerwise.block_means([1, 2, 6], np.array(["b0", "b0", None], dtype=object))
     np.testing.assert_array_equal(got, [1.5, 1.5, 6.0])
+
+
+def test_pruning_ratios_of_float32_element_counts_are_float64():
+    """float32 element counts (Llama-7B's up, q and down shapes) are summed in float64: the
+    ratios and the largest epsilon agree with the float64 formulas to rounding, not to float32's
+    1e-8 (as AlphaPruning's own sparsity * sum(numel) is)."""
+    alpha = np.array([2.5, 4.0, 3.25])
+    numel = np.array([4096 * 11008, 4096 * 4096, 11008 * 4096], dtype=np.float32)
+    n, u = numel.astype(float), (alpha - 2.5) / 1.5
+    raw = 0.7 + 0.6 * u  # 1 - e + 2 e u, e = 0.3
+    want = raw * 0.7 * n.sum() / (n * raw).sum()
+    np.testing.assert_allclose(layerwise.pruning_ratios(alpha, numel, 0.7, 0.3), want, rtol=1e-14)
+    T, B = n.sum(), (n * (2 * u - 1)).sum()
+    assert layerwise.largest_epsilon(alpha, numel, 0.7) == pytest.approx(
+        T * 0.3 / (0.7 * T - B), rel=1e-14
+    )
+
+
+def test_largest_epsilon_depends_on_the_shares_of_elements_not_their_unit():
+    """u = 0 and 1, T = 10, B = -1 + 9 = 8: e = T (1 - S) / (S T - B) = 0.5 / 1.5 at S = 0.95
+    (the ratios (1 -+ e) 9.5 / (10 + 8 e) reach 1 there), for counts and for shares."""
+    for numel in ([1.0, 9.0], [0.1, 0.9]):
+        got = layerwise.largest_epsilon(np.array([1.0, 2.0]), np.array(numel), 0.95)
+        assert got == pytest.approx(1 / 3, rel=1e-12)
+
+
+def test_largest_epsilon_is_one_when_every_group_ties():
+    """Each module a group of its own: every u is 0.5 and every ratio the sparsity, whatever
+    epsilon (slope 0), so none reaches 1; found without dividing by zero."""
+    with np.errstate(all="raise"):
+        got = layerwise.largest_epsilon(
+            np.array([2.0, 3.0]), np.array([4.0, 6.0]), 0.5, np.array(["a", "b"])
+        )
+    assert got == 1.0
 
 
 def test_one_alpha_for_all_has_no_range_to_map():
@@ -193,6 +228,13 @@ def test_log2_needs_every_alpha_above_one():
     got = layerwise.factors(np.array([1.5, 4.0]), "log2", 0.5, 1.5, "weight-decay")
     logs = np.log2([1.5, 4.0])
     np.testing.assert_allclose(got, 2 * logs / (logs + 1e-8).sum(), rtol=1e-15)
+
+
+def test_sqrt_factors_of_float32_alphas_are_float64():
+    alpha = np.array([2.5, 4.0, 3.25], dtype=np.float32)
+    root = np.sqrt(alpha.astype(float))
+    got = layerwise.factors(alpha, "sqrt", 0.5, 1.5, "lr")
+    np.testing.assert_allclose(got, 3 * root / root.sum(), rtol=1e-14)
 
 
 def test_step_factors_break_ties_in_model_order():
@@ -329,9 +371,21 @@ def test_shape_influence_on_nullable_columns():
     assert nullable == plain
 
 
+def test_shape_influence_on_0_1_selections_and_float32_scores():
+    """selected as 0/1 integers is a mask, not row positions; float32 scores are summed in
+    float64."""
+    shapes = [(8, 32), (32, 8), (16, 16), (16, 16)]
+    scores = np.array([0.1, 0.2, 0.7, 0.4], dtype=np.float32)
+    got = shape.shape_influence(influence_table(shapes, scores, [1, 1, 1, 0]))
+    assert (got.top_shape, got.kept_share, got.candidate_share) == ("8 x 32", 2 / 3, 0.5)
+    labels = ["8 x 32", "8 x 32", "16 x 16", "16 x 16"]
+    assert got.variance_explained == pytest.approx(eta_squared_loop(scores, labels), rel=1e-12)
+
+
 def test_eta_squared_edges():
     assert math.isnan(shape.eta_squared(np.array([]), np.array([])))
-    assert math.isnan(shape.eta_squared(np.array([0.5, 0.5]), np.array(["a", "b"])))
+    with np.errstate(all="raise"):  # equal values: undefined, and not by dividing 0 by 0
+        assert math.isnan(shape.eta_squared(np.array([0.5, 0.5]), np.array(["a", "b"])))
     assert math.isnan(shape.eta_squared(np.array([0.1, 0.2]), np.array(["a", "a"])))
     small = np.array([0.01, 0.02, 0.04])  # total sum of squares far below 1
     assert shape.eta_squared(small, np.array(["a", "a", "b"])) == pytest.approx(
@@ -361,6 +415,11 @@ def test_groups_by_kind_keep_modules_outside_blocks_apart():
     got = shape.groups(modules, pd.Series([4] * 4), pd.Series([8] * 4), "kind")
     assert got[0] == got[1] != got[2] != got[3]
     assert list(got[2:]) == ["lm_head", "embed_out"]
+
+
+def test_groups_by_shape_refuse_sides_of_unequal_lengths():
+    with pytest.raises(ValueError, match="shorter"):  # not a silently shorter list of groups
+        shape.groups(pd.Series(["a", "b"]), pd.Series([4, 8]), pd.Series([8]), "shape")
 
 
 # ------------------------------------------------------------------ presets and LoRA options
@@ -502,6 +561,8 @@ def test_a_module_whose_tensor_is_not_in_the_table():
         "renames some architectures' modules on loading); the preset cannot pair them. "
         "Analysed with --include/--exclude? Analyse every tensor."
     )
+    two = refused(table, lora_ar(), [("b", "b.weight"), ("c", "c.weight")])
+    assert str(two) == "module 'b': the table has no tensor 'b.weight'; 1 more like it"
     three = refused(table, lora_ar(), [("b", "b.weight"), ("c", "c.weight"), ("d", "d.weight")])
     assert str(three) == "module 'b': the table has no tensor 'b.weight'; 2 more like it"
 
@@ -582,6 +643,28 @@ def test_the_allocation_table_has_plain_dtypes_from_nullable_columns():
         "rows": "i", "cols": "i", "alpha": "f", "spikes": "i", "score": "f", "rank": "i",
         "params": "i"}  # fmt: skip
     np.testing.assert_array_equal(table.alpha, 2.0 + 0.5 * np.arange(10))
+
+
+def test_the_allocation_is_float64_and_int64_from_float_and_float32_columns():
+    """Sides stored as floats and alphas and spike counts as float32 (numbers, as a table
+    built by hand may hold them): integer sides and parameters, scores by the float64
+    formula (alphas 2 + 0.5 i, spikes 9 - i)."""
+    table = ten_linears().astype({"rows": float, "cols": float, "alpha_median": "float32",
+                                  "num_spikes": "float32"})  # fmt: skip
+    got = allocate_ranks(table).table
+    assert [str(got[c].dtype) for c in ("rows", "cols", "params", "alpha", "score")] == [
+        "int64", "int64", "int64", "float64", "float64"]  # fmt: skip
+    i = np.arange(10)
+    want = 0.7 * (0.5 * i) / (4.5 + EPS) + 0.3 * (1 - (9 - i) / (9 + EPS))
+    np.testing.assert_allclose(got.score, want, rtol=1e-15)
+
+
+def test_the_budget_fit_rescales_only_when_that_comes_strictly_closer():
+    """One module of rank 6 and size 2: the totals are even. Budget 13 lies 1 from 12 (rank
+    6, unscaled) and from 14 (rank 7): the ranks stay; 15 lies 1 from 14 and 3 from 12."""
+    fit = lambda budget: ranks.fit_budget(np.array([6]), np.array([2]), budget, 4, 64)  # noqa: E731
+    assert fit(13).tolist() == [6]
+    assert fit(15).tolist() == [7]
 
 
 def test_farms_spike_shares_stay_fractional():

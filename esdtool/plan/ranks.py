@@ -340,7 +340,7 @@ def scores(
         for out, values, flip in ((a, alpha[mask], False), (s, spikes[mask], True)):
             span = values.max() - values.min()
             part = (values - values.min()) / (span + EPS) if span > 0 else np.full(values.size, 0.5)
-            out[mask] = 1 - part if flip and span > 0 else part
+            out[mask] = 1 - part if flip else part
     return w_hill * a + w_spikes * s
 
 
@@ -418,13 +418,14 @@ def allocate_ranks(
     selected = np.zeros(n, dtype=bool)
     selected[order[:k]] = True
 
+    rows, cols = df.rows.to_numpy(int), df.cols.to_numpy(int)
     # A LoRA update B A has rank <= min(rows, cols): a larger r adds parameters, not rank.
-    cap = np.minimum(settings.max_rank, np.minimum(df.rows, df.cols).to_numpy(int))
+    cap = np.minimum(settings.max_rank, np.minimum(rows, cols))
     if not settings.rank_cap:
         cap = np.full(n, settings.max_rank)
     rank = np.zeros(n, dtype=int)
     rank[selected] = np.minimum(interpolate_ranks(score[selected], settings), cap[selected])
-    sizes = (df.rows + df.cols).to_numpy(int)
+    sizes = rows + cols
     budget = settings.budget_params
     if settings.match_rank is not None:
         budget = settings.match_rank * int(sizes.sum())
@@ -440,8 +441,8 @@ def allocate_ranks(
     stuck = round_to_multiple(rank[selected], K, settings.min_rank, cap[selected])[1]
     table = pd.DataFrame({
         "module": df.module.to_numpy(),
-        "rows": df.rows.to_numpy(int),
-        "cols": df.cols.to_numpy(int),
+        "rows": rows,
+        "cols": cols,
         "alpha": alpha,
         "spikes": spikes if settings.spikes_column == "spikes_farms" else spikes.astype(int),
         "score": score,

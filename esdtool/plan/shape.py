@@ -16,6 +16,7 @@ before the composite score, so modules compete with their peers (plan.ranks.scor
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,16 +92,16 @@ def eta_squared(values: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _eta_squared(values: np.ndarray, codes: np.ndarray) -> float:
-    """:func:`eta_squared` of integer group codes (0..G-1)."""
+    """:func:`eta_squared` of integer group codes (0..G-1, each with a member)."""
     if codes.size == 0 or codes.max() < 1:  # no group, or one
-        return float("nan")
+        return math.nan
     centred = values - values.mean()
     total = float((centred**2).sum())
     if total <= 0:
-        return float("nan")
+        return math.nan
     counts = np.bincount(codes)
     sums = np.bincount(codes, weights=centred)
-    return float((sums[counts > 0] ** 2 / counts[counts > 0]).sum() / total)
+    return float((sums**2 / counts).sum() / total)
 
 
 def shape_influence(table: pd.DataFrame, seed: int = 0) -> ShapeInfluence:
@@ -108,7 +109,7 @@ def shape_influence(table: pd.DataFrame, seed: int = 0) -> ShapeInfluence:
     shapes = np.array([shape_of(int(r), int(c)) for r, c in zip(table.rows, table.cols,
                                                                     strict=True)])  # fmt: skip
     kept = shapes[table.selected.to_numpy(bool)]
-    top, kept_share, base = None, float("nan"), float("nan")
+    top, kept_share, base = None, math.nan, math.nan
     if kept.size:
         names, counts = np.unique(kept, return_counts=True)
         top = str(names[np.argmax(counts)])
@@ -116,7 +117,7 @@ def shape_influence(table: pd.DataFrame, seed: int = 0) -> ShapeInfluence:
     scores = table.score.to_numpy(float)
     codes = np.unique(shapes, return_inverse=True)[1]  # once: the permutations move codes
     observed = _eta_squared(scores, codes)
-    chance, p = float("nan"), float("nan")
+    chance, p = math.nan, math.nan
     if not np.isnan(observed):
         rng = np.random.default_rng(seed)
         null = np.array([_eta_squared(scores, rng.permutation(codes))

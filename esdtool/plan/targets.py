@@ -53,8 +53,8 @@ def model_params(metrics: pd.DataFrame) -> int:
             "with --include/--exclude (some tensors are not in it)",
             hint="give --budget-params, or analyse every tensor",
         )
-    rows = metrics.rows.astype("Float64").fillna(0).to_numpy(float)
-    cols = metrics.cols.astype("Float64").fillna(1).to_numpy(float)
+    rows = metrics.rows.to_numpy(float, na_value=0)
+    cols = metrics.cols.to_numpy(float, na_value=1)
     return int(np.sum(rows * cols))
 
 
@@ -67,7 +67,7 @@ def round_to_multiple(
     if multiple == 1:
         return ranks, 0
     low = multiple * math.ceil(lo / multiple)
-    high = multiple * np.floor(hi / multiple).astype(int)
+    high = multiple * np.floor(hi / multiple)
     out = np.clip(multiple * np.rint(ranks / multiple), low, high).astype(int)
     stuck = high < max(low, multiple)
     out[stuck] = hi[stuck]
