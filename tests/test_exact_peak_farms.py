@@ -8,7 +8,9 @@ never from esdtool. Written from `make mutation`'s survivors (docs/testing.md)."
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import origin_alphapruning as ap
@@ -76,7 +78,27 @@ def test_alpha_peak_lower_bound_is_log10_of_095_xmin2():
     assert alpha_peak(torch.tensor(ev)) == pytest.approx(alpha, rel=3e-7)
 
 
-def test_alpha_peak_candidate_exactly_at_the_lower_bound_is_tried():
+@contextlib.contextmanager
+def torch_defaults(dtype: torch.dtype | None) -> Iterator[None]:
+    """A session's torch.set_default_dtype(dtype) and a meta default device (None: torch's own
+    defaults): their code runs in float32 on the CPU whatever a notebook set."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+DEFAULTS = pytest.mark.parametrize("defaults", [None, torch.float16, torch.float64])
+
+
+@DEFAULTS
+def test_alpha_peak_candidate_exactly_at_the_lower_bound_is_tried(defaults):
     """An eigenvalue equal to xmin_min = log10(0.95 xmin2) (in float32) is a candidate, and here
     the best: the start of an exact power law, above one smaller value that fixes the histogram's
     range and below a clip at 2 that is its fullest bin."""
@@ -86,10 +108,13 @@ def test_alpha_peak_candidate_exactly_at_the_lower_bound_is_tried():
     ev = ev.astype(f32)
     alpha, _, chosen = their_fit(ev)
     assert their_xmin2(ev) == their_xmin2(lo_hi) and ev[1] == xmin_min and chosen == 1
-    assert alpha_peak(torch.tensor(ev)) == pytest.approx(alpha, rel=3e-7)
+    ev = torch.tensor(ev)
+    with torch_defaults(defaults):
+        assert alpha_peak(ev) == pytest.approx(alpha, rel=3e-7)
 
 
-def test_alpha_peak_candidate_exactly_at_the_upper_bound_is_tried():
+@DEFAULTS
+def test_alpha_peak_candidate_exactly_at_the_upper_bound_is_tried(defaults):
     """An eigenvalue equal to xmin_max = 1.5 xmin2 (in float32) is a candidate, and here the
     best: the start of an exact power law above a pile of 30 eigenvalues at 10 (the fullest
     bin, the 31st of 100 between the smallest eigenvalue 0.5 and the largest 1e4, so xmin2 is
@@ -101,7 +126,9 @@ def test_alpha_peak_candidate_exactly_at_the_upper_bound_is_tried():
     alpha, _, chosen = their_fit(ev)
     assert ih == 30 and their_xmin2(ev) == their_xmin2(ends)
     assert ev[chosen] == xmin_max and chosen == 31
-    assert alpha_peak(torch.tensor(ev)) == pytest.approx(alpha, rel=3e-7)
+    ev = torch.tensor(ev)
+    with torch_defaults(defaults):
+        assert alpha_peak(ev) == pytest.approx(alpha, rel=3e-7)
 
 
 def test_alpha_peak_buffers_stay_float32_under_another_default_dtype():

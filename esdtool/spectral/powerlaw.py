@@ -63,7 +63,7 @@ def hill_alphas(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     logs = torch.log(x)
     suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])  # sum_{j>=i} ln x_j
-    k = torch.arange(n, 0, -1, dtype=torch.float64, device=x.device)  # n - i
+    k = torch.arange(n, 0, -1, device=x.device)  # n - i (times float64: float64)
     denom = suffix - k * logs
     alphas = 1.0 + k / denom
     alphas = torch.where(denom > 0, alphas, torch.full_like(alphas, math.inf))
@@ -89,8 +89,8 @@ def ks_distances(x: torch.Tensor, alphas: torch.Tensor, candidates: torch.Tensor
         cols = j[int(idx[0]) :]  # candidates ascend: no column left of the first one matters
         i = idx.unsqueeze(1)  # (B, 1)
         a = alphas[idx].unsqueeze(1)
-        kk = (n - i).to(torch.float64)
-        t = (cols.unsqueeze(0) - i).to(torch.float64)  # (B, n - lo)
+        kk = n - i
+        t = (cols.unsqueeze(0) - i).to(torch.float64)  # (B, n - lo); t / kk is float64
         theory = 1.0 - torch.exp((1.0 - a) * (logs[cols].unsqueeze(0) - logs[idx].unsqueeze(1)))
         diff = torch.abs(theory - t / kk)
         diff = torch.where(t >= 0, diff, torch.zeros_like(diff))
@@ -139,8 +139,8 @@ def ks_lower_bounds(
         idx = candidates[start : start + block]
         i = idx.unsqueeze(1)
         a = alphas[idx].unsqueeze(1)
-        kk = (n - i).to(torch.float64)
-        t = (points.unsqueeze(0) - i).to(torch.float64)
+        kk = n - i
+        t = (points.unsqueeze(0) - i).to(torch.float64)  # t / kk is float64
         theory = 1.0 - torch.exp((1.0 - a) * (logs[points].unsqueeze(0) - logs[idx].unsqueeze(1)))
         diff = torch.where(t >= 0, torch.abs(theory - t / kk), torch.zeros_like(t))
         out[start : start + block] = diff.amax(dim=1)
@@ -180,8 +180,7 @@ def fit_median(x: torch.Tensor) -> PowerLawFit:
     n = x.numel()
     if n < 3:  # i = n // 2 must leave a tail of at least 2 (i <= n - 2)
         return PowerLawFit.failed("too_few")
-    x = x.to(torch.float64)
-    return _fit_at(x, hill_alphas(x), n // 2)
+    return _fit_at(x, hill_alphas(x), n // 2)  # both take x in float64
 
 
 def fix_finger_peak(x: torch.Tensor) -> float:
@@ -227,8 +226,7 @@ def fit_ks(x: torch.Tensor) -> PowerLawFit:
     n = x.numel()
     if n < 2:
         return PowerLawFit.failed("too_few")
-    x = x.to(torch.float64)
-    candidates = torch.arange(n - 1, device=x.device)
+    candidates = torch.arange(n - 1, device=x.device)  # D and alpha take x in float64
     return _best_of(x, hill_alphas(x), candidates)
 
 
