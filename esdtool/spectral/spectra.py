@@ -95,10 +95,10 @@ def checked_eigenvalues(
         if dtype != torch.float64 and W.dtype == torch.float64:
             peak = W.abs().amax()
             if not (_SAFE_FLOAT32[0] <= float(peak) <= _SAFE_FLOAT32[1]):
-                return checked_eigenvalues(W, torch.float64)  # float32 would over/underflow
+                return checked_eigenvalues(W)  # in float64: float32 would over/underflow
         if dtype == torch.float64:
             with _exact_matmul(W.device):
-                G = gram(W, dtype)
+                G = gram(W)  # float64
             diag = G.diagonal(dim1=-2, dim2=-1)
             finite = torch.isfinite(diag).all(-1)
             peak = diag.amax(-1)
@@ -119,7 +119,7 @@ def checked_eigenvalues(
             if bool(finite.all()) and not bool(((top >= tiny) & torch.isfinite(top)).all()):
                 # Squares left float32's range (|w| ~ 1e19, subnormal, or an all-zero matrix):
                 # float64 holds them; the float32 path must not call them out of range.
-                return checked_eigenvalues(W, torch.float64)
+                return checked_eigenvalues(W)  # in float64
     return evals.clamp_min_(0), finite
 
 
@@ -143,7 +143,7 @@ def _rescaled(
             continue
         e = math.floor(math.log2(peak))
         with _exact_matmul(W.device):
-            G = gram(torch.ldexp(matrix, torch.tensor(-e, device=W.device)), torch.float64)
+            G = gram(torch.ldexp(matrix, torch.tensor(-e, device=W.device)))  # float64
         scaled = torch.linalg.eigvalsh(G).clamp_min(0)
         flat_evals[i] = torch.ldexp(scaled, torch.tensor(2 * e, device=W.device))
     return flat_finite.reshape(finite.shape)
