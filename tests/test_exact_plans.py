@@ -659,12 +659,39 @@ def test_the_allocation_is_float64_and_int64_from_float_and_float32_columns():
     np.testing.assert_allclose(got.score, want, rtol=1e-15)
 
 
-def test_the_budget_fit_rescales_only_when_that_comes_strictly_closer():
+def test_the_budget_fit_takes_the_lower_of_two_totals_as_close():
     """One module of rank 6 and size 2: the totals are even. Budget 13 lies 1 from 12 (rank
-    6, unscaled) and from 14 (rank 7): the ranks stay; 15 lies 1 from 14 and 3 from 12."""
+    6, unscaled) and from 14 (rank 7): 12; budget 11 lies 1 from 10 (rank 5) and from 12: 10;
+    15 lies 1 from 14 and 3 from 12: 14."""
     fit = lambda budget: ranks.fit_budget(np.array([6]), np.array([2]), budget, 4, 64)  # noqa: E731
-    assert fit(13).tolist() == [6]
-    assert fit(15).tolist() == [7]
+    assert [fit(13).tolist(), fit(11).tolist(), fit(15).tolist()] == [[6], [5], [7]]
+
+
+def closest_total_by_enumeration(r, sizes, budget, lo, hi, multiple):
+    """Every total one factor c can give (c = 1, and c just either side of each point where a
+    rounded rank r_i c steps), and of them the closest to the budget, the lower on a tie."""
+    steps = {1.0} | {(k + 0.5) / ri * f for ri in r for k in range(2 * hi + 2)
+                     for f in (1 - 1e-9, 1 + 1e-9)}  # fmt: skip
+    totals = set()
+    for c in steps:
+        got = np.clip(np.rint(r * c), lo, hi).astype(int)
+        got = ranks.round_to_multiple(got, multiple, lo, np.full(r.size, hi))[0]
+        totals.add(int((got * sizes).sum()))
+    return min(totals, key=lambda t: (abs(t - budget), t))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_budget_fit_is_the_closest_total_any_factor_gives(seed):
+    """Random plans and budgets, many of them between two totals exactly as far: the bisection
+    ends on the total an enumeration of every factor's total picks."""
+    rng = np.random.default_rng(seed)
+    n, multiple = int(rng.integers(1, 6)), int(rng.choice([1, 1, 2, 4]))
+    r = rng.integers(1, 33, n)
+    sizes = rng.choice([2, 4, 6], n)
+    budget = int(rng.integers(1, int(64 * sizes.sum())))
+    got = ranks.fit_budget(r, sizes, budget, multiple, 64, multiple)
+    want = closest_total_by_enumeration(r, sizes, budget, multiple, 64, multiple)
+    assert int((got * sizes).sum()) == want
 
 
 def test_farms_spike_shares_stay_fractional():

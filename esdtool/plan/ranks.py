@@ -363,7 +363,8 @@ def fit_budget(
 ) -> np.ndarray:
     """Scale ``ranks`` by one factor c (then round and clip to [lo, hi], ``hi`` per module or
     one for all, and to a multiple of ``multiple``) so that sum ranks * sizes comes closest to
-    ``budget``; one factor for all keeps the ranks' order."""
+    ``budget``, the lower of two totals as close (a budget is a ceiling before it is a target);
+    one factor for all keeps the ranks' order."""
     his = np.broadcast_to(np.asarray(hi), ranks.shape)
 
     def total(c: float) -> tuple[int, np.ndarray]:
@@ -376,7 +377,7 @@ def fit_budget(
     for _ in range(100):  # the total is monotone in c: bisect, remembering the closest
         mid = (c_lo + c_hi) / 2
         t, r = total(mid)
-        if abs(t - budget) < abs(best[0] - budget):
+        if (abs(t - budget), t) < (abs(best[0] - budget), best[0]):
             best = (t, r)
         if t < budget:
             c_lo = mid
