@@ -24,7 +24,9 @@ def pytest_collection_modifyitems(config, items):
         return
     try:  # mutmut runs the tests from ./mutants, next to its stats
         took = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not isinstance(took, dict):
         return
     cost = {item: took.get(item.nodeid, 0.0) for item in items}
     first = {}

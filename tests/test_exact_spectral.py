@@ -167,6 +167,16 @@ def test_ks_lower_bounds_equal_the_deviation_on_the_grid(n, step):
     assert bool((got <= exact * (1 + 1e-12)).all())  # a lower bound of D
 
 
+@pytest.mark.parametrize("n", [1, 2, 50])
+def test_ks_lower_bounds_of_no_candidate_are_none(n):
+    """No candidate, no bound (n = 1 has none to give: a tail needs two eigenvalues)."""
+    from esdtool.spectral import powerlaw
+
+    x = torch.arange(1.0, n + 1, dtype=torch.float64)
+    got = powerlaw.ks_lower_bounds(x, powerlaw.hill_alphas(x), torch.arange(0), 3)
+    assert got.dtype == torch.float64 and got.shape == (0,)
+
+
 def test_ks_lower_bounds_in_blocks(monkeypatch):
     """Candidates split into blocks give every candidate's bound, as one block does."""
     from esdtool.spectral import powerlaw

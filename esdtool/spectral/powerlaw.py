@@ -134,6 +134,8 @@ def ks_lower_bounds(
     logs = torch.log(x)
     points = torch.arange(n - 1, 0, -step, device=x.device)  # point 0 deviates by 0: left out
     out = torch.empty(candidates.numel(), dtype=torch.float64, device=x.device)
+    if candidates.numel() == 0:
+        return out
     block = max(1, _KS_BLOCK_ELEMENTS // points.numel())
     for start in range(0, candidates.numel(), block):
         idx = candidates[start : start + block]
