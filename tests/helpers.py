@@ -1,16 +1,19 @@
 """Plain helpers shared by the tests: small checkpoints written on the fly, tiny Llama models
-built from a config, a fake hub cache, JSONL records and runners for the real CLI.
+built from a config, a fake hub cache, JSONL records, runners for the real CLI and a session's
+foreign torch defaults.
 
 Import them with ``from helpers import ...``; the fixtures built on them live in conftest.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +28,23 @@ if TYPE_CHECKING:
     import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def torch_defaults(dtype: torch.dtype, device: str | None = "meta") -> Iterator[None]:
+    """A session that set torch's default dtype and device (a notebook's
+    ``set_default_device("cuda")``), restored after: a tensor the code makes without naming the
+    data's dtype and device takes these (meta cannot be mixed with CPU data, nor read; float16's
+    rounding shows)."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def build_tiny_llama(directory: Path, shard_size: str | None) -> Path:

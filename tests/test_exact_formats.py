@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from esdtool.dequant import formats
+from helpers import torch_defaults
 
 
 def fields_np(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -221,12 +222,8 @@ def test_mxfp4_blocks_of_any_rank_and_scales_of_either_type(shape, scale_dtype):
 
 def test_mxfp4_is_float32_under_a_float64_default_dtype():
     blocks, exponents = mxfp4_case((3, 4))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with torch_defaults(torch.float64, device=None):
         got = formats.mxfp4(torch.from_numpy(blocks), torch.from_numpy(exponents))
-    finally:
-        torch.set_default_dtype(default)
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), mxfp4_np(blocks, exponents))
 
@@ -277,12 +274,7 @@ def test_decoders_do_not_depend_on_the_default_device_or_dtype():
     }
     for name, call in calls.items():
         want = call()
-        dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float16)
-        try:
-            with torch.device("meta"):
-                got = call()
-        finally:
-            torch.set_default_dtype(dtype)
+        with torch_defaults(torch.float16):
+            got = call()
         assert got.device == want.device and got.dtype == want.dtype == torch.float32, name
         assert torch.equal(got, want), name

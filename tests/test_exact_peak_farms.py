@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import origin_alphapruning as ap
@@ -21,6 +20,7 @@ from test_exact_spectral import peak_spectra
 from esdtool.spectral import farms
 from esdtool.spectral.farms import farms_metrics, farms_spectrum
 from esdtool.spectral.peak import alpha_peak
+from helpers import torch_defaults
 
 f32 = np.float32
 log10_32, pow_32 = ap._rounded32(np.log10), ap._rounded32(np.power)
@@ -78,20 +78,9 @@ def test_alpha_peak_lower_bound_is_log10_of_095_xmin2():
     assert alpha_peak(torch.tensor(ev)) == pytest.approx(alpha, rel=3e-7)
 
 
-@contextlib.contextmanager
-def torch_defaults(dtype: torch.dtype | None) -> Iterator[None]:
-    """A session's torch.set_default_dtype(dtype) and a meta default device (None: torch's own
-    defaults): their code runs in float32 on the CPU whatever a notebook set."""
-    if dtype is None:
-        yield
-        return
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        torch.set_default_dtype(before)
+def foreign(dtype: torch.dtype | None):
+    """torch's own defaults (None), or ``dtype`` and a meta device as a session may have set."""
+    return contextlib.nullcontext() if dtype is None else torch_defaults(dtype)
 
 
 DEFAULTS = pytest.mark.parametrize("defaults", [None, torch.float16, torch.float64])
@@ -109,7 +98,7 @@ def test_alpha_peak_candidate_exactly_at_the_lower_bound_is_tried(defaults):
     alpha, _, chosen = their_fit(ev)
     assert their_xmin2(ev) == their_xmin2(lo_hi) and ev[1] == xmin_min and chosen == 1
     ev = torch.tensor(ev)
-    with torch_defaults(defaults):
+    with foreign(defaults):
         assert alpha_peak(ev) == pytest.approx(alpha, rel=3e-7)
 
 
@@ -127,7 +116,7 @@ def test_alpha_peak_candidate_exactly_at_the_upper_bound_is_tried(defaults):
     assert ih == 30 and their_xmin2(ev) == their_xmin2(ends)
     assert ev[chosen] == xmin_max and chosen == 31
     ev = torch.tensor(ev)
-    with torch_defaults(defaults):
+    with foreign(defaults):
         assert alpha_peak(ev) == pytest.approx(alpha, rel=3e-7)
 
 
@@ -137,12 +126,8 @@ def test_alpha_peak_buffers_stay_float32_under_another_default_dtype():
     buffers round alpha to 3 digits, or move the distances enough to pick another candidate)."""
     ev = np.sort(np.random.default_rng(21).pareto(1.5, 300) + 1).astype(f32)
     theirs = ap.alpha_peak(ev.astype(float), "float32")
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
+    with torch_defaults(torch.float16, device=None):
         ours = alpha_peak(torch.tensor(ev))
-    finally:
-        torch.set_default_dtype(before)
     assert ours == pytest.approx(theirs, rel=3e-7)
 
 

@@ -18,6 +18,7 @@ from esdtool.spectral.marchenko_pastur import SpikeCount
 from esdtool.spectral.metrics import spectrum_metrics
 from esdtool.spectral.powerlaw import PowerLawFit
 from esdtool.spectral.spectra import checked_eigenvalues
+from helpers import torch_defaults
 
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -409,20 +410,6 @@ def test_an_unknown_spike_rule_is_refused_by_name():
 # ------------------------------------------------------- the default device and dtype are not ours
 
 
-@pytest.fixture
-def foreign_defaults():
-    """A notebook's torch.set_default_device("cuda") and set_default_dtype, here meta and
-    float16: a tensor the code makes without naming the data's device and dtype lands on meta
-    (which cannot be mixed with the CPU data, nor read) or in float16 (whose rounding shows)."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        torch.set_default_dtype(dtype)
-
-
 def spectral_calls() -> dict[str, object]:
     """One call per road through the spectral code, on CPU float64 inputs (float32 where the
     road is float32's)."""
@@ -474,11 +461,11 @@ def same_result(a: object, b: object) -> bool:
 
 
 @pytest.mark.parametrize("road", list(spectral_calls()))
-def test_results_do_not_depend_on_the_default_device_or_dtype(road, request):
+def test_results_do_not_depend_on_the_default_device_or_dtype(road):
     call = spectral_calls()[road]  # its inputs made on the CPU, under torch's own defaults
     expected = call()
-    request.getfixturevalue("foreign_defaults")
-    assert same_result(call(), expected)
+    with torch_defaults(torch.float16):
+        assert same_result(call(), expected)
 
 
 def test_a_whole_analysis_does_not_depend_on_the_default_device_or_dtype(tmp_path):
@@ -493,13 +480,8 @@ def test_a_whole_analysis_does_not_depend_on_the_default_device_or_dtype(tmp_pat
                "b.weight": torch.from_numpy(rng.standard_normal((12, 40))).to(torch.bfloat16),
                "c.weight": torch.zeros(0, 5)}, tmp_path / "model.safetensors")  # fmt: skip
     analyze(tmp_path / "model.safetensors", tmp_path / "plain.parquet")
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device("meta"):
-            analyze(tmp_path / "model.safetensors", tmp_path / "foreign.parquet")
-    finally:
-        torch.set_default_dtype(dtype)
+    with torch_defaults(torch.float16):
+        analyze(tmp_path / "model.safetensors", tmp_path / "foreign.parquet")
     plain, foreign = (load_metrics(tmp_path / f"{n}.parquet").drop(columns="seconds")
                       for n in ("plain", "foreign"))  # fmt: skip
     assert (plain.status == "ok").sum() == 2
